@@ -1,0 +1,50 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ARCH := $(shell uname -m)
+# On a Jetson (aarch64) the venv must see JetPack's own torch and torchvision.
+VENV_FLAGS := $(if $(filter x86_64,$(ARCH)),,--system-site-packages)
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= out/demo
+
+.PHONY: venv demo test clean digits-weights
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# Never replace a torch that is already there; on x86 without one take the CPU build.
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch already present: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif [ "$(ARCH)" = "x86_64" ]; then \
+		$(PY) -m pip install -q torch==2.13.0 torchvision==0.28.0; \
+	else \
+		echo "no torch found: install JetPack's torch and torchvision first" >&2; exit 1; \
+	fi
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+# The bundled default: digits_cnn (trained here on scikit-learn's real handwritten digits) over
+# 4 devices. Offline: every method's accuracy under every failed set; online: 4 local nodes,
+# a stream of 1000 frames at 50 FPS, device 2 killed at frame 150 and restarted at 400.
+demo: venv
+	@mkdir -p $(DEMO_OUT)
+	@for m in robust lop cdc nmr; do \
+		$(VENV)/bin/robustdice partition --model digits_cnn --devices 4 --method $$m --out $(DEMO_OUT)/$$m || exit 1; \
+	done
+	$(VENV)/bin/robustdice evaluate --plan $(DEMO_OUT)/robust --plan $(DEMO_OUT)/lop --plan $(DEMO_OUT)/cdc \
+		--plan $(DEMO_OUT)/nmr --plot $(DEMO_OUT)/accuracy.png
+	$(VENV)/bin/robustdice cluster --plan $(DEMO_OUT)/robust --frames 1000 --rate 50 --kill 2@150 --restart 2@400 \
+		--workdir $(DEMO_OUT)/cluster --plot $(DEMO_OUT)/timeline.png
+
+test: venv
+	@# pytest exits 5 when it collects nothing; that is not a failure of the code.
+	@$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+digits-weights: venv
+	$(PY) -m robustdice.partitioner.digits train --out partitioner/weights/digits_cnn.pt
+
+clean:
+	rm -rf $(VENV) out *.egg-info .pytest_cache
