@@ -1,0 +1,1 @@
+"""RobustDiCE offline half: importance scores, clustering, replication, plans and shards."""

@@ -1,0 +1,146 @@
+"""The pure core of partitioning: importance clustering, replication and distribution.
+
+Values in, values out: no torch, no files. Neurons are integers 0..C-1 of one layer; an
+*assignment* is a list, one entry per device, of the neuron ids that device computes.
+
+RobustDiCE, paper Algorithm 1:
+  Step 2 (lines 10–20) `cluster_neurons`: complete linkage — every pair of neurons inside a
+    group is closer than the layer's threshold t (Euclidean distance between the neurons'
+    normalised score vectors). scipy's hierarchical clustering with method="complete" merges
+    exactly while the largest pairwise distance stays below t.
+  Step 3 (lines 21–28) `replicate_and_deal`: pad each group with replicas up to a multiple of N,
+    then deal it round-robin, so every device holds the same number of each group's neurons.
+Baselines: `lop_assignment` (equal contiguous split), `nmr_assignment` (everything
+everywhere), `cdc_layout` (contiguous split over N−1 data devices plus one parity device).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+
+Assignment = List[List[int]]
+
+
+def normalise_scores(scores: np.ndarray) -> np.ndarray:
+    """Min-max normalise each score column to [0, 1] within a layer.
+
+    The three scores live on unrelated scales (an L1 norm, a gradient product, a divergence);
+    per-layer normalisation makes one threshold t meaningful across them. A constant column
+    (e.g. s3 of a layer whose ablation never changes the output) becomes all zeros.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    lo = scores.min(axis=0, keepdims=True)
+    span = scores.max(axis=0, keepdims=True) - lo
+    return np.where(span > 0, (scores - lo) / np.where(span > 0, span, 1.0), 0.0)
+
+
+def cluster_neurons(features: np.ndarray, threshold: float) -> List[List[int]]:
+    """Groups of neuron ids whose pairwise distances are all strictly below `threshold`.
+
+    Groups are ordered by decreasing mean importance (the norm of the normalised scores), and
+    neurons inside a group too, so that Step 3 replicates a group's most important neurons
+    first. t = 0 gives singletons (hence full replication); a t above the layer's diameter
+    gives one group.
+    """
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim == 1:
+        features = features[:, None]
+    n = features.shape[0]
+    if n == 0:
+        return []
+    importance = np.linalg.norm(features, axis=1)
+    if n == 1:
+        labels = np.array([1])
+    else:
+        z = linkage(features, method="complete", metric="euclidean")
+        # fcluster keeps merges whose cophenetic distance is <= its argument; the paper merges
+        # only while d_max < t, hence the largest float below t (and t = 0 merges nothing).
+        labels = fcluster(z, np.nextafter(threshold, -np.inf), criterion="distance") \
+            if threshold > 0 else np.arange(1, n + 1)
+    groups: List[List[int]] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        members = members[np.argsort(-importance[members], kind="stable")]
+        groups.append([int(m) for m in members])
+    groups.sort(key=lambda g: (-float(np.mean(importance[g])), g[0]))
+    return groups
+
+
+def replicate_and_deal(groups: Sequence[Sequence[int]], n_devices: int) -> Assignment:
+    """Algorithm 1 Step 3: pad each group to a multiple of N with replicas, deal round-robin.
+
+    The j-th replica copies the group's j-th neuron (cycling when the group is smaller than the
+    padding), and neuron j of the padded group goes to device j mod N. A replica never lands on
+    a device that already holds that neuron (the padded length is below |G| + N).
+    """
+    if n_devices < 1:
+        raise ValueError(f"devices must be >= 1, got {n_devices}")
+    devices: Assignment = [[] for _ in range(n_devices)]
+    for group in groups:
+        padded = list(group)
+        short = (-len(group)) % n_devices
+        padded += [group[j % len(group)] for j in range(short)]
+        for j, neuron in enumerate(padded):
+            devices[j % n_devices].append(int(neuron))
+    return devices
+
+
+def lop_assignment(n_neurons: int, n_devices: int) -> Assignment:
+    """Equal contiguous split, no copies (DeeperThings' layer output partitioning)."""
+    bounds = [(d * n_neurons) // n_devices for d in range(n_devices + 1)]
+    return [list(range(bounds[d], bounds[d + 1])) for d in range(n_devices)]
+
+
+def nmr_assignment(n_neurons: int, n_devices: int) -> Assignment:
+    """N-modular redundancy: every neuron on every device (DMR/TMR/QMR)."""
+    return [list(range(n_neurons)) for _ in range(n_devices)]
+
+
+@dataclass(frozen=True)
+class CdcLayout:
+    """Coded distributed computing over N devices: N−1 data devices and one parity device.
+
+    Data device d computes neurons [d·k, min((d+1)·k, C)) with k = ceil(C / (N−1)). Parity row j
+    is the sum of neuron j of every data device (`members[j]`), so one lost slice is
+    recovered by subtraction (CDC paper Eq. 1–2). Parity rows get the neuron ids C..C+k−1 so
+    that they travel and are gathered like any other neuron.
+    """
+
+    data: Assignment
+    parity_device: int
+    members: Tuple[Tuple[int, ...], ...]
+
+    @property
+    def rows(self) -> int:
+        return len(self.members)
+
+
+def cdc_layout(n_neurons: int, n_devices: int) -> CdcLayout:
+    if n_devices < 2:
+        raise ValueError(f"cdc needs at least 2 devices (N-1 data + 1 parity), got {n_devices}")
+    n_data = n_devices - 1
+    k = -(-n_neurons // n_data)
+    data = [list(range(d * k, min((d + 1) * k, n_neurons))) for d in range(n_data)]
+    members = tuple(tuple(d * k + j for d in range(n_data) if d * k + j < n_neurons) for j in range(k))
+    return CdcLayout(data=data + [[]], parity_device=n_data, members=members)
+
+
+def replication_factor(assignment: Assignment, n_neurons: int) -> float:
+    """Neuron copies ÷ neurons (1.0 for lop, N for nmr)."""
+    return sum(len(a) for a in assignment) / max(n_neurons, 1)
+
+
+def covered(assignment: Assignment, alive: Sequence[int]) -> np.ndarray:
+    """Boolean mask of the neurons that at least one alive device computes."""
+    n = 1 + max((max(a) for a in assignment if a), default=-1)
+    mask = np.zeros(n, dtype=bool)
+    for d in alive:
+        mask[assignment[d]] = True
+    return mask

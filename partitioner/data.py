@@ -1,0 +1,201 @@
+"""Images in, tensors out: preprocessing, image folders, calibration batches, evaluation splits.
+
+Two kinds of model, two kinds of input. The 224x224 ImageNet models take RGB photos, resized
+to 256 on the short side, centre-cropped to 224 and normalised with ImageNet's mean and std.
+digits_cnn takes 8x8 grayscale in [0, 1]. A folder of images is turned into either, by the
+model's input shape. Without a folder, calibration uses data that ships with a package:
+digits' train split, or scikit-image's bundled photographs (real photos, no download).
+"""
+
+import functools
+import os
+
+import numpy as np
+import torch
+
+from .compat import import_torchvision
+from .digits import digits_split
+from .errors import DataError
+from .models import input_shape as model_input_shape
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's reference evaluation: resize to 256, crop 224; kept as a ratio for other sizes.
+RESIZE_RATIO = 256 / 224
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+# scikit-image photographs bundled in its wheel (no network fetch); grayscale ones become RGB.
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins",
+                  "immunohistochemistry", "hubble_deep_field", "clock", "moon")
+# Random crops keep at least this share of the photo, so the object usually stays in view.
+CALIB_CROP_SCALE = (0.35, 1.0)
+
+
+def _transforms():
+    return import_torchvision().transforms
+
+
+def preprocess(image, input_shape):
+    """A PIL image as a (C, H, W) float tensor for a model taking `input_shape`.
+
+    3 channels: ImageNet evaluation preprocessing (resize, centre crop, mean/std).
+    1 channel: grayscale resized to (H, W), values in [0, 1], as digits_cnn was trained.
+    """
+    T = _transforms()
+    channels, height, width = input_shape
+    if channels == 1:
+        return T.Compose([T.Grayscale(1), T.Resize((height, width)), T.ToTensor()])(image)
+    if channels != 3:
+        raise DataError(f"cannot preprocess images for input shape {tuple(input_shape)}")
+    return T.Compose([
+        T.Resize(round(min(height, width) * RESIZE_RATIO)),
+        T.CenterCrop((height, width)),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])(image.convert("RGB"))
+
+
+def _augment(image, input_shape):
+    """A random crop and flip of `image`, drawn from torch's global RNG (seeded by the caller)."""
+    T = _transforms()
+    channels, height, width = input_shape
+    image = image.convert("L" if channels == 1 else "RGB")
+    image = T.RandomResizedCrop((height, width), scale=CALIB_CROP_SCALE)(image)
+    image = T.RandomHorizontalFlip()(image)
+    tensor = T.ToTensor()(image)
+    return tensor if channels == 1 else T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(tensor)
+
+
+def _open(path, folder):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"unreadable image {path} in {folder}: {exc}") from None
+
+
+def _is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _image_files(folder):
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if _is_image(n) and os.path.isfile(os.path.join(folder, n)))
+
+
+def _check_folder(path):
+    if not os.path.isdir(path):
+        raise DataError(f"data folder not found: {path}")
+
+
+def _image_folder_samples(path):
+    """(file, class index) pairs of an ImageFolder layout: sorted class folders, sorted files."""
+    _check_folder(path)
+    classes = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+    samples = [(f, label) for label, c in enumerate(classes)
+               for f in _image_files(os.path.join(path, c))]
+    return classes, samples
+
+
+def load_image_folder(path, input_shape, limit=None):
+    """Load an ImageFolder (one sub-folder per class, classes sorted by name).
+
+    Returns (images (n, C, H, W) float32, labels (n,) int64). `limit` keeps at most that many
+    images, taken evenly across the sorted list so that a small limit still spans the classes.
+    """
+    classes, samples = _image_folder_samples(path)
+    if not classes:
+        raise DataError(f"no class sub-folders in {path} (expected an ImageFolder layout)")
+    if not samples:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {path}")
+    if limit is not None and limit < len(samples):
+        if limit <= 0:
+            raise DataError(f"limit must be positive, got {limit}")
+        keep = np.linspace(0, len(samples) - 1, num=limit).round().astype(int)
+        samples = [samples[i] for i in keep]
+    images = torch.stack([preprocess(_open(f, path), input_shape) for f, _ in samples])
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return images, labels
+
+
+def _calibration_files(calib_dir):
+    """Every image of calib_dir: an ImageFolder's, or those lying directly in a flat folder."""
+    _check_folder(calib_dir)
+    _, samples = _image_folder_samples(calib_dir)
+    files = _image_files(calib_dir) + [f for f, _ in samples]
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in calibration folder {calib_dir}")
+    return files
+
+
+@functools.lru_cache(maxsize=1)
+def _skimage_photos():
+    # Decoded once per process: the PIL images are only read, never changed in place.
+    from PIL import Image
+    import skimage.data
+
+    return tuple(Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+                 for name in SKIMAGE_PHOTOS)
+
+
+def _batch_from_images(images, input_shape, n, seed):
+    """n tensors from `images`: each once as-is, then seeded random crops and flips to fill n."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        order = torch.randperm(len(images)).tolist()
+        out = []
+        for i in range(n):
+            image = images[order[i % len(images)]]
+            out.append(preprocess(image, input_shape) if i < len(images)
+                       else _augment(image, input_shape))
+    return torch.stack(out)
+
+
+def calibration_batch(model_name, calib_dir=None, n=16, seed=0):
+    """A (n, C, H, W) batch for scoring neurons; the same for the same arguments.
+
+    From calib_dir (an ImageFolder or a flat folder of images) if given; otherwise digits'
+    train split for digits_cnn, and scikit-image's bundled photos for the 224x224 models.
+    """
+    shape = model_input_shape(model_name)
+    if n <= 0:
+        raise DataError(f"calibration batch size must be positive, got {n}")
+    if calib_dir is not None:
+        files = _calibration_files(calib_dir)
+        if len(files) > n:
+            # Read only the images that will be used.
+            generator = torch.Generator().manual_seed(seed)
+            files = [files[i] for i in sorted(torch.randperm(len(files), generator=generator)[:n])]
+        images = [_open(f, calib_dir) for f in files]
+        return _batch_from_images(images, shape, n, seed)
+    if model_name == "digits_cnn":
+        train_images = digits_split().train_images
+        generator = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(train_images), generator=generator)[:n]
+        if len(pick) < n:
+            raise DataError(f"digits train split has only {len(train_images)} images, asked {n}")
+        return train_images[pick].clone()
+    return _batch_from_images(_skimage_photos(), shape, n, seed)
+
+
+def evaluation_split(model_name, data_dir=None, limit=None):
+    """(images, labels, indices) on which accuracy is measured.
+
+    With data_dir: that ImageFolder (see load_image_folder), indices 0..n-1. Without:
+    digits_cnn's fixed test split, indices being rows of load_digits(); other models have no
+    bundled labelled data, so data_dir is required and its absence is a DataError.
+    """
+    shape = model_input_shape(model_name)
+    if data_dir is not None:
+        images, labels = load_image_folder(data_dir, shape, limit=limit)
+        return images, labels, torch.arange(len(labels), dtype=torch.int64)
+    if model_name != "digits_cnn":
+        raise DataError(f"{model_name} needs an evaluation ImageFolder (--data DIR): no labelled "
+                        "ImageNet-style data ships with the package")
+    split = digits_split()
+    images, labels, indices = split.test_images, split.test_labels, split.test_indices
+    if limit is not None:
+        images, labels, indices = images[:limit], labels[:limit], indices[:limit]
+    return images, labels, indices

@@ -1,0 +1,252 @@
+"""The plan: which device computes which neurons of which stage, and how it is stored.
+
+plan.json (human-readable, versioned) holds the model, a digest of its weights, N, the method,
+and per stage: the layer's fx name, its followers, the per-device neuron ids and, for cdc, the
+parity layout. `plan_hash` is the SHA-256 of the canonical JSON of everything except itself and
+the `shards` table (the shards embed the hash, so they cannot be inside it). The `shards` table
+records each shard file and its SHA-256, so that a corrupt or foreign shard is caught.
+
+Neuron ids of a stage are 0..C−1. For cdc, parity row j has id C + j, so that the parity
+device's output travels and is gathered like any other neuron's; `StagePlan.holders(d)` gives
+every id device d produces.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import PlanError
+
+PLAN_FORMAT = "robustdice-plan"
+PLAN_VERSION = 1
+METHODS = ("robust", "lop", "nmr", "cdc")
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class ParityPlan:
+    device: int
+    members: Tuple[Tuple[int, ...], ...]   # row j sums these data neurons
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    kind: str                      # "conv" | "linear"
+    neurons: int
+    channel_dim: int               # 1 (conv) or -1 (linear)
+    followers: Tuple[str, ...]
+    assignment: Tuple[Tuple[int, ...], ...]   # per device, data neuron ids
+    parity: Optional[ParityPlan] = None
+    threshold: Optional[float] = None
+    groups: Optional[int] = None
+
+    @property
+    def followers_after_gather(self) -> bool:
+        """cdc's parity holds only for the linear part, so its followers run after the gather."""
+        return self.parity is not None
+
+    @property
+    def total_ids(self) -> int:
+        return self.neurons + (len(self.parity.members) if self.parity else 0)
+
+    def holders(self, device: int) -> List[int]:
+        ids = list(self.assignment[device])
+        if self.parity is not None and self.parity.device == device:
+            ids += [self.neurons + j for j in range(len(self.parity.members))]
+        return ids
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    weights: str
+    seed: int
+    weights_digest: str
+    devices: int
+    method: str
+    scores: Tuple[str, ...]
+    stages: Tuple[StagePlan, ...]
+    shards: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    plan_hash: str = ""
+
+    def body(self) -> Dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": self.model,
+            "weights": self.weights,
+            "seed": self.seed,
+            "weights_digest": self.weights_digest,
+            "devices": self.devices,
+            "method": self.method,
+            "scores": list(self.scores),
+            "stages": [_stage_to_json(s) for s in self.stages],
+        }
+
+    def compute_hash(self) -> str:
+        canonical = json.dumps(self.body(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_json(self) -> Dict[str, Any]:
+        out = self.body()
+        out["shards"] = {k: dict(v) for k, v in sorted(self.shards.items())}
+        out["plan_hash"] = self.plan_hash
+        return out
+
+    def stage(self, name: str) -> StagePlan:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _stage_to_json(s: StagePlan) -> Dict[str, Any]:
+    out: Dict[str, Any] = {
+        "name": s.name,
+        "kind": s.kind,
+        "neurons": s.neurons,
+        "channel_dim": s.channel_dim,
+        "followers": list(s.followers),
+        "followers_after_gather": s.followers_after_gather,
+        "assignment": {str(d): list(ids) for d, ids in enumerate(s.assignment)},
+    }
+    if s.parity is not None:
+        out["parity"] = {"device": s.parity.device, "members": [list(m) for m in s.parity.members]}
+    if s.threshold is not None:
+        out["threshold"] = s.threshold
+    if s.groups is not None:
+        out["groups"] = s.groups
+    return out
+
+
+class _Reader:
+    """Typed access to a JSON object that names the field when something is wrong."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise PlanError(f"plan field {where or 'top level'}: expected an object")
+        self.data = data
+        self.where = where
+
+    def get(self, key: str, kind, optional: bool = False):
+        path = f"{self.where}.{key}" if self.where else key
+        if key not in self.data:
+            if optional:
+                return None
+            raise PlanError(f"plan field {path} is missing")
+        value = self.data[key]
+        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+            raise PlanError(f"plan field {path}: {value!r} is not {getattr(kind, '__name__', kind)}")
+        return value
+
+
+def _int_list(values: Any, where: str, upper: int) -> Tuple[int, ...]:
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise PlanError(f"plan field {where}: expected a list of integers")
+    bad = [v for v in values if v < 0 or v >= upper]
+    if bad:
+        raise PlanError(f"plan field {where}: neuron id {bad[0]} outside 0..{upper - 1}")
+    return tuple(values)
+
+
+def _stage_from_json(data: Any, index: int, devices: int) -> StagePlan:
+    r = _Reader(data, f"stages[{index}]")
+    neurons = r.get("neurons", int)
+    kind = r.get("kind", str)
+    if kind not in ("conv", "linear"):
+        raise PlanError(f"plan field stages[{index}].kind: {kind!r} is not conv or linear")
+    assignment_raw = r.get("assignment", dict)
+    assignment = []
+    for d in range(devices):
+        if str(d) not in assignment_raw:
+            raise PlanError(f"plan field stages[{index}].assignment is missing device {d}")
+        assignment.append(_int_list(assignment_raw[str(d)], f"stages[{index}].assignment.{d}", neurons))
+    parity = None
+    parity_raw = r.get("parity", dict, optional=True)
+    if parity_raw is not None:
+        p = _Reader(parity_raw, f"stages[{index}].parity")
+        device = p.get("device", int)
+        if not 0 <= device < devices:
+            raise PlanError(f"plan field stages[{index}].parity.device: {device} is not a device")
+        members = tuple(_int_list(m, f"stages[{index}].parity.members[{j}]", neurons)
+                        for j, m in enumerate(p.get("members", list)))
+        parity = ParityPlan(device, members)
+    followers = r.get("followers", list)
+    threshold = r.get("threshold", (int, float), optional=True)
+    return StagePlan(
+        name=r.get("name", str), kind=kind, neurons=neurons, channel_dim=r.get("channel_dim", int),
+        followers=tuple(str(f) for f in followers), assignment=tuple(assignment), parity=parity,
+        threshold=None if threshold is None else float(threshold), groups=r.get("groups", int, optional=True),
+    )
+
+
+def plan_from_json(data: Any) -> Plan:
+    r = _Reader(data, "")
+    fmt = r.get("format", str)
+    if fmt != PLAN_FORMAT:
+        raise PlanError(f"plan field format: {fmt!r} is not {PLAN_FORMAT!r}")
+    version = r.get("version", int)
+    if version != PLAN_VERSION:
+        raise PlanError(f"plan field version: {version} is not supported (this build reads {PLAN_VERSION})")
+    devices = r.get("devices", int)
+    if devices < 1:
+        raise PlanError(f"plan field devices: {devices} must be >= 1")
+    method = r.get("method", str)
+    if method not in METHODS:
+        raise PlanError(f"plan field method: {method!r} is not one of {', '.join(METHODS)}")
+    stages = tuple(_stage_from_json(s, i, devices) for i, s in enumerate(r.get("stages", list)))
+    shards = {str(k): dict(v) for k, v in r.get("shards", dict).items() if isinstance(v, dict)}
+    plan = Plan(
+        model=r.get("model", str), weights=r.get("weights", str), seed=r.get("seed", int),
+        weights_digest=r.get("weights_digest", str), devices=devices, method=method,
+        scores=tuple(r.get("scores", list)), stages=stages, shards=shards,
+        plan_hash=r.get("plan_hash", str),
+    )
+    if plan.compute_hash() != plan.plan_hash:
+        raise PlanError("plan.json is corrupt or was edited: its plan_hash does not match its content")
+    return plan
+
+
+def plan_dir(path: Path) -> Path:
+    path = Path(path)
+    return path.parent if path.name == PLAN_FILE else path
+
+
+def load_plan(path) -> Plan:
+    """Read and check DIR/plan.json (or the file itself). Raises PlanError with the reason."""
+    file = plan_dir(path) / PLAN_FILE
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise PlanError(f"no plan at {file}") from None
+    except OSError as exc:
+        raise PlanError(f"cannot read {file}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{file} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    return plan_from_json(data)
+
+
+def save_plan(plan: Plan, directory) -> Path:
+    file = Path(directory) / PLAN_FILE
+    file.write_text(json.dumps(plan.to_json(), indent=1) + "\n")
+    return file
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def assignment_summary(stages: Sequence[StagePlan], devices: int) -> Dict[str, Any]:
+    copies = sum(len(s.holders(d)) for s in stages for d in range(devices))
+    neurons = sum(s.neurons for s in stages)
+    return {"neuron_copies": copies, "neurons": neurons, "replication_factor": copies / max(neurons, 1)}

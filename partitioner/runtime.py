@@ -1,0 +1,255 @@
+"""What a device runs, and the exact simulation of a cluster with failed devices.
+
+A device holds the model *skeleton* (the graph outside the stages, with the parameters every
+device needs) and its *shard* (for each stage, only the rows of its own neurons). Per stage:
+
+1. `DeviceRuntime.compute_slice(i, x)`: the device's neurons of stage i. For robust, lop and
+   nmr the channel-local followers (BatchNorm, ReLU, pooling) run on the slice. For cdc they do
+   not: parity only holds for the linear part, so the slice is the pre-activation output.
+2. The slices of all devices are gathered into one neuron-major array of the stage's ids (data
+   neurons, then cdc parity rows), zeros where no copy arrived, plus the mask of what is missing.
+   On a node the mesh does this over the network; `assemble` does it in-process.
+3. `finish_stage` (pure): for cdc, every parity row with exactly one missing term recovers it
+   by subtraction (CDC Eq. 2); then the followers run on the full tensor with full parameters.
+   Whatever is still missing is zero in the stage output, for every method: a lost neuron's
+   output is 0 after its followers, exactly as the paper's zero-fill.
+
+`simulate(...)` applies this to every surviving device of a plan, so its result is exactly what
+the cluster computes for the same failed set; the node is tested against it.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import PlanError
+from .plan import Plan, StagePlan, load_plan, plan_dir, sha256_file
+from .stages import (Stage, StagedModel, apply_followers, compute_linear, follower_params,
+                     from_neuron_major, parity_params, slice_params, to_neuron_major, trace_stages)
+
+SHARD_FORMAT = "robustdice-shard"
+SHARD_VERSION = 1
+SHARD_DIR = "shards"
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, in key order (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def shard_stage_entry(stage: Stage, stage_plan: StagePlan, device: int) -> Dict[str, torch.Tensor]:
+    """The tensors of one stage that `device` needs; rows follow `stage_plan.holders(device)`."""
+    after = stage_plan.followers_after_gather
+    data_ids = list(stage_plan.assignment[device])
+    entry = slice_params(stage, data_ids, with_followers=not after)
+    if stage_plan.parity is not None and stage_plan.parity.device == device:
+        par = parity_params(stage, stage_plan.parity.members)
+        if data_ids:  # a device holding data and parity rows concatenates them (not produced today)
+            raise PlanError(f"stage {stage.name}: device {device} holds both data and parity rows")
+        entry = par
+    if after:
+        entry.update(follower_params(stage))  # followers run on the full tensor: full parameters
+    entry["ids"] = torch.as_tensor(stage_plan.holders(device), dtype=torch.long)
+    return entry
+
+
+def build_shard(staged: StagedModel, plan_stages: Sequence[StagePlan], device: int) -> Dict[str, object]:
+    return {
+        "stages": {s.name: shard_stage_entry(s, sp, device) for s, sp in zip(staged.stages, plan_stages)},
+        "shared": staged.shared_state(),
+    }
+
+
+def shard_path(directory, device: int) -> Path:
+    return Path(directory) / SHARD_DIR / f"{device}.pt"
+
+
+def save_shard(shard: Mapping[str, object], plan_hash: str, device: int, directory) -> Path:
+    path = shard_path(directory, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(shard)
+    payload.update({"format": SHARD_FORMAT, "version": SHARD_VERSION, "plan_hash": plan_hash, "device": device})
+    torch.save(payload, path)
+    return path
+
+
+def load_shard(plan: Plan, directory, device: int) -> Dict[str, object]:
+    """Load device's shard and check it belongs to `plan` (hash, device, file digest)."""
+    if not 0 <= device < plan.devices:
+        raise PlanError(f"device {device} is not in the plan (devices 0..{plan.devices - 1})")
+    path = shard_path(plan_dir(directory), device)
+    record = plan.shards.get(str(device))
+    if not path.exists():
+        raise PlanError(f"shard for device {device} is missing: {path}")
+    if record and record.get("sha256") and sha256_file(path) != record["sha256"]:
+        raise PlanError(f"shard {path} does not match the plan (corrupt, or from another plan)")
+    try:
+        shard = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged zip/pickle
+        raise PlanError(f"shard {path} cannot be read: {type(exc).__name__}") from None
+    if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT:
+        raise PlanError(f"{path} is not a RobustDiCE shard")
+    if shard.get("plan_hash") != plan.plan_hash:
+        raise PlanError(f"shard {path} belongs to plan {str(shard.get('plan_hash'))[:12]}…, "
+                        f"not to this plan {plan.plan_hash[:12]}…")
+    if shard.get("device") != device:
+        raise PlanError(f"shard {path} is for device {shard.get('device')}, not {device}")
+    return shard
+
+
+def build_skeleton(plan: Plan, shared: Mapping[str, torch.Tensor]) -> StagedModel:
+    """The model's graph on the meta device, with the shared parameters of a shard loaded.
+
+    Nothing of the full model is materialised: the stage layers stay on the meta device (only
+    their hyperparameters are read) and their weights come from the shard.
+    """
+    from .models import build_model
+
+    with torch.device("meta"):
+        model = build_model(plan.model, weights="none", seed=plan.seed)
+    staged = trace_stages(model)
+    names = [s.name for s in staged.stages]
+    if names != [s.name for s in plan.stages]:
+        raise PlanError(f"plan stages do not match model {plan.model}: "
+                        f"first difference at {next((a, b) for a, b in zip(names + [''], [s.name for s in plan.stages] + ['']) if a != b)}")
+    try:
+        staged.skeleton.load_state_dict(dict(shared), strict=True, assign=True)
+    except RuntimeError as exc:
+        raise PlanError(f"shard's shared parameters do not fit model {plan.model}: {str(exc).splitlines()[0]}") from None
+    return staged
+
+
+class DeviceRuntime:
+    """One device's view: the skeleton, its shard, and the plan."""
+
+    def __init__(self, plan: Plan, staged: StagedModel, shard: Mapping[str, object], device: int) -> None:
+        self.plan = plan
+        self.staged = staged
+        self.device = device
+        self.entries: List[Dict[str, torch.Tensor]] = [shard["stages"][s.name] for s in plan.stages]
+
+    def ids(self, i: int) -> torch.Tensor:
+        return self.entries[i]["ids"]
+
+    def compute_slice(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """This device's outputs of stage i, neuron-major, rows in `ids(i)` order."""
+        stage, entry = self.staged.stages[i], self.entries[i]
+        y = compute_linear(stage, entry, x)
+        if not self.plan.stages[i].followers_after_gather:
+            y = apply_followers(stage, entry, y)
+        return to_neuron_major(y, stage.channel_dim)
+
+    def finish(self, i: int, full: torch.Tensor, missing: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return finish_stage(self.staged.stages[i], self.plan.stages[i], full, missing, self.entries[i])
+
+    def run(self, x: torch.Tensor,
+            gather: Callable[[int, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
+            on_stage: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+        """Run one input; `gather(i, ids, slice) -> (full neuron-major, missing mask)`."""
+        def stage_fn(i: int, t: torch.Tensor) -> torch.Tensor:
+            full, missing = gather(i, self.ids(i), self.compute_slice(i, t))
+            out, zero_mask = self.finish(i, full, missing)
+            if on_stage is not None:
+                on_stage(i, zero_mask)
+            return out
+        return self.staged.run(x, stage_fn)
+
+
+def recover_parity(stage_plan: StagePlan, full: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    """cdc: fill each data neuron that is the only missing term of its parity row, in place.
+
+    Returns the updated missing mask. Row j: parity_j = Σ members; if exactly one of the row's
+    members and its parity value is missing and it is a member, member = parity − Σ others.
+    """
+    if stage_plan.parity is None:
+        return missing
+    missing = missing.clone()
+    c = stage_plan.neurons
+    for j, members in enumerate(stage_plan.parity.members):
+        if not members or missing[c + j]:
+            continue
+        lost = [m for m in members if missing[m]]
+        if len(lost) != 1:
+            continue
+        others = [m for m in members if m != lost[0]]
+        value = full[c + j] - (full[others].sum(0) if others else 0)
+        full[lost[0]] = value
+        missing[lost[0]] = False
+    return missing
+
+
+def finish_stage(stage: Stage, stage_plan: StagePlan, full: torch.Tensor, missing: torch.Tensor,
+                 params: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Assembled ids → the stage output (channel layout), and the mask of zero-filled neurons."""
+    c = stage_plan.neurons
+    missing = recover_parity(stage_plan, full, missing)
+    zero_mask = missing[:c]
+    y = from_neuron_major(full[:c], stage.channel_dim)
+    if stage_plan.followers_after_gather:
+        y = apply_followers(stage, params, y)
+        if bool(zero_mask.any()):
+            y = to_neuron_major(y, stage.channel_dim).clone()
+            y[zero_mask] = 0
+            y = from_neuron_major(y, stage.channel_dim)
+    return y, zero_mask
+
+
+def assemble(total_ids: int, pieces: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """In-process gather: first copy of each id wins; zeros and missing=True where none came."""
+    pieces = list(pieces)
+    template = pieces[0][1]
+    full = template.new_zeros((total_ids,) + tuple(template.shape[1:]))
+    missing = torch.ones(total_ids, dtype=torch.bool)
+    for ids, values in pieces:
+        fresh = missing[ids]
+        if bool(fresh.any()):
+            full[ids[fresh]] = values[fresh]
+            missing[ids[fresh]] = False
+    return full, missing
+
+
+class Cluster:
+    """Every device of a plan in one process, for simulation and evaluation."""
+
+    def __init__(self, directory) -> None:
+        self.plan = load_plan(directory)
+        shards = [load_shard(self.plan, directory, d) for d in range(self.plan.devices)]
+        self.staged = build_skeleton(self.plan, shards[0]["shared"])
+        self.devices = [DeviceRuntime(self.plan, self.staged, s, d) for d, s in enumerate(shards)]
+        self.shard_bytes = [sum(t.numel() * t.element_size() for e in s["stages"].values()
+                                for k, t in e.items() if k != "ids")
+                            + sum(t.numel() * t.element_size() for t in s["shared"].values())
+                            for s in shards]
+
+    def simulate(self, x: torch.Tensor, failed: Iterable[int] = (),
+                 zero_masks: Optional[Dict[int, torch.Tensor]] = None) -> torch.Tensor:
+        """Logits the cluster computes for `x` when the devices in `failed` are down."""
+        failed = set(failed)
+        alive = [d for d in self.devices if d.device not in failed]
+        if not alive:
+            raise PlanError("every device failed: nothing computes")
+        plan = self.plan
+
+        def stage_fn(i: int, t: torch.Tensor) -> torch.Tensor:
+            pieces = [(d.ids(i), d.compute_slice(i, t)) for d in alive]
+            full, missing = assemble(plan.stages[i].total_ids, pieces)
+            out, zero_mask = alive[0].finish(i, full, missing)
+            if zero_masks is not None:
+                zero_masks[i] = zero_mask
+            return out
+
+        with torch.inference_mode():
+            return self.staged.run(x, stage_fn)
+
+
+def simulate(directory, x: torch.Tensor, failed: Sequence[int] = ()) -> torch.Tensor:
+    """The pure reference: what the cluster of plan `directory` outputs with `failed` down."""
+    return Cluster(directory).simulate(x, failed)
