@@ -1,0 +1,48 @@
+"""CurveZMQ key pairs for the nodes of a mesh."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Iterable, Tuple
+
+import zmq
+import zmq.auth
+
+from .errors import ConfigError, MeshError
+
+
+def make_keypairs(out_dir, ids: Iterable[str]) -> Dict[str, str]:
+    """Write `<id>.key` and `<id>.key_secret` (mode 600) per id; returns {id: public key (Z85)}."""
+    if not zmq.has("curve"):
+        raise MeshError("this libzmq has no CURVE support; cannot make keys")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    publics = {}
+    for node_id in ids:
+        if not node_id or "/" in node_id or node_id.startswith("."):
+            raise ConfigError(f"ids: {node_id!r} is not usable as a file name")
+        existing = [f for f in (out / f"{node_id}.key", out / f"{node_id}.key_secret") if f.exists()]
+        if existing:
+            raise ConfigError(f"ids: {node_id!r} already has {existing[0]}; refusing to overwrite a key")
+        # The umask keeps the secret unreadable to others from its first byte, not only after chmod.
+        old_umask = os.umask(0o077)
+        try:
+            public_file, secret_file = zmq.auth.create_certificates(out, node_id)
+        finally:
+            os.umask(old_umask)
+        os.chmod(secret_file, 0o600)
+        os.chmod(public_file, 0o644)
+        public, _ = zmq.auth.load_certificate(public_file)
+        publics[node_id] = public.decode("ascii")
+    return publics
+
+
+def load_secret(path) -> Tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from a `.key_secret` file."""
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"secret_key_file: cannot load {path}: {exc}") from None
+    if secret is None:
+        raise ConfigError(f"secret_key_file: {path} holds no secret key")
+    return public, secret

@@ -1,0 +1,111 @@
+"""ZeroMQ plumbing for the mesh: socket options, CURVE, and a ZAP handler serviced by the event loop.
+
+Topology: every node binds ONE PULL socket on its own address (the CURVE server) and connects
+one PUSH per peer to that peer's bound address (a CURVE client). Only binding sockets are CURVE
+servers. Sends never block: a PUSH with IMMEDIATE=1 refuses to queue for a peer that is not
+connected, and a full send queue (SNDHWM) makes the send fail; both are counted as drops.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Tuple
+
+import zmq
+from zmq.utils import z85
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+MESH_DOMAIN = "mesh"
+CLIENT_DOMAIN = "client"
+# Messages queued per peer before sends are dropped: enough for a few frames of slices in
+# flight, small enough that a stopped peer cannot pin much memory.
+SEND_HWM = 64
+RECV_HWM = 10000
+
+
+class ZapPolicy:
+    """Who may connect: a per-domain allowlist of Z85 public keys mapped to user ids (pure)."""
+
+    def __init__(self, allow: Mapping[str, Mapping[str, str]]):
+        self.allow = {domain: dict(keys) for domain, keys in allow.items()}
+
+    def decide(self, domain: str, mechanism: str, public_key_z85: Optional[str]) -> Tuple[bool, str]:
+        """(admitted, user id or reason)."""
+        if mechanism != "CURVE":
+            return False, f"mechanism {mechanism} not allowed"
+        keys = self.allow.get(domain)
+        if keys is None:
+            return False, f"unknown domain {domain!r}"
+        user = keys.get(public_key_z85 or "")
+        if user is None:
+            return False, "key not listed"
+        return True, user
+
+
+class ZapHandler:
+    """The context's ZAP endpoint as a REP socket, answered from the mesh's own loop (no thread)."""
+
+    def __init__(self, context: zmq.Context, policy: ZapPolicy):
+        self.policy = policy
+        self.socket = context.socket(zmq.REP)
+        self.socket.linger = 0
+        self.socket.bind(ZAP_ENDPOINT)
+        self.refused: Dict[str, int] = {}
+
+    def handle_pending(self) -> int:
+        """Answer every pending request without blocking; returns how many were refused."""
+        refused = 0
+        while self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            request = self.socket.recv_multipart(zmq.NOBLOCK)
+            ok, user = self._decide(request)
+            request_id = request[1] if len(request) > 1 else b""
+            if ok:
+                reply = [b"1.0", request_id, b"200", b"OK", user.encode(), b""]
+            else:
+                refused += 1
+                reply = [b"1.0", request_id, b"400", user.encode()[:255], b"", b""]
+            self.socket.send_multipart(reply)
+        return refused
+
+    def _decide(self, request) -> Tuple[bool, str]:
+        if len(request) < 6 or request[0] != b"1.0":
+            return False, "malformed ZAP request"
+        domain, mechanism = request[2].decode("ascii", "replace"), request[5].decode("ascii", "replace")
+        key = z85.encode(request[6]).decode("ascii") if mechanism == "CURVE" and len(request) > 6 \
+            and len(request[6]) == 32 else None
+        return self.policy.decide(domain, mechanism, key)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def curve_server(sock: zmq.Socket, public: bytes, secret: bytes, domain: str) -> None:
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_server = True
+    sock.zap_domain = domain.encode()
+
+
+def curve_client(sock: zmq.Socket, public: bytes, secret: bytes, server_public: bytes) -> None:
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_serverkey = server_public
+
+
+def make_pull(context: zmq.Context, max_message_bytes: int) -> zmq.Socket:
+    sock = context.socket(zmq.PULL)
+    sock.linger = 0
+    sock.rcvhwm = RECV_HWM
+    # libzmq drops the connection of a peer that sends more than this, before we see a byte.
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    return sock
+
+
+def make_push(context: zmq.Context, reconnect_ivl_ms: int) -> zmq.Socket:
+    sock = context.socket(zmq.PUSH)
+    sock.linger = 0
+    sock.immediate = 1
+    sock.sndhwm = SEND_HWM
+    # A constant, short reconnect interval: a restarted peer must be reachable again within a
+    # heartbeat or so, and the backoff to a dead peer costs one SYN per interval.
+    sock.reconnect_ivl = reconnect_ivl_ms
+    sock.reconnect_ivl_max = 0
+    return sock
