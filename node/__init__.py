@@ -1,0 +1,1 @@
+"""RobustDiCE node: composes the partitioner and the mesh into a running daemon and the CLI."""

@@ -1,0 +1,142 @@
+"""Client subcommands: `submit`, `status` (and `cluster`, in cluster.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+from .errors import NodeError
+
+
+def register(sub) -> None:
+    s = sub.add_parser("submit", help="send images to a node and print its answers")
+    s.add_argument("--peers", required=True, type=Path)
+    s.add_argument("--node", help="node id to submit to (default: the first that answers status)")
+    s.add_argument("--key", help="client secret key file (default: client.key_secret beside the nodes' keys)")
+    s.add_argument("--digits", help="evaluation-split samples of digits_cnn: an index, a list 0,5,9 or a range 0-9")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer")
+    s.add_argument("--json", action="store_true", help="one JSON object per answer")
+    s.add_argument("images", nargs="*", type=Path)
+    s.set_defaults(func=cmd_submit)
+
+    t = sub.add_parser("status", help="every node's view: members, frames, zero-fill, drops, memory, power")
+    t.add_argument("--peers", required=True, type=Path)
+    t.add_argument("--key")
+    t.add_argument("--timeout", type=float, default=2.0)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_status)
+
+    from . import cluster
+    cluster.register(sub)
+
+
+def parse_indices(text: str, upper: int) -> List[int]:
+    out: List[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = (int(v) for v in part.split("-", 1))
+                out += list(range(a, b + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise NodeError(f"--digits: {text!r} is not an index, list or range") from None
+    bad = [i for i in out if not 0 <= i < upper]
+    if not out or bad:
+        raise NodeError(f"--digits: {bad[0] if bad else text} is outside the evaluation split (0..{upper - 1})")
+    return out
+
+
+def _inputs(args, config):
+    """(name, array (1, C, H, W), label or None) for every requested input."""
+    import numpy as np
+
+    from robustdice.partitioner.plan import load_plan
+    if bool(args.digits) == bool(args.images):
+        raise NodeError("give either --digits K or image files")
+    if args.digits:
+        from robustdice.partitioner.data import evaluation_split
+        images, labels, indices = evaluation_split("digits_cnn")
+        return [(f"digits[{i}] (row {int(indices[i])})", images[i: i + 1].numpy(), int(labels[i]))
+                for i in parse_indices(args.digits, len(labels))]
+    if config.plan is None:
+        raise NodeError("peers.yaml has no plan: the model's input size is unknown")
+    from PIL import Image, UnidentifiedImageError
+
+    from robustdice.partitioner.data import preprocess
+    from robustdice.partitioner.models import input_shape
+    shape = input_shape(load_plan(config.plan).model)
+    out = []
+    for path in args.images:
+        try:
+            with Image.open(path) as im:
+                x = preprocess(im.convert("RGB") if shape[0] == 3 else im, shape)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise NodeError(f"{path}: cannot read image ({exc})") from None
+        out.append((str(path), x[None].numpy().astype(np.float32), None))
+    return out
+
+
+def cmd_submit(args) -> int:
+    from robustdice.mesh.config import load_peers
+
+    from .client import NodeClient, default_key_path, status_all
+    config = load_peers(args.peers)
+    key = default_key_path(config, args.key)
+    node = args.node
+    if node is None:
+        views = status_all(config, key)
+        node = next((v["node"] for v in views if not v.get("unreachable")), None)
+        if node is None:
+            raise NodeError("no node answers: is the cluster running?")
+    inputs = _inputs(args, config)
+    with NodeClient(config, node, key) as client:
+        for name, x, label in inputs:
+            reply = client.submit(x, {"name": name}, timeout_s=args.timeout)
+            meta = dict(reply.meta)
+            if "error" in meta:
+                raise NodeError(f"node {node} refused {name}: {meta['error']}")
+            if args.json:
+                print(json.dumps({"input": name, "label": label, **{k: v for k, v in meta.items() if k != "request"}}))
+                continue
+            top5 = ", ".join(f"{c}:{p:.2f}" for c, p in meta["top5"][0])
+            zero = ", ".join(f"{k} {100 * v:.0f}%" for k, v in meta["zero_filled"].items() if v > 0) or "none"
+            truth = "" if label is None else f" (label {label}{', correct' if label == meta['prediction'][0] else ', WRONG'})"
+            print(f"{name}: class {meta['prediction'][0]}{truth}  top-5 [{top5}]  "
+                  f"{meta['latency_ms']:.1f} ms via {meta['node']}  zero-filled: {zero}")
+    return 0
+
+
+def _age(view, member) -> str:
+    silent = member.get("silent_ms")
+    return "-" if silent is None else f"{float(silent):.0f}ms ago"
+
+
+def cmd_status(args) -> int:
+    from robustdice.mesh.config import load_peers
+
+    from .client import default_key_path, status_all
+    config = load_peers(args.peers)
+    views = status_all(config, default_key_path(config, args.key), args.timeout)
+    if args.json:
+        print(json.dumps(views))
+        return 0
+    for v in views:
+        if v.get("unreachable"):
+            print(f"{v['node']}: unreachable")
+            continue
+        print(f"{v['node']} (device {v['device']}, incarnation {v['incarnation']}, plan {v['plan_hash'][:12]} "
+              f"{v['model']}/{v['method']}): {v['frames_done']} frames, "
+              f"zero-filled {100 * v['zero_filled_fraction']:.1f}%, "
+              f"p50 {v['latency_ms_p50'] if v['latency_ms_p50'] is None else round(v['latency_ms_p50'], 1)} ms, "
+              f"RSS {v['rss_total_bytes'] / 2**20:.0f} MiB, power {v['power']}")
+        for peer, m in sorted(v["members"].items()):
+            print(f"    {peer:<10} {m.get('state', '?'):<8} last heard {_age(v, m):>8}  "
+                  f"incarnation {m.get('incarnation')}")
+        drops = {k: n for k, n in v["counters"].items() if n}
+        if drops:
+            print("    dropped: " + ", ".join(f"{k}={n}" for k, n in sorted(drops.items())))
+    return 0 if all(not v.get("unreachable") for v in views) else 1
+
+

@@ -1,0 +1,49 @@
+"""Small pieces shared by the node's child processes."""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import sys
+import signal
+from typing import Optional
+
+PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (even by SIGKILL).
+
+    A child of a node killed with -9 must not linger as an orphan holding the board's port.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's cleanup still applies
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
+
+
+def report_ready(fd: Optional[int]) -> None:
+    """The ready handshake: one line on the pipe the supervisor gave us, then close it."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"ready\n")
+    finally:
+        os.close(fd)
+
+
+def child_main(prog: str, argv, add_arguments) -> argparse.Namespace:
+    """Common start of a node child process: its arguments, logging to stderr, die with the parent."""
+    p = argparse.ArgumentParser(prog=f"robustdice-{prog}")
+    add_arguments(p)
+    p.add_argument("--ready-fd", type=int, help="pipe on which to report readiness")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s {prog}[%(process)d]: %(message)s")
+    exit_with_parent()
+    return args
