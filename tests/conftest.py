@@ -1,0 +1,43 @@
+"""Shared fixtures. `leak_check`: fail a test that leaves child processes, fds or sockets behind.
+
+Use it with `pytestmark = pytest.mark.usefixtures("leak_check")` in a test module.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+LEAK_SETTLE_S = 3.0  # fds and sockets close asynchronously (reader threads, zmq io threads)
+
+
+def _inet_sockets(proc: psutil.Process) -> int:
+    getter = getattr(proc, "net_connections", None) or proc.connections
+    return len(getter(kind="inet"))
+
+
+@pytest.fixture
+def leak_check():
+    me = psutil.Process()
+    children_before = {p.pid for p in me.children(recursive=True)}
+    fds_before = me.num_fds()
+    sockets_before = _inet_sockets(me)
+    yield
+    leaked = [p for p in me.children(recursive=True) if p.pid not in children_before]
+    for p in leaked:  # kill them so one failure does not poison the next tests
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(leaked, timeout=5)
+    assert not leaked, f"child processes left alive: {[(p.pid, p.name()) for p in leaked if p.is_running()] or leaked}"
+    deadline = time.monotonic() + LEAK_SETTLE_S
+    while True:
+        fds, sockets = me.num_fds(), _inet_sockets(me)
+        if (fds <= fds_before and sockets <= sockets_before) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # polling a condition with a deadline, not synchronising on sleep
+    assert fds <= fds_before, f"file descriptors leaked: {fds_before} before, {fds} after: {os.listdir('/proc/self/fd')}"
+    assert sockets <= sockets_before, f"inet sockets leaked: {sockets_before} before, {sockets} after"

@@ -1,0 +1,171 @@
+"""Helpers for the node integration tests: plans made once per session, settled clusters, processes."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import psutil
+
+from robustdice.node.cluster import LocalCluster
+
+# The machine is shared and has 2 cores: generous deadlines, never sleeps used as synchronisation.
+START_TIMEOUT_S = 120.0
+STOP_BUDGET_S = 5.0       # the supervisor's documented stop budget on SIGTERM
+DETECTION_SLACK_MS = 250  # detection bound = peer_timeout + heartbeat + this (loaded machine)
+
+_PLANS: Dict[tuple, Path] = {}
+
+
+def make_plan(tmp_path_factory, model: str, devices: int, method: str, **kwargs) -> Path:
+    """Partition in-process once per test session (several modules share a plan)."""
+    from robustdice.partitioner.partition import PartitionRequest, partition
+
+    key = (model, devices, method, tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
+                                                 for k, v in kwargs.items())))
+    if key not in _PLANS:
+        out = tmp_path_factory.mktemp(f"plan-{model}-{method}") / "plan"
+        partition(PartitionRequest(model, devices, method, out, show_progress=False, **kwargs))
+        _PLANS[key] = out
+    return _PLANS[key]
+
+
+def start_pyzmq_gc() -> None:
+    """Start pyzmq's zero-copy garbage collector now, outside any test's leak check.
+
+    The first `send(copy=False)` of a large buffer in a process (e.g. an AlexNet input) starts
+    pyzmq's gc thread with its own context: 7 fds that live until the process exits. That is
+    pyzmq's, not a leak of the node, so it is started once before the leak checks run.
+    """
+    import numpy as np
+    import zmq
+
+    with zmq.Context() as ctx:
+        a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        a.bind("inproc://warm-pyzmq-gc")
+        b.connect("inproc://warm-pyzmq-gc")
+        a.send(np.zeros(1 << 18, np.uint8), copy=False)
+        b.recv()
+        a.close(0)
+        b.close(0)
+
+
+def robustdice_cli() -> List[str]:
+    script = Path(sys.executable).with_name("robustdice")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "robustdice.node.cli"]
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05):
+    """Poll `predicate` until it returns something truthy; fail with `what` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)  # polling a condition with a deadline, not synchronising on sleep
+
+
+def settled(cluster: LocalCluster, devices: Optional[Sequence[int]] = None):
+    """Every node sees the others alive, and for longer than the handlers' participant grace.
+
+    A handler counts a peer as a participant of new frames only 2 heartbeats after it joined;
+    a frame submitted earlier runs without that peer (zero-filled), which is by design.
+    """
+    alive = cluster.all_alive(devices)
+    grace_s = 2 * cluster.config.heartbeat_interval_ms / 1000.0
+    names = {cluster.ids[d] for d in (range(len(cluster.ids)) if devices is None else devices)}
+
+    def check(views: List[Dict]) -> bool:
+        if not alive(views):
+            return False
+        for v in views:
+            if v.get("unreachable") or v["node"] not in names:
+                continue
+            for peer in names - {v["node"]}:
+                joins = [e["wall_s"] for e in v["events"] if e["peer"] == peer and e["kind"] in ("joined", "rejoined")]
+                if not joins or v["wall_s"] - max(joins) < grace_s + 0.05:
+                    return False
+        return True
+    return check
+
+
+def start_cluster(cluster: LocalCluster, devices: Optional[Sequence[int]] = None) -> None:
+    devices = list(range(len(cluster.ids))) if devices is None else list(devices)
+    for d in devices:
+        cluster.start_node(d)
+    cluster.wait_until(settled(cluster, devices), START_TIMEOUT_S, "every node to count on every other")
+
+
+def start_node_with_plan(cluster: LocalCluster, device: int, plan_dir: Path) -> subprocess.Popen:
+    """Like LocalCluster.start_node, but with `--plan` overriding peers.yaml's plan."""
+    log_path = cluster.workdir / f"{cluster.ids[device]}.log"
+    argv = [sys.executable, "-m", "robustdice.node.supervisor", "--peers", str(cluster.peers_path),
+            "--id", cluster.ids[device], "--plan", str(plan_dir), "--threads", "1", "--workers", "1"]
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster.procs[device] = proc
+    cluster.logs[device] = log_path
+    return proc
+
+
+def node_children(cluster: LocalCluster, device: int) -> Dict[str, psutil.Process]:
+    """{'engine': Process, 'handler': Process} of one node's supervisor."""
+    out = {}
+    for child in psutil.Process(cluster.procs[device].pid).children():
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        for name in ("engine", "handler"):
+            if f"robustdice.node.{name}" in cmdline:
+                out[name] = child
+    return out
+
+
+def run_dir_of(engine: psutil.Process) -> Path:
+    """The supervisor's private ipc folder, from the engine's `--ipc ipc://DIR/engine.sock`."""
+    cmdline = engine.cmdline()
+    endpoint = cmdline[cmdline.index("--ipc") + 1]
+    m = re.fullmatch(r"ipc://(.+)/engine\.sock", endpoint)
+    assert m, endpoint
+    return Path(m.group(1))
+
+
+def processes_mentioning(text: str) -> List[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in arg for arg in (p.info["cmdline"] or [])):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def log_lines(path: Path) -> List[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def unheld(paths: Sequence[Path]) -> List[Path]:
+    """Those of `paths` that no living process has open or mapped.
+
+    /dev/shm is shared with other jobs on this machine: an entry another running process holds
+    is theirs; one nobody holds any more is a leftover.
+    """
+    held = set()
+    if paths:
+        for p in psutil.process_iter():
+            try:
+                held.update(f.path for f in p.open_files())
+                held.update(m.path for m in p.memory_maps(grouped=True))
+            except psutil.Error:
+                continue
+    return [p for p in paths if str(p) not in held and p.exists()]

@@ -1,0 +1,208 @@
+"""The offline half through its real CLI: partition, evaluate and verify, on real files.
+
+digits_cnn over 4 devices is partitioned once per method (module fixture) and evaluated on
+its 360-image test split; the ImageNet models are partitioned with random weights and verified
+against the plain model (slow: vgg16_bn's nmr plan is N copies of 553 MB).
+"""
+import json
+import shutil
+import subprocess
+import sys
+from math import comb
+
+import pytest
+
+from robustdice.partitioner.evaluate import verify_plan
+from robustdice.partitioner.partition import PartitionRequest, partition
+from robustdice.partitioner.runtime import shard_path
+
+METHODS = ("robust", "lop", "nmr", "cdc")
+DEVICES = 4
+DIGITS_TEST_SAMPLES = 360
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def robustdice(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "robustdice.node.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok_json(*args):
+    proc = robustdice(*args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def digits_plans(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    summaries = {m: ok_json("partition", "--model", "digits_cnn", "--devices", DEVICES, "--method", m,
+                            "--out", root / m, "--json") for m in METHODS}
+    return root, summaries
+
+
+@pytest.fixture(scope="module")
+def digits_eval(digits_plans):
+    """One evaluate run over every plan (a JSON list, in --plan order) that also writes the plot."""
+    root, _ = digits_plans
+    plot = root / "accuracy.png"
+    args = ["evaluate", "--json", "--plot", plot]
+    for m in METHODS:
+        args += ["--plan", root / m]
+    results = ok_json(*args)
+    return dict(zip(METHODS, results)), plot
+
+
+def test_partition_json_summary(digits_plans):
+    root, summaries = digits_plans
+    for method, s in summaries.items():
+        assert {"method", "devices", "plan_hash", "full_param_bytes", "per_device_param_bytes",
+                "replication_factor"} <= set(s)
+        assert s["method"] == method and s["devices"] == DEVICES
+        assert len(s["plan_hash"]) == 64
+        assert json.loads((root / method / "plan.json").read_text())["plan_hash"] == s["plan_hash"]
+        assert isinstance(s["per_device_param_bytes"], list) and len(s["per_device_param_bytes"]) == DEVICES
+        assert all(0 < b for b in s["per_device_param_bytes"])
+    assert summaries["lop"]["replication_factor"] == 1.0
+    assert summaries["nmr"]["replication_factor"] == DEVICES
+    assert 1.0 < summaries["robust"]["replication_factor"] < DEVICES
+    # an nmr shard holds the whole model (less BatchNorm's num_batches_tracked counters)
+    assert max(summaries["nmr"]["per_device_param_bytes"]) >= 0.99 * summaries["nmr"]["full_param_bytes"]
+
+
+def test_evaluate_json_shape(digits_eval):
+    results, _ = digits_eval
+    for method, r in results.items():
+        assert r["method"] == method and r["samples"] == DIGITS_TEST_SAMPLES
+        assert set(r["by_failed"]) == {str(k) for k in range(DEVICES)}
+        for k, b in r["by_failed"].items():
+            assert set(b) == {"mean", "min", "max", "sets"}
+            assert b["sets"] == comb(DEVICES, int(k))
+            assert 0 <= b["min"] <= b["mean"] <= b["max"] <= 1
+        assert r["by_failed"]["0"]["mean"] == r["accuracy_no_failure"]
+        assert len(r["per_device_param_bytes"]) == DEVICES
+    assert results["nmr"]["accuracy_no_failure"] > 0.95  # the shipped weights really are loaded
+
+
+def test_nmr_is_exact_under_up_to_three_failures(digits_eval):
+    r = digits_eval[0]["nmr"]
+    for k in ("1", "2", "3"):
+        assert r["by_failed"][k]["min"] == r["accuracy_no_failure"]
+
+
+def test_cdc_is_exact_under_one_failure(digits_eval):
+    r = digits_eval[0]["cdc"]
+    assert r["by_failed"]["1"]["min"] == r["accuracy_no_failure"]
+    assert r["by_failed"]["2"]["mean"] < r["accuracy_no_failure"]  # parity cannot cover two
+
+
+def test_robust_beats_lop_and_is_smaller_than_nmr(digits_eval):
+    results, _ = digits_eval
+    robust, lop, nmr = results["robust"], results["lop"], results["nmr"]
+    for k in ("1", "2"):
+        assert robust["by_failed"][k]["mean"] > lop["by_failed"][k]["mean"], k
+    assert max(robust["per_device_param_bytes"]) < max(nmr["per_device_param_bytes"])
+
+
+def test_evaluate_plot_is_a_png(digits_eval):
+    _, plot = digits_eval
+    data = plot.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert len(data) > 20_000
+
+
+def test_predictions_match_the_evaluated_accuracy(digits_plans, digits_eval, tmp_path):
+    root, _ = digits_plans
+    out = tmp_path / "pred.json"
+    proc = robustdice("evaluate", "--plan", root / "robust", "--failed", "2", "--predictions", out)
+    assert proc.returncode == 0, proc.stderr
+    pred = json.loads(out.read_text())
+    assert pred["failed"] == [2]
+    assert len(pred["indices"]) == len(pred["labels"]) == len(pred["predictions"]) == DIGITS_TEST_SAMPLES
+    correct = sum(p == y for p, y in zip(pred["predictions"], pred["labels"]))
+    # evaluate averages in float32: compare counts of correct samples
+    assert correct == round(digits_eval[0]["robust"]["by_set"]["2"] * DIGITS_TEST_SAMPLES)
+
+
+# --- bad input: exit 2 and one line on stderr naming the problem ---------------------------------
+
+def _assert_one_line_error(proc, *words):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def _partition_args(tmp_path, *extra):
+    return ["partition", "--model", "digits_cnn", "--devices", "2", "--out", tmp_path / "out", *extra]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["partition", "--model", "resnet50", "--devices", "2", "--out", "{tmp}/o"], ["unknown model", "resnet50"]),
+    (["partition", "--model", "digits_cnn", "--devices", "0", "--out", "{tmp}/o"], ["--devices", ">= 1"]),
+    (["partition", "--model", "digits_cnn", "--devices", "2", "--threshold", "-1", "--out", "{tmp}/o"],
+     ["--threshold", ">= 0"]),
+    (["partition", "--model", "digits_cnn", "--devices", "2", "--calib", "{tmp}/nowhere", "--out", "{tmp}/o"],
+     ["not found", "nowhere"]),
+    (["partition", "--model", "digits_cnn", "--devices", "2", "--scores", "s1,s9", "--out", "{tmp}/o"],
+     ["--scores", "s9"]),
+], ids=["unknown-model", "devices-0", "negative-threshold", "missing-calib", "unknown-score"])
+def test_bad_partition_input(tmp_path, args, words):
+    proc = robustdice(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    _assert_one_line_error(proc, *words)
+    assert not (tmp_path / "o" / "plan.json").exists()
+
+
+def test_thresholds_file_naming_an_unknown_layer(tmp_path):
+    table = tmp_path / "t.yaml"
+    table.write_text("default: 0.1\nfeatures.99: 0.2\n")
+    proc = robustdice(*_partition_args(tmp_path, "--thresholds", table))
+    _assert_one_line_error(proc, "--thresholds", "features.99")
+
+
+def test_corrupt_plan_and_mismatched_shard(digits_plans, tmp_path):
+    root, _ = digits_plans
+    edited = shutil.copytree(root / "lop", tmp_path / "edited")
+    text = (edited / "plan.json").read_text().replace('"seed": 0', '"seed": 7')
+    (edited / "plan.json").write_text(text)
+    _assert_one_line_error(robustdice("verify", "--plan", edited), "plan_hash")
+
+    (edited / "plan.json").write_text(text[: len(text) // 2])
+    _assert_one_line_error(robustdice("verify", "--plan", edited), "not valid JSON")
+
+    foreign = shutil.copytree(root / "lop", tmp_path / "foreign")
+    shutil.copy(shard_path(root / "cdc", 1), shard_path(foreign, 1))
+    _assert_one_line_error(robustdice("evaluate", "--plan", foreign), "shard", "1.pt", "does not match")
+
+
+# --- verify: ImageNet models with random weights, every method and N --------------------------------
+
+VERIFY_CASES = [(model, method, n) for model in ("alexnet", "convnext_tiny", "vgg16_bn")
+                for method in METHODS for n in (2, 3, 4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,method,n", VERIFY_CASES, ids=[f"{a}-{b}-{c}" for a, b, c in VERIFY_CASES])
+def test_verify_imagenet_models(tmp_path, model, method, n):
+    out = tmp_path / "plan"
+    try:
+        summary = partition(PartitionRequest(model=model, devices=n, method=method, out=out, weights="none",
+                                             scores=("s1",), show_progress=False))
+        assert len(summary["per_device_param_bytes"]) == n
+        result = verify_plan(out)
+        assert result["allclose"], result
+        assert result["reference_max_abs"] > 0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_verify_cli_on_alexnet(tmp_path):
+    out = tmp_path / "plan"
+    partition(PartitionRequest(model="alexnet", devices=3, method="robust", out=out, weights="none",
+                               scores=("s1",), show_progress=False))
+    proc = robustdice("verify", "--plan", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "alexnet robust N=3" in proc.stdout and proc.stdout.rstrip().endswith("ok")
+    shutil.rmtree(out)

@@ -1,0 +1,151 @@
+"""The pure core: complete-linkage clustering, normalisation, replication and the baselines."""
+from collections import Counter
+from itertools import combinations
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import pdist
+
+from robustdice.partitioner.cluster import (
+    cdc_layout, cluster_neurons, covered, lop_assignment, nmr_assignment, normalise_scores,
+    replicate_and_deal, replication_factor)
+
+
+def _features(n=40, k=3, seed=0):
+    return np.random.default_rng(seed).random((n, k))
+
+
+def _is_partition(groups, n):
+    flat = [m for g in groups for m in g]
+    return sorted(flat) == list(range(n))
+
+
+def test_zero_threshold_gives_singletons():
+    f = _features()
+    groups = cluster_neurons(f, 0.0)
+    assert _is_partition(groups, len(f))
+    assert all(len(g) == 1 for g in groups)
+
+
+def test_threshold_above_the_diameter_gives_one_group():
+    f = _features()
+    groups = cluster_neurons(f, float(pdist(f).max()) * 1.01)
+    assert len(groups) == 1 and sorted(groups[0]) == list(range(len(f)))
+
+
+def test_duplicate_points_merge_at_any_positive_threshold_but_not_at_zero():
+    f = np.array([[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]])
+    assert sorted(map(sorted, cluster_neurons(f, 1e-9))) == [[0, 1], [2]]
+    assert len(cluster_neurons(f, 0.0)) == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_complete_linkage_every_pair_in_a_group_is_closer_than_t(seed):
+    f = _features(seed=seed)
+    d = pdist(f)
+    for t in np.linspace(d.min(), d.max(), 7)[1:-1]:
+        groups = cluster_neurons(f, t)
+        assert _is_partition(groups, len(f))
+        # not trivially satisfied: a real clustering, neither all singletons nor one group
+        assert len(groups) > 1
+        assert any(len(g) > 1 for g in groups)
+        for g in groups:
+            for a, b in combinations(g, 2):
+                assert np.linalg.norm(f[a] - f[b]) < t, (t, a, b)
+
+
+def test_exact_threshold_distance_does_not_merge():
+    f = np.array([[0.0], [1.0]])  # distance exactly 1: the paper merges only while d_max < t
+    assert len(cluster_neurons(f, 1.0)) == 2
+    assert len(cluster_neurons(f, np.nextafter(1.0, 2.0))) == 1
+
+
+def test_groups_ordered_by_decreasing_importance():
+    f = np.array([[0.0], [0.01], [1.0], [0.99]])
+    groups = cluster_neurons(f, 0.1)
+    assert groups == [[2, 3], [1, 0]]
+
+
+def test_normalise_scores_maps_columns_to_unit_interval_and_constants_to_zero():
+    raw = np.array([[1.0, 5.0, -2.0], [3.0, 5.0, 0.0], [2.0, 5.0, 6.0]])
+    out = normalise_scores(raw)
+    np.testing.assert_allclose(out[:, 0], [0.0, 1.0, 0.5])
+    np.testing.assert_array_equal(out[:, 1], [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(out[:, 2], [0.0, 0.25, 1.0])
+    assert normalise_scores(np.array([4.0, 2.0])).shape == (2, 1)
+
+
+@pytest.mark.parametrize("n_devices", [1, 2, 3, 4, 5])
+def test_replicate_and_deal_pads_groups_and_deals_evenly(n_devices):
+    f = _features(n=23, seed=3)
+    groups = cluster_neurons(f, 0.4)
+    assert any(len(g) % n_devices for g in groups) or n_devices == 1  # padding is exercised
+    devices = replicate_and_deal(groups, n_devices)
+    assert len(devices) == n_devices
+    for d in devices:
+        assert len(d) == len(set(d)), "a device holds the same neuron twice"
+    assert set().union(*map(set, devices)) == set(range(23))
+    for g in groups:
+        padded = -(-len(g) // n_devices) * n_devices
+        members = set(g)
+        per_device = [sum(1 for m in d if m in members) for d in devices]
+        assert per_device == [padded // n_devices] * n_devices
+    assert replication_factor(devices, 23) >= 1.0
+
+
+def test_replication_repeats_the_most_important_neurons_first():
+    devices = replicate_and_deal([[7, 3, 9, 1, 5]], 4)  # 5 → 8: copies of 7, 3, 9
+    counts = Counter(m for d in devices for m in d)
+    assert counts == {7: 2, 3: 2, 9: 2, 1: 1, 5: 1}
+
+
+@pytest.mark.parametrize("n_devices", [1, 3, 4])
+def test_zero_threshold_is_full_replication(n_devices):
+    f = _features(n=10)
+    devices = replicate_and_deal(cluster_neurons(f, 0.0), n_devices)
+    assert all(sorted(d) == list(range(10)) for d in devices)
+    assert replication_factor(devices, 10) == n_devices
+    assert covered(devices, [n_devices - 1]).all()
+
+
+@pytest.mark.parametrize("n_neurons,n_devices", [(10, 3), (64, 4), (5, 5), (3, 4), (1, 2)])
+def test_lop_is_contiguous_and_equal(n_neurons, n_devices):
+    devices = lop_assignment(n_neurons, n_devices)
+    assert [m for d in devices for m in d] == list(range(n_neurons))
+    sizes = [len(d) for d in devices]
+    assert max(sizes) - min(sizes) <= 1
+    assert replication_factor(devices, n_neurons) == 1.0
+    if n_devices > 1 and n_neurons >= n_devices:
+        assert not covered(devices, range(1, n_devices))[devices[0]].any()
+
+
+def test_nmr_is_everything_everywhere():
+    devices = nmr_assignment(7, 3)
+    assert devices == [list(range(7))] * 3
+    assert replication_factor(devices, 7) == 3.0
+
+
+@pytest.mark.parametrize("n_neurons,n_devices", [(10, 4), (9, 4), (64, 2), (5, 5), (2, 4)])
+def test_cdc_layout_data_is_contiguous_and_parity_sums_rows(n_neurons, n_devices):
+    layout = cdc_layout(n_neurons, n_devices)
+    data = layout.data[: n_devices - 1]
+    assert layout.parity_device == n_devices - 1
+    assert layout.data[layout.parity_device] == []
+    assert [m for d in data for m in d] == list(range(n_neurons))
+    for d in data:
+        assert d == list(range(d[0], d[-1] + 1)) if d else True
+    # parity row j = neuron j of every data device that has a j-th neuron
+    assert layout.rows == max(len(d) for d in data)
+    for j, members in enumerate(layout.members):
+        assert list(members) == [d[j] for d in data if len(d) > j]
+    assert Counter(m for row in layout.members for m in row) == Counter(range(n_neurons))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: cluster_neurons(_features(), -0.1),
+    lambda: replicate_and_deal([[0, 1]], 0),
+    lambda: cdc_layout(8, 1),
+])
+def test_invalid_inputs_raise(call):
+    with pytest.raises(ValueError):
+        call()

@@ -1,0 +1,166 @@
+"""Data loading: the fixed digits split, image folders, calibration batches, evaluation splits."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from robustdice.partitioner.data import (
+    calibration_batch, evaluation_split, load_image_folder, preprocess)
+from robustdice.partitioner.digits import digits_split
+from robustdice.partitioner.errors import DataError, PartitionerError
+
+
+def _write_image(path, value, size=(40, 30)):
+    Image.fromarray(np.full((size[1], size[0], 3), value, dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "imgs"
+    # Created out of order on purpose: classes must come back sorted by name.
+    for label, cls in [(1, "zebra"), (0, "ant")]:
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            _write_image(root / cls / f"{i}.png", 40 * label + 10 * i)
+    (root / "ant" / "notes.txt").write_text("not an image; ignored")
+    return root
+
+
+def test_digits_split_is_fixed_stratified_and_20_percent():
+    digits = load_digits()
+    a, b = digits_split(), digits_split()
+    assert torch.equal(a.test_indices, b.test_indices)
+    n = len(digits.target)
+    # train_test_split rounds the test share up: ceil(0.2 * 1797) = 360.
+    assert len(a.test_labels) == int(np.ceil(0.2 * n)) == 360
+    assert len(a.test_labels) + len(a.train_labels) == n
+    # Each class keeps its share of the whole set, to within one image.
+    whole = np.bincount(digits.target, minlength=10) / n
+    test_counts = np.bincount(a.test_labels.numpy(), minlength=10)
+    assert np.all(np.abs(test_counts - whole * len(a.test_labels)) <= 1)
+    # The indices really point at the test images and labels in load_digits().
+    idx = a.test_indices.numpy()
+    assert np.array_equal(digits.target[idx], a.test_labels.numpy())
+    assert np.allclose(digits.images[idx] / 16.0, a.test_images[:, 0].numpy())
+    assert a.test_images.dtype == torch.float32 and a.test_images.shape[1:] == (1, 8, 8)
+    assert 0.0 <= a.test_images.min() and a.test_images.max() <= 1.0
+
+
+def test_digits_split_returns_fresh_tensors():
+    a = digits_split()
+    a.test_images.zero_()
+    assert digits_split().test_images.sum() > 0
+
+
+def test_evaluation_split_for_digits_is_the_test_split():
+    images, labels, indices = evaluation_split("digits_cnn")
+    split = digits_split()
+    assert torch.equal(images, split.test_images)
+    assert torch.equal(labels, split.test_labels)
+    assert torch.equal(indices, split.test_indices)
+
+
+def test_evaluation_split_needs_a_folder_for_imagenet_models():
+    with pytest.raises(DataError, match="--data"):
+        evaluation_split("alexnet")
+
+
+def test_evaluation_split_from_a_folder(image_folder):
+    images, labels, indices = evaluation_split("alexnet", data_dir=str(image_folder))
+    assert images.shape == (6, 3, 224, 224)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert indices.tolist() == list(range(6))
+
+
+def test_load_image_folder_sorted_classes_and_shapes(image_folder):
+    images, labels = load_image_folder(str(image_folder), (3, 224, 224))
+    assert images.shape == (6, 3, 224, 224) and images.dtype == torch.float32
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    # "ant"/0.png is black: after ImageNet normalisation each channel sits at -mean/std.
+    assert torch.allclose(images[0, 0], torch.full((224, 224), -0.485 / 0.229), atol=1e-5)
+    gray, _ = load_image_folder(str(image_folder), (1, 8, 8))
+    assert gray.shape == (6, 1, 8, 8) and 0.0 <= gray.min() and gray.max() <= 1.0
+
+
+def test_load_image_folder_limit_spans_classes(image_folder):
+    _, labels = load_image_folder(str(image_folder), (1, 8, 8), limit=2)
+    assert labels.tolist() == [0, 1]
+
+
+def test_load_image_folder_errors_name_the_folder(tmp_path, image_folder):
+    missing = tmp_path / "missing"
+    with pytest.raises(DataError, match=str(missing)):
+        load_image_folder(str(missing), (3, 224, 224))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=str(empty)):
+        load_image_folder(str(empty), (3, 224, 224))
+    (empty / "cls").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        load_image_folder(str(empty), (3, 224, 224))
+    (image_folder / "ant" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(DataError, match="broken.jpg") as err:
+        load_image_folder(str(image_folder), (3, 224, 224))
+    assert isinstance(err.value, PartitionerError)
+
+
+def test_calibration_batch_digits_deterministic():
+    a = calibration_batch("digits_cnn", n=16, seed=0)
+    assert a.shape == (16, 1, 8, 8)
+    assert torch.equal(a, calibration_batch("digits_cnn", n=16, seed=0))
+    assert not torch.equal(a, calibration_batch("digits_cnn", n=16, seed=1))
+    # Drawn from the train split, never the evaluation split.
+    train = digits_split().train_images.flatten(1)
+    assert all((train == row).all(dim=1).any() for row in a.flatten(1))
+
+
+def test_calibration_batch_photos_deterministic_and_varied():
+    a = calibration_batch("efficientnet_lite0", n=12, seed=0)
+    assert a.shape == (12, 3, 224, 224)
+    assert torch.equal(a, calibration_batch("efficientnet_lite0", n=12, seed=0))
+    assert not torch.equal(a, calibration_batch("efficientnet_lite0", n=12, seed=1))
+    # More images than photos: the extra ones are crops/flips, not copies.
+    flat = a.flatten(1)
+    assert len({tuple(row[:64].tolist()) for row in flat}) == 12
+    # Seeding is local: the caller's global RNG stream is left alone.
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    calibration_batch("alexnet", n=2, seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_calibration_batch_from_folders(tmp_path, image_folder):
+    from_tree = calibration_batch("alexnet", calib_dir=str(image_folder), n=4, seed=0)
+    assert from_tree.shape == (4, 3, 224, 224)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(2):
+        _write_image(flat / f"{i}.jpg", 100 + 50 * i)
+    # Fewer files than n: random crops and flips fill the batch, reproducibly.
+    a = calibration_batch("digits_cnn", calib_dir=str(flat), n=5, seed=0)
+    assert a.shape == (5, 1, 8, 8)
+    assert torch.equal(a, calibration_batch("digits_cnn", calib_dir=str(flat), n=5, seed=0))
+
+
+def test_calibration_batch_missing_or_empty_folder(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=str(missing)):
+        calibration_batch("alexnet", calib_dir=str(missing))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=str(empty)):
+        calibration_batch("alexnet", calib_dir=str(empty))
+
+
+def test_preprocess_matches_imagenet_reference():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    out = preprocess(image, (3, 224, 224))
+    assert out.shape == (3, 224, 224)
+    # Reference: shorter side to 256 (300x400 -> 256x341), then the central 224x224.
+    resized = np.asarray(image.resize((341, 256), Image.BILINEAR), dtype=np.float32) / 255
+    top, left = (256 - 224) // 2, (341 - 224) // 2
+    crop = resized[top:top + 224, left:left + 224, 0]
+    torch.testing.assert_close(out[0], torch.from_numpy((crop - 0.485) / 0.229), atol=0.03, rtol=0)
