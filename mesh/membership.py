@@ -55,6 +55,8 @@ class Membership:
         self.plan_hash = plan_hash
         self.peer_timeout_s = peer_timeout_ms / 1000.0
         self._peers: Dict[str, _Peer] = {p: _Peer() for p in peer_ids if p != self_id}
+        # No verdict before this time: set after this node itself was stalled (see hold_verdicts).
+        self._verdicts_held_until_s = float("-inf")
 
     # ------------------------------------------------------------ inputs
     def on_heartbeat(self, peer_id: str, now_s: float, incarnation: int, plan_hash: str,
@@ -98,9 +100,20 @@ class Membership:
             return None, [MembershipEvent(REJOINED, peer_id, now_s, incarnation, False)]
         return None, []
 
+    def hold_verdicts(self, until_s: float) -> None:
+        """Declare nobody dead before `until_s`.
+
+        For a node that was itself not running (stopped, starved of CPU): the heartbeats its
+        peers sent meanwhile may still sit in the kernel or in ZeroMQ's I/O thread, which
+        wakes no sooner than we do, so their silence is ours and proves nothing yet.
+        """
+        self._verdicts_held_until_s = max(self._verdicts_held_until_s, until_s)
+
     def tick(self, now_s: float) -> List[MembershipEvent]:
         """Declare dead every alive peer silent for at least `peer_timeout_ms`."""
         events = []
+        if now_s < self._verdicts_held_until_s:
+            return events
         for peer_id, peer in self._peers.items():
             if peer.state == ALIVE and now_s - peer.last_heard_s >= self.peer_timeout_s:
                 peer.state = DEAD
@@ -122,7 +135,7 @@ class Membership:
     def next_expiry_s(self) -> Optional[float]:
         """When the next alive peer times out if it stays silent, or None."""
         times = [p.last_heard_s + self.peer_timeout_s for p in self._peers.values() if p.state == ALIVE]
-        return min(times) if times else None
+        return max(min(times), self._verdicts_held_until_s) if times else None
 
     def snapshot(self, now_s: Optional[float] = None) -> Dict[str, dict]:
         out = {}

@@ -18,6 +18,13 @@ the time from a crash to detection lies in [peer_timeout_ms - heartbeat_interval
 peer_timeout_ms] + slack, inside the contract of peer_timeout_ms + heartbeat_interval_ms after
 the last message. `DETECTION_SLACK_MS` is the slack the tests allow (a loaded 2-core machine
 running several nodes); the caller's loop must call `process` as soon as `next_due` says.
+
+A node that was itself not running for a while (SIGSTOP, CPU starvation, a VM pause) would
+otherwise wake up and judge its peers before ZeroMQ's I/O thread has delivered the heartbeats
+they sent meanwhile, and declare every one of them dead. So when `process` finds that it was
+not called for longer than `stall_threshold_s`, it holds all verdicts for 2 heartbeat
+intervals (at most once per `peer_timeout_ms`, so that a loop that is always late still
+detects): a peer that really died during our stall is then detected up to 2 intervals later.
 """
 from __future__ import annotations
 
@@ -79,6 +86,12 @@ class Mesh:
         self._drop_logged: Dict[str, Tuple[float, int]] = {}
         self._backlog = False
         self._closed = False
+        self._last_process_s: Optional[float] = None
+        self._last_stall_s = float("-inf")
+        interval_s = config.heartbeat_interval_ms / 1000.0
+        # A loop that follows `next_due` calls `process` at least once per heartbeat interval.
+        self.stall_threshold_s = max(2 * interval_s, config.peer_timeout_ms / 2000.0)
+        self.stall_grace_s = 2 * interval_s
         self._keys: Optional[Tuple[bytes, bytes]] = None
 
     # ------------------------------------------------------------ lifecycle
@@ -196,6 +209,7 @@ class Mesh:
         # Receive before applying timeouts: after a pause of our own, the peers' queued
         # heartbeats must count before we judge them silent.
         events += self._drain(now_s)
+        self._check_own_stall(now_s)
         events += self.membership.tick(now_s)
         if now_s >= self._next_heartbeat_s:
             self._send_heartbeats()
@@ -205,6 +219,18 @@ class Mesh:
             for e in events:
                 self.on_event(e)
         return events
+
+    def _check_own_stall(self, now_s: float) -> None:
+        last, self._last_process_s = self._last_process_s, now_s
+        if last is None or now_s - last <= self.stall_threshold_s:
+            return
+        if now_s - self._last_stall_s < self.config.peer_timeout_ms / 1000.0:
+            return
+        self._last_stall_s = now_s
+        self.membership.hold_verdicts(now_s + self.stall_grace_s)
+        self.counters["self_stalls"] += 1
+        log.warning("%s was not running for %.0f ms: judging no peer for %.0f ms, until their queued heartbeats "
+                    "are read", self.self_id, (now_s - last) * 1000.0, self.stall_grace_s * 1000.0)
 
     def _next_heartbeat_slot(self, now_s: float) -> float:
         """The next multiple of the interval on the wall clock, as a monotonic time.

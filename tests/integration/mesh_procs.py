@@ -90,7 +90,9 @@ def node_main(argv: Sequence[str]) -> int:
     parser.add_argument("--id", required=True)
     parser.add_argument("--plan-hash", default="plan-A")
     args = parser.parse_args(argv)
-    mesh = Mesh(load_peers(args.config), args.id, args.plan_hash)
+    # Every membership event, also those inside a blocking gather, goes to the test side.
+    mesh = Mesh(load_peers(args.config), args.id, args.plan_hash,
+                on_event=lambda e: _emit({"event": e.kind, "peer": e.peer_id, "t": e.now_s, "restarted": e.restarted}))
     mesh.start()
     poller = zmq.Poller()
     for s in mesh.sockets:
@@ -99,10 +101,6 @@ def node_main(argv: Sequence[str]) -> int:
     poller.register(stdin_fd, zmq.POLLIN)
     _emit({"event": "ready", "id": args.id, "pid": os.getpid(), "incarnation": mesh.incarnation})
     pending = b""
-
-    def report(events):
-        for e in events:
-            _emit({"event": e.kind, "peer": e.peer_id, "t": e.now_s, "restarted": e.restarted})
 
     def run_gather(cmd, frame, stage):
         holders = {p: np.asarray(v, dtype=np.int64) for p, v in cmd["holders"].items()}
@@ -120,7 +118,7 @@ def node_main(argv: Sequence[str]) -> int:
     try:
         while True:
             ready = dict(poller.poll(mesh.next_due(time.monotonic()) * 1000.0))
-            report(mesh.process(time.monotonic()))
+            mesh.process(time.monotonic())
             if stdin_fd not in ready:
                 continue
             chunk = os.read(stdin_fd, 65536)

@@ -94,6 +94,8 @@ def test_failed_node_is_detected_in_time_and_not_waited_for(cluster, fault):
             # Its slices are used again.
             check_exact(cluster.gathers(IDS, frames=[30, 31, 32], stages=3, holders=holders, n=N_NEURONS),
                         contributors=IDS)
+            # The stopped node's own silence was not its peers': it declared none of them dead.
+            assert not [e for e in cluster.nodes[victim].events if e["event"] == "died"]
     finally:
         if fault is Fault.STOP:
             cluster.nodes[victim].signal(signal.SIGCONT)

@@ -84,6 +84,21 @@ def test_newest_frame_travels_in_heartbeats_and_status(pair):
     assert status["peers"]["a"]["state"] == "alive" and status["peers"]["a"]["incarnation"] == a.incarnation
 
 
+def test_own_stall_does_not_make_peers_dead(pair):
+    """After this node itself was not running, its peers' heartbeats may still be unread, so it
+    must wait before judging them; a peer that stays silent is still declared dead after that."""
+    a, b, events = pair
+    now = time.monotonic()
+    a.process(now)
+    gap_s = 2 * a.config.peer_timeout_ms / 1000.0  # far past the peer timeout
+    assert a.process(now + gap_s) == [] and a.membership.is_alive("b")
+    assert a.counters["self_stalls"] == 1
+    # b is never processed again: it sends no heartbeat, so once the hold ends it is dead.
+    late = now + gap_s + a.stall_grace_s
+    assert a.next_due(now + gap_s) <= a.stall_grace_s + 0.001
+    assert [(e.kind, e.peer_id) for e in a.process(late)] == [("died", "b")]
+
+
 def test_blocking_gather_alone_zero_fills_the_silent_peer(tmp_path):
     config = load_peers(mp.make_config(tmp_path, ["a", "b"], sync_timeout_ms=100))
     with Mesh(config, "a", "P") as a:

@@ -29,6 +29,16 @@ def test_join_timeout_and_rejoin(m):
     assert m.is_alive("a")
 
 
+def test_held_verdicts_declare_nobody_dead_until_they_end(m):
+    m.on_heartbeat("a", 0.0, 1, "H")
+    m.hold_verdicts(2.0)
+    assert m.tick(1.0) == [] and m.is_alive("a")
+    assert m.next_expiry_s() == pytest.approx(2.0)  # the loop wakes when the hold ends
+    m.hold_verdicts(1.5)  # a shorter hold does not shorten the running one
+    assert m.tick(1.99) == []
+    assert events(m.tick(2.0)) == [("died", "a", False)]
+
+
 def test_any_message_is_a_sign_of_life(m):
     m.on_heartbeat("a", 0.0, 1, "H")
     assert m.on_message("a", 0.4, 1) == (None, [])
