@@ -52,7 +52,9 @@ class Fault:
     frame: int
 
 
-def parse_faults(kills: Sequence[str], restarts: Sequence[str], pauses: Sequence[str], devices: int) -> List[Fault]:
+def parse_faults(kills: Sequence[str], restarts: Sequence[str], pauses: Sequence[str],
+                 devices: Optional[int]) -> List[Fault]:
+    """The fault schedule, checked; device indices are checked against `devices` unless None."""
     faults: List[Fault] = []
     for kind, specs in (("kill", kills), ("restart", restarts)):
         for spec in specs:
@@ -66,8 +68,9 @@ def parse_faults(kills: Sequence[str], restarts: Sequence[str], pauses: Sequence
             raise NodeError(f"--pause {spec!r}: expected DEVICE@FROM:TO with TO > FROM, e.g. 1@100:200")
         faults += [Fault("pause", int(m.group(1)), int(m.group(2))), Fault("resume", int(m.group(1)), int(m.group(3)))]
     for f in faults:
-        if not 0 <= f.device < devices:
-            raise NodeError(f"--{f.kind}: device {f.device} is not in the plan (0..{devices - 1})")
+        if devices is not None and not 0 <= f.device < devices:
+            option = "pause" if f.kind == "resume" else f.kind
+            raise NodeError(f"--{option}: device {f.device} is not in the plan (0..{devices - 1})")
     for f in faults:
         if f.kind == "restart" and not any(k.kind == "kill" and k.device == f.device and k.frame < f.frame for k in faults):
             raise NodeError(f"--restart {f.device}@{f.frame}: device {f.device} is not killed before frame {f.frame}")
@@ -407,18 +410,19 @@ def plot_timeline(report: Dict, path, title: str = "") -> Path:
 
 # ------------------------------------------------------------------ CLI
 def register(sub) -> None:
+    from robustdice.partitioner.cli import positive_int
     c = sub.add_parser("cluster", help="run one node per device on loopback, stream frames, inject failures")
     c.add_argument("--plan", required=True, type=Path)
-    c.add_argument("--frames", type=int, default=500)
+    c.add_argument("--frames", type=positive_int, default=500)
     c.add_argument("--rate", type=float, default=50.0, help="frames per second (like a camera)")
     c.add_argument("--kill", action="append", default=[], metavar="D@FRAME")
     c.add_argument("--restart", action="append", default=[], metavar="D@FRAME")
     c.add_argument("--pause", action="append", default=[], metavar="D@FROM:TO")
-    c.add_argument("--threads", type=int, default=1, help="torch threads per node (default 1)")
-    c.add_argument("--workers", type=int, default=2, help="frames in flight per node")
-    c.add_argument("--heartbeat-interval-ms", type=int, default=100)
-    c.add_argument("--peer-timeout-ms", type=int, default=500)
-    c.add_argument("--sync-timeout-ms", type=int, default=1000)
+    c.add_argument("--threads", type=positive_int, default=1, help="torch threads per node (default 1)")
+    c.add_argument("--workers", type=positive_int, default=2, help="frames in flight per node")
+    c.add_argument("--heartbeat-interval-ms", type=positive_int, default=100)
+    c.add_argument("--peer-timeout-ms", type=positive_int, default=500)
+    c.add_argument("--sync-timeout-ms", type=positive_int, default=1000)
     c.add_argument("--data", type=Path, help="ImageFolder to stream (default: the digits evaluation split)")
     c.add_argument("--workdir", type=Path, help="keep keys, peers.yaml and node logs here")
     c.add_argument("--plot", type=Path, help="write the latency timeline PNG")
@@ -429,8 +433,9 @@ def register(sub) -> None:
 def cmd_cluster(args) -> int:
     from robustdice.partitioner.data import evaluation_split
     from robustdice.partitioner.plan import load_plan
-    if args.frames < 1 or args.rate <= 0:
-        raise NodeError("--frames must be >= 1 and --rate > 0")
+    if not args.rate > 0:
+        raise NodeError(f"--rate must be > 0 frames per second, got {args.rate}")
+    parse_faults(args.kill, args.restart, args.pause, None)  # the schedule's form, before the plan's cost
     plan = load_plan(args.plan)
     faults = parse_faults(args.kill, args.restart, args.pause, plan.devices)
     images, labels, _ = evaluation_split(plan.model, args.data)

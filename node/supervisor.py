@@ -95,15 +95,22 @@ class Child:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from robustdice.partitioner.cli import positive_int
     p = argparse.ArgumentParser(prog="robustdice-node", description="Run one RobustDiCE node (handler + engine).")
     p.add_argument("--peers", required=True, help="peers.yaml, the same file on every board")
     p.add_argument("--id", help="this node's id (default: the peer whose host is one of this machine's addresses)")
     p.add_argument("--plan", help="plan folder (default: peers.yaml's plan:)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("ROBUSTDICE_THREADS", "0")) or None,
-                   help="torch threads for the engine (default: torch's own choice)")
-    p.add_argument("--workers", type=int, default=2, help="frames in flight in the engine (default 2)")
-    p.add_argument("--log-level", default=os.environ.get("ROBUSTDICE_LOG_LEVEL", "INFO"))
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads for the engine (default: $ROBUSTDICE_THREADS, else torch's own choice)")
+    p.add_argument("--workers", type=positive_int, default=2, help="frames in flight in the engine (default 2)")
+    p.add_argument("--log-level", default=os.environ.get("ROBUSTDICE_LOG_LEVEL", "INFO").upper(),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: $ROBUSTDICE_LOG_LEVEL, else INFO")
+    env_threads = os.environ.get("ROBUSTDICE_THREADS", "").strip()
+    if env_threads and not env_threads.isdigit():
+        p.error(f"ROBUSTDICE_THREADS={env_threads!r} is not a whole number of threads")
     args = p.parse_args(argv)
+    if args.threads is None and env_threads and int(env_threads) > 0:
+        args.threads = int(env_threads)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s node[%(process)d]: %(message)s")
     from robustdice.mesh.errors import MeshError

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -38,7 +38,7 @@ def register(sub) -> None:
                                    "and DIR/shards/<device>.pt.")
     p.add_argument("--model", required=True,
                    help="digits_cnn, alexnet, vgg16_bn, convnext_tiny or efficientnet_lite0")
-    p.add_argument("--devices", "-n", type=_positive_int, required=True, help="number of devices N")
+    p.add_argument("--devices", "-n", type=positive_int, required=True, help="number of devices N")
     p.add_argument("--method", default="robust", choices=("robust", "lop", "nmr", "cdc"),
                    help="robust: RobustDiCE Algorithm 1 (default); lop: equal split; nmr: full "
                         "replication; cdc: equal split over N-1 devices plus a parity device")
@@ -50,7 +50,7 @@ def register(sub) -> None:
                    help="DEFAULT (pretrained; digits_cnn: the shipped weights), a state_dict FILE, or none")
     p.add_argument("--seed", type=int, default=0, help="seed for --weights none and calibration sampling")
     p.add_argument("--calib", type=Path, help="image folder for s2/s3 (default: the model's own data)")
-    p.add_argument("--calib-size", type=_positive_int, help="calibration images (default 16; digits_cnn 256)")
+    p.add_argument("--calib-size", type=positive_int, help="calibration images (default 16; digits_cnn 256)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,7 +64,7 @@ def register(sub) -> None:
     e = sub.add_parser("evaluate", help="accuracy with every set of k = 0..N-1 failed devices")
     e.add_argument("--plan", type=Path, action="append", required=True, help="plan folder (repeatable)")
     e.add_argument("--data", type=Path, help="ImageFolder for evaluation (default: digits test split)")
-    e.add_argument("--limit", type=_positive_int, help="evaluate on at most this many images")
+    e.add_argument("--limit", type=positive_int, help="evaluate on at most this many images")
     e.add_argument("--plot", type=Path, help="write a PNG: accuracy against failed devices")
     e.add_argument("--failed", help="with --predictions: the failed devices, e.g. 2 or 2,3")
     e.add_argument("--predictions", type=Path, help="write labels and predictions for --failed to this JSON")

@@ -1,0 +1,52 @@
+"""Bad arguments to the node's commands: exit 2 with one line on stderr that names the problem."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+BIN = Path(sys.executable).parent
+
+
+def run(cmd, *args, env=None):
+    return subprocess.run([str(BIN / cmd), *map(str, args)], capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, **(env or {})))
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("usage:")
+             and not line.startswith(" ")]
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("args, env, words", [
+    (["--peers", "PEERS", "--workers", "0"], None, ["--workers", ">= 1"]),
+    (["--peers", "PEERS", "--threads", "-2"], None, ["--threads", ">= 1"]),
+    (["--peers", "PEERS"], {"ROBUSTDICE_THREADS": "two"}, ["ROBUSTDICE_THREADS", "two"]),
+    (["--peers", "PEERS", "--log-level", "LOUD"], None, ["--log-level", "LOUD"]),
+    (["--peers", "MISSING"], None, ["peers.yaml", "MISSING"]),
+])
+def test_node_refuses_bad_arguments(tmp_path, args, env, words):
+    peers = tmp_path / "peers.yaml"
+    peers.write_text("version: 1\npeers: []\n")
+    args = [str(peers) if a == "PEERS" else str(tmp_path / "MISSING") if a == "MISSING" else a for a in args]
+    assert_one_line_error(run("robustdice-node", *args, env=env), *words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--frames", "0"], ["--frames", ">= 1"]),
+    (["--rate", "0"], ["--rate"]),
+    (["--rate", "nan"], ["--rate"]),
+    (["--peer-timeout-ms", "-5"], ["--peer-timeout-ms"]),
+    (["--kill", "two@150"], ["--kill", "two@150"]),
+])
+def test_cluster_refuses_bad_arguments(tmp_path, args, words):
+    # The plan folder need not exist: arguments are checked first, or the plan error is named.
+    proc = run("robustdice", "cluster", "--plan", tmp_path / "noplan", *args)
+    assert_one_line_error(proc, *words)
