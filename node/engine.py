@@ -5,6 +5,8 @@ never exists in this process), then runs `--workers` threads. Each worker owns o
 time: for every stage it computes the device's slice, hands it to the event handler, blocks
 until the handler returns the assembled stage output, and lets the partitioner's
 `finish_stage` apply cdc recovery, followers and zero-fill (the same code the simulation runs).
+A frame that no peer takes part in (a node alone, or the last survivor) skips the handler: the
+partitioner's `assemble` zero-fills what only absent devices hold, as the gather would.
 Several workers mean several frames in flight, so one frame's communication overlaps another's
 computation (the paper's asynchronous sync). torch releases the GIL inside its kernels.
 """
@@ -35,9 +37,10 @@ class Engine:
         import torch
 
         from robustdice.partitioner.plan import load_plan
-        from robustdice.partitioner.runtime import DeviceRuntime, build_skeleton, load_shard
+        from robustdice.partitioner.runtime import DeviceRuntime, assemble, build_skeleton, load_shard
 
         self.torch = torch
+        self.assemble = assemble
         self.plan = load_plan(plan_dir)
         shard = load_shard(self.plan, plan_dir, device)
         staged = build_skeleton(self.plan, shard["shared"])
@@ -46,11 +49,13 @@ class Engine:
         self.ids = [self.runtime.ids(i).numpy().astype(np.int32) for i in range(len(self.plan.stages))]
         self.neurons = [s.neurons for s in self.plan.stages]
 
-    def run_frame(self, sock: zmq.Socket, frame: int, x: np.ndarray, stop: threading.Event):
+    def run_frame(self, sock: zmq.Socket, frame: int, x: np.ndarray, stop: threading.Event, alone: bool = False):
         torch = self.torch
         zero_filled: List[float] = []
 
-        def gather(i: int, _ids, slice_nm):
+        def gather(i: int, ids, slice_nm):
+            if alone:  # no peer takes part in this frame: what the handler's gather would give
+                return self.assemble(self.plan.stages[i].total_ids, [(ids, slice_nm)])
             local = slice_nm.detach().contiguous().numpy()
             sock.send_multipart(ipc.pack(ipc.SLICE, {"frame": frame, "stage": i, **ipc.describe(local)},
                                          self.ids[i], local), copy=False)
@@ -99,7 +104,8 @@ def worker(engine: Engine, context: zmq.Context, endpoint: str, index: int, stop
             frame = header["frame"]
             try:
                 logits, zero_filled, compute_ms = engine.run_frame(
-                    sock, frame, ipc.array(bufs[0], header["dtype"], header["shape"]), stop)
+                    sock, frame, ipc.array(bufs[0], header["dtype"], header["shape"]), stop,
+                    alone=bool(header.get("alone")))
             except InterruptedError:
                 break
             except Exception as exc:  # a bad input must not kill the worker: report and carry on

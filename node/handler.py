@@ -177,7 +177,11 @@ class Handler:
             if f is None:
                 continue
             f.worker = self.idle.popleft()
-            self.engine.send_multipart([f.worker] + ipc.pack(ipc.FRAME, {"frame": f.frame, **ipc.describe(f.input)},
+            # A frame with no other participant has nothing to gather: the engine then zero-fills
+            # on its own instead of a round trip to this process per stage.
+            alone = f.participants == frozenset({self.me.id})
+            self.engine.send_multipart([f.worker] + ipc.pack(ipc.FRAME, {"frame": f.frame, "alone": alone,
+                                                                         **ipc.describe(f.input)},
                                                              f.input), copy=False)
 
     def _on_peer_message(self, msg) -> None:

@@ -169,6 +169,24 @@ def test_peer_with_other_plan_is_refused(tmp_path_factory, digits_plan):
         np.testing.assert_allclose(reply.arrays[0], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
 
 
+def test_node_alone_answers_like_the_simulation_with_every_other_device_failed(digits_plan):
+    """With no other participant the engine zero-fills on its own (no per-stage trip to the
+    handler): the answer must still be the partitioner's simulation of devices 0, 2, 3 failed."""
+    from robustdice.partitioner.data import evaluation_split
+    images, _, _ = evaluation_split("digits_cnn")
+    x = images[:4].numpy().astype(np.float32)
+    with LocalCluster(digits_plan) as cluster:
+        cluster.start_node(1)
+        cluster.wait_until(lambda views: not views[1].get("unreachable"), nh.START_TIMEOUT_S, "n1 to answer status")
+        with NodeClient(cluster.config, "n1", cluster.key_path) as client:
+            reply = client.submit(x, timeout_s=60.0)
+    assert "error" not in reply.meta, reply.meta
+    assert reply.meta["participants"] == ["n1"], reply.meta
+    expected = Simulation(digits_plan).simulate(torch.from_numpy(x), failed=[0, 2, 3]).numpy()
+    np.testing.assert_allclose(reply.arrays[0], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+    assert 0 < reply.meta["zero_filled_fraction"] < 1
+
+
 class NodeChild(enum.Enum):
     ENGINE = "engine"
     HANDLER = "handler"
