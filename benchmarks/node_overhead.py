@@ -4,8 +4,11 @@
 
 vgg16_bn (--weights none), batch 1, 224x224, the same torch thread count on both sides. The node
 is a plan with --devices 1 --method lop (the shard is the whole model), started with
-LocalCluster(plan, threads=T, workers=1): supervisor + handler + engine, no peers, so each stage
-still goes engine -> handler (slice) -> engine (gathered) over ipc://, but no network gather.
+LocalCluster(plan, threads=T, workers=1): supervisor + handler + engine, no peers. A frame with
+no other participant has nothing to gather, so the engine runs every stage without a trip to the
+handler (node/engine.py, the "alone" path); input and answer still cross ipc:// and the client
+port. With peers, each stage goes engine -> handler (slice) -> engine (gathered) over ipc://:
+`ipc_ms_per_frame_upper_bound` bounds that cost for this model (2 hops per stage output).
 Figures:
   overhead_ratio        median node latency (the node's own latency_ms: from the input arriving
                         at the handler to the answer) / median plain forward pass (target <= 1.1)
