@@ -46,3 +46,13 @@ def load_secret(path) -> Tuple[bytes, bytes]:
     if secret is None:
         raise ConfigError(f"secret_key_file: {path} holds no secret key")
     return public, secret
+
+
+def load_own_keys(config, self_id: str) -> Tuple[bytes, bytes]:
+    """(public, secret) of node `self_id` from `config` (a PeersConfig), checked against the
+    public key peers.yaml lists for it, so that a node with the wrong key file fails at start."""
+    path = config.secret_key_path(self_id)
+    public, secret = load_secret(path)
+    if public.decode() != config.peer(self_id).public_key:
+        raise ConfigError(f"secret_key_file: the public key in {path} is not the one peers.yaml lists for {self_id}")
+    return public, secret

@@ -42,7 +42,7 @@ from . import wire
 from .config import PeersConfig, bind_endpoint
 from .errors import MeshError, WireError
 from .gather import GatherBook, GatherResult, SliceData
-from .keys import load_secret
+from .keys import load_own_keys
 from .membership import Membership, MembershipEvent
 from .transport import (CLIENT_DOMAIN, MESH_DOMAIN, ZapHandler, ZapPolicy, curve_client, curve_server,
                         make_pull, make_push)
@@ -100,10 +100,7 @@ class Mesh:
             raise MeshError("mesh already started")
         cfg = self.config
         if not cfg.insecure:
-            public, secret = load_secret(cfg.secret_key_path(self.self_id))
-            if public.decode() != self.me.public_key:
-                raise MeshError(f"{cfg.secret_key_path(self.self_id)}: its public key is not peers.yaml's for {self.self_id}")
-            self._keys = (public, secret)
+            self._keys = load_own_keys(cfg, self.self_id)
         self.context = self._given_context or zmq.Context()
         try:
             if self._keys:

@@ -104,7 +104,8 @@ class LocalCluster:
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="rdc-")
             workdir = self._tmp.name
-        self.workdir = Path(workdir)
+        # Absolute: peers.yaml's relative paths are resolved against its own folder.
+        self.workdir = Path(workdir).resolve()
         self.threads, self.workers, self.log_level = threads, workers, log_level
         self.ids = [f"n{d}" for d in range(self.plan.devices)]
         self.procs: Dict[int, subprocess.Popen] = {}

@@ -32,7 +32,7 @@ import zmq
 
 from robustdice.mesh import wire
 from robustdice.mesh.config import load_peers, resolve_self
-from robustdice.mesh.errors import WireError
+from robustdice.mesh.errors import MeshError, WireError
 from robustdice.mesh.gather import SliceData
 from robustdice.mesh.mesh import Mesh
 from robustdice.partitioner.plan import load_plan
@@ -400,7 +400,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    handler.start()
+    try:
+        handler.start()
+    except MeshError as exc:  # the supervisor checks the config first; this is the last line of defence
+        log.error("cannot start the mesh: %s", exc)
+        handler.mesh.close()
+        return 2
     report_ready(args.ready_fd)
     try:
         handler.run()

@@ -43,10 +43,13 @@ POLL_S = 0.2
 def _check(args) -> Dict[str, object]:
     """Validate configuration before starting anything; NodeError/ConfigError/PlanError name the cause."""
     from robustdice.mesh.config import load_peers, resolve_self
+    from robustdice.mesh.keys import load_own_keys
     from robustdice.partitioner.plan import load_plan
 
     config = load_peers(args.peers)
     me = resolve_self(config, args.id)
+    if not config.insecure:
+        load_own_keys(config, me.id)  # a bad key file fails here, not later inside the handler
     plan_dir = Path(args.plan) if args.plan else config.plan
     if plan_dir is None:
         raise NodeError("no plan: give --plan DIR or set 'plan:' in peers.yaml")

@@ -50,6 +50,18 @@ def digits_cluster(digits_plan):
         yield cluster
 
 
+def test_local_cluster_workdir_may_be_relative(digits_plan, tmp_path, monkeypatch):
+    """`make demo` passes a relative --workdir: peers.yaml's key paths must still resolve."""
+    from robustdice.mesh.config import load_peers
+    from robustdice.mesh.keys import load_own_keys
+    monkeypatch.chdir(tmp_path)
+    with LocalCluster(digits_plan, "rel/cluster") as cluster:
+        config = load_peers(cluster.peers_path)
+        for node in cluster.ids:
+            load_own_keys(config, node)  # raises if the path resolves anywhere else
+        assert cluster.workdir == tmp_path / "rel" / "cluster"
+
+
 def check_exact(cluster, x):
     """Submit `x` to every node in turn: each answer's logits are the plain model's."""
     plan = cluster.plan

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mesh_procs as mp  # noqa: E402
+
 pytestmark = pytest.mark.timeout(60)
 
 BIN = Path(sys.executable).parent
@@ -50,3 +53,10 @@ def test_cluster_refuses_bad_arguments(tmp_path, args, words):
     # The plan folder need not exist: arguments are checked first, or the plan error is named.
     proc = run("robustdice", "cluster", "--plan", tmp_path / "noplan", *args)
     assert_one_line_error(proc, *words)
+
+
+def test_node_with_another_nodes_secret_key_is_refused_before_starting(tmp_path):
+    config = mp.make_config(tmp_path, ["n0", "n1"])
+    (tmp_path / "keys" / "n0.key_secret").write_bytes((tmp_path / "keys" / "n1.key_secret").read_bytes())
+    proc = run("robustdice-node", "--peers", config, "--id", "n0")
+    assert_one_line_error(proc, "secret_key_file", "n0")
