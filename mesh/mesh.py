@@ -321,13 +321,28 @@ class Mesh:
         """Send `msg` (stamped with our id) to one peer; False if it was dropped."""
         if peer_id not in self._push:
             raise MeshError(f"unknown peer {peer_id!r}")
-        return self._send_frames(peer_id, wire.encode(wire.with_sender(msg, self.self_id, self.incarnation)))
+        frames = wire.encode(wire.with_sender(msg, self.self_id, self.incarnation))
+        return self._fits(msg, frames, 1) and self._send_frames(peer_id, frames)
 
     def broadcast(self, msg: wire.Message, only_alive: bool = True) -> int:
         """Send `msg` to every (live) peer; returns how many sends were queued."""
         frames = wire.encode(wire.with_sender(msg, self.self_id, self.incarnation))
         alive = self.membership.alive()
-        return sum(self._send_frames(p, frames) for p in self._push if not only_alive or p in alive)
+        targets = [p for p in self._push if not only_alive or p in alive]
+        if not self._fits(msg, frames, len(targets)):
+            return 0
+        return sum(self._send_frames(p, frames) for p in targets)
+
+    def _fits(self, msg: wire.Message, frames, recipients: int) -> bool:
+        """Whether the peers will take this message. One over `max_message_bytes` is counted and
+        not sent: the receiver's libzmq would drop the whole connection for it, and with it the
+        heartbeats and slices queued behind it."""
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size <= self.config.max_message_bytes:
+            return True
+        self._drop("oversized_send", time.monotonic(), n=max(1, recipients),
+                   detail=f"{type(msg).__name__} of {size} bytes > max_message_bytes {self.config.max_message_bytes}")
+        return False
 
     def take_messages(self) -> List[wire.Message]:
         """Input, Result and Control messages received since the last call."""

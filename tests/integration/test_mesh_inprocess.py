@@ -99,6 +99,25 @@ def test_own_stall_does_not_make_peers_dead(pair):
     assert [(e.kind, e.peer_id) for e in a.process(late)] == [("died", "b")]
 
 
+def test_oversized_message_is_counted_and_not_sent(tmp_path):
+    """A message over max_message_bytes would make the receiver's libzmq drop the connection
+    (and what is queued behind it): the sender counts it instead, and the mesh goes on."""
+    path = mp.make_config(tmp_path, ["a", "b"])
+    path.write_text(path.read_text() + "max_message_bytes: 4096\n")
+    config = load_peers(path)
+    a, b = Mesh(config, "a", "P"), Mesh(config, "b", "P")
+    with a, b:
+        pump([a, b], lambda: a.membership.is_alive("b") and b.membership.is_alive("a"))
+        assert a.send("b", wire.Input(1, "a", np.zeros(8192, np.uint8), {})) is False
+        assert a.broadcast(wire.Input(2, "a", np.zeros(8192, np.uint8), {})) == 0
+        assert a.counters["oversized_send"] == 2
+        assert a.send("b", wire.Input(3, "a", np.ones(100, np.uint8), {}))
+        got = []
+        pump([a, b], lambda: (got.extend(b.take_messages()), got)[1])
+        assert [m.frame for m in got] == [3]
+        assert b.counters["oversized"] == 0 and b.membership.is_alive("a")
+
+
 def test_blocking_gather_alone_zero_fills_the_silent_peer(tmp_path):
     config = load_peers(mp.make_config(tmp_path, ["a", "b"], sync_timeout_ms=100))
     with Mesh(config, "a", "P") as a:
