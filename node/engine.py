@@ -71,11 +71,16 @@ class Engine:
                     log.warning("unexpected %s for frame %s stage %s while waiting for %d/%d",
                                 kind, header.get("frame"), header.get("stage"), frame, i)
                     continue
-                full = ipc.array(bufs[0], header["dtype"], header["shape"])
-                missing = ipc.array(bufs[1], "bool", (header["shape"][0],))
-                if self.plan.stages[i].followers_after_gather:
-                    full = full.copy()  # cdc recovery writes recovered rows in place
-                return torch.from_numpy(full), torch.from_numpy(missing.copy())
+                received = ipc.array(bufs[0], "int32", (header["shape"][0],))
+                rows = ipc.array(bufs[1], header["dtype"], header["shape"])
+                missing = torch.from_numpy(ipc.array(bufs[2], "bool", (self.plan.stages[i].total_ids,)).copy())
+                full = slice_nm.new_empty((missing.shape[0],) + tuple(slice_nm.shape[1:]))
+                full[ids] = slice_nm
+                if received.size:
+                    full[torch.from_numpy(received.astype(np.int64))] = torch.from_numpy(rows)
+                if bool(missing.any()):
+                    full[missing] = 0
+                return full, missing
 
         def on_stage(i: int, zero_mask) -> None:
             zero_filled.append(float(zero_mask.float().mean()) if zero_mask.numel() else 0.0)

@@ -260,9 +260,14 @@ class Handler:
                             f.frame, self.stage_names[result.stage], ", ".join(sorted(silent)),
                             self.config.sync_timeout_ms)
                 f.participants = frozenset(f.participants) - silent
+        # The engine holds its own rows already: send back only the ones that came from peers.
+        received = ~result.zero_mask
+        received[self.holders[result.stage][self.me.id]] = False
+        ids = np.flatnonzero(received).astype(np.int32)
+        rows = result.array[ids] if ids.size < received.size else result.array
         self.engine.send_multipart(
-            [f.worker] + ipc.pack(ipc.GATHERED, {"frame": f.frame, "stage": result.stage, **ipc.describe(result.array)},
-                                  result.array, result.zero_mask.astype(bool)), copy=False)
+            [f.worker] + ipc.pack(ipc.GATHERED, {"frame": f.frame, "stage": result.stage, **ipc.describe(rows)},
+                                  ids, rows, result.zero_mask.astype(bool)), copy=False)
 
     def _on_done(self, kind: bytes, header: dict, bufs) -> None:
         f = self.frames.get(header.get("frame"))

@@ -9,7 +9,9 @@ Python; the kernel's socket buffer is the only copy on the way).
     worker → handler  ready                                  (the worker is idle)
     handler → worker  frame     {frame, dtype, shape}        input tensor
     worker → handler  slice     {frame, stage, dtype, shape} neuron ids (int32), slice (neuron-major)
-    handler → worker  gathered  {frame, stage, dtype, shape} assembled ids (neuron-major), missing (bool)
+    handler → worker  gathered  {frame, stage, dtype, shape} received ids (int32), their rows
+                                 (neuron-major), missing (bool over every id): only the rows the
+                                 worker does not hold itself; it has its own rows already
     worker → handler  done      {frame, dtype, shape, zero_filled: [fraction per stage],
                                  compute_ms}                 logits
     worker → handler  error     {frame, message}

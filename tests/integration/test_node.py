@@ -199,6 +199,27 @@ def test_node_alone_answers_like_the_simulation_with_every_other_device_failed(d
     assert 0 < reply.meta["zero_filled_fraction"] < 1
 
 
+def test_cdc_recovers_a_missing_device_exactly_on_live_nodes(tmp_path_factory):
+    """Parity through the real engine and handler: with device 1 absent, every answer is still
+    the plain model's (the lost slice is recovered by subtraction, nothing is zero-filled)."""
+    from robustdice.partitioner.data import evaluation_split
+    plan = nh.make_plan(tmp_path_factory, "digits_cnn", 4, "cdc")
+    images, _, _ = evaluation_split("digits_cnn")
+    x = images[:4].numpy().astype(np.float32)
+    model = build_model("digits_cnn", weights="DEFAULT").eval()
+    with torch.inference_mode():
+        reference = model(torch.from_numpy(x)).numpy()
+    with LocalCluster(plan) as cluster:
+        nh.start_cluster(cluster, [0, 2, 3])
+        for node in ("n0", "n3"):
+            with NodeClient(cluster.config, node, cluster.key_path) as client:
+                reply = client.submit(x, timeout_s=60.0)
+            assert reply.meta["participants"] == ["n0", "n2", "n3"], reply.meta
+            assert reply.meta["zero_filled_fraction"] == 0.0, reply.meta["zero_filled"]
+            np.testing.assert_allclose(reply.arrays[0], reference, rtol=1e-4,
+                                       atol=1e-4 * float(np.abs(reference).max()))
+
+
 class NodeChild(enum.Enum):
     ENGINE = "engine"
     HANDLER = "handler"
