@@ -106,6 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for the engine (default: $ROBUSTDICE_THREADS, else torch's own choice)")
     p.add_argument("--workers", type=positive_int, default=2, help="frames in flight in the engine (default 2)")
+    p.add_argument("--check", action="store_true",
+                   help="check peers.yaml, this node's key, the plan and its shard, print a summary and exit")
     p.add_argument("--log-level", default=os.environ.get("ROBUSTDICE_LOG_LEVEL", "INFO").upper(),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: $ROBUSTDICE_LOG_LEVEL, else INFO")
     env_threads = os.environ.get("ROBUSTDICE_THREADS", "").strip()
@@ -123,6 +125,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (NodeError, MeshError, PartitionerError) as exc:
         print(f"robustdice-node: error: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        from robustdice.partitioner.runtime import load_shard
+        try:
+            load_shard(info["plan"], info["plan_dir"], info["device"])  # digest, plan hash, device
+        except PartitionerError as exc:
+            print(f"robustdice-node: error: {exc}", file=sys.stderr)
+            return 2
+        me, plan = info["me"], info["plan"]
+        print(f"ok: node {me.id} is device {info['device']} of {plan.devices} in plan {plan.plan_hash[:12]} "
+              f"({plan.model}, {plan.method}); mesh {me.endpoint}, clients {me.client_endpoint}, "
+              f"{'INSECURE (no CURVE)' if info['config'].insecure else 'CURVE key checked'}")
+        return 0
 
     stopping = {"flag": False}
 
