@@ -60,3 +60,10 @@ def test_node_with_another_nodes_secret_key_is_refused_before_starting(tmp_path)
     (tmp_path / "keys" / "n0.key_secret").write_bytes((tmp_path / "keys" / "n1.key_secret").read_bytes())
     proc = run("robustdice-node", "--peers", config, "--id", "n0")
     assert_one_line_error(proc, "secret_key_file", "n0")
+
+
+def test_inventory_needs_a_plan_in_peers_yaml(tmp_path):
+    config = mp.make_config(tmp_path, ["n0", "n1"])  # a mesh-only peers.yaml: no plan: field
+    proc = run("robustdice", "inventory", "--peers", config, "--out", tmp_path / "inv")
+    assert_one_line_error(proc, "plan")
+    assert not (tmp_path / "inv" / "inventory.yaml").exists()
