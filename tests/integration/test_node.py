@@ -33,16 +33,6 @@ from robustdice.partitioner.runtime import Cluster as Simulation  # noqa: E402
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(180)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pyzmq_gc():
-    nh.start_pyzmq_gc()
-
-
-@pytest.fixture(scope="module")
-def digits_plan(tmp_path_factory):
-    return nh.make_plan(tmp_path_factory, "digits_cnn", 4, "robust")
-
-
 @pytest.fixture(scope="module")
 def digits_cluster(digits_plan):
     with LocalCluster(digits_plan) as cluster:

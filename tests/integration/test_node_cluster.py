@@ -27,16 +27,6 @@ N_FRAMES, RATE_FPS, KILL_AT, RESTART_AT = 400, 25.0, 50, 150
 MIN_FRAMES_PER_PHASE = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def pyzmq_gc():
-    nh.start_pyzmq_gc()
-
-
-@pytest.fixture(scope="module")
-def digits_plan(tmp_path_factory):
-    return nh.make_plan(tmp_path_factory, "digits_cnn", 4, "robust")
-
-
 def zero_filled_fraction(plan_dir, x, failed):
     """What a node reports as `zero_filled_fraction` for `x` with `failed` down (neuron-weighted)."""
     sim = Simulation(plan_dir)
