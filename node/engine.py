@@ -3,10 +3,10 @@
 It loads only its own shard onto a model skeleton built on the meta device (so the full model
 never exists in this process), then runs `--workers` threads. Each worker owns one frame at a
 time: for every stage it computes the device's slice, hands it to the event handler, blocks
-until the handler returns the assembled stage output, and lets the partitioner's
-`finish_stage` apply cdc recovery, followers and zero-fill (the same code the simulation runs).
-A frame that no peer takes part in (a node alone, or the last survivor) skips the handler: the
-partitioner's `assemble` zero-fills what only absent devices hold, as the gather would.
+until the handler returns the peers' rows, and lets the partitioner's `assemble` and
+`finish_stage` zero-fill what nobody sent and apply cdc recovery and followers (the same code
+the simulation runs). A frame that no peer takes part in (a node alone, or the last survivor)
+skips the handler: `assemble` of its own slice alone is what the gather would give.
 Several workers mean several frames in flight, so one frame's communication overlaps another's
 computation (the paper's asynchronous sync). torch releases the GIL inside its kernels.
 """
@@ -48,6 +48,8 @@ class Engine:
         # The slices' neuron ids, computed once: they go out with every slice.
         self.ids = [self.runtime.ids(i).numpy().astype(np.int32) for i in range(len(self.plan.stages))]
         self.neurons = [s.neurons for s in self.plan.stages]
+        # Stages whose every row this device computes, in order: alone, its slice is the output.
+        self.whole = [np.array_equal(ids, np.arange(s.total_ids)) for ids, s in zip(self.ids, self.plan.stages)]
 
     def run_frame(self, sock: zmq.Socket, frame: int, x: np.ndarray, stop: threading.Event, alone: bool = False):
         torch = self.torch
@@ -55,6 +57,8 @@ class Engine:
 
         def gather(i: int, ids, slice_nm):
             if alone:  # no peer takes part in this frame: what the handler's gather would give
+                if self.whole[i]:  # nothing to place or zero-fill: no copy (nobody else holds it)
+                    return slice_nm, torch.zeros(slice_nm.shape[0], dtype=torch.bool)
                 return self.assemble(self.plan.stages[i].total_ids, [(ids, slice_nm)])
             local = slice_nm.detach().contiguous().numpy()
             sock.send_multipart(ipc.pack(ipc.SLICE, {"frame": frame, "stage": i, **ipc.describe(local)},
@@ -71,16 +75,11 @@ class Engine:
                     log.warning("unexpected %s for frame %s stage %s while waiting for %d/%d",
                                 kind, header.get("frame"), header.get("stage"), frame, i)
                     continue
-                received = ipc.array(bufs[0], "int32", (header["shape"][0],))
-                rows = ipc.array(bufs[1], header["dtype"], header["shape"])
-                missing = torch.from_numpy(ipc.array(bufs[2], "bool", (self.plan.stages[i].total_ids,)).copy())
-                full = slice_nm.new_empty((missing.shape[0],) + tuple(slice_nm.shape[1:]))
-                full[ids] = slice_nm
-                if received.size:
-                    full[torch.from_numpy(received.astype(np.int64))] = torch.from_numpy(rows)
-                if bool(missing.any()):
-                    full[missing] = 0
-                return full, missing
+                # The peers' rows; ours we have. What neither holds is zero and missing, by the
+                # partitioner's own rule (the one the simulation runs).
+                received = torch.from_numpy(ipc.array(bufs[0], "int32", (header["shape"][0],)).astype(np.int64))
+                rows = torch.from_numpy(ipc.array(bufs[1], header["dtype"], header["shape"]))
+                return self.assemble(self.plan.stages[i].total_ids, [(ids, slice_nm), (received, rows)])
 
         def on_stage(i: int, zero_mask) -> None:
             zero_filled.append(float(zero_mask.float().mean()) if zero_mask.numel() else 0.0)

@@ -267,7 +267,7 @@ class Handler:
         rows = result.array[ids] if ids.size < received.size else result.array
         self.engine.send_multipart(
             [f.worker] + ipc.pack(ipc.GATHERED, {"frame": f.frame, "stage": result.stage, **ipc.describe(rows)},
-                                  ids, rows, result.zero_mask.astype(bool)), copy=False)
+                                  ids, rows), copy=False)
 
     def _on_done(self, kind: bytes, header: dict, bufs) -> None:
         f = self.frames.get(header.get("frame"))

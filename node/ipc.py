@@ -10,8 +10,8 @@ Python; the kernel's socket buffer is the only copy on the way).
     handler → worker  frame     {frame, dtype, shape}        input tensor
     worker → handler  slice     {frame, stage, dtype, shape} neuron ids (int32), slice (neuron-major)
     handler → worker  gathered  {frame, stage, dtype, shape} received ids (int32), their rows
-                                 (neuron-major), missing (bool over every id): only the rows the
-                                 worker does not hold itself; it has its own rows already
+                                 (neuron-major): only what came from peers, since the worker has
+                                 its own rows; ids that neither holds are the zero-filled ones
     worker → handler  done      {frame, dtype, shape, zero_filled: [fraction per stage],
                                  compute_ms}                 logits
     worker → handler  error     {frame, message}

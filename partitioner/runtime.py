@@ -206,13 +206,21 @@ def assemble(total_ids: int, pieces: Iterable[Tuple[torch.Tensor, torch.Tensor]]
     """In-process gather: first copy of each id wins; zeros and missing=True where none came."""
     pieces = list(pieces)
     template = pieces[0][1]
-    full = template.new_zeros((total_ids,) + tuple(template.shape[1:]))
+    # Not zeros: each row is written once, by its first copy or by the zero-fill at the end.
+    full = template.new_empty((total_ids,) + tuple(template.shape[1:]))
     missing = torch.ones(total_ids, dtype=torch.bool)
     for ids, values in pieces:
+        if not ids.numel():
+            continue
         fresh = missing[ids]
-        if bool(fresh.any()):
+        if bool(fresh.all()):  # the usual case: no replica of a row already written
+            full.index_copy_(0, ids, values)
+            missing[ids] = False
+        elif bool(fresh.any()):
             full[ids[fresh]] = values[fresh]
             missing[ids[fresh]] = False
+    if bool(missing.any()):
+        full[missing] = 0
     return full, missing
 
 

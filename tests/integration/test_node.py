@@ -171,10 +171,13 @@ def test_peer_with_other_plan_is_refused(tmp_path_factory, digits_plan):
         np.testing.assert_allclose(reply.arrays[0], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
 
 
-def test_node_alone_answers_like_the_simulation_with_every_other_device_failed(digits_plan):
+@pytest.mark.parametrize("method", ["robust", "nmr"])
+def test_node_alone_answers_like_the_simulation_with_every_other_device_failed(tmp_path_factory, method):
     """With no other participant the engine zero-fills on its own (no per-stage trip to the
-    handler): the answer must still be the partitioner's simulation of devices 0, 2, 3 failed."""
+    handler): the answer must still be the partitioner's simulation of devices 0, 2, 3 failed.
+    With nmr the device holds every row of every stage, so that is the plain model."""
     from robustdice.partitioner.data import evaluation_split
+    digits_plan = nh.make_plan(tmp_path_factory, "digits_cnn", 4, method)
     images, _, _ = evaluation_split("digits_cnn")
     x = images[:4].numpy().astype(np.float32)
     with LocalCluster(digits_plan) as cluster:
@@ -186,7 +189,13 @@ def test_node_alone_answers_like_the_simulation_with_every_other_device_failed(d
     assert reply.meta["participants"] == ["n1"], reply.meta
     expected = Simulation(digits_plan).simulate(torch.from_numpy(x), failed=[0, 2, 3]).numpy()
     np.testing.assert_allclose(reply.arrays[0], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
-    assert 0 < reply.meta["zero_filled_fraction"] < 1
+    if method == "nmr":
+        assert reply.meta["zero_filled_fraction"] == 0.0
+        with torch.inference_mode():
+            plain = build_model("digits_cnn", weights="DEFAULT").eval()(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(reply.arrays[0], plain, rtol=1e-4, atol=1e-4 * float(np.abs(plain).max()))
+    else:
+        assert 0 < reply.meta["zero_filled_fraction"] < 1
 
 
 def test_cdc_recovers_a_missing_device_exactly_on_live_nodes(tmp_path_factory):

@@ -310,3 +310,13 @@ def test_simulate_with_failures_equals_hooked_plain_model(plans, digits, method,
 def test_simulate_refuses_when_every_device_failed(plans):
     with pytest.raises(PlanError, match="every device failed"):
         Cluster(plans("lop", 2)).simulate(torch.zeros(1, 1, 8, 8), failed=[0, 1])
+
+
+def test_assemble_first_copy_wins_and_zero_fills_what_nobody_sent():
+    from robustdice.partitioner.runtime import assemble
+    a_ids, b_ids = torch.tensor([0, 2]), torch.tensor([2, 3])
+    a = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    b = torch.tensor([[9.0, 9.0], [3.0, 3.0]])  # row 2 again (a replica): the first copy stays
+    full, missing = assemble(5, [(a_ids, a), (torch.tensor([], dtype=torch.long), a[:0]), (b_ids, b)])
+    assert missing.tolist() == [False, True, False, False, True]
+    assert full.tolist() == [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0], [3.0, 3.0], [0.0, 0.0]]
