@@ -126,11 +126,13 @@ def cmd_status(args) -> int:
         if v.get("unreachable"):
             print(f"{v['node']}: unreachable")
             continue
+        p50 = "n/a" if v["latency_ms_p50"] is None else f"{v['latency_ms_p50']:.1f} ms"
         print(f"{v['node']} (device {v['device']}, incarnation {v['incarnation']}, plan {v['plan_hash'][:12]} "
               f"{v['model']}/{v['method']}): {v['frames_done']} frames, "
-              f"zero-filled {100 * v['zero_filled_fraction']:.1f}%, "
-              f"p50 {v['latency_ms_p50'] if v['latency_ms_p50'] is None else round(v['latency_ms_p50'], 1)} ms, "
+              f"zero-filled {100 * v['zero_filled_fraction']:.1f}%, p50 {p50}, "
               f"RSS {v['rss_total_bytes'] / 2**20:.0f} MiB, power {v['power']}")
+        if "participants" in v:
+            print(f"    new frames run on: {', '.join(v['participants'])}")
         for peer, m in sorted(v["members"].items()):
             print(f"    {peer:<10} {m.get('state', '?'):<8} last heard {_age(v, m):>8}  "
                   f"incarnation {m.get('incarnation')}")

@@ -118,6 +118,18 @@ def test_status_cli_json_shows_every_node(digits_cluster):
         assert len(v["rss_bytes"]) == 3, v["rss_bytes"]  # supervisor, engine, handler
         assert v["power"] == "n/a" and v["power_mw"] is None
         assert v["plan_hash"] == cluster.plan.plan_hash
+        assert v["participants"] == cluster.ids
+    # The same views for a person: one block per node, its members, who new frames run on.
+    text = subprocess.run(nh.robustdice_cli() + ["status", "--peers", str(cluster.peers_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    for node in cluster.ids:
+        head = next(i for i, line in enumerate(lines) if line.startswith(f"{node} (device "))
+        assert "power n/a" in lines[head] and "p50 n/a" not in lines[head], lines[head]
+        assert lines[head + 1].strip() == "new frames run on: n0, n1, n2, n3"
+        members = [line.split() for line in lines[head + 2:head + 5]]
+        assert [(m[0], m[1]) for m in members] == [(p, "alive") for p in cluster.ids if p != node], members
 
 
 @pytest.mark.slow
