@@ -70,35 +70,12 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, inter
         time.sleep(interval_s)  # polling a condition with a deadline, not synchronising on sleep
 
 
-def settled(cluster: LocalCluster, devices: Optional[Sequence[int]] = None):
-    """Every node sees the others alive, and for longer than the handlers' participant grace.
-
-    A handler counts a peer as a participant of new frames only 2 heartbeats after it joined;
-    a frame submitted earlier runs without that peer (zero-filled), which is by design.
-    """
-    alive = cluster.all_alive(devices)
-    grace_s = 2 * cluster.config.heartbeat_interval_ms / 1000.0
-    names = {cluster.ids[d] for d in (range(len(cluster.ids)) if devices is None else devices)}
-
-    def check(views: List[Dict]) -> bool:
-        if not alive(views):
-            return False
-        for v in views:
-            if v.get("unreachable") or v["node"] not in names:
-                continue
-            for peer in names - {v["node"]}:
-                joins = [e["wall_s"] for e in v["events"] if e["peer"] == peer and e["kind"] in ("joined", "rejoined")]
-                if not joins or v["wall_s"] - max(joins) < grace_s + 0.05:
-                    return False
-        return True
-    return check
-
-
 def start_cluster(cluster: LocalCluster, devices: Optional[Sequence[int]] = None) -> None:
     devices = list(range(len(cluster.ids))) if devices is None else list(devices)
     for d in devices:
         cluster.start_node(d)
-    cluster.wait_until(settled(cluster, devices), START_TIMEOUT_S, "every node to count on every other")
+    # all_alive also waits for each handler to count every other node in new frames (its grace).
+    cluster.wait_until(cluster.all_alive(devices), START_TIMEOUT_S, "every node to count on every other")
 
 
 def start_node_with_plan(cluster: LocalCluster, device: int, plan_dir: Path) -> subprocess.Popen:
