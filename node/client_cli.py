@@ -65,8 +65,7 @@ def _inputs(args, config):
     from PIL import Image, UnidentifiedImageError
 
     from robustdice.partitioner.data import preprocess
-    from robustdice.partitioner.models import input_shape
-    shape = input_shape(load_plan(config.plan).model)
+    shape = load_plan(config.plan).input_shape
     out = []
     for path in args.images:
         try:

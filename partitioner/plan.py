@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from .errors import PlanError
 
 PLAN_FORMAT = "robustdice-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: input_shape
 METHODS = ("robust", "lop", "nmr", "cdc")
 PLAN_FILE = "plan.json"
 
@@ -70,6 +70,7 @@ class Plan:
     method: str
     scores: Tuple[str, ...]
     stages: Tuple[StagePlan, ...]
+    input_shape: Tuple[int, ...] = ()   # (C, H, W) of one input; nodes check inputs against it
     shards: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     plan_hash: str = ""
 
@@ -84,6 +85,7 @@ class Plan:
             "devices": self.devices,
             "method": self.method,
             "scores": list(self.scores),
+            "input_shape": list(self.input_shape),
             "stages": [_stage_to_json(s) for s in self.stages],
         }
 
@@ -199,11 +201,14 @@ def plan_from_json(data: Any) -> Plan:
     if method not in METHODS:
         raise PlanError(f"plan field method: {method!r} is not one of {', '.join(METHODS)}")
     stages = tuple(_stage_from_json(s, i, devices) for i, s in enumerate(r.get("stages", list)))
+    shape = r.get("input_shape", list)
+    if not shape or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
+        raise PlanError(f"plan field input_shape: {shape!r} is not a list of sizes > 0")
     shards = {str(k): dict(v) for k, v in r.get("shards", dict).items() if isinstance(v, dict)}
     plan = Plan(
         model=r.get("model", str), weights=r.get("weights", str), seed=r.get("seed", int),
         weights_digest=r.get("weights_digest", str), devices=devices, method=method,
-        scores=tuple(r.get("scores", list)), stages=stages, shards=shards,
+        scores=tuple(r.get("scores", list)), stages=stages, input_shape=tuple(shape), shards=shards,
         plan_hash=r.get("plan_hash", str),
     )
     if plan.compute_hash() != plan.plan_hash:

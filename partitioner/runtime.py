@@ -150,6 +150,10 @@ class DeviceRuntime:
     def finish(self, i: int, full: torch.Tensor, missing: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return finish_stage(self.staged.stages[i], self.plan.stages[i], full, missing, self.entries[i])
 
+    def start(self, x: torch.Tensor) -> FrameRun:
+        """A frame suspended at its first stage, with this device's slice computed."""
+        return FrameRun(self, x)
+
     def run(self, x: torch.Tensor,
             gather: Callable[[int, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
             on_stage: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
@@ -161,6 +165,45 @@ class DeviceRuntime:
                 on_stage(i, zero_mask)
             return out
         return self.staged.run(x, stage_fn)
+
+
+class FrameRun:
+    """One input's way through a device's stages, one stage at a time.
+
+    The same computation as `DeviceRuntime.run`, but suspended between stages instead of
+    calling a blocking `gather`: `stage`, `ids` and `slice` say what this device computed and
+    must share; `advance(full, missing)` takes the gathered stage and computes the next slice.
+    When it returns True the frame is done and `logits` holds the output. Nothing here waits,
+    so one thread can keep many frames in flight (the node's dataflow engine).
+    """
+
+    def __init__(self, runtime: "DeviceRuntime", x: torch.Tensor) -> None:
+        self.runtime = runtime
+        self.zero_masks: List[torch.Tensor] = []
+        self.logits: Optional[torch.Tensor] = None
+        self._steps = runtime.staged.steps(x)
+        self._enter(next(self._steps))
+
+    def _enter(self, step: Tuple[int, torch.Tensor]) -> None:
+        self.stage, stage_input = step
+        self.ids = self.runtime.ids(self.stage)
+        self.slice = self.runtime.compute_slice(self.stage, stage_input)
+
+    def advance(self, full: torch.Tensor, missing: torch.Tensor) -> bool:
+        """Finish the current stage from its gathered output; True when the frame is done."""
+        out, zero_mask = self.runtime.finish(self.stage, full, missing)
+        self.zero_masks.append(zero_mask)
+        try:
+            self._enter(self._steps.send(out))
+        except StopIteration as end:
+            self.logits = end.value
+            self.slice = None
+            return True
+        return False
+
+    def close(self) -> None:
+        """Abandon the frame (its intermediate tensors are released)."""
+        self._steps.close()
 
 
 def recover_parity(stage_plan: StagePlan, full: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:

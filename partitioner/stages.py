@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Generator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -153,6 +153,15 @@ class StagedModel:
         self.skeleton = skeleton
         self.stages = stages
         self._dispatch = dispatch
+        # For `steps`: the modules by target, and for each node the values it reads last.
+        self._modules = dict(skeleton.named_modules())
+        self._last_uses: Dict[fx.Node, List[fx.Node]] = {}
+        seen = set()
+        for node in reversed(list(skeleton.graph.nodes)):
+            for used in node.all_input_nodes:
+                if used not in seen:
+                    seen.add(used)
+                    self._last_uses.setdefault(node, []).append(used)
 
     def run(self, x: torch.Tensor, stage_fn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Run the model; every stage's output comes from `stage_fn(index, stage_input)`."""
@@ -161,6 +170,50 @@ class StagedModel:
             return self.skeleton(x)
         finally:
             self._dispatch.fn = None
+
+    def steps(self, x: torch.Tensor) -> Generator[Tuple[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Run the model one stage at a time: yields (stage index, stage input), takes the
+        stage's output by `send`, and returns the model output (StopIteration.value).
+
+        The same graph as `run`, interpreted node by node, so that a caller can suspend a frame
+        at every stage without holding a thread (the node's dataflow engine keeps many frames
+        suspended at once). Values are freed after their last use, as torch.fx's Interpreter
+        does, so a suspended frame holds only what later nodes still read.
+        """
+        env: Dict[fx.Node, Any] = {}
+        modules = self._modules
+        load = env.__getitem__
+        for node in self.skeleton.graph.nodes:
+            op = node.op
+            if op == "placeholder":
+                value = x
+            elif op == "output":
+                return fx.node.map_arg(node.args[0], load)
+            else:
+                args = fx.node.map_arg(node.args, load)
+                kwargs = fx.node.map_arg(node.kwargs, load)
+                if op == "call_module":
+                    mod = modules[node.target]
+                    if isinstance(mod, StageCall):
+                        value = yield mod.index, args[0]
+                    else:
+                        value = mod(*args, **kwargs)
+                elif op == "call_function":
+                    value = node.target(*args, **kwargs)
+                elif op == "call_method":
+                    value = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:  # get_attr
+                    value = self._attr(node.target)
+            env[node] = value
+            for dead in self._last_uses.get(node, ()):
+                del env[dead]
+        raise RuntimeError("the skeleton graph has no output node")
+
+    def _attr(self, target: str) -> Any:
+        obj: Any = self.skeleton
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
 
     def run_full(self, x: torch.Tensor) -> torch.Tensor:
         """The plain model: every stage computed whole from its own modules."""

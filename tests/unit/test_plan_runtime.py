@@ -320,3 +320,53 @@ def test_assemble_first_copy_wins_and_zero_fills_what_nobody_sent():
     full, missing = assemble(5, [(a_ids, a), (torch.tensor([], dtype=torch.long), a[:0]), (b_ids, b)])
     assert missing.tolist() == [False, True, False, False, True]
     assert full.tolist() == [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0], [3.0, 3.0], [0.0, 0.0]]
+
+
+@pytest.mark.parametrize("method,n,failed", [("robust", 3, ()), ("cdc", 3, (1,)), ("lop", 2, (0,))])
+def test_frame_runs_stage_by_stage_like_the_simulation(plans, digits, method, n, failed):
+    """FrameRun (what the dataflow engine suspends between stages) gives the simulation's
+    logits: every surviving device steps its own frame, and the stage output is assembled
+    from all their slices in between, as the gather does on a node."""
+    from robustdice.partitioner.runtime import assemble
+    _, x = digits
+    cluster = Cluster(plans(method, n))
+    alive = [d for d in cluster.devices if d.device not in failed]
+    with torch.inference_mode():
+        runs = [d.start(x) for d in alive]
+        done = False
+        while not done:
+            stage = runs[0].stage
+            assert all(r.stage == stage for r in runs)
+            pieces = [(r.ids, r.slice) for r in runs]
+            dones = []
+            for r in runs:
+                full, missing = assemble(cluster.plan.stages[stage].total_ids, pieces)
+                dones.append(r.advance(full, missing))
+            assert len(set(dones)) == 1
+            done = dones[0]
+        expected = cluster.simulate(x, failed)
+    assert len(runs[0].zero_masks) == len(cluster.plan.stages)
+    for r in runs:
+        torch.testing.assert_close(r.logits, expected, rtol=0, atol=0)
+
+
+def test_steps_interprets_a_residual_model_like_its_compiled_graph():
+    """ConvNeXt has residual adds, LayerNorm over channels and permutes between stages: the
+    node-by-node interpreter must give exactly what the compiled skeleton gives."""
+    model = build_model("convnext_tiny", "none", seed=1)
+    staged = trace_stages(model)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    from robustdice.partitioner.stages import full_stage_output
+    with torch.inference_mode():
+        expected = staged.run_full(x)
+        steps = staged.steps(x)
+        seen = []
+        try:
+            index, t = next(steps)
+            while True:
+                seen.append(index)
+                index, t = steps.send(full_stage_output(staged.stages[index], t))
+        except StopIteration as end:
+            got = end.value
+    assert seen == list(range(len(staged.stages)))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
