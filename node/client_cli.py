@@ -65,12 +65,12 @@ def _inputs(args, config):
     from PIL import Image, UnidentifiedImageError
 
     from robustdice.partitioner.data import preprocess
-    shape = load_plan(config.plan).input_shape
+    spec = load_plan(config.plan).input
     out = []
     for path in args.images:
         try:
             with Image.open(path) as im:
-                x = preprocess(im.convert("RGB") if shape[0] == 3 else im, shape)
+                x = preprocess(im, spec)
         except (OSError, UnidentifiedImageError) as exc:
             raise NodeError(f"{path}: cannot read image ({exc})") from None
         out.append((str(path), x[None].numpy().astype(np.float32), None))

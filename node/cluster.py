@@ -439,7 +439,7 @@ def cmd_cluster(args) -> int:
     parse_faults(args.kill, args.restart, args.pause, None)  # the schedule's form, before the plan's cost
     plan = load_plan(args.plan)
     faults = parse_faults(args.kill, args.restart, args.pause, plan.devices)
-    images, labels, _ = evaluation_split(plan.model, args.data)
+    images, labels, _ = evaluation_split(plan.model, args.data, spec=plan.input)
     images = images.numpy().astype(np.float32)
     labels = labels.numpy()
     if args.workdir:

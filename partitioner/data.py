@@ -1,10 +1,12 @@
 """Images in, tensors out: preprocessing, image folders, calibration batches, evaluation splits.
 
-Two kinds of model, two kinds of input. The 224x224 ImageNet models take RGB photos, resized
-to 256 on the short side, centre-cropped to 224 and normalised with ImageNet's mean and std.
-digits_cnn takes 8x8 grayscale in [0, 1]. A folder of images is turned into either, by the
-model's input shape. Without a folder, calibration uses data that ships with a package:
-digits' train split, or scikit-image's bundled photographs (real photos, no download).
+How an image becomes a model's input is the model's own `InputSpec` (partitioner/inputs.py,
+recorded in every plan): its (C, H, W), its resize rule and its per-channel mean and std. The
+224x224 ImageNet models take RGB photos resized to 256 on the short side and centre-cropped;
+torchvision's use ImageNet's mean and std, efficientnet_lite0's TensorFlow weights 0.5 and 0.5;
+digits_cnn takes 8x8 grayscale in [0, 1]. Without a folder, calibration uses data that ships
+with a package: digits' train split, or scikit-image's bundled photographs (real photos, no
+download).
 """
 
 import functools
@@ -16,10 +18,9 @@ import torch
 from .compat import import_torchvision
 from .digits import digits_split
 from .errors import DataError
-from .models import input_shape as model_input_shape
+from .inputs import InputSpec
+from .models import input_spec as model_input_spec
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's reference evaluation: resize to 256, crop 224; kept as a ratio for other sizes.
 RESIZE_RATIO = 256 / 224
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
@@ -34,35 +35,30 @@ def _transforms():
     return import_torchvision().transforms
 
 
-def preprocess(image, input_shape):
-    """A PIL image as a (C, H, W) float tensor for a model taking `input_shape`.
-
-    3 channels: ImageNet evaluation preprocessing (resize, centre crop, mean/std).
-    1 channel: grayscale resized to (H, W), values in [0, 1], as digits_cnn was trained.
-    """
+def _to_tensor(image, spec: InputSpec):
+    """Colour mode, [0, 1] scaling and the spec's normalisation of an already sized image."""
     T = _transforms()
-    channels, height, width = input_shape
-    if channels == 1:
-        return T.Compose([T.Grayscale(1), T.Resize((height, width)), T.ToTensor()])(image)
-    if channels != 3:
-        raise DataError(f"cannot preprocess images for input shape {tuple(input_shape)}")
-    return T.Compose([
-        T.Resize(round(min(height, width) * RESIZE_RATIO)),
-        T.CenterCrop((height, width)),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])(image.convert("RGB"))
+    tensor = T.ToTensor()(image.convert("L" if spec.channels == 1 else "RGB"))
+    return T.Normalize(spec.mean, spec.std)(tensor)
 
 
-def _augment(image, input_shape):
+def preprocess(image, spec: InputSpec):
+    """A PIL image as the (C, H, W) float tensor that the model of `spec` takes."""
+    T = _transforms()
+    _, height, width = spec.shape
+    if spec.resize == "stretch":
+        sized = T.Resize((height, width))(image)
+    else:
+        sized = T.CenterCrop((height, width))(T.Resize(round(min(height, width) * RESIZE_RATIO))(image))
+    return _to_tensor(sized, spec)
+
+
+def _augment(image, spec: InputSpec):
     """A random crop and flip of `image`, drawn from torch's global RNG (seeded by the caller)."""
     T = _transforms()
-    channels, height, width = input_shape
-    image = image.convert("L" if channels == 1 else "RGB")
+    _, height, width = spec.shape
     image = T.RandomResizedCrop((height, width), scale=CALIB_CROP_SCALE)(image)
-    image = T.RandomHorizontalFlip()(image)
-    tensor = T.ToTensor()(image)
-    return tensor if channels == 1 else T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(tensor)
+    return _to_tensor(T.RandomHorizontalFlip()(image), spec)
 
 
 def _open(path, folder):
@@ -99,7 +95,7 @@ def _image_folder_samples(path):
     return classes, samples
 
 
-def load_image_folder(path, input_shape, limit=None):
+def load_image_folder(path, spec: InputSpec, limit=None):
     """Load an ImageFolder (one sub-folder per class, classes sorted by name).
 
     Returns (images (n, C, H, W) float32, labels (n,) int64). `limit` keeps at most that many
@@ -115,7 +111,7 @@ def load_image_folder(path, input_shape, limit=None):
             raise DataError(f"limit must be positive, got {limit}")
         keep = np.linspace(0, len(samples) - 1, num=limit).round().astype(int)
         samples = [samples[i] for i in keep]
-    images = torch.stack([preprocess(_open(f, path), input_shape) for f, _ in samples])
+    images = torch.stack([preprocess(_open(f, path), spec) for f, _ in samples])
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     return images, labels
 
@@ -140,7 +136,7 @@ def _skimage_photos():
                  for name in SKIMAGE_PHOTOS)
 
 
-def _batch_from_images(images, input_shape, n, seed):
+def _batch_from_images(images, spec: InputSpec, n, seed):
     """n tensors from `images`: each once as-is, then seeded random crops and flips to fill n."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -148,18 +144,18 @@ def _batch_from_images(images, input_shape, n, seed):
         out = []
         for i in range(n):
             image = images[order[i % len(images)]]
-            out.append(preprocess(image, input_shape) if i < len(images)
-                       else _augment(image, input_shape))
+            out.append(preprocess(image, spec) if i < len(images) else _augment(image, spec))
     return torch.stack(out)
 
 
-def calibration_batch(model_name, calib_dir=None, n=16, seed=0):
+def calibration_batch(model_name, calib_dir=None, n=16, seed=0, spec=None):
     """A (n, C, H, W) batch for scoring neurons; the same for the same arguments.
 
     From calib_dir (an ImageFolder or a flat folder of images) if given; otherwise digits'
     train split for digits_cnn, and scikit-image's bundled photos for the 224x224 models.
+    `spec` defaults to the named model's own input specification.
     """
-    shape = model_input_shape(model_name)
+    spec = spec or model_input_spec(model_name)
     if n <= 0:
         raise DataError(f"calibration batch size must be positive, got {n}")
     if calib_dir is not None:
@@ -169,7 +165,7 @@ def calibration_batch(model_name, calib_dir=None, n=16, seed=0):
             generator = torch.Generator().manual_seed(seed)
             files = [files[i] for i in sorted(torch.randperm(len(files), generator=generator)[:n])]
         images = [_open(f, calib_dir) for f in files]
-        return _batch_from_images(images, shape, n, seed)
+        return _batch_from_images(images, spec, n, seed)
     if model_name == "digits_cnn":
         train_images = digits_split().train_images
         generator = torch.Generator().manual_seed(seed)
@@ -177,19 +173,18 @@ def calibration_batch(model_name, calib_dir=None, n=16, seed=0):
         if len(pick) < n:
             raise DataError(f"digits train split has only {len(train_images)} images, asked {n}")
         return train_images[pick].clone()
-    return _batch_from_images(_skimage_photos(), shape, n, seed)
+    return _batch_from_images(_skimage_photos(), spec, n, seed)
 
 
-def evaluation_split(model_name, data_dir=None, limit=None):
+def evaluation_split(model_name, data_dir=None, limit=None, spec=None):
     """(images, labels, indices) on which accuracy is measured.
 
     With data_dir: that ImageFolder (see load_image_folder), indices 0..n-1. Without:
     digits_cnn's fixed test split, indices being rows of load_digits(); other models have no
     bundled labelled data, so data_dir is required and its absence is a DataError.
     """
-    shape = model_input_shape(model_name)
     if data_dir is not None:
-        images, labels = load_image_folder(data_dir, shape, limit=limit)
+        images, labels = load_image_folder(data_dir, spec or model_input_spec(model_name), limit=limit)
         return images, labels, torch.arange(len(labels), dtype=torch.int64)
     if model_name != "digits_cnn":
         raise DataError(f"{model_name} needs an evaluation ImageFolder (--data DIR): no labelled "

@@ -29,7 +29,7 @@ def evaluate_plan(directory, data_dir=None, limit: Optional[int] = None, progres
 
     cluster = Cluster(directory)
     plan = cluster.plan
-    images, labels, _ = evaluation_split(plan.model, data_dir, limit=limit)
+    images, labels, _ = evaluation_split(plan.model, data_dir, limit=limit, spec=plan.input)
     sets = [f for k in range(plan.devices) for f in itertools.combinations(range(plan.devices), k)]
     accuracy: Dict[tuple, float] = {}
     for failed in tqdm(sets, desc=f"evaluate {plan.method}", unit="set", disable=not progress, leave=False):
@@ -63,7 +63,8 @@ def predictions(directory, failed: Sequence[int], data_dir=None, limit: Optional
         raise PartitionerError(f"--failed: device {bad[0]} is not in the plan (0..{cluster.plan.devices - 1})")
     if len(set(failed)) >= cluster.plan.devices:
         raise PartitionerError("--failed: at least one device must survive")
-    images, labels, indices = evaluation_split(cluster.plan.model, data_dir, limit=limit)
+    images, labels, indices = evaluation_split(cluster.plan.model, data_dir, limit=limit,
+                                               spec=cluster.plan.input)
     preds = _predict(cluster, images, failed)
     return {"failed": sorted(set(failed)), "indices": [int(i) for i in indices],
             "labels": [int(v) for v in labels], "predictions": [int(p) for p in preds]}
@@ -71,8 +72,6 @@ def predictions(directory, failed: Sequence[int], data_dir=None, limit: Optional
 
 def verify_plan(directory, batch: int = 2, seed: int = 0) -> Dict:
     """No-failure simulation against the plain model on random input."""
-    from .models import input_shape
-
     cluster = Cluster(directory)
     plan = cluster.plan
     model = build_model(plan.model, weights=plan.weights, seed=plan.seed)
@@ -80,7 +79,7 @@ def verify_plan(directory, batch: int = 2, seed: int = 0) -> Dict:
         raise PartitionerError(f"the weights {plan.weights!r} (seed {plan.seed}) differ from those the "
                                f"plan was made from ({plan.weights_digest[:19]}…)")
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch,) + tuple(input_shape(plan.model)), generator=generator)
+    x = torch.randn((batch,) + tuple(plan.input_shape), generator=generator)
     with torch.inference_mode():
         reference = model(x)
         simulated = cluster.simulate(x)

@@ -16,6 +16,7 @@ from .compat import import_torchvision
 from .digits import INPUT_SHAPE as DIGITS_INPUT_SHAPE
 from .digits import DigitsCNN, shipped_state_dict
 from .errors import ModelError
+from .inputs import InputSpec, imagenet
 
 MODEL_NAMES = ("digits_cnn", "alexnet", "vgg16_bn", "convnext_tiny", "efficientnet_lite0")
 IMAGENET_INPUT_SHAPE = (3, 224, 224)
@@ -125,10 +126,19 @@ def efficientnet_lite0_weights_path():
 
 # --- building -----------------------------------------------------------------------------------
 
+def input_spec(name):
+    """What the named model takes: (C, H, W) and the preprocessing it was trained with."""
+    _check_name(name)
+    if name == "digits_cnn":  # 8x8 grayscale in [0, 1] (digits.py scales load_digits' 0..16)
+        return InputSpec(DIGITS_INPUT_SHAPE, (0.0,), (1.0,), "stretch")
+    if name == "efficientnet_lite0":  # its TensorFlow weights expect [-1, 1], not ImageNet's mean/std
+        return InputSpec(IMAGENET_INPUT_SHAPE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "crop")
+    return imagenet(IMAGENET_INPUT_SHAPE)
+
+
 def input_shape(name):
     """(C, H, W) of one input image for the named model."""
-    _check_name(name)
-    return DIGITS_INPUT_SHAPE if name == "digits_cnn" else IMAGENET_INPUT_SHAPE
+    return input_spec(name).shape
 
 
 def _check_name(name):

@@ -127,7 +127,7 @@ def plan_stages(staged: StagedModel, request: PartitionRequest,
 def partition(request: PartitionRequest) -> Dict[str, object]:
     """Run the whole offline half; returns the summary that `--json` prints."""
     from .data import calibration_batch
-    from .models import build_model, input_shape
+    from .models import build_model, input_spec
     from .scores import compute_scores
 
     request.check()
@@ -146,7 +146,7 @@ def partition(request: PartitionRequest) -> Dict[str, object]:
         model=request.model, weights=str(request.weights), seed=request.seed,
         weights_digest=weights_digest(model), devices=request.devices, method=request.method,
         scores=tuple(request.scores) if request.method == "robust" else (), stages=tuple(stages),
-        input_shape=tuple(input_shape(request.model)),
+        input=input_spec(request.model),
     )
     plan_hash = plan.compute_hash()
     out = Path(request.out)

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import PlanError
+from .inputs import InputSpec
 
 PLAN_FORMAT = "robustdice-plan"
-PLAN_VERSION = 2  # 2: input_shape
+PLAN_VERSION = 2  # 2: the input specification
 METHODS = ("robust", "lop", "nmr", "cdc")
 PLAN_FILE = "plan.json"
 
@@ -70,7 +71,7 @@ class Plan:
     method: str
     scores: Tuple[str, ...]
     stages: Tuple[StagePlan, ...]
-    input_shape: Tuple[int, ...] = ()   # (C, H, W) of one input; nodes check inputs against it
+    input: Optional[InputSpec] = None   # shape and preprocessing; nodes check inputs against it
     shards: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     plan_hash: str = ""
 
@@ -85,7 +86,7 @@ class Plan:
             "devices": self.devices,
             "method": self.method,
             "scores": list(self.scores),
-            "input_shape": list(self.input_shape),
+            "input": self.input.to_json() if self.input else None,
             "stages": [_stage_to_json(s) for s in self.stages],
         }
 
@@ -98,6 +99,12 @@ class Plan:
         out["shards"] = {k: dict(v) for k, v in sorted(self.shards.items())}
         out["plan_hash"] = self.plan_hash
         return out
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        if self.input is None:
+            raise PlanError("plan has no input specification")
+        return self.input.shape
 
     def stage(self, name: str) -> StagePlan:
         for s in self.stages:
@@ -201,14 +208,12 @@ def plan_from_json(data: Any) -> Plan:
     if method not in METHODS:
         raise PlanError(f"plan field method: {method!r} is not one of {', '.join(METHODS)}")
     stages = tuple(_stage_from_json(s, i, devices) for i, s in enumerate(r.get("stages", list)))
-    shape = r.get("input_shape", list)
-    if not shape or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
-        raise PlanError(f"plan field input_shape: {shape!r} is not a list of sizes > 0")
+    spec = InputSpec.from_json(r.get("input", dict))
     shards = {str(k): dict(v) for k, v in r.get("shards", dict).items() if isinstance(v, dict)}
     plan = Plan(
         model=r.get("model", str), weights=r.get("weights", str), seed=r.get("seed", int),
         weights_digest=r.get("weights_digest", str), devices=devices, method=method,
-        scores=tuple(r.get("scores", list)), stages=stages, input_shape=tuple(shape), shards=shards,
+        scores=tuple(r.get("scores", list)), stages=stages, input=spec, shards=shards,
         plan_hash=r.get("plan_hash", str),
     )
     if plan.compute_hash() != plan.plan_hash:

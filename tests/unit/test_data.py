@@ -9,6 +9,11 @@ from sklearn.datasets import load_digits
 from robustdice.partitioner.data import (
     calibration_batch, evaluation_split, load_image_folder, preprocess)
 from robustdice.partitioner.digits import digits_split
+from robustdice.partitioner.inputs import InputSpec, imagenet
+from robustdice.partitioner.models import input_spec
+
+IMAGENET = imagenet()
+GRAY8 = input_spec("digits_cnn")
 from robustdice.partitioner.errors import DataError, PartitionerError
 
 
@@ -75,34 +80,34 @@ def test_evaluation_split_from_a_folder(image_folder):
 
 
 def test_load_image_folder_sorted_classes_and_shapes(image_folder):
-    images, labels = load_image_folder(str(image_folder), (3, 224, 224))
+    images, labels = load_image_folder(str(image_folder), IMAGENET)
     assert images.shape == (6, 3, 224, 224) and images.dtype == torch.float32
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
     # "ant"/0.png is black: after ImageNet normalisation each channel sits at -mean/std.
     assert torch.allclose(images[0, 0], torch.full((224, 224), -0.485 / 0.229), atol=1e-5)
-    gray, _ = load_image_folder(str(image_folder), (1, 8, 8))
+    gray, _ = load_image_folder(str(image_folder), GRAY8)
     assert gray.shape == (6, 1, 8, 8) and 0.0 <= gray.min() and gray.max() <= 1.0
 
 
 def test_load_image_folder_limit_spans_classes(image_folder):
-    _, labels = load_image_folder(str(image_folder), (1, 8, 8), limit=2)
+    _, labels = load_image_folder(str(image_folder), GRAY8, limit=2)
     assert labels.tolist() == [0, 1]
 
 
 def test_load_image_folder_errors_name_the_folder(tmp_path, image_folder):
     missing = tmp_path / "missing"
     with pytest.raises(DataError, match=str(missing)):
-        load_image_folder(str(missing), (3, 224, 224))
+        load_image_folder(str(missing), IMAGENET)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match=str(empty)):
-        load_image_folder(str(empty), (3, 224, 224))
+        load_image_folder(str(empty), IMAGENET)
     (empty / "cls").mkdir()
     with pytest.raises(DataError, match="no images"):
-        load_image_folder(str(empty), (3, 224, 224))
+        load_image_folder(str(empty), IMAGENET)
     (image_folder / "ant" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     with pytest.raises(DataError, match="broken.jpg") as err:
-        load_image_folder(str(image_folder), (3, 224, 224))
+        load_image_folder(str(image_folder), IMAGENET)
     assert isinstance(err.value, PartitionerError)
 
 
@@ -157,10 +162,34 @@ def test_calibration_batch_missing_or_empty_folder(tmp_path):
 
 def test_preprocess_matches_imagenet_reference():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
-    out = preprocess(image, (3, 224, 224))
+    out = preprocess(image, IMAGENET)
     assert out.shape == (3, 224, 224)
     # Reference: shorter side to 256 (300x400 -> 256x341), then the central 224x224.
     resized = np.asarray(image.resize((341, 256), Image.BILINEAR), dtype=np.float32) / 255
     top, left = (256 - 224) // 2, (341 - 224) // 2
     crop = resized[top:top + 224, left:left + 224, 0]
     torch.testing.assert_close(out[0], torch.from_numpy((crop - 0.485) / 0.229), atol=0.03, rtol=0)
+
+
+def test_each_model_carries_its_own_normalisation():
+    """efficientnet_lite0's TensorFlow weights expect [-1, 1]; torchvision's, ImageNet's mean/std."""
+    white = Image.new("RGB", (300, 300), (255, 255, 255))
+    lite = preprocess(white, input_spec("efficientnet_lite0"))
+    torch.testing.assert_close(lite, torch.ones(3, 224, 224))
+    alex = preprocess(white, input_spec("alexnet"))
+    torch.testing.assert_close(alex[0], torch.full((224, 224), (1 - 0.485) / 0.229))
+    assert input_spec("digits_cnn") == InputSpec((1, 8, 8), (0.0,), (1.0,), "stretch")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("shape", [3, 224], "input.shape"),
+    ("shape", [2, 8, 8], "1 \\(grayscale\\) or 3"),
+    ("mean", [0.5], "input.mean"),
+    ("std", [0.5, 0.0, 0.5], "input.std"),
+    ("resize", "zoom", "input.resize"),
+])
+def test_input_spec_errors_name_the_field(field, value, message):
+    good = imagenet().to_json()
+    with pytest.raises(PartitionerError, match=message):
+        InputSpec.from_json(dict(good, **{field: value}))
+    assert InputSpec.from_json(good) == imagenet()

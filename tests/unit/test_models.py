@@ -11,7 +11,7 @@ from robustdice.partitioner.compat import import_torchvision
 from robustdice.partitioner.data import preprocess
 from robustdice.partitioner.errors import ModelError
 from robustdice.partitioner.models import (
-    MODEL_NAMES, EfficientNetLite0, build_model, input_shape)
+    MODEL_NAMES, EfficientNetLite0, build_model, input_shape, input_spec)
 
 
 def _state_equal(a, b):
@@ -176,7 +176,7 @@ def test_efficientnet_lite0_real_weights_recognise_photos():
 
     model = build_model("efficientnet_lite0", "DEFAULT")
     batch = torch.stack([
-        preprocess(Image.fromarray(getattr(skimage_data, name)()), (3, 224, 224))
+        preprocess(Image.fromarray(getattr(skimage_data, name)()), input_spec("efficientnet_lite0"))
         for name in PHOTO_CLASSES])
     with torch.no_grad():
         top5 = model(batch).topk(5, dim=1).indices
