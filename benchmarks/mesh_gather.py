@@ -201,8 +201,8 @@ def make_config(folder: Path, heartbeat_interval_ms: int, peer_timeout_ms: int, 
     for s in socks:
         s.close()
     peers = tuple(PeerConfig(i, "127.0.0.1", p, publics.get(i), p + 1) for i, p in zip(IDS, ports))
-    config = PeersConfig(peers, None, heartbeat_interval_ms, peer_timeout_ms, 200, insecure,
-                         None if insecure else "keys/{id}.key_secret")
+    config = PeersConfig(peers, None, heartbeat_interval_ms=heartbeat_interval_ms, peer_timeout_ms=peer_timeout_ms,
+                         insecure=insecure, secret_key_file=None if insecure else "keys/{id}.key_secret")
     return write_peers(folder / "peers.yaml", config)
 
 

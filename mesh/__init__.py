@@ -6,8 +6,7 @@ from .config import PeerConfig, PeersConfig, ClientKey, load_peers, resolve_self
 from .errors import ConfigError, MeshError, WireError
 from .gather import GatherResult, SliceData
 from .membership import MembershipEvent
-from .mesh import DETECTION_SLACK_MS, Mesh
+from .mesh import Mesh
 
 __all__ = ["Mesh", "PeersConfig", "PeerConfig", "ClientKey", "load_peers", "write_peers", "resolve_self",
-           "MeshError", "ConfigError", "WireError", "GatherResult", "SliceData", "MembershipEvent",
-           "DETECTION_SLACK_MS"]
+           "MeshError", "ConfigError", "WireError", "GatherResult", "SliceData", "MembershipEvent"]

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from .errors import ConfigError
+from .wire import DEFAULT_MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,14 @@ _Z85_ALPHABET = set("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVW
 
 DEFAULT_HEARTBEAT_INTERVAL_MS = 100
 DEFAULT_PEER_TIMEOUT_MS = 500
-DEFAULT_SYNC_TIMEOUT_MS = 200
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# How long a gather waits for a holder that shows no progress on the frame (gather.py). A busy
+# live peer is waited for as long as its heartbeats say it works on the frame, and a dead one
+# not at all, so this bounds only silence: lost messages, inputs that never arrived. It is
+# longer than two TCP retransmissions (200 + 400 ms), which a lossy link needs.
+DEFAULT_SYNC_TIMEOUT_MS = 1000
+# A frame older than this on a node is answered as expired rather than waited on any longer:
+# the bound on a frame's life whatever happens to the network (a queue under overload included).
+DEFAULT_FRAME_TIMEOUT_MS = 10000
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class PeersConfig:
     heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS
     peer_timeout_ms: int = DEFAULT_PEER_TIMEOUT_MS
     sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS
+    frame_timeout_ms: int = DEFAULT_FRAME_TIMEOUT_MS
     insecure: bool = False
     secret_key_file: Optional[str] = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -86,7 +94,8 @@ class PeersConfig:
         if self.plan is not None:
             out["plan"] = str(self.plan)
         out.update(heartbeat_interval_ms=self.heartbeat_interval_ms, peer_timeout_ms=self.peer_timeout_ms,
-                   sync_timeout_ms=self.sync_timeout_ms, insecure=self.insecure,
+                   sync_timeout_ms=self.sync_timeout_ms, frame_timeout_ms=self.frame_timeout_ms,
+                   insecure=self.insecure,
                    max_message_bytes=self.max_message_bytes)
         if self.secret_key_file is not None:
             out["secret_key_file"] = self.secret_key_file
@@ -101,7 +110,8 @@ class PeersConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_TOP_KEYS = {"version", "plan", "heartbeat_interval_ms", "peer_timeout_ms", "sync_timeout_ms", "insecure",
+_TOP_KEYS = {"version", "plan", "heartbeat_interval_ms", "peer_timeout_ms", "sync_timeout_ms", "frame_timeout_ms",
+             "insecure",
              "secret_key_file", "max_message_bytes", "clients", "peers"}
 _PEER_KEYS = {"id", "host", "port", "public_key", "client_port"}
 _CLIENT_KEYS = {"name", "public_key"}
@@ -152,6 +162,9 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
     if timeout_ms <= heartbeat_ms:
         raise ConfigError(f"peer_timeout_ms: {timeout_ms} must exceed heartbeat_interval_ms ({heartbeat_ms})")
     sync_ms = _int("sync_timeout_ms", data.get("sync_timeout_ms", DEFAULT_SYNC_TIMEOUT_MS), 1)
+    frame_ms = _int("frame_timeout_ms", data.get("frame_timeout_ms", DEFAULT_FRAME_TIMEOUT_MS), 1)
+    if frame_ms <= sync_ms:
+        raise ConfigError(f"frame_timeout_ms: {frame_ms} must exceed sync_timeout_ms ({sync_ms})")
     insecure = data.get("insecure", False)
     if not isinstance(insecure, bool):
         raise ConfigError(f"insecure: {insecure!r} is not true or false")
@@ -210,8 +223,8 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ConfigError(f"peers[*].public_key: {dup!r} is listed for more than one peer")
-    config = PeersConfig(tuple(peers), plan, heartbeat_ms, timeout_ms, sync_ms, insecure, secret, max_bytes,
-                         tuple(clients), base_dir, version)
+    config = PeersConfig(tuple(peers), plan, heartbeat_ms, timeout_ms, sync_ms, frame_ms, insecure, secret,
+                         max_bytes, tuple(clients), base_dir, version)
     return config
 
 

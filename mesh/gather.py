@@ -1,32 +1,67 @@
 """The per-(frame, stage) all-gather bookkeeping: pure, no sockets, no clock (`now_s` is passed in).
 
-A gather completes as soon as any of these holds:
-  1. every neuron has at least one copy (local slice plus received slices);
-  2. every live holder has answered (a peer known dead is never waited for);
-  3. `now_s` reached its deadline.
-Rows of neurons that no copy reached are zero and flagged in `zero_mask`. When several replicas
-send the same neuron the first copy to arrive wins. The neuron axis is axis 0 of every slice.
+A gather starts when this node has computed its own slice of a stage. It waits for the
+*holders*: the frame's other participants whose neurons at that stage are not all ours. It
+completes as soon as every neuron has a copy or no holder is left to wait for. It hands back
+what it received (the pieces, zero-copy views of the received frames); assembling them with
+the local slice ("first copy wins, zero-fill the rest") is the partitioner's `assemble`, the
+one place that rule lives.
+
+When to stop waiting for a holder (`holder_verdict`), from what the membership knows of it:
+  * it is not alive (dead, refused), or says its engine is stalled: released at once;
+  * its latest heartbeat says it has sent this stage's slice: that heartbeat came after the
+    slice on the same connection (ZeroMQ keeps order per connection), so the slice was lost
+    on the way: released at once;
+  * its latest heartbeat does not list the frame, although it has received an input of the
+    frame's origin at least as new: it finished, dropped or never had the frame: released;
+  * its latest heartbeat lists the frame at an earlier stage: it is alive and busy with this
+    frame, so the wait goes on; the deadline moves to `sync_timeout` after that heartbeat;
+  * otherwise (it has not received the input yet, or we cannot hear it): released when
+    `sync_timeout` has passed since the gather began (or since its last progress report).
+A busy live peer is therefore never zero-filled, and a peer that finished a frame long ago
+(a node back from a stall or a partition) costs nothing. `sync_timeout` bounds only silence.
+
+Late slices are counted by what they are: a replica that came after the gather had every
+neuron (`late_replica`), a slice from a holder already released (`late`), or a replay of a
+slice already used (`stale`). Early slices (for a gather not begun yet: peers run ahead) are
+kept, bounded in count, bytes and age.
 """
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
 from .errors import MeshError
+from .membership import PeerState, Report
 
 Key = Tuple[int, int]  # (frame, stage)
+Degraded = Tuple[Tuple[int, int, int], ...]
 
 # Drop reasons, used as counter names by the mesh.
 STALE = "stale"
+LATE = "late"
+LATE_REPLICA = "late_replica"
 BAD_SLICE = "bad_slice"
+NOT_FINITE = "not_finite"
 DUPLICATE = "duplicate"
 EARLY_EVICTED = "early_evicted"
+EARLY_EXPIRED = "early_expired"
+BAD_STAGE = "bad_stage"
+
+# Why a holder was not waited for any longer (GatherResult.released values).
+RELEASED_DEAD = "dead"
+RELEASED_STALLED = "stalled"
+RELEASED_LOST = "lost"
+RELEASED_ABSENT = "absent"
+RELEASED_TIMEOUT = "timeout"
 
 DEFAULT_MAX_EARLY_SLICES = 1024
-DEFAULT_MAX_EARLY_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_EARLY_BYTES = 64 * 1024 * 1024
+DEFAULT_EARLY_TTL_S = 10.0
 DEFAULT_FINISHED_MEMORY = 4096
 
 
@@ -37,138 +72,192 @@ class SliceData:
 
 
 @dataclass(frozen=True)
+class Piece:
+    sender: str
+    neuron_ids: np.ndarray = field(compare=False)
+    array: np.ndarray = field(compare=False)
+    degraded: Degraded = ()
+
+
+@dataclass(frozen=True)
 class GatherResult:
     frame: int
     stage: int
-    array: np.ndarray = field(compare=False)       # (n_neurons, *trailing), neuron order
-    zero_mask: np.ndarray = field(compare=False)   # bool[n_neurons]: True where no copy arrived
-    contributors: FrozenSet[str] = frozenset()     # node ids whose slices were used (self included)
-    timed_out: bool = False                        # completed by the deadline with copies missing
+    pieces: Tuple[Piece, ...] = field(compare=False)    # what arrived, in arrival order
+    released: Mapping[str, str] = field(default_factory=dict)   # holder -> why it was not waited for
+    contributors: FrozenSet[str] = frozenset()     # node ids whose slices arrived (self included)
+    uncovered: int = 0                             # neuron ids that no copy reached
     elapsed_ms: float = 0.0
+
+    @property
+    def timed_out(self) -> bool:
+        return RELEASED_TIMEOUT in self.released.values()
+
+
+def holder_verdict(frame: int, stage: int, origin: str, state: PeerState, report: Optional[Report],
+                   deadline_s: float, sync_timeout_s: float, now_s: float) -> Tuple[Optional[str], float]:
+    """(release reason or None to keep waiting, the holder's deadline) — see the module doc."""
+    if state not in (PeerState.ALIVE, PeerState.UNREACHABLE):
+        return RELEASED_DEAD, deadline_s
+    if report is not None:
+        if not report.ready:
+            return RELEASED_STALLED, deadline_s
+        sent = report.progress.get(frame)
+        if sent is not None:
+            if sent > stage:
+                return RELEASED_LOST, deadline_s
+            deadline_s = max(deadline_s, report.received_s + sync_timeout_s)
+        elif report.inputs.get(origin, -1) >= frame:
+            return RELEASED_ABSENT, deadline_s
+    if now_s >= deadline_s:
+        return RELEASED_TIMEOUT, deadline_s
+    return None, deadline_s
 
 
 class _Gather:
-    def __init__(self, key: Key, self_id: str, local: SliceData, holders: Dict[str, np.ndarray],
-                 n_neurons: int, started_s: float, deadline_s: float):
+    def __init__(self, key: Key, origin: str, local_ids: np.ndarray, holders: Dict[str, np.ndarray],
+                 n_ids: int, started_s: float, deadline_s: float, self_id: str):
         self.key = key
+        self.origin = origin
         self.holders = holders
         self.started_s = started_s
-        self.deadline_s = deadline_s
-        self.trailing = tuple(local.array.shape[1:])
-        self.dtype = local.array.dtype
-        # Not zeros: every row is either written by a copy or zeroed when the gather ends, so
-        # zeroing the whole array first would write each covered row twice.
-        self.out = np.empty((n_neurons,) + self.trailing, dtype=self.dtype)
-        self.covered = np.zeros(n_neurons, dtype=bool)
-        self.answered: set = set()
+        self.deadlines = {h: deadline_s for h in holders}
+        self.covered = np.zeros(n_ids, dtype=bool)
+        self.covered[local_ids] = True
+        self.pieces: List[Piece] = []
+        self.answered: Set[str] = set()
+        self.released: Dict[str, str] = {}
         self.contributors = {self_id}
-        self._write(local.neuron_ids, local.array)
-
-    def _write(self, ids: np.ndarray, array: np.ndarray) -> None:
-        fresh = ~self.covered[ids]
-        if fresh.all():
-            self.out[ids] = array
-        else:  # first copy wins: keep rows already filled by an earlier replica
-            self.out[ids[fresh]] = array[fresh]
-        self.covered[ids] = True
+        self.trailing: Optional[Tuple[int, ...]] = None
+        self.dtype: Optional[np.dtype] = None
 
     def check(self, sender: str, ids: np.ndarray, array: np.ndarray) -> Optional[str]:
-        if array.dtype != self.dtype or tuple(array.shape[1:]) != self.trailing or ids.ndim != 1 \
-                or ids.shape[0] != array.shape[0]:
+        expected = self.holders.get(sender)
+        if expected is None or not np.array_equal(ids, expected) or array.shape[0] != ids.shape[0]:
+            # A holder sends exactly the ids the plan gives it: anything else (a repeated id
+            # posing as a full answer, ids it does not hold) is not ours to use.
             return BAD_SLICE
-        n = self.covered.shape[0]
-        if ids.size and (ids.min() < 0 or ids.max() >= n):
-            return BAD_SLICE
-        held = self.holders.get(sender)
-        if held is None or not np.isin(ids, held).all():
+        if self.trailing is not None and (tuple(array.shape[1:]) != self.trailing or array.dtype != self.dtype):
             return BAD_SLICE
         if sender in self.answered:
             return DUPLICATE
         return None
 
-    def add(self, sender: str, ids: np.ndarray, array: np.ndarray) -> Optional[str]:
+    def add(self, sender: str, ids: np.ndarray, array: np.ndarray, degraded: Degraded) -> Optional[str]:
         reason = self.check(sender, ids, array)
-        if reason is None:
-            self.answered.add(sender)
-            if ids.size:
-                self.contributors.add(sender)
-            self._write(ids.astype(np.intp, copy=False), array)
-        return reason
-
-    def done(self, now_s: float, alive: FrozenSet[str]) -> Optional[bool]:
-        """None while it must go on; else whether it ended by the deadline."""
-        if self.covered.all():
-            return False
-        if all(p in self.answered for p in self.holders if p in alive):
-            return False
-        if now_s >= self.deadline_s:
-            return True
+        if reason is not None:
+            return reason
+        # A holder given up on whose slice still comes before the gather ends is used after all.
+        self.released.pop(sender, None)
+        self.answered.add(sender)
+        self.trailing, self.dtype = tuple(array.shape[1:]), array.dtype
+        if ids.size:
+            self.contributors.add(sender)
+            self.covered[ids] = True
+        self.pieces.append(Piece(sender, ids, array, degraded))
         return None
 
-    def result(self, now_s: float, timed_out: bool) -> GatherResult:
-        missing = ~self.covered
-        if missing.any():
-            self.out[missing] = 0
-        return GatherResult(self.key[0], self.key[1], self.out, ~self.covered, frozenset(self.contributors),
-                            timed_out, (now_s - self.started_s) * 1000.0)
+    def waiting(self) -> List[str]:
+        return [h for h in self.holders if h not in self.answered and h not in self.released]
+
+    def complete(self) -> bool:
+        return bool(self.covered.all()) or not self.waiting()
+
+    def result(self, now_s: float) -> GatherResult:
+        return GatherResult(self.key[0], self.key[1], tuple(self.pieces), dict(self.released),
+                            frozenset(self.contributors), int(self.covered.size - np.count_nonzero(self.covered)),
+                            (now_s - self.started_s) * 1000.0)
+
+
+def _finite(array: np.ndarray) -> bool:
+    """No NaN or Inf in a float payload: one pass with no temporary (a NaN or Inf makes the sum
+    non-finite; a sum overflowing from finite float32 values needs values no network carries)."""
+    if array.dtype.kind != "f" or array.size == 0:
+        return True
+    return bool(np.isfinite(np.add.reduce(array.reshape(-1), dtype=np.float64)))
+
+
+PeerLookup = Callable[[str], Tuple[PeerState, Optional[Report]]]
 
 
 class GatherBook:
     """All gathers in progress, the early-slice window and the memory of finished keys."""
 
-    def __init__(self, self_id: str, *, max_early_slices: int = DEFAULT_MAX_EARLY_SLICES,
-                 max_early_bytes: int = DEFAULT_MAX_EARLY_BYTES, finished_memory: int = DEFAULT_FINISHED_MEMORY):
+    def __init__(self, self_id: str, sync_timeout_ms: float, *, max_stage: Optional[int] = None,
+                 max_early_slices: int = DEFAULT_MAX_EARLY_SLICES, max_early_bytes: int = DEFAULT_MAX_EARLY_BYTES,
+                 early_ttl_s: float = DEFAULT_EARLY_TTL_S, finished_memory: int = DEFAULT_FINISHED_MEMORY):
         self.self_id = self_id
+        self.sync_timeout_s = sync_timeout_ms / 1000.0
+        self.max_stage = max_stage
         self.max_early_slices = max_early_slices
         self.max_early_bytes = max_early_bytes
+        self.early_ttl_s = early_ttl_s
         self.finished_memory = finished_memory
         self._active: Dict[Key, _Gather] = {}
-        # (key, sender) -> (ids, array), oldest first so that overflow evicts the oldest.
-        self._early: "OrderedDict[Tuple[Key, str], Tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+        self._waiting_on: Dict[str, Set[Key]] = {}
+        self._dirty: Set[Key] = set()
+        self._deadlines: List[Tuple[float, Key]] = []   # a heap; stale entries are skipped
+        # (key, sender) -> (ids, array, degraded, arrived_s), oldest first so that overflow and
+        # expiry take the oldest.
+        self._early: "OrderedDict[Tuple[Key, str], Tuple[np.ndarray, np.ndarray, Degraded, float]]" = OrderedDict()
         self._early_bytes = 0
-        self._finished: "OrderedDict[Key, None]" = OrderedDict()
+        # key -> the holders still unanswered when it finished, and whether it had every neuron
+        self._finished: "OrderedDict[Key, Tuple[FrozenSet[str], FrozenSet[str]]]" = OrderedDict()
 
     # ------------------------------------------------------------ begin
-    def begin(self, frame: int, stage: int, local: SliceData, holders: Mapping[str, Iterable[int]],
-              n_neurons: int, now_s: float, deadline_s: float) -> List[Tuple[str, str]]:
+    def begin(self, frame: int, stage: int, origin: str, local_ids: np.ndarray, holders: Mapping[str, Iterable[int]],
+              n_ids: int, now_s: float) -> List[Tuple[str, str]]:
         """Start a gather; returns (sender, reason) for buffered early slices that were rejected."""
         key = (int(frame), int(stage))
         if key in self._active or key in self._finished:
             raise MeshError(f"gather for frame {frame} stage {stage} was already begun")
-        if not isinstance(n_neurons, (int, np.integer)) or n_neurons < 0:
-            raise MeshError(f"n_neurons: {n_neurons!r} is not a count")
-        ids = np.asarray(local.neuron_ids).reshape(-1).astype(np.intp)
-        array = np.asarray(local.array)
-        if array.ndim < 1 or array.shape[0] != ids.shape[0]:
-            raise MeshError(f"local slice: {ids.shape[0]} neuron ids for an array of shape {array.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= n_neurons):
-            raise MeshError(f"local slice: neuron ids outside [0, {n_neurons})")
-        holder_ids = {p: np.asarray(h, dtype=np.int64).reshape(-1) for p, h in holders.items() if p != self.self_id}
-        gather = _Gather(key, self.self_id, SliceData(ids, array), holder_ids, int(n_neurons), now_s, deadline_s)
+        if not isinstance(n_ids, (int, np.integer)) or n_ids < 0:
+            raise MeshError(f"n_ids: {n_ids!r} is not a count")
+        ids = np.asarray(local_ids).reshape(-1).astype(np.intp)
+        if ids.size and (ids.min() < 0 or ids.max() >= n_ids):
+            raise MeshError(f"local slice: neuron ids outside [0, {n_ids})")
+        holder_ids = {p: np.asarray(h).reshape(-1).astype(np.int32) for p, h in holders.items() if p != self.self_id}
+        gather = _Gather(key, origin, ids, holder_ids, int(n_ids), now_s, now_s + self.sync_timeout_s, self.self_id)
         self._active[key] = gather
+        for h in holder_ids:
+            self._waiting_on.setdefault(h, set()).add(key)
+        self._dirty.add(key)
+        heapq.heappush(self._deadlines, (now_s + self.sync_timeout_s, key))
         rejected = []
         for early_key in [k for k in self._early if k[0] == key]:
-            e_ids, e_array = self._pop_early(early_key)
-            reason = gather.add(early_key[1], e_ids, e_array)
+            e_ids, e_array, e_degraded, _ = self._pop_early(early_key)
+            reason = gather.add(early_key[1], e_ids, e_array, e_degraded)
             if reason is not None:
                 rejected.append((early_key[1], reason))
         return rejected
 
     # ------------------------------------------------------------ slices
-    def add_slice(self, sender: str, frame: int, stage: int, neuron_ids: np.ndarray, array: np.ndarray) -> Optional[str]:
+    def add_slice(self, sender: str, frame: int, stage: int, neuron_ids: np.ndarray, array: np.ndarray,
+                  now_s: float, degraded: Degraded = ()) -> Optional[str]:
         """File one received slice; returns the drop reason, or None if it was used or buffered.
 
         May report `EARLY_EVICTED` when buffering this slice pushed the oldest early one out.
         """
+        if self.max_stage is not None and stage >= self.max_stage:
+            return BAD_STAGE
+        if not _finite(array):
+            return NOT_FINITE
         key = (frame, stage)
         gather = self._active.get(key)
         if gather is not None:
-            return gather.add(sender, neuron_ids, array)
-        if key in self._finished:
-            return STALE
+            reason = gather.add(sender, neuron_ids, array, degraded)
+            if reason is None:
+                self._dirty.add(key)
+            return reason
+        finished = self._finished.get(key)
+        if finished is not None:
+            unanswered, released = finished
+            if sender in released:
+                return LATE
+            return LATE_REPLICA if sender in unanswered else STALE
         if (key, sender) in self._early:
             return DUPLICATE
-        self._early[(key, sender)] = (neuron_ids, array)
+        self._early[(key, sender)] = (neuron_ids, array, tuple(degraded), now_s)
         self._early_bytes += array.nbytes + neuron_ids.nbytes
         evicted = None
         while len(self._early) > self.max_early_slices or self._early_bytes > self.max_early_bytes:
@@ -176,27 +265,83 @@ class GatherBook:
             evicted = EARLY_EVICTED
         return evicted
 
-    def _pop_early(self, early_key) -> Tuple[np.ndarray, np.ndarray]:
-        ids, array = self._early.pop(early_key)
-        self._early_bytes -= array.nbytes + ids.nbytes
-        return ids, array
+    def _pop_early(self, early_key):
+        entry = self._early.pop(early_key)
+        self._early_bytes -= entry[1].nbytes + entry[0].nbytes
+        return entry
+
+    def expire_early(self, now_s: float) -> int:
+        """Drop early slices older than the TTL (their gather never began here); returns how many."""
+        n = 0
+        while self._early:
+            early_key, entry = next(iter(self._early.items()))
+            if now_s - entry[3] < self.early_ttl_s:
+                break
+            self._pop_early(early_key)
+            n += 1
+        return n
 
     # ------------------------------------------------------------ completion
-    def poll(self, now_s: float, alive: FrozenSet[str]) -> List[GatherResult]:
+    def peer_changed(self, peer_id: str) -> None:
+        """The membership state or report of `peer_id` changed: re-judge the gathers waiting on it."""
+        self._dirty.update(self._waiting_on.get(peer_id, ()))
+
+    def poll(self, now_s: float, lookup: PeerLookup) -> List[GatherResult]:
         """Finish and return every gather whose completion rule holds at `now_s`."""
+        while self._deadlines and self._deadlines[0][0] <= now_s:
+            self._dirty.add(heapq.heappop(self._deadlines)[1])
         finished = []
-        for key, gather in list(self._active.items()):
-            timed_out = gather.done(now_s, alive)
-            if timed_out is not None:
-                finished.append(gather.result(now_s, timed_out))
-                del self._active[key]
-                self._finished[key] = None
-                while len(self._finished) > self.finished_memory:
-                    self._finished.popitem(last=False)
+        dirty, self._dirty = self._dirty, set()
+        for key in dirty:
+            gather = self._active.get(key)
+            if gather is None:
+                continue
+            if not gather.covered.all():
+                for h in gather.waiting():
+                    reason, deadline = holder_verdict(key[0], key[1], gather.origin, *lookup(h),
+                                                      gather.deadlines[h], self.sync_timeout_s, now_s)
+                    if reason is not None:
+                        gather.released[h] = reason
+                    elif deadline != gather.deadlines[h]:
+                        gather.deadlines[h] = deadline
+                        heapq.heappush(self._deadlines, (deadline, key))
+            if gather.complete():
+                finished.append(self._finish(key, gather, now_s))
         return finished
 
+    def _finish(self, key: Key, gather: _Gather, now_s: float) -> GatherResult:
+        del self._active[key]
+        for h in gather.holders:
+            keys = self._waiting_on.get(h)
+            if keys is not None:
+                keys.discard(key)
+        self._finished[key] = (frozenset(gather.waiting()), frozenset(gather.released))
+        while len(self._finished) > self.finished_memory:
+            self._finished.popitem(last=False)
+        return gather.result(now_s)
+
+    def abandon(self, frame: int) -> int:
+        """Forget every gather and early slice of `frame` (an expired frame); returns gathers dropped."""
+        keys = [k for k in self._active if k[0] == frame]
+        for key in keys:
+            gather = self._active.pop(key)
+            for h in gather.holders:
+                self._waiting_on.get(h, set()).discard(key)
+            self._finished[key] = (frozenset(gather.waiting()), frozenset(gather.holders))
+        for early_key in [k for k in self._early if k[0][0] == frame]:
+            self._pop_early(early_key)
+        while len(self._finished) > self.finished_memory:
+            self._finished.popitem(last=False)
+        return len(keys)
+
     def next_deadline_s(self) -> Optional[float]:
-        return min((g.deadline_s for g in self._active.values()), default=None)
+        while self._deadlines and self._deadlines[0][1] not in self._active:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    @property
+    def has_dirty(self) -> bool:
+        return bool(self._dirty)
 
     def active_keys(self) -> List[Key]:
         return list(self._active)

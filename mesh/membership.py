@@ -1,32 +1,65 @@
-"""Who is alive: a pure state machine over peer messages and the passage of time.
+"""Who is alive, who hears whom, who takes part: a pure state machine over heartbeats and time.
 
 No clock is read here: every call takes `now_s` (seconds, any monotonic origin).
 
-States per peer:
-    unknown  never heard a heartbeat from it (its plan hash is unverified): not alive
-    alive    heard within `peer_timeout_ms`
-    dead     silent for `peer_timeout_ms`; any message of the same incarnation revives it
-    refused  its heartbeat carries a plan hash other than ours; stays refused until a
-             heartbeat with our hash arrives
+States per peer (`PeerState`):
+    unknown      never heard a heartbeat from it (its plan hash is unverified)
+    alive        heard directly within `peer_timeout_ms`
+    unreachable  not heard directly for `peer_timeout_ms`, but another peer heard it within
+                 that time (its heartbeat says so): the link between us is lossy or down, the
+                 peer itself is not. Not a participant of new frames, and no `died` event.
+    dead         nobody has heard it for `peer_timeout_ms`; any message of the same
+                 incarnation revives it
+    refused      its heartbeat carries a plan hash (or wire dtype) other than ours; stays
+                 refused until a heartbeat with ours arrives
 
-A new incarnation is only believed from a heartbeat (which also re-verifies the plan hash);
-other messages from an incarnation we have not verified are not accepted.
+Failure detection. A crashed node falls silent to everyone at once: dead after
+`peer_timeout_ms`. Packet loss on one link delays TCP (a lost segment holds the stream back by
+200 ms, 400 ms, ... of retransmission), which a fixed timeout would call a death. Heartbeats
+therefore say whom their sender hears and how long ago (`hears`); a peer we stopped hearing
+but whom others still hear is `unreachable`, not dead (indirect evidence, as SWIM's indirect
+probes give, but free: it rides on the heartbeats every node sends anyway).
+
+Taking part. A peer is *connected* when it is alive, its last heartbeat says it hears us (our
+current incarnation, recently), it says its engine is ready, and our sends to it do not fail:
+the link works both ways and the peer computes. New frames run on the largest set of nodes
+that includes us in which every two nodes are connected (`participants`): a one-way link or a
+half-healed split never puts two nodes in one frame that cannot exchange slices.
+
+A new incarnation is only believed from a heartbeat (which also re-verifies the plan hash),
+and only a larger one: a replayed or older incarnation is not accepted.
 """
 from __future__ import annotations
 
+import enum
+import itertools
 import logging
-from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 log = logging.getLogger(__name__)
 
-UNKNOWN, ALIVE, DEAD, REFUSED = "unknown", "alive", "dead", "refused"
-JOINED, DIED, REJOINED, REFUSED_EVENT = "joined", "died", "rejoined", "refused"
+
+class PeerState(str, enum.Enum):
+    UNKNOWN = "unknown"
+    ALIVE = "alive"
+    UNREACHABLE = "unreachable"
+    DEAD = "dead"
+    REFUSED = "refused"
+
+
+class EventKind(str, enum.Enum):
+    JOINED = "joined"
+    DIED = "died"
+    REJOINED = "rejoined"
+    REFUSED = "refused"
+    UNREACHABLE = "unreachable"   # heard by others, not by us
+    REACHABLE = "reachable"       # heard by us again
 
 
 @dataclass(frozen=True)
 class MembershipEvent:
-    kind: str            # joined, died, rejoined or refused
+    kind: EventKind
     peer_id: str
     now_s: float
     incarnation: Optional[int] = None
@@ -34,71 +67,121 @@ class MembershipEvent:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class Report:
+    """What a peer's latest heartbeat claimed, and when it arrived."""
+
+    received_s: float
+    ready: bool = True
+    hears: Mapping[str, Tuple[int, int]] = field(default_factory=dict)   # id -> (incarnation, age_ms)
+    progress: Mapping[int, int] = field(default_factory=dict)            # frame -> stages sent
+    inputs: Mapping[str, int] = field(default_factory=dict)              # origin id -> newest frame
+
+
 @dataclass
 class _Peer:
-    state: str = UNKNOWN
+    state: PeerState = PeerState.UNKNOWN
     last_heard_s: Optional[float] = None
+    vouched_s: float = float("-inf")       # the latest time another peer heard it
     incarnation: Optional[int] = None
-    newest_frame: int = -1
     plan_hash: Optional[str] = None
     ever_alive: bool = False
+    report: Optional[Report] = None
+    send_failing: bool = False
 
 
 # Why a message was not accepted; the mesh uses these as drop-counter names.
 NOT_VERIFIED = "unverified"
 REFUSED_PLAN = "refused_plan"
+OLD_INCARNATION = "old_incarnation"
+
+# Subsets tried exactly for the participant set; beyond this many candidates, a greedy pick.
+EXACT_CLIQUE_MAX = 12
 
 
 class Membership:
-    def __init__(self, self_id: str, peer_ids: Iterable[str], plan_hash: str, peer_timeout_ms: int):
+    def __init__(self, self_id: str, peer_ids: Iterable[str], plan_hash: str, peer_timeout_ms: int, *,
+                 incarnation: int = 0, wire_dtype: str = "float32"):
         self.self_id = self_id
+        self.incarnation = int(incarnation)
         self.plan_hash = plan_hash
+        self.wire_dtype = wire_dtype
         self.peer_timeout_s = peer_timeout_ms / 1000.0
-        self._peers: Dict[str, _Peer] = {p: _Peer() for p in peer_ids if p != self_id}
+        self.order = [p for p in peer_ids if p != self_id]
+        self._peers: Dict[str, _Peer] = {p: _Peer() for p in self.order}
         # No verdict before this time: set after this node itself was stalled (see hold_verdicts).
         self._verdicts_held_until_s = float("-inf")
 
     # ------------------------------------------------------------ inputs
-    def on_heartbeat(self, peer_id: str, now_s: float, incarnation: int, plan_hash: str,
-                     newest_frame: int = -1) -> Tuple[Optional[str], List[MembershipEvent]]:
+    def on_heartbeat(self, peer_id: str, now_s: float, incarnation: int, plan_hash: str, *,
+                     wire_dtype: str = "float32", ready: bool = True,
+                     hears: Optional[Mapping[str, Tuple[int, int]]] = None,
+                     progress: Optional[Mapping[int, int]] = None,
+                     inputs: Optional[Mapping[str, int]] = None) -> Tuple[Optional[str], List[MembershipEvent]]:
         """Apply a heartbeat; returns (reason it was not accepted or None, events)."""
         peer = self._peers.get(peer_id)
         if peer is None:
             return NOT_VERIFIED, []
+        if peer.incarnation is not None and incarnation < peer.incarnation:
+            return OLD_INCARNATION, []
         events: List[MembershipEvent] = []
         restarted = peer.incarnation is not None and incarnation != peer.incarnation
-        peer.last_heard_s = now_s
-        peer.newest_frame = max(newest_frame, peer.newest_frame) if not restarted else newest_frame
         peer.plan_hash = plan_hash
-        if plan_hash != self.plan_hash:
-            if peer.state != REFUSED or restarted:
-                log.error("peer %s (incarnation %s) runs plan %s, this node runs %s: refused until it matches",
-                          peer_id, incarnation, plan_hash, self.plan_hash)
-                events.append(MembershipEvent(REFUSED_EVENT, peer_id, now_s, incarnation, restarted,
-                                              f"plan {plan_hash} != {self.plan_hash}"))
-            peer.state, peer.incarnation = REFUSED, incarnation
+        mismatch = self._mismatch(plan_hash, wire_dtype)
+        if mismatch:
+            if peer.state != PeerState.REFUSED or restarted:
+                events.append(MembershipEvent(EventKind.REFUSED, peer_id, now_s, incarnation, restarted, mismatch))
+            peer.state, peer.incarnation, peer.report = PeerState.REFUSED, incarnation, None
+            peer.last_heard_s = now_s
             return REFUSED_PLAN, events
-        if peer.state == ALIVE and not restarted:
+        peer.last_heard_s = now_s
+        peer.report = Report(now_s, bool(ready), dict(hears or {}), dict(progress or {}), dict(inputs or {}))
+        self._vouch(peer_id, now_s, peer.report.hears)
+        if peer.state == PeerState.ALIVE and not restarted:
             return None, events
-        if peer.ever_alive:
-            events.append(MembershipEvent(REJOINED, peer_id, now_s, incarnation, restarted))
+        if peer.state == PeerState.UNREACHABLE and not restarted:
+            kind = EventKind.REACHABLE
         else:
-            events.append(MembershipEvent(JOINED, peer_id, now_s, incarnation))
-        peer.state, peer.incarnation, peer.ever_alive = ALIVE, incarnation, True
+            kind = EventKind.REJOINED if peer.ever_alive else EventKind.JOINED
+        events.append(MembershipEvent(kind, peer_id, now_s, incarnation, restarted))
+        peer.state, peer.incarnation, peer.ever_alive = PeerState.ALIVE, incarnation, True
         return None, events
+
+    def _mismatch(self, plan_hash: str, wire_dtype: str) -> str:
+        if plan_hash != self.plan_hash:
+            return f"plan {plan_hash[:64]} != ours {self.plan_hash}"
+        if wire_dtype != self.wire_dtype:
+            return f"wire dtype {wire_dtype[:16]} != ours {self.wire_dtype}"
+        return ""
+
+    def _vouch(self, reporter: str, now_s: float, hears: Mapping[str, Tuple[int, int]]) -> None:
+        for peer_id, (incarnation, age_ms) in hears.items():
+            peer = self._peers.get(peer_id)
+            if peer is None or peer_id == reporter or incarnation != peer.incarnation:
+                continue
+            peer.vouched_s = max(peer.vouched_s, now_s - age_ms / 1000.0)
 
     def on_message(self, peer_id: str, now_s: float, incarnation: int) -> Tuple[Optional[str], List[MembershipEvent]]:
         """Apply any other message (a sign of life); returns (reason not accepted or None, events)."""
         peer = self._peers.get(peer_id)
-        if peer is None or peer.state == UNKNOWN or incarnation != peer.incarnation:
+        if peer is None or peer.state == PeerState.UNKNOWN or incarnation != peer.incarnation:
             return NOT_VERIFIED, []
-        if peer.state == REFUSED:
+        if peer.state == PeerState.REFUSED:
             return REFUSED_PLAN, []
         peer.last_heard_s = now_s
-        if peer.state == DEAD:
-            peer.state = ALIVE
-            return None, [MembershipEvent(REJOINED, peer_id, now_s, incarnation, False)]
+        if peer.state == PeerState.DEAD:
+            peer.state = PeerState.ALIVE
+            return None, [MembershipEvent(EventKind.REJOINED, peer_id, now_s, incarnation, False)]
+        if peer.state == PeerState.UNREACHABLE:
+            peer.state = PeerState.ALIVE
+            return None, [MembershipEvent(EventKind.REACHABLE, peer_id, now_s, incarnation, False)]
         return None, []
+
+    def on_send(self, peer_id: str, ok: bool) -> None:
+        """Whether the latest send to `peer_id` was taken by its connection."""
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.send_failing = not ok
 
     def hold_verdicts(self, until_s: float) -> None:
         """Declare nobody dead before `until_s`.
@@ -110,39 +193,125 @@ class Membership:
         self._verdicts_held_until_s = max(self._verdicts_held_until_s, until_s)
 
     def tick(self, now_s: float) -> List[MembershipEvent]:
-        """Declare dead every alive peer silent for at least `peer_timeout_ms`."""
-        events = []
+        """Apply timeouts: alive → unreachable or dead, unreachable → dead."""
+        events: List[MembershipEvent] = []
         if now_s < self._verdicts_held_until_s:
             return events
+        timeout = self.peer_timeout_s
         for peer_id, peer in self._peers.items():
-            if peer.state == ALIVE and now_s - peer.last_heard_s >= self.peer_timeout_s:
-                peer.state = DEAD
-                events.append(MembershipEvent(DIED, peer_id, now_s, peer.incarnation,
-                                              detail=f"silent for {(now_s - peer.last_heard_s) * 1000:.0f} ms"))
+            if peer.state not in (PeerState.ALIVE, PeerState.UNREACHABLE):
+                continue
+            silent_s = now_s - peer.last_heard_s
+            if silent_s < timeout:
+                continue
+            vouched = now_s - peer.vouched_s < timeout
+            if peer.state == PeerState.ALIVE and vouched:
+                peer.state = PeerState.UNREACHABLE
+                events.append(MembershipEvent(EventKind.UNREACHABLE, peer_id, now_s, peer.incarnation,
+                                              detail=f"silent to us for {silent_s * 1000:.0f} ms, heard by others"))
+            elif not vouched:
+                peer.state = PeerState.DEAD
+                events.append(MembershipEvent(EventKind.DIED, peer_id, now_s, peer.incarnation,
+                                              detail=f"silent for {silent_s * 1000:.0f} ms"))
         return events
 
     # ------------------------------------------------------------ queries
     def alive(self) -> FrozenSet[str]:
-        return frozenset(p for p, s in self._peers.items() if s.state == ALIVE)
+        """Peers heard directly within the timeout."""
+        return frozenset(p for p, s in self._peers.items() if s.state == PeerState.ALIVE)
 
     def is_alive(self, peer_id: str) -> bool:
         peer = self._peers.get(peer_id)
-        return peer is not None and peer.state == ALIVE
+        return peer is not None and peer.state == PeerState.ALIVE
 
-    def state(self, peer_id: str) -> str:
+    def state(self, peer_id: str) -> PeerState:
         return self._peers[peer_id].state
 
+    def claimed_plan(self, peer_id: str) -> Optional[str]:
+        """The plan hash the peer's last heartbeat carried (ours unless it is refused)."""
+        return self._peers[peer_id].plan_hash
+
+    def report(self, peer_id: str) -> Optional[Report]:
+        peer = self._peers.get(peer_id)
+        return None if peer is None else peer.report
+
+    def _hears(self, peer: _Peer, now_s: float) -> Dict[str, int]:
+        """Whom `peer` heard recently by its last report: id -> incarnation (ours for self)."""
+        report = peer.report
+        if report is None:
+            return {}
+        since_ms = (now_s - report.received_s) * 1000.0
+        limit_ms = self.peer_timeout_s * 1000.0
+        return {p: inc for p, (inc, age_ms) in report.hears.items() if age_ms + since_ms < limit_ms}
+
+    def hears_us(self, peer_id: str, now_s: float) -> bool:
+        peer = self._peers.get(peer_id)
+        return peer is not None and self._hears(peer, now_s).get(self.self_id) == self.incarnation
+
+    def connected(self, now_s: float) -> FrozenSet[str]:
+        """Peers we can compute frames with: alive, hearing us, ready, and taking our sends."""
+        return frozenset(p for p, s in self._peers.items()
+                         if s.state == PeerState.ALIVE and s.report is not None and s.report.ready
+                         and not s.send_failing and self.hears_us(p, now_s))
+
+    def participants(self, now_s: float) -> FrozenSet[str]:
+        """Who a frame submitted now runs on: us and the largest set of connected peers in which
+        every two hear each other (ties go to the lower device indices, by peers.yaml order)."""
+        candidates = [p for p in self.order if p in self.connected(now_s)]
+        heard = {p: self._hears(self._peers[p], now_s) for p in candidates}
+
+        def mutual(a: str, b: str) -> bool:
+            return (heard[a].get(b) == self._peers[b].incarnation and heard[b].get(a) == self._peers[a].incarnation)
+
+        return frozenset({self.self_id} | set(largest_clique(candidates, mutual)))
+
+    def heard_view(self, now_s: float) -> Dict[str, Tuple[int, int]]:
+        """What our heartbeat says we hear: {peer: (incarnation, age_ms)} for peers heard directly."""
+        return {p: (s.incarnation, int((now_s - s.last_heard_s) * 1000.0)) for p, s in self._peers.items()
+                if s.state == PeerState.ALIVE}
+
     def next_expiry_s(self) -> Optional[float]:
-        """When the next alive peer times out if it stays silent, or None."""
-        times = [p.last_heard_s + self.peer_timeout_s for p in self._peers.values() if p.state == ALIVE]
+        """When the next timeout can change a state if nothing arrives, or None."""
+        times = []
+        for p in self._peers.values():
+            if p.state == PeerState.ALIVE:
+                times.append(p.last_heard_s + self.peer_timeout_s)
+            elif p.state == PeerState.UNREACHABLE:
+                times.append(p.vouched_s + self.peer_timeout_s)
         return max(min(times), self._verdicts_held_until_s) if times else None
 
-    def snapshot(self, now_s: Optional[float] = None) -> Dict[str, dict]:
+    def snapshot(self, now_s: float) -> Dict[str, dict]:
         out = {}
+        connected = self.connected(now_s)
         for peer_id, p in self._peers.items():
-            entry = {"state": p.state, "last_heard_s": p.last_heard_s, "incarnation": p.incarnation,
-                     "newest_frame": p.newest_frame}
-            if now_s is not None and p.last_heard_s is not None:
+            entry = {"state": p.state.value, "incarnation": p.incarnation,
+                     "connected": peer_id in connected, "hears_us": self.hears_us(peer_id, now_s),
+                     "ready": bool(p.report.ready) if p.report else None,
+                     "hears": sorted(self._hears(p, now_s)) if p.report else []}
+            if p.last_heard_s is not None:
                 entry["silent_ms"] = round((now_s - p.last_heard_s) * 1000.0, 1)
             out[peer_id] = entry
         return out
+
+
+def largest_clique(candidates: Sequence[str], mutual) -> List[str]:
+    """The largest subset of `candidates` whose members are pairwise `mutual(a, b)`.
+
+    Among the largest, the one first in `candidates` order (lexicographic on positions). Exact
+    up to EXACT_CLIQUE_MAX candidates (at most 4096 subsets, on a handful of boards usually
+    one); greedy in order beyond.
+    """
+    n = len(candidates)
+    if n > EXACT_CLIQUE_MAX:
+        chosen: List[str] = []
+        for c in candidates:
+            if all(mutual(c, o) for o in chosen):
+                chosen.append(c)
+        return chosen
+    ok: Set[Tuple[int, int]] = {(i, j) for i, j in itertools.combinations(range(n), 2)
+                                if mutual(candidates[i], candidates[j])}
+    for size in range(n, 0, -1):
+        for combo in itertools.combinations(range(n), size):
+            if all(pair in ok for pair in itertools.combinations(combo, 2)):
+                return [candidates[i] for i in combo]
+    return []

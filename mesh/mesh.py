@@ -11,13 +11,17 @@ Use from a bigger loop::
         for result in mesh.take_completed(): ...
         for msg in mesh.take_messages(): ...
 
+The caller tells the mesh what its heartbeats report besides liveness: `progress_source()`
+returns (frames held → stages sent, origin → newest input frame), and `ready` says whether its
+engine computes. Peers use these to decide when to stop waiting for our slices (gather.py).
+
 Failure detection bound: a peer is declared dead `peer_timeout_ms` after the last message we
 received from it, plus the loop's scheduling slack, because `next_due` wakes the loop exactly at
 the earliest expiry. Since a live peer sends at least one heartbeat per `heartbeat_interval_ms`,
 the time from a crash to detection lies in [peer_timeout_ms - heartbeat_interval_ms,
 peer_timeout_ms] + slack, inside the contract of peer_timeout_ms + heartbeat_interval_ms after
-the last message. `DETECTION_SLACK_MS` is the slack the tests allow (a loaded 2-core machine
-running several nodes); the caller's loop must call `process` as soon as `next_due` says.
+the last message; the caller's loop must call `process` as soon as `next_due` says. A peer that
+others still hear is `unreachable` rather than dead (membership.py).
 
 A node that was itself not running for a while (SIGSTOP, CPU starvation, a VM pause) would
 otherwise wake up and judge its peers before ZeroMQ's I/O thread has delivered the heartbeats
@@ -25,6 +29,8 @@ they sent meanwhile, and declare every one of them dead. So when `process` finds
 not called for longer than `stall_threshold_s`, it holds all verdicts for 2 heartbeat
 intervals (at most once per `peer_timeout_ms`, so that a loop that is always late still
 detects): a peer that really died during our stall is then detected up to 2 intervals later.
+A stall of at least one peer timeout is reported to `on_stall(start_s, end_s)`: the peers have
+declared this node dead meanwhile and gone on without it, so its frames from before are stale.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import collections
 import logging
 import math
 import time
-from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Container, Deque, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import zmq
@@ -43,36 +49,44 @@ from .config import PeersConfig, bind_endpoint
 from .errors import MeshError, WireError
 from .gather import GatherBook, GatherResult, SliceData
 from .keys import load_own_keys
-from .membership import Membership, MembershipEvent
+from .membership import Membership, MembershipEvent, PeerState, Report
+from .ratelog import RateLimitedLog
 from .transport import (CLIENT_DOMAIN, MESH_DOMAIN, ZapHandler, ZapPolicy, curve_client, curve_server,
-                        make_pull, make_push)
+                        link_options, make_pull, make_push)
 
 log = logging.getLogger(__name__)
 
-DETECTION_SLACK_MS = 50
-DROP_LOG_INTERVAL_S = 10.0
 # Messages handled per `process` call, so that a flood cannot starve heartbeats and timeouts.
 MAX_DRAIN_PER_PROCESS = 2000
 MAX_APP_MESSAGES = 10000
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: pyzmq's enum arithmetic costs
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+ProgressSource = Callable[[], Tuple[Mapping[int, int], Mapping[str, int]]]
 
 
 class Mesh:
     def __init__(self, config: PeersConfig, self_id: str, plan_hash: str, *, incarnation: Optional[int] = None,
-                 context: Optional[zmq.Context] = None, on_event: Optional[Callable[[MembershipEvent], None]] = None):
+                 context: Optional[zmq.Context] = None, on_event: Optional[Callable[[MembershipEvent], None]] = None,
+                 wire_dtype: str = "float32", max_stage: Optional[int] = None,
+                 on_stall: Optional[Callable[[float, float], None]] = None):
         self.config = config
         self.me = config.peer(self_id)
         self.self_id = self_id
         self.plan_hash = plan_hash
+        self.wire_dtype = wire_dtype
         # Microseconds since the epoch: a restarted process always gets a larger number.
         self.incarnation = int(time.time() * 1e6) if incarnation is None else int(incarnation)
         self.on_event = on_event
+        self.on_stall = on_stall
         self.peer_ids = tuple(p for p in config.ids if p != self_id)
-        self.membership = Membership(self_id, self.peer_ids, plan_hash, config.peer_timeout_ms)
-        self.book = GatherBook(self_id)
+        self.membership = Membership(self_id, config.ids, plan_hash, config.peer_timeout_ms,
+                                     incarnation=self.incarnation, wire_dtype=wire_dtype)
+        self.book = GatherBook(self_id, config.sync_timeout_ms, max_stage=max_stage)
         self.counters: "collections.Counter[str]" = collections.Counter()
-        self.newest_frame = -1
+        self.progress_source: Optional[ProgressSource] = None
+        self.ready = True
         self._given_context = context
         self.context: Optional[zmq.Context] = None
         self._pull = self._monitor = None
@@ -81,9 +95,10 @@ class Mesh:
         self._client_sockets: List[zmq.Socket] = []
         self._poller: Optional[zmq.Poller] = None
         self._completed: List[GatherResult] = []
+        self._outbox: Dict[str, List[wire.Slice]] = {}   # peer -> slices to send at `flush`
         self._messages: Deque[wire.Message] = collections.deque()
         self._next_heartbeat_s = 0.0
-        self._drop_logged: Dict[str, Tuple[float, int]] = {}
+        self._ratelog = RateLimitedLog(log)
         self._backlog = False
         self._closed = False
         self._last_process_s: Optional[float] = None
@@ -108,6 +123,7 @@ class Mesh:
                 clients = dict(peers, **{c.public_key: c.name for c in cfg.clients})
                 self._zap = ZapHandler(self.context, ZapPolicy({MESH_DOMAIN: peers, CLIENT_DOMAIN: clients}))
             self._pull = make_pull(self.context, cfg.max_message_bytes)
+            link_options(self._pull, cfg.heartbeat_interval_ms, cfg.peer_timeout_ms)
             if self._keys:
                 curve_server(self._pull, *self._keys, MESH_DOMAIN)
             self._monitor = self._pull.get_monitor_socket(_HANDSHAKE_FAILED)
@@ -117,6 +133,7 @@ class Mesh:
                 if peer.id == self.self_id:
                     continue
                 push = make_push(self.context, reconnect_ms)
+                link_options(push, cfg.heartbeat_interval_ms, cfg.peer_timeout_ms)
                 if self._keys:
                     curve_client(push, *self._keys, peer.public_key.encode())
                 push.connect(peer.endpoint)
@@ -159,6 +176,11 @@ class Mesh:
         self.close()
 
     @property
+    def pull_socket(self) -> zmq.Socket:
+        """The socket peers' messages arrive on (the busy one of `sockets`)."""
+        return self._pull
+
+    @property
     def sockets(self) -> List[zmq.Socket]:
         """Register these for POLLIN in the caller's poller; call `process` when any is readable."""
         out = [self._pull, self._monitor]
@@ -187,40 +209,56 @@ class Mesh:
         Rounded up to whole milliseconds: zmq polls in integer milliseconds, and a fraction
         rounded down to 0 would spin the loop until the due time.
         """
-        if self._backlog:
+        if self._backlog or self.book.has_dirty:
             return 0.0
         due = [self._next_heartbeat_s, self.membership.next_expiry_s(), self.book.next_deadline_s()]
         return max(0.0, math.ceil((min(d for d in due if d is not None) - now_s) * 1000.0) / 1000.0)
 
-    def process(self, now_s: Optional[float] = None) -> List[MembershipEvent]:
-        """Do everything that is due without blocking; returns the membership events it caused."""
+    def process(self, now_s: Optional[float] = None, readable: Optional[Container] = None) -> List[MembershipEvent]:
+        """Do everything that is due without blocking; returns the membership events it caused.
+
+        `readable`: the sockets the caller's poll found readable (None: look at every socket).
+        """
         if self._pull is None or self._closed:
             raise MeshError("mesh is not started")
         now_s = time.monotonic() if now_s is None else now_s
+        self.flush()  # before any heartbeat: a heartbeat must never overtake the slices it reports sent
         events: List[MembershipEvent] = []
-        if self._zap is not None:
+        if self._zap is not None and (readable is None or self._zap.socket in readable):
             refused = self._zap.handle_pending()
             if refused:
                 self._drop("unauthenticated", now_s, refused)
-        self._drain_monitor(now_s)
+        if readable is None or self._monitor in readable:
+            self._drain_monitor(now_s)
         # Receive before applying timeouts: after a pause of our own, the peers' queued
         # heartbeats must count before we judge them silent.
-        events += self._drain(now_s)
+        if readable is None or self._backlog or self._pull in readable:
+            events += self._drain(now_s)
         self._check_own_stall(now_s)
         events += self.membership.tick(now_s)
         if now_s >= self._next_heartbeat_s:
-            self._send_heartbeats()
+            self._send_heartbeats(now_s)
             self._next_heartbeat_s = self._next_heartbeat_slot(now_s)
-        self._completed += self.book.poll(now_s, self.membership.alive())
+        for e in events:
+            self.book.peer_changed(e.peer_id)
+        expired = self.book.expire_early(now_s)
+        if expired:
+            self._drop("early_expired", now_s, expired)
+        self._completed += self.book.poll(now_s, self._lookup)
         if self.on_event is not None:
             for e in events:
                 self.on_event(e)
         return events
 
+    def _lookup(self, peer_id: str) -> Tuple[PeerState, Optional[Report]]:
+        return self.membership.state(peer_id), self.membership.report(peer_id)
+
     def _check_own_stall(self, now_s: float) -> None:
         last, self._last_process_s = self._last_process_s, now_s
         if last is None or now_s - last <= self.stall_threshold_s:
             return
+        if self.on_stall is not None and now_s - last >= self.config.peer_timeout_ms / 1000.0:
+            self.on_stall(last, now_s)
         if now_s - self._last_stall_s < self.config.peer_timeout_ms / 1000.0:
             return
         self._last_stall_s = now_s
@@ -246,9 +284,16 @@ class Mesh:
         self._backlog = False
         for _ in range(MAX_DRAIN_PER_PROCESS):
             # Asking EVENTS first is far cheaper than raising zmq.Again on every idle wakeup.
-            if not self._pull.get(zmq.EVENTS) & zmq.POLLIN:
+            if not self._pull.getsockopt(_EVENTS) & _POLLIN:
                 return events
-            events += self._handle(self._pull.recv_multipart(zmq.NOBLOCK, copy=False), now_s)
+            try:
+                frames = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                # EVENTS can say POLLIN while the first message of a fresh CURVE connection is
+                # still being decrypted; it will be readable on a later pass.
+                self.counters["recv_again"] += 1
+                return events
+            events += self._handle(frames, now_s)
         self._backlog = True
         return events
 
@@ -271,16 +316,22 @@ class Mesh:
             self._drop("unknown_sender", now_s, detail=repr(sender))
             return []
         if isinstance(msg, wire.Heartbeat):
-            reason, events = self.membership.on_heartbeat(sender, now_s, msg.incarnation, msg.plan_hash, msg.newest_frame)
+            reason, events = self.membership.on_heartbeat(
+                sender, now_s, msg.incarnation, msg.plan_hash, wire_dtype=msg.wire_dtype, ready=msg.ready,
+                hears=msg.hears, progress=msg.progress, inputs=msg.inputs)
+            self.book.peer_changed(sender)
         else:
             reason, events = self.membership.on_message(sender, now_s, msg.incarnation)
         if reason is not None:
             self._drop(reason, now_s, detail=f"{type(msg).__name__} from {sender}")
             return events
-        if isinstance(msg, wire.Slice):
-            reason = self.book.add_slice(sender, msg.frame, msg.stage, msg.neuron_ids, msg.array)
-            if reason is not None:
-                self._drop(reason, now_s, detail=f"slice frame {msg.frame} stage {msg.stage} from {sender}")
+        if isinstance(msg, wire.Slices):
+            for sl in msg.slices:
+                reason = self.book.add_slice(sender, sl.frame, sl.stage, sl.neuron_ids, sl.array, now_s, sl.degraded)
+                if reason is not None:
+                    self._drop(reason, now_s, detail=f"slice frame {sl.frame} stage {sl.stage} from {sender}")
+        elif isinstance(msg, wire.Result):
+            self._drop("unexpected_result", now_s, detail=f"from {sender}")  # peers never send results
         elif not isinstance(msg, wire.Heartbeat):
             if len(self._messages) >= MAX_APP_MESSAGES:
                 self._drop("app_overflow", now_s)
@@ -289,31 +340,34 @@ class Mesh:
         return events
 
     def _drain_monitor(self, now_s: float) -> None:
-        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:
-            event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+        while self._monitor.getsockopt(_EVENTS) & _POLLIN:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
             if event["event"] & _HANDSHAKE_FAILED:
                 self._drop("handshake_failed", now_s, detail=f"{event['endpoint']!r} event {event['event']}")
 
     def _drop(self, reason: str, now_s: float, n: int = 1, detail: str = "") -> None:
         self.counters[reason] += n
-        last_s, last_count = self._drop_logged.get(reason, (None, 0))
-        if last_s is None or now_s - last_s >= DROP_LOG_INTERVAL_S:
-            since = self.counters[reason] - last_count
-            log.warning("%s: dropped %d message(s) as %s in the last %.0f s (%s)", self.self_id, since, reason,
-                        DROP_LOG_INTERVAL_S, detail)
-            self._drop_logged[reason] = (now_s, self.counters[reason])
+        self._ratelog.log(f"drop:{reason}", logging.WARNING, now_s, "%s: dropped %d message(s) as %s (%s)",
+                          self.self_id, n, reason, detail[:200])
 
     # ------------------------------------------------------------ sending
     def _send_frames(self, peer_id: str, frames) -> bool:
         try:
             self._push[peer_id].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            return True
+            ok = True
         except zmq.Again:  # not connected (IMMEDIATE) or queue full: never block on a peer
             self.counters["send_dropped"] += 1
-            return False
+            ok = False
+        self.membership.on_send(peer_id, ok)
+        return ok
 
-    def _send_heartbeats(self) -> None:
-        frames = wire.encode(wire.Heartbeat(self.self_id, self.incarnation, self.plan_hash, self.newest_frame))
+    def _send_heartbeats(self, now_s: float) -> None:
+        progress, inputs = self.progress_source() if self.progress_source is not None else ({}, {})
+        frames = wire.encode(wire.Heartbeat(self.self_id, self.incarnation, self.plan_hash, self.wire_dtype,
+                                            self.ready, self.membership.heard_view(now_s), progress, inputs))
         for peer_id in self._push:
             self._send_frames(peer_id, frames)
 
@@ -324,11 +378,10 @@ class Mesh:
         frames = wire.encode(wire.with_sender(msg, self.self_id, self.incarnation))
         return self._fits(msg, frames, 1) and self._send_frames(peer_id, frames)
 
-    def broadcast(self, msg: wire.Message, only_alive: bool = True) -> int:
-        """Send `msg` to every (live) peer; returns how many sends were queued."""
+    def broadcast(self, msg: wire.Message, to: Optional[Iterable[str]] = None) -> int:
+        """Send `msg` to the peers in `to` (default: every alive peer); returns how many sends were queued."""
         frames = wire.encode(wire.with_sender(msg, self.self_id, self.incarnation))
-        alive = self.membership.alive()
-        targets = [p for p in self._push if not only_alive or p in alive]
+        targets = [p for p in (self.membership.alive() if to is None else to) if p in self._push]
         if not self._fits(msg, frames, len(targets)):
             return 0
         return sum(self._send_frames(p, frames) for p in targets)
@@ -345,39 +398,69 @@ class Mesh:
         return False
 
     def take_messages(self) -> List[wire.Message]:
-        """Input, Result and Control messages received since the last call."""
+        """Input and Control messages received since the last call."""
         out = list(self._messages)
         self._messages.clear()
         return out
 
     # ------------------------------------------------------------ gathers
     def begin_gather(self, frame: int, stage: int, local: SliceData, holders: Mapping[str, Iterable[int]],
-                     n_neurons: int, timeout_ms: Optional[float] = None, now_s: Optional[float] = None) -> None:
-        """Start gather (frame, stage) and send the local slice to every live peer (zero-copy).
+                     n_ids: int, *, send_to: Optional[Iterable[str]] = None,
+                     degraded: Tuple[Tuple[int, int, int], ...] = (), now_s: Optional[float] = None) -> int:
+        """Start gather (frame, stage) and queue the local slice for `send_to` (default: the
+        holders); `flush` (or the next `process`) sends it, zero-copy. Waits for `holders` as
+        gather.py says. Returns how many peers the slice is queued for.
 
         `local.array` must not be modified until the gather is done: ZeroMQ sends from it.
         """
         now_s = time.monotonic() if now_s is None else now_s
-        timeout_ms = self.config.sync_timeout_ms if timeout_ms is None else timeout_ms
-        for sender, reason in self.book.begin(frame, stage, local, holders, n_neurons, now_s, now_s + timeout_ms / 1000.0):
+        origin = self.config.ids[wire.frame_device(frame)] if wire.frame_device(frame) < len(self.config.ids) \
+            else self.self_id
+        for sender, reason in self.book.begin(frame, stage, origin, local.neuron_ids, holders, n_ids, now_s):
             self._drop(reason, now_s, detail=f"early slice frame {frame} stage {stage} from {sender}")
-        self.broadcast(wire.Slice(frame, stage, self.self_id, np.asarray(local.neuron_ids), np.asarray(local.array)))
-        self._completed += self.book.poll(now_s, self.membership.alive())
+        targets = list(holders) if send_to is None else list(send_to)
+        piece = wire.Slice(frame, stage, self.self_id, np.asarray(local.neuron_ids), np.asarray(local.array),
+                           self.incarnation, tuple(degraded))
+        for peer in targets:
+            if peer in self._push:
+                self._outbox.setdefault(peer, []).append(piece)
+        self._completed += self.book.poll(now_s, self._lookup)
+        return len(targets)
+
+    def flush(self) -> int:
+        """Send the slices queued by `begin_gather`, one message per peer (split only by size);
+        returns how many messages were queued."""
+        sent = 0
+        outbox, self._outbox = self._outbox, {}
+        for peer, pieces in outbox.items():
+            for batch in self._batches(pieces):
+                msg = wire.Slices(tuple(batch), self.self_id, self.incarnation)
+                frames = wire.encode(msg)
+                if self._fits(msg, frames, 1):
+                    sent += self._send_frames(peer, frames)
+        return sent
+
+    def _batches(self, pieces: List[wire.Slice]) -> Iterable[List[wire.Slice]]:
+        batch: List[wire.Slice] = []
+        size = 0
+        limit = self.config.max_message_bytes - 64 * 1024   # room for the header
+        for piece in pieces:
+            nbytes = piece.array.nbytes + 4 * piece.neuron_ids.size
+            if batch and (size + nbytes > limit or len(batch) >= wire.MAX_BATCH_SLICES):
+                yield batch
+                batch, size = [], 0
+            batch.append(piece)
+            size += nbytes
+        if batch:
+            yield batch
+
+    def abandon(self, frame: int) -> None:
+        """Forget the gathers of a frame this node gave up (expired); late slices count as late."""
+        self.book.abandon(frame)
 
     def take_completed(self) -> List[GatherResult]:
         out, self._completed = self._completed, []
         return out
-
-    def gather(self, frame: int, stage: int, local: SliceData, holders: Mapping[str, Iterable[int]],
-               n_neurons: int, timeout_ms: Optional[float] = None) -> GatherResult:
-        """Blocking gather for tests and benchmarks; other completed gathers stay in take_completed."""
-        self.begin_gather(frame, stage, local, holders, n_neurons, timeout_ms)
-        while True:
-            for i, r in enumerate(self._completed):
-                if (r.frame, r.stage) == (frame, stage):
-                    return self._completed.pop(i)
-            self._poller.poll(self.next_due(time.monotonic()) * 1000.0)
-            self.process(time.monotonic())
 
     def poll_once(self, timeout_s: Optional[float] = None) -> List[MembershipEvent]:
         """Wait for input or the next due time (at most `timeout_s`), then `process`."""
@@ -391,6 +474,7 @@ class Mesh:
     def status(self, now_s: Optional[float] = None) -> dict:
         now_s = time.monotonic() if now_s is None else now_s
         return {"id": self.self_id, "incarnation": self.incarnation, "plan_hash": self.plan_hash,
-                "newest_frame": self.newest_frame, "peers": self.membership.snapshot(now_s),
+                "wire_dtype": self.wire_dtype, "ready": self.ready,
+                "peers": self.membership.snapshot(now_s),
                 "counters": dict(self.counters), "gathers_in_progress": len(self.book.active_keys()),
                 "early_slices": self.book.early_count, "early_bytes": self.book.early_bytes}

@@ -36,6 +36,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from robustdice.mesh.config import (DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_PEER_TIMEOUT_MS,
+                                    DEFAULT_SYNC_TIMEOUT_MS)
+
 from .errors import NodeError
 
 log = logging.getLogger(__name__)
@@ -94,9 +97,9 @@ def free_ports(n: int) -> List[int]:
 class LocalCluster:
     """N robustdice-node processes on 127.0.0.1 with generated keys and peers.yaml."""
 
-    def __init__(self, plan_dir, workdir=None, *, threads: int = 1, workers: int = 2,
-                 heartbeat_interval_ms: int = 100, peer_timeout_ms: int = 500, sync_timeout_ms: int = 1000,
-                 log_level: str = "INFO", insecure: bool = False) -> None:
+    def __init__(self, plan_dir, workdir=None, *, threads: int = 1,
+                 heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS, peer_timeout_ms: int = DEFAULT_PEER_TIMEOUT_MS,
+                 sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS, log_level: str = "INFO", insecure: bool = False) -> None:
         from robustdice.partitioner.plan import load_plan, plan_dir as to_plan_dir
         self.plan_dir = to_plan_dir(Path(plan_dir)).resolve()
         self.plan = load_plan(self.plan_dir)
@@ -106,7 +109,7 @@ class LocalCluster:
             workdir = self._tmp.name
         # Absolute: peers.yaml's relative paths are resolved against its own folder.
         self.workdir = Path(workdir).resolve()
-        self.threads, self.workers, self.log_level = threads, workers, log_level
+        self.threads, self.log_level = threads, log_level
         self.ids = [f"n{d}" for d in range(self.plan.devices)]
         self.procs: Dict[int, subprocess.Popen] = {}
         self.logs: Dict[int, Path] = {}
@@ -133,8 +136,7 @@ class LocalCluster:
     def start_node(self, device: int) -> subprocess.Popen:
         log_path = self.workdir / f"{self.ids[device]}.log"
         argv = [sys.executable, "-m", "robustdice.node.supervisor", "--peers", str(self.peers_path),
-                "--id", self.ids[device], "--threads", str(self.threads), "--workers", str(self.workers),
-                "--log-level", self.log_level]
+                "--id", self.ids[device], "--threads", str(self.threads), "--log-level", self.log_level]
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[device] = proc
@@ -420,10 +422,12 @@ def register(sub) -> None:
     c.add_argument("--restart", action="append", default=[], metavar="D@FRAME")
     c.add_argument("--pause", action="append", default=[], metavar="D@FROM:TO")
     c.add_argument("--threads", type=positive_int, default=1, help="torch threads per node (default 1)")
-    c.add_argument("--workers", type=positive_int, default=2, help="frames in flight per node")
-    c.add_argument("--heartbeat-interval-ms", type=positive_int, default=100)
-    c.add_argument("--peer-timeout-ms", type=positive_int, default=500)
-    c.add_argument("--sync-timeout-ms", type=positive_int, default=1000)
+    c.add_argument("--heartbeat-interval-ms", type=positive_int, default=DEFAULT_HEARTBEAT_INTERVAL_MS,
+                   help=f"peers.yaml heartbeat_interval_ms (default {DEFAULT_HEARTBEAT_INTERVAL_MS})")
+    c.add_argument("--peer-timeout-ms", type=positive_int, default=DEFAULT_PEER_TIMEOUT_MS,
+                   help=f"peers.yaml peer_timeout_ms (default {DEFAULT_PEER_TIMEOUT_MS})")
+    c.add_argument("--sync-timeout-ms", type=positive_int, default=DEFAULT_SYNC_TIMEOUT_MS,
+                   help=f"peers.yaml sync_timeout_ms (default {DEFAULT_SYNC_TIMEOUT_MS})")
     c.add_argument("--data", type=Path, help="ImageFolder to stream (default: the digits evaluation split)")
     c.add_argument("--workdir", type=Path, help="keep keys, peers.yaml and node logs here")
     c.add_argument("--plot", type=Path, help="write the latency timeline PNG")
@@ -446,7 +450,7 @@ def cmd_cluster(args) -> int:
         args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"starting {plan.devices} nodes for plan {plan.plan_hash[:12]} ({plan.model}, {plan.method})",
           file=sys.stderr)
-    with LocalCluster(args.plan, args.workdir, threads=args.threads, workers=args.workers,
+    with LocalCluster(args.plan, args.workdir, threads=args.threads,
                       heartbeat_interval_ms=args.heartbeat_interval_ms, peer_timeout_ms=args.peer_timeout_ms,
                       sync_timeout_ms=args.sync_timeout_ms) as cluster:
         cluster_ready_s = time.monotonic()

@@ -1,26 +1,25 @@
 """The inference engine: one process holding this device's shard, computing its slices.
 
 It loads only its own shard onto a model skeleton built on the meta device (so the full model
-never exists in this process), then runs `--workers` threads. Each worker owns one frame at a
-time: for every stage it computes the device's slice, hands it to the event handler, blocks
-until the handler returns the peers' rows, and lets the partitioner's `assemble` and
-`finish_stage` zero-fill what nobody sent and apply cdc recovery and followers (the same code
-the simulation runs). A frame that no peer takes part in (a node alone, or the last survivor)
-skips the handler: `assemble` of its own slice alone is what the gather would give.
-Several workers mean several frames in flight, so one frame's communication overlaps another's
-computation (the paper's asynchronous sync). torch releases the GIL inside its kernels.
+never exists in this process). It is a dataflow engine: one compute thread takes work items
+from the handler in the order they come — start a frame, or continue a frame whose stage was
+gathered — and never waits on the network. Between items a frame is a suspended `FrameRun`
+(partitioner/runtime.py), so any number of frames are in flight while one thread computes;
+the handler decides which item comes next (oldest first, the same order on every node).
+
+Assembling a gathered stage is the partitioner's `assemble` (first copy wins, zero-fill the
+rest) and `FrameRun.advance` finishes it (cdc recovery, followers): the same code the
+simulation runs. A frame with no other participant (`alone`) runs every stage here in one go.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
-import threading
 import time
 import warnings
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import zmq
@@ -37,90 +36,125 @@ class Engine:
         import torch
 
         from robustdice.partitioner.plan import load_plan
-        from robustdice.partitioner.runtime import DeviceRuntime, assemble, build_skeleton, load_shard
+        from robustdice.partitioner.runtime import Assembler, DeviceRuntime, build_skeleton, load_shard
 
         self.torch = torch
-        self.assemble = assemble
         self.plan = load_plan(plan_dir)
+        self.device = device
+        self.assembler = Assembler(self.plan)
         shard = load_shard(self.plan, plan_dir, device)
         staged = build_skeleton(self.plan, shard["shared"])
         self.runtime = DeviceRuntime(self.plan, staged, shard, device)
-        # The slices' neuron ids, computed once: they go out with every slice.
-        self.ids = [self.runtime.ids(i).numpy().astype(np.int32) for i in range(len(self.plan.stages))]
-        self.neurons = [s.neurons for s in self.plan.stages]
-        # Stages whose every row this device computes, in order: alone, its slice is the output.
-        self.whole = [np.array_equal(ids, np.arange(s.total_ids)) for ids, s in zip(self.ids, self.plan.stages)]
+        self.runs: Dict[int, object] = {}          # frame -> FrameRun suspended between stages
+        self.own: Dict[int, object] = {}           # frame -> its current slice, contiguous
+        self.compute_ms: Dict[int, float] = {}
 
-    def run_frame(self, sock: zmq.Socket, frame: int, x: np.ndarray, stop: threading.Event, alone: bool = False):
-        torch = self.torch
-        zero_filled: List[float] = []
-
-        def gather(i: int, ids, slice_nm):
-            if alone:  # no peer takes part in this frame: what the handler's gather would give
-                if self.whole[i]:  # nothing to place or zero-fill: no copy (nobody else holds it)
-                    return slice_nm, torch.zeros(slice_nm.shape[0], dtype=torch.bool)
-                return self.assemble(self.plan.stages[i].total_ids, [(ids, slice_nm)])
-            local = slice_nm.detach().contiguous().numpy()
-            sock.send_multipart(ipc.pack(ipc.SLICE, {"frame": frame, "stage": i, **ipc.describe(local)},
-                                         self.ids[i], local), copy=False)
-            while True:
-                if sock.poll(POLL_MS) == 0:
-                    if stop.is_set():
-                        raise InterruptedError("engine stopping")
-                    continue
-                kind, header, bufs = ipc.unpack(sock.recv_multipart(copy=False))
-                if kind == ipc.STOP:
-                    raise InterruptedError("engine stopping")
-                if kind != ipc.GATHERED or header.get("frame") != frame or header.get("stage") != i:
-                    log.warning("unexpected %s for frame %s stage %s while waiting for %d/%d",
-                                kind, header.get("frame"), header.get("stage"), frame, i)
-                    continue
-                # The peers' rows; ours we have. What neither holds is zero and missing, by the
-                # partitioner's own rule (the one the simulation runs).
-                received = torch.from_numpy(ipc.array(bufs[0], "int32", (header["shape"][0],)).astype(np.int64))
-                rows = torch.from_numpy(ipc.array(bufs[1], header["dtype"], header["shape"]))
-                return self.assemble(self.plan.stages[i].total_ids, [(ids, slice_nm), (received, rows)])
-
-        def on_stage(i: int, zero_mask) -> None:
-            zero_filled.append(float(zero_mask.float().mean()) if zero_mask.numel() else 0.0)
-
+    # ------------------------------------------------------------ work items
+    def handle(self, header: dict, bufs) -> Optional[ipc.Item]:
+        """One work item from the handler; returns its result (None for `drop`)."""
+        kind, frame = header.get("kind"), header.get("frame")
+        if kind == ipc.DROP:
+            self._forget(frame)
+            return None
         start = time.perf_counter()
-        with torch.inference_mode():
-            logits = self.runtime.run(torch.from_numpy(np.array(x)), gather, on_stage)
-        return logits.numpy(), zero_filled, (time.perf_counter() - start) * 1000.0
+        if kind == ipc.INPUT:
+            x = self.torch.from_numpy(ipc.array(bufs[0], header["dtype"], header["shape"]))
+            if header.get("alone"):
+                return self._alone(frame, x, start)
+            run = self.runtime.start(x)
+            self.runs[frame] = run
+            self.compute_ms[frame] = 0.0
+            return self._slice_result(frame, run, None, start)
+        if kind == ipc.GATHERED:
+            return self._continue(frame, header, bufs, start)
+        raise ValueError(f"unexpected work item {kind!r}")
 
+    def _rows(self, header: dict, bufs) -> Dict[int, object]:
+        """device -> its rows of the gathered stage, as views of the received frames."""
+        torch = self.torch
+        ids = self.assembler.ids[header["stage"]]
+        trailing = list(header["trailing"])
+        return {d: torch.from_numpy(ipc.array(buf, header["dtype"], [len(ids[d])] + trailing))
+                for d, buf in zip(header["from"], bufs)}
 
-def worker(engine: Engine, context: zmq.Context, endpoint: str, index: int, stop: threading.Event) -> None:
-    sock = context.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.identity = f"w{index}".encode()
-    sock.connect(endpoint)
-    try:
-        sock.send(ipc.READY)
-        while not stop.is_set():
-            if sock.poll(POLL_MS) == 0:
-                continue
-            kind, header, bufs = ipc.unpack(sock.recv_multipart(copy=False))
-            if kind == ipc.STOP:
+    def _continue(self, frame: int, header: dict, bufs, start: float) -> ipc.Item:
+        run = self.runs.get(frame)
+        if run is None or run.stage != header["stage"]:
+            raise ValueError(f"frame {frame}: gathered stage {header['stage']} for a frame not at that stage")
+        rows = self._rows(header, bufs)
+        rows[self.device] = self.own.pop(frame)
+        full, missing = self.assembler.assemble(run.stage, rows)
+        stage = run.stage
+        if run.advance(full, missing):
+            return self._done_result(frame, run, {stage: int(run.zero_masks[-1].sum())}, start)
+        return self._slice_result(frame, run, int(run.zero_masks[-1].sum()), start)
+
+    def _alone(self, frame: int, x, start: float) -> ipc.Item:
+        """Every stage here: the peers' rows are absent, which the assembly zero-fills."""
+        run = self.runtime.start(x)
+        while True:
+            full, missing = self.assembler.assemble(run.stage, {self.device: run.slice})
+            if run.advance(full, missing):
                 break
-            if kind != ipc.FRAME:
-                continue
-            frame = header["frame"]
+        self.compute_ms[frame] = 0.0
+        zero = {i: int(m.sum()) for i, m in enumerate(run.zero_masks)}
+        return self._done_result(frame, run, zero, start)
+
+    def _slice_result(self, frame: int, run, zero_before: Optional[int], start: float) -> ipc.Item:
+        own = run.slice.contiguous()
+        self.own[frame] = own  # kept to assemble with the peers' rows; ZeroMQ also sends from it
+        self.compute_ms[frame] += (time.perf_counter() - start) * 1000.0
+        array = own.numpy()
+        return {"kind": ipc.SLICE, "frame": frame, "stage": run.stage, "zero_before": zero_before,
+                "ms": (time.perf_counter() - start) * 1000.0, **ipc.describe(array)}, [array]
+
+    def _done_result(self, frame: int, run, zero: Dict[int, int], start: float) -> ipc.Item:
+        compute_ms = self.compute_ms.pop(frame, 0.0) + (time.perf_counter() - start) * 1000.0
+        self.runs.pop(frame, None)
+        self.own.pop(frame, None)
+        logits = run.logits.contiguous().numpy()
+        return {"kind": ipc.DONE, "frame": frame, "zero": {str(k): v for k, v in zero.items()},
+                "compute_ms": compute_ms, "ms": (time.perf_counter() - start) * 1000.0,
+                **ipc.describe(logits)}, [logits]
+
+    def _forget(self, frame) -> None:
+        run = self.runs.pop(frame, None)
+        if run is not None:
+            run.close()
+        self.own.pop(frame, None)
+        self.compute_ms.pop(frame, None)
+
+
+def serve(engine: Engine, sock: zmq.Socket, stop) -> None:
+    """Answer work until `stop()` or a `stop` message."""
+    sock.send(ipc.READY)
+    with engine.torch.inference_mode():
+        _serve(engine, sock, stop)
+
+
+def _serve(engine: Engine, sock: zmq.Socket, stop) -> None:
+    sock.rcvtimeo = POLL_MS
+    while not stop():
+        try:
+            parts = sock.recv_multipart(copy=False)
+        except zmq.Again:  # nothing within POLL_MS: look at the stop flag again
+            continue
+        kind, items = ipc.unpack(parts)
+        if kind == ipc.STOP:
+            return
+        results = []
+        for header, bufs in items:
+            frame = header.get("frame")
             try:
-                logits, zero_filled, compute_ms = engine.run_frame(
-                    sock, frame, ipc.array(bufs[0], header["dtype"], header["shape"]), stop,
-                    alone=bool(header.get("alone")))
-            except InterruptedError:
-                break
-            except Exception as exc:  # a bad input must not kill the worker: report and carry on
-                log.exception("frame %d failed", frame)
-                sock.send_multipart(ipc.pack(ipc.ERROR, {"frame": frame, "message": f"{type(exc).__name__}: {exc}"}))
-                continue
-            sock.send_multipart(ipc.pack(ipc.DONE, {"frame": frame, "zero_filled": zero_filled,
-                                                    "compute_ms": compute_ms, **ipc.describe(logits)}, logits),
-                                copy=False)
-    finally:
-        sock.close(0)
+                result = engine.handle(header, bufs)
+            except Exception as exc:  # one bad frame must not end the engine: report it and go on
+                log.exception("frame %s failed", frame)
+                engine._forget(frame)
+                result = ({"kind": ipc.ERROR, "frame": frame, "message": f"{type(exc).__name__}: {exc}"[:500]}, [])
+            if result is not None:
+                results.append(result)
+        if results:
+            sock.send_multipart(ipc.pack(ipc.RESULTS, results), copy=False)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -129,37 +163,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--device", type=int, required=True)
         p.add_argument("--ipc", required=True)
         p.add_argument("--threads", type=int, default=1)
-        p.add_argument("--workers", type=int, default=2)
 
     args = child_main("engine", argv, arguments)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stopping = {"flag": False}
+
+    def on_signal(*_):
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
     import torch
     torch.set_num_threads(max(1, args.threads))
     engine = Engine(args.plan, args.device)
     context = zmq.Context()
-    threads = [threading.Thread(target=worker, args=(engine, context, args.ipc, i, stop), daemon=True,
-                                name=f"worker-{i}") for i in range(max(1, args.workers))]
-    for t in threads:
-        t.start()
-    log.info("device %d of plan %s (%s, %s): shard loaded, %d stages, %d workers, %d torch threads",
-             args.device, engine.plan.plan_hash[:12], engine.plan.model, engine.plan.method,
-             len(engine.plan.stages), len(threads), torch.get_num_threads())
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(args.ipc)
+    log.info("device %d of plan %s (%s, %s): shard loaded, %d stages, %d torch threads", args.device,
+             engine.plan.plan_hash[:12], engine.plan.model, engine.plan.method, len(engine.plan.stages),
+             torch.get_num_threads())
     report_ready(args.ready_fd)
     try:
-        while not stop.is_set() and any(t.is_alive() for t in threads):
-            stop.wait(0.5)
+        serve(engine, sock, lambda: stopping["flag"])
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=2.0)
-        if any(t.is_alive() for t in threads):
-            # A worker inside a long torch kernel: its socket is still open, so term() would
-            # wait for it. Nothing of ours needs flushing, and the supervisor's deadline is near.
-            os._exit(0)
+        sock.close(0)
         context.term()
     return 0
 

@@ -1,17 +1,25 @@
-"""The event handler: the mesh, the gathers, the clients. One process, one event loop.
+"""The event handler: the mesh, the gathers, the clients. One process, one event loop, no torch.
 
-It polls three things: the mesh (heartbeats, peers' slices and inputs), the engine's workers
-(ipc ROUTER), and the clients (the node's client port). It never imports torch.
+A thin shell: it moves messages between the mesh, the engine and the clients; what to do with
+frames is decided by node/frames.py, when to stop waiting for a peer by mesh/gather.py, who is
+alive and who takes part by mesh/membership.py.
 
 A frame's life:
-  client → this node (`submit`): the frame gets id (device << 40 | sequence), and its
-    *participants* are fixed: this node and every peer alive now. The input goes to them.
-  every participant: the frame waits for an idle engine worker; for each stage the worker's
-    slice starts a mesh gather whose holders are the other participants, and the gathered
-    output goes back to that worker. A peer that dies is not waited for once detected; a peer
-    that rejoins takes part from the next frame on, never in frames it never received.
-  the origin answers its client in submission order: prediction, top-5, latency, and the
-    zero-filled fraction of every stage.
+  client → this node (`submit`): the input is checked against the plan (dtype, shape, batch)
+    and admitted (or refused: busy, refused by every peer). Once the node serves (it has
+    heard its peers, or waited `startup_grace` for them), the frame gets its participants —
+    this node and the largest set of peers that all hear each other — and its input goes to
+    them, with the origin's admission time, the order key every node uses.
+  every participant: the engine computes the frame's slice of a stage when the frame is the
+    oldest ready work; the mesh gathers the other participants' slices; the engine continues.
+  the origin answers its client, in submission order: prediction, top-5, latency, and what
+    the answer rests on (who computed it, which devices were missing at which stage anywhere,
+    how much was zero-filled).
+
+The loop never blocks on a peer and gives the mesh its turn every pass: client requests are
+taken at most MAX_CLIENT_PER_PASS per pass, and a status request costs a cached snapshot, so
+no flood of requests can delay heartbeats. An exception while handling one message is counted
+and logged (rate-limited) and the loop goes on: no message can end the handler.
 """
 from __future__ import annotations
 
@@ -23,331 +31,467 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import psutil
 import zmq
 
 from robustdice.mesh import wire
-from robustdice.mesh.config import load_peers, resolve_self
 from robustdice.mesh.errors import MeshError, WireError
-from robustdice.mesh.gather import SliceData
+from robustdice.mesh.gather import GatherResult, SliceData
+from robustdice.mesh.membership import EventKind, PeerState
 from robustdice.mesh.mesh import Mesh
-from robustdice.partitioner.plan import load_plan
+from robustdice.mesh.poller import ReadyPoller
+from robustdice.mesh.ratelog import RateLimitedLog
 
 from . import ipc
-from .errors import NodeError
-from .process import child_main, report_ready
-from .telemetry import Power
+from .config import NodeConfig, load_node_config
+from .frames import Frame, FrameBook, Phase
+from .process import child_main, report_ready, report_status
+from .telemetry import Power, rss_bytes
 
 log = logging.getLogger("robustdice.handler")
 
-FRAME_ID_SHIFT = 40
-FRAME_SEQ_MASK = (1 << FRAME_ID_SHIFT) - 1   # 2^40 ms ≈ 34 years before the sequence wraps
-MAX_PENDING_FRAMES = 256       # inputs queued beyond this are refused (answered with an error)
-RECENT_FRAMES = 200            # frames the status statistics are taken over
+MAX_BATCH = 64                   # images per client request
+MAX_CLIENT_PER_PASS = 64         # client messages taken per loop pass (the mesh goes between)
+MAX_ENGINE_PER_PASS = 256
+# Work queued at the engine, in seconds of its compute (see Handler.engine_window).
+ENGINE_QUEUE_S = 0.005
+MAX_ENGINE_WINDOW = 32
 EVENT_HISTORY = 100
-MAX_BATCH = 64
-
-
-@dataclass
-class Frame:
-    frame: int
-    origin: str
-    participants: frozenset
-    input: np.ndarray
-    received_s: float
-    client: Optional[bytes] = None
-    request: dict = field(default_factory=dict)
-    worker: Optional[bytes] = None
-    answer: Optional[dict] = None
-    logits: Optional[np.ndarray] = None
+TELEMETRY_REFRESH_S = 1.0        # process-tree RSS and power are read at most this often
+HOUSEKEEPING_S = 0.01            # start-up, engine health, expiry and the status line: this often
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class Handler:
-    def __init__(self, peers_path: str, node_id: Optional[str], plan_dir: Optional[str], ipc_endpoint: str):
-        self.config = load_peers(peers_path)
-        self.me = resolve_self(self.config, node_id)
-        plan_dir = plan_dir or self.config.plan
-        if plan_dir is None:
-            raise NodeError("no plan: give --plan or set plan: in peers.yaml")
-        self.plan = load_plan(plan_dir)  # plain JSON: the handler never imports torch
-        self.node_ids = list(self.config.ids)
-        if self.plan.devices != len(self.node_ids):
-            raise NodeError(f"plan is for {self.plan.devices} devices but peers.yaml lists {len(self.node_ids)} peers")
-        self.device = self.node_ids.index(self.me.id)
-        self.holders = [{nid: np.asarray(s.holders(d), dtype=np.int32) for d, nid in enumerate(self.node_ids)}
-                        for s in self.plan.stages]
-        self.total_ids = [s.total_ids for s in self.plan.stages]
-        self.stage_names = [s.name for s in self.plan.stages]
+    def __init__(self, config: NodeConfig, ipc_endpoint: str):
+        self.config = config
+        peers = config.peers
+        self.me = config.me
+        self.plan = config.plan
+        self.node_ids = list(config.node_ids)
+        self.device_of = {n: d for d, n in enumerate(self.node_ids)}
+        self.device = config.device
+        stages = self.plan.stages
+        self.stage_names = [s.name for s in stages]
+        self.total_ids = [s.total_ids for s in stages]
+        self.input_shape = tuple(self.plan.input_shape)
+        # Per stage, per node: the neuron ids it computes; whom we wait for (their ids are not all
+        # ours) and whom we send to (ours are not all theirs). A node holding all of a stage
+        # waits for nobody; replicas that add nothing are never sent.
+        self.ids = [{n: np.asarray(s.holders(d), dtype=np.int32) for d, n in enumerate(self.node_ids)}
+                    for s in stages]
+        mine = [set(t[self.me.id].tolist()) for t in self.ids]
+        self.wait_for = [{n for n, a in t.items() if n != self.me.id and not set(a.tolist()) <= mine[i]}
+                         for i, t in enumerate(self.ids)]
+        self.send_to = [{n for n, a in t.items() if n != self.me.id and not mine[i] <= set(a.tolist())}
+                        for i, t in enumerate(self.ids)]
         self.ipc_endpoint = ipc_endpoint
-        self.events: Deque[dict] = collections.deque(maxlen=EVENT_HISTORY)
-        self.mesh = Mesh(self.config, self.me.id, self.plan.plan_hash, on_event=self._on_event)
-        self.frames: Dict[int, Frame] = {}
-        self.pending: Deque[int] = collections.deque()
-        self.idle: Deque[bytes] = collections.deque()
-        self.answer_order: Deque[int] = collections.deque()
-        # Frame ids must not repeat across restarts: peers remember finished (frame, stage) keys
-        # and would drop a restarted origin's slices as stale. Milliseconds since the epoch
-        # start the sequence above anything an earlier incarnation can have used at 1 kHz.
-        self.sequence = itertools.count(int(time.time() * 1000) & FRAME_SEQ_MASK)
-        self.recent: Deque[dict] = collections.deque(maxlen=RECENT_FRAMES)
-        self.frames_done = 0
-        self.frame_errors = 0
-        self.last_zero_filled: tuple = ()
-        # A peer counts as a participant of new frames only once it has been alive this long:
-        # time for it to have heard our heartbeat too, since it ignores inputs from a node it
-        # has not verified yet (a just-restarted peer would otherwise stall every stage).
-        self.participant_grace_s = 2 * self.config.heartbeat_interval_ms / 1000.0
-        self.alive_since: Dict[str, float] = {}
+        self.book = FrameBook(self.me.id, self.node_ids, self.stage_names, [s.neurons for s in stages],
+                              frame_timeout_s=config.frame_timeout_s)
+        self.mesh = Mesh(peers, self.me.id, self.plan.plan_hash, on_event=self._on_event,
+                         max_stage=len(stages), on_stall=self._on_stall)
+        self.mesh.progress_source = lambda: (self.book.progress(), self.book.inputs())
+        self.events: collections.deque = collections.deque(maxlen=EVENT_HISTORY)
+        self.counters: "collections.Counter[str]" = collections.Counter()
+        self.ratelog = RateLimitedLog(log)
+        # Frame ids must not repeat across restarts while peers still remember the old ones:
+        # the sequence starts at the wall clock in ms, above what an earlier incarnation used
+        # unless it averaged over 1000 frames a second. (It wraps every 2^40 ms, 34.8 years.)
+        self.sequence = itertools.count(int(time.time() * 1000))
+        self.started_s = time.monotonic()
+        self.serving = False
+        self.refusal = ""            # why every peer refuses us (set while that holds)
+        self.engine_outstanding = 0
+        self.engine_quiet_since_s = time.monotonic()
+        self.engine_ready = False
+        self.engine_max_item_s = 0.0
+        self.engine_item_s = 0.001      # running mean of the engine's time per work item
+        self.stalled_from_s: Optional[float] = None
         self.power = Power()
+        self._telemetry: Tuple[float, Dict[str, int], Optional[float]] = (float("-inf"), {}, None)
+        self.status_line = ""
+        self.engine_pending = self.client_pending = False   # a drain stopped at its per-pass cap
+        self._next_housekeeping_s = float("-inf")
         self.stop = False
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.mesh.start()
         ctx = self.mesh.context
-        self.engine = ctx.socket(zmq.ROUTER)
+        self.engine = ctx.socket(zmq.DEALER)
         self.engine.linger = 0
         self.engine.bind(self.ipc_endpoint)
         self.client = self.mesh.client_socket(zmq.ROUTER)
-        self.poller = zmq.Poller()
-        for s in self.mesh.sockets + [self.engine, self.client]:
-            self.poller.register(s, zmq.POLLIN)
+        hot = [self.mesh.pull_socket, self.engine, self.client]
+        self.poller = ReadyPoller(hot, [s for s in self.mesh.sockets if s not in hot])
+        self.mesh.ready = False   # until the engine says it is ready
         log.info("node %s (device %d of %d) up: mesh %s, clients %s, plan %s (%s %s)%s", self.me.id, self.device,
                  self.plan.devices, self.me.endpoint, self.me.client_endpoint, self.plan.plan_hash[:12],
-                 self.plan.model, self.plan.method, ", INSECURE (no CURVE)" if self.config.insecure else "")
+                 self.plan.model, self.plan.method, ", INSECURE (no CURVE)" if self.config.peers.insecure else "")
 
     def close(self) -> None:
-        for _ in range(len(self.idle)):
-            try:
-                self.engine.send_multipart([self.idle.popleft(), ipc.STOP, b""], zmq.NOBLOCK)
-            except zmq.ZMQError:
-                break
+        try:
+            self.engine.send_multipart(ipc.pack(ipc.STOP, []), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
         self.engine.close(0)
+        self.poller.close()
         self.power.close()
         self.mesh.close()
 
     def run(self) -> None:
         while not self.stop:
             now = time.monotonic()
-            timeout_s = min(self.mesh.next_due(now), 0.25)
-            ready = dict(self.poller.poll(timeout_s * 1000.0))
-            self.mesh.process(time.monotonic())
-            if self.engine in ready:
-                self._drain_engine()
-            if self.client in ready:
-                self._drain_clients()
-            for msg in self.mesh.take_messages():
-                self._on_peer_message(msg)
-            for result in self.mesh.take_completed():
-                self._on_gathered(result)
-            self._dispatch()
+            # Housekeeping needs no timer of its own: heartbeats wake the loop every interval.
+            due_s = 0.0 if self.engine_pending or self.client_pending else self.mesh.next_due(now)
+            readable = self.poller.poll(due_s, everything=now >= self._next_housekeeping_s)
+            self.step(time.monotonic(), readable)
+
+    def step(self, now: float, readable=None) -> None:
+        """One pass: the mesh first, then the engine, the peers' inputs, the clients, the frames."""
+        self.mesh.process(now, readable)
+        if readable is None or self.engine in readable or self.engine_pending:
+            self._guard("engine", self._drain_engine, now)
+        for msg in self.mesh.take_messages():
+            self._guard("peer_message", self._on_peer_message, msg, now)
+        if readable is None or self.client in readable or self.client_pending:
+            self._guard("client", self._drain_clients, now)
+        for result in self.mesh.take_completed():
+            self._guard("gathered", self._on_gathered, result)
+        self._guard("frames", self._tend, now)
+        self.mesh.flush()
+
+    def _guard(self, what: str, fn, *args) -> None:
+        """The exception barrier: one message's failure is counted and logged, never fatal."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.counters[f"handler_error_{what}"] += 1
+            self.ratelog.log(f"error:{what}:{type(exc).__name__}", logging.ERROR, time.monotonic(),
+                             "handling %s failed (%s: %s); dropped and counted", what, type(exc).__name__,
+                             str(exc)[:200], exc_info=True)
 
     # ------------------------------------------------------------ membership
     def _on_event(self, event) -> None:
-        record = {"kind": event.kind, "peer": event.peer_id, "wall_s": time.time(),
-                  "incarnation": event.incarnation, "restarted": event.restarted}
-        self.events.append(record)
-        if event.kind in ("joined", "rejoined"):
-            self.alive_since[event.peer_id] = time.monotonic()
+        self.events.append({"kind": event.kind.value, "peer": event.peer_id, "wall_s": time.time(),
+                            "incarnation": event.incarnation, "restarted": event.restarted, "detail": event.detail})
+        if event.restarted:
+            self.book.origin_restarted(event.peer_id)
+        if event.kind == EventKind.DIED:
+            log.warning("peer %s died (%s): its neurons are zero-filled unless replicated", event.peer_id, event.detail)
+        elif event.kind == EventKind.REFUSED:
+            self.ratelog.log(f"refused:{event.peer_id}", logging.ERROR, event.now_s, "peer %s refused: %s",
+                             event.peer_id, event.detail)
         else:
-            self.alive_since.pop(event.peer_id, None)
-        if event.kind == "died":
-            log.warning("peer %s died (silent for %d ms): its neurons are zero-filled unless replicated",
-                        event.peer_id, self.config.peer_timeout_ms)
-        elif event.kind == "refused":
-            log.error("peer %s refused: %s", event.peer_id, event.detail or "plan hash differs from ours")
+            log.info("peer %s %s%s", event.peer_id, event.kind.value, " (restarted)" if event.restarted else "")
+
+    def _on_stall(self, start_s: float, end_s: float) -> None:
+        """This node was not running for a peer timeout or more: its peers went on without it."""
+        self.stalled_from_s = start_s
+
+    def participants_now(self, now: float) -> List[str]:
+        """Who a frame submitted now would run on (membership.py: pairwise connected)."""
+        chosen = self.mesh.membership.participants(now)
+        return [n for n in self.node_ids if n in chosen]
+
+    def _check_serving(self, now: float) -> None:
+        m = self.mesh.membership
+        states = {p: m.state(p) for p in self.mesh.peer_ids}
+        refusing = [p for p, s in states.items() if s == PeerState.REFUSED]
+        if refusing and not any(s in (PeerState.ALIVE, PeerState.UNREACHABLE) for s in states.values()):
+            theirs = sorted({(m.claimed_plan(p) or "?")[:12] for p in refusing})
+            refusal = (f"refused by every peer that answers ({', '.join(refusing)}): plan mismatch, they run "
+                       f"plan {', '.join(theirs)}, this node runs plan {self.plan.plan_hash[:12]}")
         else:
-            log.info("peer %s %s%s", event.peer_id, event.kind, " (restarted)" if event.restarted else "")
+            refusal = ""
+        if refusal != self.refusal:
+            self.refusal = refusal
+            if refusal:
+                log.error("%s; answering clients with this error", refusal)
+            else:
+                log.info("no longer refused by every peer")
+        if not self.serving:
+            connected = m.connected(now)
+            settled = all(p in connected or s == PeerState.REFUSED for p, s in states.items())
+            if settled or now - self.started_s >= self.config.startup_grace_s:
+                self.serving = True
+                log.info("serving clients: %s", "every peer heard" if settled else
+                         f"after {self.config.startup_grace_s * 1000:.0f} ms of start-up grace, without "
+                         f"{', '.join(p for p in states if p not in connected)}")
 
     # ------------------------------------------------------------ frames
-    def _admit(self, frame: Frame) -> bool:
-        if len(self.pending) >= MAX_PENDING_FRAMES:
-            return False
-        self.frames[frame.frame] = frame
-        self.pending.append(frame.frame)
-        return True
+    def _tend(self, now: float) -> None:
+        if now >= self._next_housekeeping_s:
+            self._next_housekeeping_s = now + HOUSEKEEPING_S
+            self._housekeeping(now)
+        if self.engine_ready:
+            self._dispatch(now)
+        for f in self.book.take_answers():
+            self._answer(f)
 
-    def _dispatch(self) -> None:
-        while self.pending and self.idle:
-            f = self.frames.get(self.pending.popleft())
+    def _housekeeping(self, now: float) -> None:
+        """What needs no answer within the millisecond: start-up, refusal, engine health, frame
+        expiry, held frames, the status line."""
+        self._check_serving(now)
+        self._check_engine(now)
+        if self.stalled_from_s is not None:
+            stalled_from, self.stalled_from_s = self.stalled_from_s, None
+            self._expired(self.book.expire(now, stalled_from))
+        self._expired(self.book.expire(now))
+        if self.serving:
+            for f in self.book.held():
+                if self.refusal:
+                    self.book.on_error(f.frame, self.refusal)
+                    continue
+                self._start_local(f, now)
+        self._report_status()
+
+    def _start_local(self, f: Frame, now: float) -> None:
+        participants = self.participants_now(now)
+        self.book.start(f.frame, participants)
+        others = [p for p in participants if p != self.me.id]
+        if others:
+            self.mesh.broadcast(wire.Input(f.frame, self.me.id, f.input, {}, participants=tuple(participants),
+                                           t_ms=f.t_ms), to=others)
+
+    def engine_window(self) -> int:
+        """Work items kept at the engine: about ENGINE_QUEUE_S of work, at least 2 (one computing,
+        one behind it), so that the engine never waits for this loop, yet a frame that becomes
+        ready waits behind little older work."""
+        return max(2, min(MAX_ENGINE_WINDOW, int(ENGINE_QUEUE_S / max(self.engine_item_s, 1e-5))))
+
+    def _dispatch(self, now: float) -> None:
+        """Send the engine the oldest ready work, as many items as its window allows, in one message."""
+        items = []
+        window = self.engine_window()
+        # At most half the window per message, so that the engine always has a message behind
+        # the one it computes and never waits for this loop to hand it more.
+        room = min(window - self.engine_outstanding, max(1, window // 2))
+        while len(items) < room:
+            f = self.book.next_work()
             if f is None:
-                continue
-            f.worker = self.idle.popleft()
-            # A frame with no other participant has nothing to gather: the engine then zero-fills
-            # on its own instead of a round trip to this process per stage.
-            alone = f.participants == frozenset({self.me.id})
-            self.engine.send_multipart([f.worker] + ipc.pack(ipc.FRAME, {"frame": f.frame, "alone": alone,
-                                                                         **ipc.describe(f.input)},
-                                                             f.input), copy=False)
+                break
+            if f.gathered is None:
+                alone = f.participants == frozenset({self.me.id})
+                items.append(({"kind": ipc.INPUT, "frame": f.frame, "alone": alone, **ipc.describe(f.input)},
+                              [f.input]))
+                f.input = None   # the engine has it now
+            else:
+                items.append(self._gathered_item(f, f.gathered))
+                f.gathered = None
+        if not items:
+            return
+        if self.engine_outstanding == 0:
+            self.engine_quiet_since_s = now
+        self.engine_outstanding += len(items)
+        self.engine.send_multipart(ipc.pack(ipc.WORK, items), copy=False)
 
-    def _on_peer_message(self, msg) -> None:
+    def _gathered_item(self, f: Frame, result: GatherResult) -> ipc.Item:
+        pieces = [p for p in result.pieces if p.neuron_ids.size]
+        failed = [self.device_of[n] for n in self.book.missing_devices(f, result.released)]
+        trailing = list(pieces[0].array.shape[1:]) if pieces else []
+        dtype = pieces[0].array.dtype.name if pieces else "float32"
+        # Views of the received frames: forwarded without a copy. The mesh checked each piece's
+        # ids against the plan, so the engine knows them from the device.
+        return ({"kind": ipc.GATHERED, "frame": f.frame, "stage": result.stage, "failed": failed,
+                 "from": [self.device_of[p.sender] for p in pieces], "dtype": dtype, "trailing": trailing},
+                [p.array.reshape(-1).view(np.uint8) for p in pieces])
+
+    def _expired(self, frames: List[Frame]) -> None:
+        for f in frames:
+            self.mesh.abandon(f.frame)
+            if f.engine_state:
+                self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.DROP, "frame": f.frame}, [])]))
+            if f.local:
+                self.ratelog.log("expired", logging.WARNING, time.monotonic(), "frame %d: %s", f.frame,
+                                 (f.answer or {}).get("error", "expired"))
+
+    def _check_engine(self, now: float) -> None:
+        """A live handler in front of a hung engine must not be counted on by the peers."""
+        limit = max(self.config.engine_stall_s, 20 * self.engine_max_item_s)
+        stalled = self.engine_outstanding > 0 and now - self.engine_quiet_since_s > limit
+        ready = self.engine_ready and not stalled
+        if ready != self.mesh.ready:
+            self.mesh.ready = ready
+            if self.engine_ready:
+                log.warning("engine %s", f"stalled: no answer for {(now - self.engine_quiet_since_s) * 1000:.0f} ms "
+                            "with work pending; peers will not count on this node" if stalled else "answers again")
+                self.counters["engine_stalls"] += int(stalled)
+
+    # ------------------------------------------------------------ peers
+    def _on_peer_message(self, msg, now: float) -> None:
         if isinstance(msg, wire.Input):
-            participants = msg.meta.get("participants") if isinstance(msg.meta, dict) else None
-            if msg.origin != msg.sender or not isinstance(participants, list):
-                self.mesh.counters["bad_input"] += 1
-                return
-            if self.me.id not in participants or msg.frame in self.frames:
-                return  # the origin did not count on us for this frame (we were not alive to it)
-            if msg.array.ndim != 4 or msg.array.dtype != np.float32:
-                self.mesh.counters["bad_input"] += 1
-                return
-            frame = Frame(msg.frame, msg.origin, frozenset(participants), msg.array, time.monotonic())
-            if not self._admit(frame):
-                self.mesh.counters["input_overflow"] += 1
-        elif isinstance(msg, wire.Control):
-            self.mesh.counters["unexpected_control"] += 1
+            self._on_peer_input(msg, now)
+        else:
+            self.counters["unexpected_control"] += 1
 
-    def participants_now(self) -> List[str]:
-        """Who a frame submitted now would run on: this node and every peer settled in."""
-        now = time.monotonic()
-        settled = {p for p in self.mesh.membership.alive()
-                   if now - self.alive_since.get(p, now) >= self.participant_grace_s}
-        return sorted({self.me.id} | settled)
-
-    def _submit(self, identity: bytes, msg) -> None:
-        x = np.asarray(msg.array)
-        if x.dtype != np.float32 or x.ndim != 4 or not 1 <= x.shape[0] <= MAX_BATCH:
-            self._reply_error(identity, msg, f"input must be float32 (batch<= {MAX_BATCH}, C, H, W), got "
-                                             f"{x.dtype} {list(x.shape)}")
+    def _on_peer_input(self, msg: wire.Input, now: float) -> None:
+        origin = msg.origin
+        problem = None
+        if origin != msg.sender:
+            problem = f"input of {origin!r} relayed by {msg.sender}"
+        elif wire.frame_device(msg.frame) != self.node_ids.index(origin):
+            problem = f"frame {msg.frame} is outside {origin}'s frame ids"
+        elif not set(msg.participants) <= set(self.node_ids) or origin not in msg.participants:
+            problem = f"participants {list(msg.participants)[:8]} are not peers of this plan with the origin"
+        else:
+            problem = self._bad_input(msg.array)
+        if problem:
+            self._count_drop("bad_input", now, f"from {msg.sender}: {problem}")
             return
-        frame_id = (self.device << FRAME_ID_SHIFT) | (next(self.sequence) & FRAME_SEQ_MASK)
-        participants = self.participants_now()
-        frame = Frame(frame_id, self.me.id, frozenset(participants), x, time.monotonic(), client=identity,
-                      request=dict(msg.meta) if isinstance(msg.meta, dict) else {})
-        if not self._admit(frame):
-            self._reply_error(identity, msg, "node busy: too many frames queued")
+        if self.me.id not in msg.participants:
+            self.counters["input_not_participant"] += 1  # the origin did not count on us for it
             return
-        self.answer_order.append(frame_id)
-        self.mesh.broadcast(wire.Input(frame_id, self.me.id, x, {"participants": participants}))
+        report = self.mesh.membership.report(origin)
+        reason = self.book.admit_peer(msg.frame, origin, msg.t_ms, msg.participants, msg.array, msg.array.nbytes,
+                                      now, (report.progress, report.inputs) if report else None)
+        if reason:
+            self._count_drop(reason, now, f"frame {msg.frame} from {origin}")
 
-    def _drain_engine(self) -> None:
-        while self.engine.get(zmq.EVENTS) & zmq.POLLIN:
-            parts = self.engine.recv_multipart(zmq.NOBLOCK, copy=False)
-            worker = bytes(parts[0])
-            kind, header, bufs = ipc.unpack(parts[1:])
+    def _bad_input(self, x) -> Optional[str]:
+        x = np.asarray(x)
+        if x.dtype != np.float32 or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape \
+                or not 1 <= x.shape[0] <= MAX_BATCH:
+            return (f"input must be float32 (batch 1..{MAX_BATCH}, {', '.join(map(str, self.input_shape))}) for "
+                    f"plan {self.plan.plan_hash[:12]} ({self.plan.model}), got {x.dtype} {list(x.shape)}")
+        return None
+
+    def _count_drop(self, reason: str, now: float, detail: str) -> None:
+        self.counters[reason] += 1
+        self.ratelog.log(f"drop:{reason}", logging.WARNING, now, "dropped a peer input as %s: %s", reason, detail)
+
+    def _on_gathered(self, result: GatherResult) -> None:
+        f = self.book.frames.get(result.frame)
+        if f is None:
+            return
+        missing = self.book.missing_devices(f, result.released)
+        upstream = [entry for p in result.pieces for entry in p.degraded]
+        if result.released:
+            self.ratelog.log("released", logging.INFO, time.monotonic(), "frame %d stage %s: went on without %s",
+                             result.frame, self.stage_names[result.stage],
+                             ", ".join(f"{n} ({why})" for n, why in sorted(result.released.items())))
+        self.book.on_gathered(result.frame, result.stage, missing, upstream, result)
+
+    # ------------------------------------------------------------ engine
+    def _drain_engine(self, now: float) -> None:
+        self.engine_pending = True   # unless the socket runs dry below
+        for _ in range(MAX_ENGINE_PER_PASS):
+            if not self.engine.getsockopt(_EVENTS) & _POLLIN:
+                self.engine_pending = False
+                return
+            try:
+                parts = self.engine.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.engine_pending = False
+                return
+            kind, items = ipc.unpack(parts)
             if kind == ipc.READY:
-                self.idle.append(worker)
-            elif kind == ipc.SLICE:
-                self._on_slice(header, bufs)
-            elif kind in (ipc.DONE, ipc.ERROR):
-                self.idle.append(worker)
-                self._on_done(kind, header, bufs)
+                self.engine_ready = True
+                continue
+            self.engine_outstanding = max(0, self.engine_outstanding - len(items))
+            self.engine_quiet_since_s = now
+            for header, bufs in items:
+                item_s = header.get("ms", 0.0) / 1000.0
+                self.engine_item_s += (item_s - self.engine_item_s) / 16   # a running mean
+                self.engine_max_item_s = max(self.engine_max_item_s, item_s)
+                kind = header.get("kind")
+                if kind == ipc.SLICE:
+                    self._on_slice(header, bufs, now)
+                elif kind == ipc.DONE:
+                    self._on_done(header, bufs, now)
+                elif kind == ipc.ERROR:
+                    self.book.on_error(header.get("frame"), f"engine: {header.get('message', 'error')}")
 
-    def _on_slice(self, header: dict, bufs) -> None:
-        f = self.frames.get(header["frame"])
+    def _on_slice(self, header: dict, bufs, now: float) -> None:
         stage = header["stage"]
+        f = self.book.on_slice(header["frame"], stage, header.get("zero_before"))
         if f is None:
-            return
-        ids = ipc.array(bufs[0], "int32", (header["shape"][0],))
-        local = SliceData(ids, ipc.array(bufs[1], header["dtype"], header["shape"]))
-        holders = {nid: self.holders[stage][nid] for nid in f.participants if nid != self.me.id}
-        self.mesh.begin_gather(f.frame, stage, local, holders, self.total_ids[stage])
+            return  # expired meanwhile; the engine was told to drop it
+        local = SliceData(self.ids[stage][self.me.id], ipc.array(bufs[0], header["dtype"], header["shape"]))
+        holders = {p: self.ids[stage][p] for p in f.participants if p in self.wait_for[stage]}
+        send_to = [p for p in f.participants if p in self.send_to[stage]]
+        degraded = tuple((s, m, z) for s, (m, z) in sorted(f.degraded.items()))
+        self.mesh.begin_gather(f.frame, stage, local, holders, self.total_ids[stage], send_to=send_to,
+                               degraded=degraded, now_s=now)
 
-    def _on_gathered(self, result) -> None:
-        f = self.frames.get(result.frame)
-        if f is None or f.worker is None:
-            return
-        if result.timed_out:
-            # Peers that sent nothing by the deadline do not have this frame (or are gone):
-            # later stages of the frame do not wait for them again.
-            silent = set(f.participants) - set(result.contributors) - {self.me.id}
-            if silent:
-                log.warning("frame %d stage %s: no slice from %s within %d ms; not waiting for them in later stages",
-                            f.frame, self.stage_names[result.stage], ", ".join(sorted(silent)),
-                            self.config.sync_timeout_ms)
-                f.participants = frozenset(f.participants) - silent
-        # The engine holds its own rows already: send back only the ones that came from peers.
-        received = ~result.zero_mask
-        received[self.holders[result.stage][self.me.id]] = False
-        ids = np.flatnonzero(received).astype(np.int32)
-        rows = result.array[ids] if ids.size < received.size else result.array
-        self.engine.send_multipart(
-            [f.worker] + ipc.pack(ipc.GATHERED, {"frame": f.frame, "stage": result.stage, **ipc.describe(rows)},
-                                  ids, rows), copy=False)
+    def _on_done(self, header: dict, bufs, now: float) -> None:
+        frame = header["frame"]
+        f = self.book.frames.get(frame)
+        if f is not None and f.participants == frozenset({self.me.id}):
+            # alone: every other device was missing at every stage
+            missing = self.book.missing_devices(f, ())
+            mask = sum(1 << self.node_ids.index(n) for n in missing)
+            for i in range(len(self.stage_names)):
+                f.degraded[i] = (mask, f.degraded.get(i, (0, 0))[1])
+        logits = ipc.array(bufs[0], header["dtype"], header["shape"]).copy()
+        zero = {int(k): int(v) for k, v in header.get("zero", {}).items()}
+        self.book.on_done(frame, logits, zero, float(header.get("compute_ms", 0.0)), now,
+                          lambda f: self._answer_body(f, now))
 
-    def _on_done(self, kind: bytes, header: dict, bufs) -> None:
-        f = self.frames.get(header.get("frame"))
-        if f is None:
-            return
-        now = time.monotonic()
-        if kind == ipc.ERROR:
-            self.frame_errors += 1
-            f.answer = {"error": header.get("message", "engine error")}
-        else:
-            logits = ipc.array(bufs[0], header["dtype"], header["shape"]).copy()
-            zero = header.get("zero_filled", [])
-            weights = [s.neurons for s in self.plan.stages]
-            overall = float(np.dot(zero, weights) / max(1, sum(weights))) if zero else 0.0
-            f.logits = logits
-            f.answer = self._answer(f, logits, zero, overall, now, header.get("compute_ms", 0.0))
-            self._log_zero_fill(f, zero)
-            self.frames_done += 1
-            self.recent.append({"latency_ms": f.answer["latency_ms"], "zero_filled_fraction": overall})
-        self.mesh.newest_frame = max(self.mesh.newest_frame, f.frame & FRAME_SEQ_MASK)
-        if f.origin != self.me.id:
-            del self.frames[f.frame]
-        self._answer_in_order()
-
-    def _log_zero_fill(self, f: Frame, zero: List[float]) -> None:
-        """Log what was zero-filled whenever it changes from one frame to the next (not per frame)."""
-        pattern = tuple(round(z, 3) for z in zero)
-        if pattern == self.last_zero_filled or (not any(pattern) and not any(self.last_zero_filled)):
-            self.last_zero_filled = pattern
-            return
-        self.last_zero_filled = pattern
-        absent = sorted(set(self.node_ids) - set(f.participants))
-        if any(pattern):
-            lost = ", ".join(f"{n} {100 * z:.1f}%" for n, z in zip(self.stage_names, zero) if z > 0)
-            log.warning("frame %d: zero-filled %s (participants %s%s)", f.frame, lost, ", ".join(sorted(f.participants)),
-                        f"; not counted on: {', '.join(absent)}" if absent else "")
-        else:
-            log.info("frame %d: nothing zero-filled any more (participants %s)", f.frame, ", ".join(sorted(f.participants)))
-
-    def _answer(self, f: Frame, logits: np.ndarray, zero: List[float], overall: float, now: float,
-                compute_ms: float) -> dict:
+    def _answer_body(self, f: Frame, now: float) -> dict:
+        logits = f.logits
         flat = logits.reshape(logits.shape[0], -1)
         shifted = np.exp(flat - flat.max(axis=1, keepdims=True))
         probs = shifted / shifted.sum(axis=1, keepdims=True)
         top5 = [[[int(c), float(p[c])] for c in np.argsort(-p)[:5]] for p in probs]
-        return {"prediction": [int(i) for i in flat.argmax(axis=1)], "top5": top5,
-                "latency_ms": (now - f.received_s) * 1000.0, "compute_ms": compute_ms,
-                "zero_filled": {name: z for name, z in zip(self.stage_names, zero)},
-                "zero_filled_fraction": overall, "participants": sorted(f.participants)}
+        body = {"prediction": [int(i) for i in flat.argmax(axis=1)], "top5": top5,
+                "latency_ms": (now - f.received_s) * 1000.0, "compute_ms": f.compute_ms}
+        body.update(self.book.degradation(f))
+        return body
 
-    def _answer_in_order(self) -> None:
-        while self.answer_order:
-            f = self.frames.get(self.answer_order[0])
-            if f is None:
-                self.answer_order.popleft()
-                continue
-            if f.answer is None:
-                return
-            self.answer_order.popleft()
-            del self.frames[f.frame]
-            meta = dict(f.answer, request=f.request, node=self.me.id)
-            arrays = (f.logits,) if f.logits is not None else ()
-            self._reply(f.client, wire.Result(f.frame, self.me.id, meta, arrays))
+    def _answer(self, f: Frame) -> None:
+        meta = dict(f.answer, request=f.request, node=self.me.id)
+        arrays = (f.logits,) if f.logits is not None and "error" not in f.answer else ()
+        self._reply(f.client, wire.Result(f.frame, self.me.id, meta, arrays))
 
     # ------------------------------------------------------------ clients
-    def _drain_clients(self) -> None:
-        while self.client.get(zmq.EVENTS) & zmq.POLLIN:
-            parts = self.client.recv_multipart(zmq.NOBLOCK, copy=False)
-            identity = bytes(parts[0])
+    def _drain_clients(self, now: float) -> None:
+        self.client_pending = True   # unless the socket runs dry below: the rest waits for the next pass
+        for _ in range(MAX_CLIENT_PER_PASS):
+            if not self.client.getsockopt(_EVENTS) & _POLLIN:
+                self.client_pending = False
+                return
             try:
-                msg = wire.decode(parts[1:], self.config.max_message_bytes)
-            except WireError as exc:
-                self.mesh.counters[f"client_{exc.reason}"] += 1
-                continue
-            if isinstance(msg, wire.Input):
-                self._submit(identity, msg)
-            elif isinstance(msg, wire.Control) and msg.kind == "status":
-                self._reply(identity, wire.Control("status", self.status()))
-            else:
-                self.mesh.counters["client_unexpected"] += 1
+                parts = self.client.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.client_pending = False
+                return
+            self._guard("client_message", self._on_client, parts, now)
+
+    def _on_client(self, parts, now: float) -> None:
+        identity = bytes(parts[0])
+        try:
+            msg = wire.decode(parts[1:], self.config.peers.max_message_bytes)
+        except WireError as exc:
+            self.counters[f"client_{exc.reason}"] += 1
+            self.ratelog.log(f"client:{exc.reason}", logging.WARNING, now, "dropped a client message as %s (%s)",
+                             exc.reason, exc.detail[:200])
+            return
+        if isinstance(msg, wire.Input):
+            self._submit(identity, msg, now)
+        elif isinstance(msg, wire.Control) and msg.kind == "status":
+            self._reply(identity, wire.Control("status", self.status(now)))
+        else:
+            self.counters["client_unexpected"] += 1
+
+    def _submit(self, identity: bytes, msg: wire.Input, now: float) -> None:
+        request = dict(msg.meta) if isinstance(msg.meta, dict) else {}
+        problem = self._bad_input(msg.array) or self.refusal
+        if not problem:
+            frame = wire.frame_id(self.device, next(self.sequence))
+            problem = self.book.admit_local(frame, int(time.time() * 1000), msg.array, msg.array.nbytes, identity,
+                                            request, now)
+        if not problem:
+            if self.serving:  # else housekeeping starts it once the node has heard its peers
+                self._start_local(self.book.frames[frame], now)
+            return
+        if problem:
+            self.counters["client_refused"] += 1
+            self.ratelog.log("client_refused", logging.WARNING, now, "refused a client request: %s", problem)
+            self._reply(identity, wire.Result(0, self.me.id, {"error": problem, "request": request, "node": self.me.id}))
 
     def _reply(self, identity: Optional[bytes], msg) -> None:
         if identity is None:
@@ -356,34 +500,51 @@ class Handler:
         try:
             self.client.send_multipart([identity] + frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
-            self.mesh.counters["client_reply_dropped"] += 1
+            self.counters["client_reply_dropped"] += 1
 
-    def _reply_error(self, identity: bytes, msg, text: str) -> None:
-        self.mesh.counters["client_bad_request"] += 1
-        log.warning("refused a client request: %s", text)
-        self._reply(identity, wire.Result(0, self.me.id, {"error": text, "request": dict(msg.meta or {})}))
+    # ------------------------------------------------------------ status
+    def _report_status(self) -> None:
+        """One line for systemd (sd_notify STATUS via the supervisor) whenever it changes."""
+        if self.refusal:
+            line = f"REFUSED: {self.refusal}"
+        elif not self.serving:
+            line = "starting: waiting to hear the peers"
+        else:
+            m = self.mesh.membership
+            line = (f"serving device {self.device} of plan {self.plan.plan_hash[:12]}; "
+                    f"{len(m.connected(time.monotonic()))} of {len(self.mesh.peer_ids)} peers connected")
+        if line != self.status_line:
+            self.status_line = line
+            report_status(line)
 
-    def status(self) -> dict:
-        mesh = self.mesh.status()
-        lat = sorted(r["latency_ms"] for r in self.recent)
-        zero = [r["zero_filled_fraction"] for r in self.recent]
-        rss = {}
-        try:
-            parent = psutil.Process(os.getppid())
-            for proc in [parent] + parent.children():
-                rss[f"{proc.pid}:{proc.name()}"] = proc.memory_info().rss
-        except psutil.Error:
-            pass
-        power = self.power.total_mw()
+    def _telemetry_now(self, now: float) -> Tuple[Dict[str, int], Optional[float]]:
+        read_s, rss, power = self._telemetry
+        if now - read_s >= TELEMETRY_REFRESH_S:
+            try:
+                parent = psutil.Process(os.getppid())
+                pids = [parent.pid] + [c.pid for c in parent.children()]
+            except psutil.Error:
+                pids = [os.getpid()]
+            rss = rss_bytes(pids)
+            power = self.power.total_mw()
+            self._telemetry = (now, rss, power)
+        return rss, power
+
+    def status(self, now: Optional[float] = None) -> dict:
+        now = time.monotonic() if now is None else now
+        mesh = self.mesh.status(now)
+        rss, power = self._telemetry_now(now)
+        counters = dict(mesh["counters"])
+        counters.update(self.counters)
+        counters.update({k: v for k, v in self.book.counters.items() if k.startswith("input_")})
         return {
             "node": self.me.id, "device": self.device, "incarnation": self.mesh.incarnation,
             "plan_hash": self.plan.plan_hash, "model": self.plan.model, "method": self.plan.method,
-            "members": mesh["peers"], "counters": mesh["counters"],
-            "participants": self.participants_now(),
-            "frames_done": self.frames_done, "frame_errors": self.frame_errors,
-            "frames_in_flight": len(self.frames), "frames_pending": len(self.pending),
-            "latency_ms_p50": lat[len(lat) // 2] if lat else None,
-            "zero_filled_fraction": float(np.mean(zero)) if zero else 0.0,
+            "serving": self.serving, "refused": self.refusal or None, "engine_ready": self.mesh.ready,
+            "members": mesh["peers"], "counters": counters,
+            "participants": self.participants_now(now),
+            **self.book.stats(),
+            "gathers_in_progress": mesh["gathers_in_progress"], "early_slices": mesh["early_slices"],
             "rss_bytes": rss, "rss_total_bytes": sum(rss.values()),
             "power_mw": power, "power": "n/a" if power is None else f"{power / 1000:.2f} W",
             "power_note": self.power.reason, "events": list(self.events), "wall_s": time.time(),
@@ -398,7 +559,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--ipc", required=True)
 
     args = child_main("handler", argv, arguments)
-    handler = Handler(args.peers, args.id, args.plan, args.ipc)
+    handler = Handler(load_node_config(args.peers, args.id, args.plan, check_key=False), args.ipc)
 
     def on_signal(*_):
         handler.stop = True

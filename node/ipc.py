@@ -1,21 +1,36 @@
-"""The engine ↔ event-handler protocol on one board (ZeroMQ over ipc://).
+"""The engine ↔ event-handler protocol on one board (ZeroMQ DEALER ↔ DEALER over ipc://).
 
-The handler binds one ROUTER; each engine worker thread connects its own DEALER, so a worker
-owns one frame at a time and simply blocks on its socket for that frame's gathers. Every
-message is a multipart message: frame 0 is the kind (ASCII), frame 1 a msgpack header, and
-tensors follow as raw frames, sent with copy=False (C order, little-endian, no copies in
-Python; the kernel's socket buffer is the only copy on the way).
+The handler binds, the engine connects; one connection, messages in order both ways. Every
+message is multipart: frame 0 is the kind (ASCII), frame 1 a msgpack list of item headers, and
+the items' tensors follow as raw frames, in item order (each header says how many are its own
+in "n"), sent with copy=False (C order, little-endian; the kernel's socket buffer is the only
+copy on the way).
 
-    worker → handler  ready                                  (the worker is idle)
-    handler → worker  frame     {frame, dtype, shape}        input tensor
-    worker → handler  slice     {frame, stage, dtype, shape} neuron ids (int32), slice (neuron-major)
-    handler → worker  gathered  {frame, stage, dtype, shape} received ids (int32), their rows
-                                 (neuron-major): only what came from peers, since the worker has
-                                 its own rows; ids that neither holds are the zero-filled ones
-    worker → handler  done      {frame, dtype, shape, zero_filled: [fraction per stage],
-                                 compute_ms}                 logits
-    worker → handler  error     {frame, message}
-    handler → worker  stop      {}
+The engine is a dataflow engine: it never waits on the network. The handler sends work items
+(the frames it decides run next: node/frames.py, oldest first), several per message when
+several are ready; the engine computes them in order and answers each message with one
+`results` message, one result per input or gathered item.
+
+    engine → handler  ready    []                                   (the shard is loaded)
+    handler → engine  work     items, each one of:
+        {kind: "input", frame, alone, dtype, shape}                 1 frame: the input tensor
+            start the frame: compute this device's slice of its first stage; with alone=true
+            (no other participant) run every stage here and answer `done`
+        {kind: "gathered", frame, stage, failed: [device], from: [device, ...], dtype,
+         trailing: [...]}                                           1 frame per device in `from`:
+            its rows of the stage, in the plan's order for that device (the handler checked
+            them): what came from the peers (the engine has its own slice); `failed` are the
+            devices whose rows did not come
+        {kind: "drop", frame}                                       0 frames; no result
+            forget the frame (expired)
+    engine → handler  results  items, each one of:
+        {kind: "slice", frame, stage, zero_before, dtype, shape}    1 frame: this device's slice
+            (neuron-major; its neuron ids are the plan's for this device and stage);
+            zero_before: neurons zero-filled at stage - 1 (null at stage 0)
+        {kind: "done", frame, zero: {stage: neurons zero-filled}, compute_ms, dtype, shape}
+                                                                    1 frame: the logits
+        {kind: "error", frame, message}                             0 frames: the frame failed here
+    handler → engine  stop     []
 """
 from __future__ import annotations
 
@@ -24,27 +39,41 @@ from typing import Any, Dict, List, Sequence, Tuple
 import msgpack
 import numpy as np
 
-READY, FRAME, SLICE, GATHERED, DONE, ERROR, STOP = (b"ready", b"frame", b"slice", b"gathered", b"done",
-                                                    b"error", b"stop")
+READY, WORK, RESULTS, STOP = b"ready", b"work", b"results", b"stop"
+INPUT, GATHERED, DROP = "input", "gathered", "drop"
+SLICE, DONE, ERROR = "slice", "done", "error"
+
+Item = Tuple[Dict[str, Any], Sequence[Any]]   # (header, tensors or received buffers)
 
 
-def pack(kind: bytes, header: Dict[str, Any], *arrays: np.ndarray) -> List[Any]:
-    frames: List[Any] = [kind, msgpack.packb(header, use_bin_type=True)]
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        frames.append(a.reshape(-1).view(np.uint8) if a.size else b"")
-    return frames
+def raw(a: np.ndarray) -> Any:
+    """A tensor as one frame: a flat byte view, no copy."""
+    a = np.ascontiguousarray(a)
+    return a.reshape(-1).view(np.uint8) if a.size else b""
+
+
+def pack(kind: bytes, items: Sequence[Item]) -> List[Any]:
+    headers, frames = [], []
+    for header, arrays in items:
+        headers.append(dict(header, n=len(arrays)))
+        frames += [raw(a) if isinstance(a, np.ndarray) else a for a in arrays]
+    return [kind, msgpack.packb(headers, use_bin_type=True)] + frames
+
+
+def unpack(frames: Sequence[Any]) -> Tuple[bytes, List[Item]]:
+    kind = bytes(frames[0])
+    headers = msgpack.unpackb(bytes(frames[1]), raw=False, strict_map_key=False) if len(frames) > 1 else []
+    bufs = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames[2:]]
+    items, at = [], 0
+    for header in headers:
+        n = header.get("n", 0)
+        items.append((header, bufs[at:at + n]))
+        at += n
+    return kind, items
 
 
 def describe(array: np.ndarray) -> Dict[str, Any]:
     return {"dtype": array.dtype.name, "shape": list(array.shape)}
-
-
-def unpack(frames: Sequence[Any]) -> Tuple[bytes, Dict[str, Any], List[memoryview]]:
-    kind = bytes(frames[0])
-    raw = bytes(frames[1]) if len(frames) > 1 else b""
-    header = msgpack.unpackb(raw, raw=False) if raw else {}
-    return kind, header, [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames[2:]]
 
 
 def array(buffer: memoryview, dtype: str, shape: Sequence[int]) -> np.ndarray:

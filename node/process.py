@@ -26,14 +26,38 @@ def exit_with_parent(sig: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), sig)
 
 
+_status_fd: Optional[int] = None
+
+
 def report_ready(fd: Optional[int]) -> None:
-    """The ready handshake: one line on the pipe the supervisor gave us, then close it."""
+    """The ready handshake: one line on the pipe the supervisor gave us. The pipe stays open for
+    `report_status` lines (the supervisor passes them to systemd as STATUS=)."""
+    global _status_fd
     if fd is None:
         return
     try:
         os.write(fd, b"ready\n")
-    finally:
+        os.set_blocking(fd, False)  # a supervisor slow to read must never stall this process
+        _status_fd = fd
+    except OSError:
         os.close(fd)
+
+
+def report_status(line: str) -> None:
+    """One status line to the supervisor (a no-op without its pipe; never fails the caller)."""
+    global _status_fd
+    if _status_fd is None:
+        return
+    text = " ".join(line.split())[:400]
+    try:
+        os.write(_status_fd, b"status " + text.encode("utf-8", "replace") + b"\n")
+    except BlockingIOError:  # the pipe is full: this line is lost, the next change sends another
+        pass
+    except OSError:  # the supervisor is gone or not reading: status is advisory
+        try:
+            os.close(_status_fd)
+        finally:
+            _status_fd = None
 
 
 def child_main(prog: str, argv, add_arguments) -> argparse.Namespace:

@@ -1,10 +1,16 @@
 """`robustdice-node`: the parent that supervises the event handler and the inference engine.
 
-    robustdice-node --peers peers.yaml [--id ID] [--plan DIR] [--threads N] [--workers K]
+    robustdice-node --peers peers.yaml [--id ID] [--plan DIR] [--threads N] [--check]
 
-Start-up: check peers.yaml, the plan and this device's shard, make a private run folder for the
-ipc socket, start the engine, and once it is ready the handler; each writes "ready" on a pipe
-the supervisor gives it. Once both are ready: sd_notify READY=1 (when NOTIFY_SOCKET is set).
+Start-up: check peers.yaml, the plan and this device's shard (node/config.py), make a private run
+folder for the ipc socket, start the engine, and once it is ready the handler; each writes
+"ready" on a pipe the supervisor gives it. Once both are ready: sd_notify READY=1 (when
+NOTIFY_SOCKET is set). The handler then writes status lines on its pipe (serving, refused by
+every peer, ...), which go to systemd as STATUS=.
+
+The order of start-up and shutdown is a small pure state machine (`transition`), as
+supervisord's states.py keeps process states: the shell only turns its actions into processes
+and signals.
 
 Child death policy: if either child dies, the node exits non-zero (after stopping the other
 child) and lets systemd restart it (Restart=on-failure). A restart is a new process with a new
@@ -18,6 +24,7 @@ whole takes under 5 s. Signal handlers only set a flag; the loop acts on it.
 from __future__ import annotations
 
 import argparse
+import enum
 import logging
 import os
 import select
@@ -27,8 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional, Tuple
 
 from .errors import NodeError
 from .sdnotify import Notifier
@@ -40,52 +46,81 @@ CHILD_GRACE_S = 2.0           # per child; handler + engine stay within the 5 s 
 POLL_S = 0.2
 
 
-def _check(args) -> Dict[str, object]:
-    """Validate configuration before starting anything; NodeError/ConfigError/PlanError name the cause."""
-    from robustdice.mesh.config import load_peers, resolve_self
-    from robustdice.mesh.keys import load_own_keys
-    from robustdice.partitioner.plan import load_plan
+class State(str, enum.Enum):
+    STARTING_ENGINE = "starting engine"
+    STARTING_HANDLER = "starting handler"
+    RUNNING = "running"
+    STOPPING = "stopping"
 
-    config = load_peers(args.peers)
-    me = resolve_self(config, args.id)
-    if not config.insecure:
-        load_own_keys(config, me.id)  # a bad key file fails here, not later inside the handler
-    plan_dir = Path(args.plan) if args.plan else config.plan
-    if plan_dir is None:
-        raise NodeError("no plan: give --plan DIR or set 'plan:' in peers.yaml")
-    plan = load_plan(plan_dir)
-    if plan.devices != len(config.peers):
-        raise NodeError(f"plan {plan_dir} is for {plan.devices} devices but {args.peers} lists {len(config.peers)} peers")
-    device = list(config.ids).index(me.id)
-    shard = plan_dir / "shards" / f"{device}.pt"
-    if not shard.exists():
-        raise NodeError(f"shard for device {device} ({me.id}) is missing: {shard}")
-    return {"config": config, "me": me, "plan": plan, "plan_dir": plan_dir, "device": device}
+
+class Event(str, enum.Enum):
+    ENGINE_READY = "engine ready"
+    HANDLER_READY = "handler ready"
+    CHILD_EXITED = "child exited"
+    SIGNALLED = "signalled"
+    READY_TIMEOUT = "ready timeout"
+
+
+class Action(str, enum.Enum):
+    START_HANDLER = "start handler"
+    NOTIFY_READY = "notify ready"
+    STOP = "stop"                 # stop the children, handler first, and exit
+
+
+def transition(state: State, event: Event) -> Tuple[State, Optional[Action], int]:
+    """(next state, action, exit status if the node stops). Pure."""
+    if state == State.STOPPING:
+        return state, None, 0
+    if event == Event.SIGNALLED:
+        return State.STOPPING, Action.STOP, 0
+    if event in (Event.CHILD_EXITED, Event.READY_TIMEOUT):
+        return State.STOPPING, Action.STOP, 1
+    if state == State.STARTING_ENGINE and event == Event.ENGINE_READY:
+        return State.STARTING_HANDLER, Action.START_HANDLER, 0
+    if state == State.STARTING_HANDLER and event == Event.HANDLER_READY:
+        return State.RUNNING, Action.NOTIFY_READY, 0
+    return state, None, 0
 
 
 class Child:
+    """One child process and the pipe on which it says "ready", then status lines."""
+
     def __init__(self, name: str, argv: List[str]) -> None:
         self.name = name
         read_fd, write_fd = os.pipe()
         self.proc = subprocess.Popen(argv + ["--ready-fd", str(write_fd)], pass_fds=(write_fd,))
         os.close(write_fd)
-        self.ready_fd: Optional[int] = read_fd
+        os.set_blocking(read_fd, False)
+        self.fd: Optional[int] = read_fd
         self.ready = False
+        self._partial = b""
 
-    def poll_ready(self) -> None:
-        if self.ready_fd is None:
-            return
-        r, _, _ = select.select([self.ready_fd], [], [], 0)
-        if r:
-            data = os.read(self.ready_fd, 64)
-            os.close(self.ready_fd)
-            self.ready_fd = None
-            self.ready = data.startswith(b"ready")
+    def read_lines(self) -> List[str]:
+        """Lines the child wrote since the last call (sets `ready` on its "ready" line)."""
+        if self.fd is None or not select.select([self.fd], [], [], 0)[0]:
+            return []
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return []
+        if not data:  # the child closed its end (it exited)
+            os.close(self.fd)
+            self.fd = None
+            return []
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        out = []
+        for line in lines:
+            text = line.decode("utf-8", "replace")
+            if text == "ready":
+                self.ready = True
+            elif text.startswith("status "):
+                out.append(text[len("status "):])
+        return out
 
     def stop(self, grace_s: float) -> None:
-        if self.ready_fd is not None:
-            os.close(self.ready_fd)
-            self.ready_fd = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -97,7 +132,7 @@ class Child:
             self.proc.wait()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from robustdice.partitioner.cli import positive_int
     p = argparse.ArgumentParser(prog="robustdice-node", description="Run one RobustDiCE node (handler + engine).")
     p.add_argument("--peers", required=True, help="peers.yaml, the same file on every board")
@@ -105,11 +140,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--plan", help="plan folder (default: peers.yaml's plan:)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for the engine (default: $ROBUSTDICE_THREADS, else torch's own choice)")
-    p.add_argument("--workers", type=positive_int, default=2, help="frames in flight in the engine (default 2)")
     p.add_argument("--check", action="store_true",
-                   help="check peers.yaml, this node's key, the plan and its shard, print a summary and exit")
+                   help="check peers.yaml, this node's key, the plan and its shard, print a summary and exit "
+                        "(default: off)")
     p.add_argument("--log-level", default=os.environ.get("ROBUSTDICE_LOG_LEVEL", "INFO").upper(),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: $ROBUSTDICE_LOG_LEVEL, else INFO")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
     env_threads = os.environ.get("ROBUSTDICE_THREADS", "").strip()
     if env_threads and not env_threads.isdigit():
         p.error(f"ROBUSTDICE_THREADS={env_threads!r} is not a whole number of threads")
@@ -120,24 +160,26 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s node[%(process)d]: %(message)s")
     from robustdice.mesh.errors import MeshError
     from robustdice.partitioner.errors import PartitionerError
+
+    from .config import load_node_config
     try:
-        info = _check(args)
+        config = load_node_config(args.peers, args.id, args.plan)
+        if args.check:
+            from robustdice.partitioner.runtime import load_shard
+            load_shard(config.plan, config.plan_dir, config.device)  # digest, plan hash, device
     except (NodeError, MeshError, PartitionerError) as exc:
         print(f"robustdice-node: error: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        from robustdice.partitioner.runtime import load_shard
-        try:
-            load_shard(info["plan"], info["plan_dir"], info["device"])  # digest, plan hash, device
-        except PartitionerError as exc:
-            print(f"robustdice-node: error: {exc}", file=sys.stderr)
-            return 2
-        me, plan = info["me"], info["plan"]
-        print(f"ok: node {me.id} is device {info['device']} of {plan.devices} in plan {plan.plan_hash[:12]} "
+        me, plan = config.me, config.plan
+        print(f"ok: node {me.id} is device {config.device} of {plan.devices} in plan {plan.plan_hash[:12]} "
               f"({plan.model}, {plan.method}); mesh {me.endpoint}, clients {me.client_endpoint}, "
-              f"{'INSECURE (no CURVE)' if info['config'].insecure else 'CURVE key checked'}")
+              f"{'INSECURE (no CURVE)' if config.peers.insecure else 'CURVE key checked'}")
         return 0
+    return run(config, args)
 
+
+def run(config, args) -> int:
     stopping = {"flag": False}
 
     def on_signal(signum, _frame):
@@ -148,60 +190,64 @@ def main(argv: Optional[List[str]] = None) -> int:
     notifier = Notifier()
     # ipc:// paths must stay under 107 characters: a short private folder under /tmp (or systemd's
     # RuntimeDirectory) rather than anything derived from the (possibly long) plan path.
-    run_dir = tempfile.mkdtemp(prefix=f"rdn-{info['me'].id[:16]}-", dir=os.environ.get("RUNTIME_DIRECTORY"))
+    run_dir = tempfile.mkdtemp(prefix=f"rdn-{config.me.id[:16]}-", dir=os.environ.get("RUNTIME_DIRECTORY"))
     endpoint = f"ipc://{run_dir}/engine.sock"
+    common = ["--log-level", args.log_level]
+    engine_argv = [sys.executable, "-m", "robustdice.node.engine", "--plan", str(config.plan_dir),
+                   "--device", str(config.device), "--ipc", endpoint] + common
+    if args.threads:
+        engine_argv += ["--threads", str(args.threads)]
+    handler_argv = [sys.executable, "-m", "robustdice.node.handler", "--peers", str(config.peers_path),
+                    "--id", config.me.id, "--plan", str(config.plan_dir), "--ipc", endpoint] + common
     children: List[Child] = []
-    status = 0
+    state, status = State.STARTING_ENGINE, 0
+    watchdog_s = notifier.watchdog_interval_s()
+    next_watchdog = time.monotonic()
+    deadline = time.monotonic() + READY_TIMEOUT_S
     try:
-        common = ["--log-level", args.log_level]
-        engine_argv = [sys.executable, "-m", "robustdice.node.engine", "--plan", str(info["plan_dir"]),
-                       "--device", str(info["device"]), "--ipc", endpoint, "--workers", str(args.workers)] + common
-        if args.threads:
-            engine_argv += ["--threads", str(args.threads)]
-        handler_argv = [sys.executable, "-m", "robustdice.node.handler", "--peers", str(args.peers),
-                        "--id", info["me"].id, "--plan", str(info["plan_dir"]), "--ipc", endpoint] + common
         # The engine first: the handler's first heartbeat tells the peers to count on this node,
-        # so the shard must already be loaded by then (a rejoining node would otherwise make
-        # them wait on slices it cannot compute yet).
+        # so the shard must already be loaded by then.
         children.append(Child("engine", engine_argv))
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        announced = False
-        watchdog_s = notifier.watchdog_interval_s()
-        next_watchdog = time.monotonic()
-        while not stopping["flag"]:
+        while state != State.STOPPING:
+            events: List[Event] = []
             for c in children:
-                c.poll_ready()
+                for line in c.read_lines():
+                    notifier.notify(f"STATUS={line}")
                 code = c.proc.poll()
                 if code is not None:
                     log.error("%s exited with %s: stopping the node so that systemd restarts it", c.name, code)
-                    status = 1
-                    stopping["flag"] = True
+                    events.append(Event.CHILD_EXITED)
             if stopping["flag"]:
-                break
-            if not announced:
-                if len(children) == 1 and children[0].ready:
+                events.append(Event.SIGNALLED)
+            if state == State.STARTING_ENGINE and children[0].ready:
+                events.append(Event.ENGINE_READY)
+            if state == State.STARTING_HANDLER and children[-1].ready:
+                events.append(Event.HANDLER_READY)
+            if state != State.RUNNING and time.monotonic() > deadline:
+                log.error("children not ready within %.0f s", READY_TIMEOUT_S)
+                events.append(Event.READY_TIMEOUT)
+            for event in events:
+                state, action, code = transition(state, event)
+                status = status or code
+                if action == Action.START_HANDLER:
                     children.append(Child("handler", handler_argv))
-                elif len(children) == 2 and all(c.ready for c in children):
-                    announced = True
-                    log.info("node %s ready (device %d, plan %s)", info["me"].id, info["device"],
-                             info["plan"].plan_hash[:12])
-                    notifier.notify(f"READY=1\nSTATUS=serving device {info['device']} of plan "
-                                    f"{info['plan'].plan_hash[:12]}\nMAINPID={os.getpid()}")
-                elif time.monotonic() > deadline:
-                    log.error("children not ready within %.0f s", READY_TIMEOUT_S)
-                    status = 1
-                    break
-            if watchdog_s and announced and time.monotonic() >= next_watchdog:
+                elif action == Action.NOTIFY_READY:
+                    log.info("node %s ready (device %d, plan %s)", config.me.id, config.device,
+                             config.plan.plan_hash[:12])
+                    notifier.notify(f"READY=1\nSTATUS=started device {config.device} of plan "
+                                    f"{config.plan.plan_hash[:12]}\nMAINPID={os.getpid()}")
+            if watchdog_s and state == State.RUNNING and time.monotonic() >= next_watchdog:
                 notifier.notify("WATCHDOG=1")
                 next_watchdog = time.monotonic() + watchdog_s
-            time.sleep(POLL_S)  # the supervisor only watches; nothing waits on it
+            if state != State.STOPPING:
+                time.sleep(POLL_S)  # the supervisor only watches; nothing waits on it
     finally:
         notifier.notify("STOPPING=1")
         for c in reversed(children):  # handler first: it stops taking frames, then the engine
             c.stop(CHILD_GRACE_S)
         shutil.rmtree(run_dir, ignore_errors=True)
         notifier.close()
-    log.info("node %s stopped", info["me"].id)
+    log.info("node %s stopped", config.me.id)
     return status
 
 

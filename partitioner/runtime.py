@@ -23,6 +23,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .errors import PlanError
@@ -245,26 +246,78 @@ def finish_stage(stage: Stage, stage_plan: StagePlan, full: torch.Tensor, missin
     return y, zero_mask
 
 
+def _placement(total_ids: int, id_lists: Sequence[np.ndarray]) -> Tuple[List[Optional[np.ndarray]], np.ndarray]:
+    """Which rows of each piece land where when the first copy of each id wins.
+
+    Returns, per piece, None (every row is used) or the indices of the rows used; and the mask
+    of ids that no piece holds.
+    """
+    missing = np.ones(total_ids, dtype=bool)
+    keep: List[Optional[np.ndarray]] = []
+    for index in id_lists:
+        fresh = missing[index]
+        if fresh.all():  # the usual case: no replica of a row already written
+            keep.append(None)
+        else:
+            keep.append(np.flatnonzero(fresh))
+        missing[index[fresh]] = False
+    return keep, missing
+
+
 def assemble(total_ids: int, pieces: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
     """In-process gather: first copy of each id wins; zeros and missing=True where none came."""
-    pieces = list(pieces)
+    pieces = [(ids, values) for ids, values in pieces]
+    keep, missing = _placement(total_ids, [ids.numpy() for ids, _ in pieces])
+    return _fill(total_ids, pieces, keep, torch.from_numpy(missing), bool(missing.any()))
+
+
+def _fill(total_ids: int, pieces, keep, missing: torch.Tensor, any_missing: bool):
     template = pieces[0][1]
     # Not zeros: each row is written once, by its first copy or by the zero-fill at the end.
     full = template.new_empty((total_ids,) + tuple(template.shape[1:]))
-    missing = torch.ones(total_ids, dtype=torch.bool)
-    for ids, values in pieces:
-        if not ids.numel():
-            continue
-        fresh = missing[ids]
-        if bool(fresh.all()):  # the usual case: no replica of a row already written
+    for (ids, values), rows in zip(pieces, keep):
+        if rows is None:
             full.index_copy_(0, ids, values)
-            missing[ids] = False
-        elif bool(fresh.any()):
-            full[ids[fresh]] = values[fresh]
-            missing[ids[fresh]] = False
-    if bool(missing.any()):
+        elif len(rows):
+            rows = torch.from_numpy(rows)
+            full.index_copy_(0, ids[rows], values[rows])
+    if any_missing:
         full[missing] = 0
     return full, missing
+
+
+class Assembler:
+    """`assemble` for one plan, when pieces come from known devices: the placement of each
+    device's rows is worked out once per (stage, contributing devices) and reused, which a node
+    assembling every stage of every frame needs. Devices are taken in index order, as the
+    simulation does, so the result is the simulation's."""
+
+    CACHE = 512
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.ids = [[torch.as_tensor(s.holders(d), dtype=torch.long) for d in range(plan.devices)]
+                    for s in plan.stages]
+        self._layouts: Dict[Tuple[int, Tuple[int, ...]], tuple] = {}
+
+    def assemble(self, stage: int, rows: Mapping[int, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`rows`: device -> its slice of `stage` (rows in the plan's order for that device)."""
+        devices = tuple(sorted(d for d in rows if len(self.ids[stage][d])))
+        key = (stage, devices)
+        layout = self._layouts.get(key)
+        if layout is None:
+            total = self.plan.stages[stage].total_ids
+            keep, missing = _placement(total, [self.ids[stage][d].numpy() for d in devices])
+            layout = (total, keep, torch.from_numpy(missing), bool(missing.any()))
+            if len(self._layouts) >= self.CACHE:
+                self._layouts.pop(next(iter(self._layouts)))
+            self._layouts[key] = layout
+        total, keep, missing, any_missing = layout
+        if not devices:  # nobody holds anything of this stage here: all zero
+            any_rows = next(iter(rows.values()))
+            full = any_rows.new_zeros((total,) + tuple(any_rows.shape[1:]))
+            return full, missing
+        return _fill(total, [(self.ids[stage][d], rows[d]) for d in devices], keep, missing, any_missing)
 
 
 class Cluster:

@@ -50,9 +50,10 @@ def make_config(folder: Path, ids: Sequence[str], *, insecure: bool = False, hea
     publics = {} if insecure else make_keypairs(folder / "keys", list(ids) + list(clients))
     ports = free_ports(2 * len(ids))
     peers = tuple(PeerConfig(i, "127.0.0.1", ports[2 * k], publics.get(i), ports[2 * k + 1]) for k, i in enumerate(ids))
-    config = PeersConfig(peers, None, heartbeat_interval_ms, peer_timeout_ms, sync_timeout_ms, insecure,
-                         None if insecure else "keys/{id}.key_secret", clients=tuple(
-                             ClientKey(c, publics[c]) for c in clients))
+    config = PeersConfig(peers, None, heartbeat_interval_ms=heartbeat_interval_ms, peer_timeout_ms=peer_timeout_ms,
+                         sync_timeout_ms=sync_timeout_ms, frame_timeout_ms=max(10000, 2 * sync_timeout_ms),
+                         insecure=insecure, secret_key_file=None if insecure else "keys/{id}.key_secret",
+                         clients=tuple(ClientKey(c, publics[c]) for c in clients))
     return write_peers(folder / "peers.yaml", config)
 
 

@@ -82,7 +82,7 @@ def start_node_with_plan(cluster: LocalCluster, device: int, plan_dir: Path) -> 
     """Like LocalCluster.start_node, but with `--plan` overriding peers.yaml's plan."""
     log_path = cluster.workdir / f"{cluster.ids[device]}.log"
     argv = [sys.executable, "-m", "robustdice.node.supervisor", "--peers", str(cluster.peers_path),
-            "--id", cluster.ids[device], "--plan", str(plan_dir), "--threads", "1", "--workers", "1"]
+            "--id", cluster.ids[device], "--plan", str(plan_dir), "--threads", "1"]
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     cluster.procs[device] = proc

@@ -33,7 +33,8 @@ def test_defaults_and_paths(tmp_path):
     path = tmp_path / "peers.yaml"
     path.write_text(yaml.safe_dump(base()))
     config = load_peers(path)
-    assert (config.heartbeat_interval_ms, config.peer_timeout_ms, config.sync_timeout_ms) == (100, 500, 200)
+    assert (config.heartbeat_interval_ms, config.peer_timeout_ms, config.sync_timeout_ms,
+            config.frame_timeout_ms) == (100, 500, 1000, 10000)
     assert config.insecure is False and config.max_message_bytes == 268435456
     assert config.plan == tmp_path / "plan"
     assert config.peer("n1").client_port == 5561
@@ -59,6 +60,7 @@ def test_to_yaml_roundtrip(tmp_path):
     (lambda d: d["peers"][1].update(public_key=K0), "is listed for more than one peer"),
     (lambda d: d.update(peer_timeout_ms=100, heartbeat_interval_ms=100), "peer_timeout_ms: 100 must exceed heartbeat_interval_ms (100)"),
     (lambda d: d.update(sync_timeout_ms=0), "sync_timeout_ms: 0 is not"),
+    (lambda d: d.update(frame_timeout_ms=900), "frame_timeout_ms: 900 must exceed sync_timeout_ms (1000)"),
     (lambda d: d.update(insecure="yes"), "insecure: 'yes' is not true or false"),
     (lambda d: d.update(version=2), "version: 2 is not supported"),
     (lambda d: d.update(peers=[]), "peers: [] is not a non-empty list"),

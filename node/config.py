@@ -1,0 +1,72 @@
+"""One node's configuration: peers.yaml, which peer this node is, and its plan — loaded once.
+
+`load_node_config` is the one loader: the supervisor calls it before starting anything (and for
+`--check`), the handler and the engine call it again in their own processes, and every problem
+is a NodeError, ConfigError or PlanError that names the file and the field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+from robustdice.mesh.config import PeerConfig, PeersConfig, load_peers, resolve_self
+from robustdice.partitioner.plan import Plan, load_plan
+
+from .errors import NodeError
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    peers_path: Path
+    peers: PeersConfig
+    me: PeerConfig
+    device: int            # this node's index in peers.yaml, which is its device in the plan
+    plan_dir: Path
+    plan: Plan
+
+    @property
+    def node_ids(self) -> Tuple[str, ...]:
+        return self.peers.ids
+
+    @property
+    def shard_path(self) -> Path:
+        return self.plan_dir / "shards" / f"{self.device}.pt"
+
+    # Timing derived from peers.yaml, in one place.
+    @property
+    def startup_grace_s(self) -> float:
+        """How long a starting node waits to hear its peers before it serves clients anyway: a peer
+        timeout (a live peer is heard within one heartbeat) plus two heartbeats for it to hear us."""
+        return (self.peers.peer_timeout_ms + 2 * self.peers.heartbeat_interval_ms) / 1000.0
+
+    @property
+    def frame_timeout_s(self) -> float:
+        return self.peers.frame_timeout_ms / 1000.0
+
+    @property
+    def engine_stall_s(self) -> float:
+        """An engine that holds work and has answered nothing for this long is stalled: peers then
+        stop counting on this node (a live handler in front of a hung engine is a zombie)."""
+        return self.peers.sync_timeout_ms / 1000.0
+
+
+def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *, check_key: bool = True) -> NodeConfig:
+    from robustdice.mesh.keys import load_own_keys
+
+    peers_path = Path(peers_path)
+    peers = load_peers(peers_path)
+    me = resolve_self(peers, node_id)
+    if check_key and not peers.insecure:
+        load_own_keys(peers, me.id)  # a bad key file fails here, not later inside the handler
+    directory = Path(plan_dir) if plan_dir else peers.plan
+    if directory is None:
+        raise NodeError("no plan: give --plan DIR or set 'plan:' in peers.yaml")
+    plan = load_plan(directory)
+    if plan.devices != len(peers.peers):
+        raise NodeError(f"plan {directory} is for {plan.devices} devices but {peers_path} lists "
+                        f"{len(peers.peers)} peers")
+    config = NodeConfig(peers_path, peers, me, list(peers.ids).index(me.id), Path(directory), plan)
+    if not config.shard_path.exists():
+        raise NodeError(f"shard for device {config.device} ({me.id}) is missing: {config.shard_path}")
+    return config

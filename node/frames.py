@@ -1,0 +1,374 @@
+"""The frames of one node: admission, participants, the ready queue, answers, statistics.
+
+A pure core, like the mesh's membership and gather books: no sockets, no clock reads (`now_s`
+is an argument), no torch. The handler moves messages; every decision about frames is here.
+
+The unit of work is (frame, stage), not the frame. A frame's life on a node:
+
+    held       a local frame waiting for the node to be ready to serve (start-up: until it has
+               heard its peers); its participants are not chosen yet
+    queued     the input is here; the engine has not started the frame
+    running    one work item of the frame is at the engine (start, or continue after a gather)
+    gathering  the engine's slice of `stage` is out; the mesh gathers the others'
+    gathered   the gather of `stage` is done; the engine continues when it takes the item
+    done       the logits are here (a local frame then waits for its turn to be answered)
+
+Ready work (queued and gathered frames) is taken oldest first by (t_ms, frame): the origin's
+admission time and the frame id, which travel with the input, so every node orders the same
+work the same way and no cycle of waits can form between nodes. Nothing here waits on the
+network: a frame whose gather is pending simply is not ready.
+
+Frames have an age. A frame is expired (a local one answered with an error, a peer's one
+dropped) when it is older than `frame_timeout_s`, when this node was itself stalled for a
+peer timeout after it arrived (its peers have gone on without us), or when its origin's
+heartbeat no longer lists it (the origin has finished it). Expired frames are never waited on.
+
+What a frame rests on is tracked as `degraded`: for each stage at which some holder was
+missing here or anywhere upstream (the slices say so), the missing devices and the most
+neurons zero-filled. The answer reports it, so an answer never claims less zero-fill than
+any node had for that frame.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import heapq
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+class Phase(str, enum.Enum):
+    HELD = "held"
+    QUEUED = "queued"
+    RUNNING = "running"
+    GATHERING = "gathering"
+    GATHERED = "gathered"
+    DONE = "done"
+
+
+READY_PHASES = (Phase.QUEUED, Phase.GATHERED)
+
+# Frames a node keeps in flight from one origin (its own included). A client asking for more
+# is told the node is busy; a peer sending more is dropped and counted.
+MAX_FRAMES_PER_ORIGIN = 32
+# Input bytes held for frames the engine has not started, over all origins: a burst of large
+# inputs is refused rather than pinned in memory.
+MAX_QUEUED_INPUT_BYTES = 128 * 1024 * 1024
+RECENT_FRAMES = 200          # frames the status statistics are taken over
+
+# Drop reasons of peers' inputs (counter names).
+DROP_REPLAY = "input_replay"
+DROP_OVERFLOW = "input_overflow"
+DROP_FINISHED = "input_finished"
+
+
+@dataclass
+class Frame:
+    frame: int
+    origin: str
+    t_ms: int                          # the origin's admission time: the order key, with the id
+    input: Any                         # the input array until the engine takes it
+    input_bytes: int
+    received_s: float
+    participants: FrozenSet[str] = frozenset()
+    client: Optional[bytes] = None     # a local frame's client identity
+    request: Dict[str, Any] = field(default_factory=dict)
+    phase: Phase = Phase.QUEUED
+    stage: int = 0                     # the stage being computed or gathered
+    stages_sent: int = 0               # slices of this frame sent to peers (progress reports)
+    gathered: Any = None               # the gather result waiting for the engine
+    engine_state: bool = False         # the engine holds this frame's state (until done or dropped)
+    degraded: Dict[int, Tuple[int, int]] = field(default_factory=dict)   # stage -> (missing mask, zero)
+    answer: Optional[Dict[str, Any]] = None
+    logits: Any = None
+    compute_ms: float = 0.0
+
+    @property
+    def key(self) -> Tuple[int, int]:
+        return self.t_ms, self.frame
+
+    @property
+    def local(self) -> bool:
+        return self.client is not None
+
+
+def merge_degraded(into: Dict[int, Tuple[int, int]], entries: Iterable[Tuple[int, int, int]]) -> None:
+    """Fold (stage, missing mask, zero-filled) entries into a frame's record: masks are united,
+    zero-fill is the most any node had."""
+    for stage, mask, zero in entries:
+        old_mask, old_zero = into.get(stage, (0, 0))
+        if mask or zero or stage in into:
+            into[stage] = (old_mask | mask, max(old_zero, zero))
+
+
+class FrameBook:
+    def __init__(self, self_id: str, node_ids: Sequence[str], stage_names: Sequence[str],
+                 stage_neurons: Sequence[int], *, frame_timeout_s: float,
+                 max_per_origin: int = MAX_FRAMES_PER_ORIGIN,
+                 max_queued_input_bytes: int = MAX_QUEUED_INPUT_BYTES) -> None:
+        self.self_id = self_id
+        self.node_ids = list(node_ids)
+        self.device_of = {n: d for d, n in enumerate(self.node_ids)}
+        self.stage_names = list(stage_names)
+        self.stage_neurons = list(stage_neurons)
+        self.frame_timeout_s = frame_timeout_s
+        self.max_per_origin = max_per_origin
+        self.max_queued_input_bytes = max_queued_input_bytes
+        self.frames: Dict[int, Frame] = {}
+        self._ready: List[Tuple[int, int]] = []        # heap of frame keys; stale entries skipped
+        self._answer_order: Deque[int] = collections.deque()
+        self._per_origin: "collections.Counter[str]" = collections.Counter()
+        self._queued_bytes = 0
+        self._inputs: Dict[str, int] = {}              # origin -> newest frame id received
+        self.counters: "collections.Counter[str]" = collections.Counter()
+        self.recent: Deque[Tuple[float, float]] = collections.deque(maxlen=RECENT_FRAMES)
+
+    # ------------------------------------------------------------ admission
+    def _room(self, origin: str, nbytes: int) -> Optional[str]:
+        if self._per_origin[origin] >= self.max_per_origin:
+            return f"{self._per_origin[origin]} frames of {origin} in flight (at most {self.max_per_origin})"
+        if self._queued_bytes + nbytes > self.max_queued_input_bytes:
+            return (f"{(self._queued_bytes + nbytes) / 2**20:.0f} MiB of inputs would be queued "
+                    f"(at most {self.max_queued_input_bytes / 2**20:.0f} MiB)")
+        return None
+
+    def _add(self, f: Frame) -> None:
+        self.frames[f.frame] = f
+        self._per_origin[f.origin] += 1
+        self._queued_bytes += f.input_bytes
+        if f.phase in READY_PHASES:
+            heapq.heappush(self._ready, f.key)
+
+    def admit_local(self, frame: int, t_ms: int, array: Any, nbytes: int, client: bytes,
+                    request: Mapping[str, Any], now_s: float) -> Optional[str]:
+        """A client's frame, held until `start`; returns why it cannot be taken, or None."""
+        full = self._room(self.self_id, nbytes)
+        if full:
+            return f"node busy: {full}"
+        self._add(Frame(frame, self.self_id, t_ms, array, nbytes, now_s, client=client, request=dict(request),
+                        phase=Phase.HELD))
+        self._answer_order.append(frame)
+        return None
+
+    def held(self) -> List[Frame]:
+        return [f for f in self.frames.values() if f.phase == Phase.HELD]
+
+    def start(self, frame: int, participants: Iterable[str]) -> Frame:
+        """A held local frame gets its participants and becomes ready (the handler broadcasts it)."""
+        f = self.frames[frame]
+        f.participants = frozenset(participants) | {self.self_id}
+        f.phase = Phase.QUEUED
+        self._inputs[self.self_id] = max(self._inputs.get(self.self_id, -1), frame)
+        heapq.heappush(self._ready, f.key)
+        return f
+
+    def admit_peer(self, frame: int, origin: str, t_ms: int, participants: Iterable[str], array: Any,
+                   nbytes: int, now_s: float, origin_report: Optional[Tuple[Mapping[int, int], Mapping[str, int]]]
+                   ) -> Optional[str]:
+        """A peer's input (already validated); returns the drop reason (a counter name) or None.
+
+        `origin_report` is the origin's latest (progress, inputs): if it has moved past this frame
+        and no longer lists it, the origin has finished it and the input is stale.
+        """
+        if frame <= self._inputs.get(origin, -1) or frame in self.frames:
+            return DROP_REPLAY
+        self._inputs[origin] = frame
+        if origin_report is not None:
+            progress, inputs = origin_report
+            if inputs.get(origin, -1) >= frame and frame not in progress:
+                return DROP_FINISHED
+        if self._room(origin, nbytes):
+            return DROP_OVERFLOW
+        self._add(Frame(frame, origin, t_ms, array, nbytes, now_s, participants=frozenset(participants)))
+        return None
+
+    def origin_restarted(self, origin: str) -> None:
+        """A new incarnation numbers its frames afresh: forget its watermark."""
+        self._inputs.pop(origin, None)
+
+    # ------------------------------------------------------------ the ready queue
+    def next_work(self) -> Optional[Frame]:
+        """The oldest ready frame, now running; None when nothing is ready."""
+        while self._ready:
+            key = heapq.heappop(self._ready)
+            f = self.frames.get(key[1])
+            if f is None or f.key != key or f.phase not in READY_PHASES:
+                continue
+            if f.phase == Phase.QUEUED:
+                self._queued_bytes -= f.input_bytes
+            f.phase = Phase.RUNNING
+            f.engine_state = True
+            return f
+        return None
+
+    def on_slice(self, frame: int, stage: int, zero_before: Optional[int]) -> Optional[Frame]:
+        """The engine computed its slice of `stage`; `zero_before` is what it zero-filled at stage - 1."""
+        f = self.frames.get(frame)
+        if f is None or f.phase != Phase.RUNNING:
+            return None
+        if zero_before is not None and stage > 0:
+            self._note_zero(f, stage - 1, zero_before)
+        f.phase, f.stage = Phase.GATHERING, stage
+        f.stages_sent = stage + 1
+        return f
+
+    def _note_zero(self, f: Frame, stage: int, zero: int) -> None:
+        if zero:
+            mask, old = f.degraded.get(stage, (0, 0))
+            f.degraded[stage] = (mask, max(old, zero))
+
+    def on_gathered(self, frame: int, stage: int, missing: Iterable[str],
+                    upstream: Iterable[Tuple[int, int, int]], result: Any) -> Optional[Frame]:
+        """The gather of (frame, stage) is done: `missing` are the frame's devices whose rows did
+        not come (not participants, or released holders), `upstream` the pieces' own records."""
+        f = self.frames.get(frame)
+        if f is None or f.phase != Phase.GATHERING or f.stage != stage:
+            return None
+        mask = 0
+        for node in missing:
+            mask |= 1 << self.device_of[node]
+        merge_degraded(f.degraded, list(upstream) + [(stage, mask, 0)])
+        f.gathered = result
+        f.phase = Phase.GATHERED
+        heapq.heappush(self._ready, f.key)
+        return f
+
+    def missing_devices(self, f: Frame, released: Iterable[str]) -> List[str]:
+        """The devices whose rows a gather of `f` lacks: not counted on, or given up on."""
+        return sorted((set(self.node_ids) - f.participants) | set(released), key=self.device_of.get)
+
+    def on_done(self, frame: int, logits: Any, zero: Mapping[int, int], compute_ms: float, now_s: float,
+                answer_fn) -> Optional[Frame]:
+        """The engine finished the frame. A local frame gets `answer_fn(frame)` as its answer; a
+        peer's frame is forgotten."""
+        f = self.frames.get(frame)
+        if f is None or f.phase != Phase.RUNNING:
+            return None
+        for stage, count in zero.items():
+            self._note_zero(f, stage, count)
+        f.logits, f.compute_ms, f.engine_state, f.input = logits, compute_ms, False, None
+        f.phase = Phase.DONE
+        self.counters["frames_done"] += 1
+        if not f.local:
+            self._forget(f)
+            return f
+        f.answer = answer_fn(f)
+        self.recent.append((f.answer["latency_ms"], f.answer["zero_filled_fraction"]))
+        return f
+
+    def on_error(self, frame: int, message: str) -> Optional[Frame]:
+        f = self.frames.get(frame)
+        if f is None:
+            return None
+        self.counters["frame_errors"] += 1
+        f.engine_state = False
+        return self._fail(f, message)
+
+    def _fail(self, f: Frame, message: str) -> Frame:
+        if f.phase == Phase.QUEUED or f.phase == Phase.HELD:
+            self._queued_bytes -= f.input_bytes
+        f.phase, f.input, f.gathered = Phase.DONE, None, None
+        if f.local:
+            f.answer = {"error": message}
+        else:
+            self._forget(f)
+        return f
+
+    def _forget(self, f: Frame) -> None:
+        if self.frames.pop(f.frame, None) is not None:
+            self._per_origin[f.origin] -= 1
+
+    # ------------------------------------------------------------ expiry
+    def expire(self, now_s: float, stalled_from_s: Optional[float] = None) -> List[Frame]:
+        """Expire frames older than the frame timeout, or (given `stalled_from_s`) received before
+        this node's own stall began. Returns them; the handler drops their engine state and gathers."""
+        out = []
+        for f in list(self.frames.values()):
+            if f.phase == Phase.DONE:
+                continue
+            age_s = now_s - f.received_s
+            if stalled_from_s is not None and f.received_s <= stalled_from_s:
+                why = (f"expired: this node was not running for {(now_s - stalled_from_s) * 1000:.0f} ms, "
+                       "its peers went on without it")
+            elif age_s > self.frame_timeout_s:
+                why = f"expired after {age_s * 1000:.0f} ms (frame timeout {self.frame_timeout_s * 1000:.0f} ms)"
+            else:
+                continue
+            self.counters["frames_expired"] += 1
+            out.append(self._expire(f, why))
+        return out
+
+    def _expire(self, f: Frame, why: str) -> Frame:
+        state = f.engine_state
+        self._fail(f, why)
+        f.engine_state = state  # tells the handler whether the engine must drop its state
+        return f
+
+    def prune_origin(self, origin: str, progress: Mapping[int, int], inputs: Mapping[str, int]) -> List[Frame]:
+        """Frames of `origin` that its latest heartbeat says it has finished: expire them."""
+        newest = inputs.get(origin, -1)
+        out = []
+        for f in list(self.frames.values()):
+            if f.origin == origin and f.frame <= newest and f.frame not in progress and f.phase != Phase.DONE:
+                self.counters["frames_pruned"] += 1
+                out.append(self._expire(f, "finished by its origin"))
+        return out
+
+    # ------------------------------------------------------------ answers and reports
+    def take_answers(self) -> List[Frame]:
+        """Local frames whose answer is ready, in the order their clients submitted them."""
+        out = []
+        while self._answer_order:
+            f = self.frames.get(self._answer_order[0])
+            if f is None:
+                self._answer_order.popleft()
+                continue
+            if f.answer is None:
+                break
+            self._answer_order.popleft()
+            self._forget(f)
+            out.append(f)
+        return out
+
+    def progress(self) -> Dict[int, int]:
+        """Frames held and how many of their stages' slices were sent (what heartbeats report)."""
+        return {f.frame: f.stages_sent for f in self.frames.values() if f.phase not in (Phase.HELD, Phase.DONE)}
+
+    def inputs(self) -> Dict[str, int]:
+        return dict(self._inputs)
+
+    def in_flight(self) -> int:
+        return sum(1 for f in self.frames.values() if f.phase != Phase.DONE)
+
+    def queued(self) -> int:
+        return sum(1 for f in self.frames.values() if f.phase in (Phase.HELD, Phase.QUEUED))
+
+    def stats(self) -> Dict[str, Any]:
+        lat = sorted(r[0] for r in self.recent)
+        return {"frames_done": self.counters["frames_done"], "frame_errors": self.counters["frame_errors"],
+                "frames_expired": self.counters["frames_expired"], "frames_pruned": self.counters["frames_pruned"],
+                "frames_in_flight": self.in_flight(), "frames_queued": self.queued(),
+                "latency_ms_p50": lat[len(lat) // 2] if lat else None,
+                "latency_ms_p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+                "zero_filled_fraction": float(np.mean([r[1] for r in self.recent])) if self.recent else 0.0}
+
+    def degradation(self, f: Frame) -> Dict[str, Any]:
+        """The answer's account of what computed it: per stage, the devices missing anywhere and the
+        most neurons zero-filled anywhere; who took part in every stage."""
+        failed_by_stage: Dict[str, List[str]] = {}
+        zero_filled: Dict[str, float] = {}
+        union = 0
+        for i, name in enumerate(self.stage_names):
+            mask, zero = f.degraded.get(i, (0, 0))
+            union |= mask
+            if mask:
+                failed_by_stage[name] = [n for d, n in enumerate(self.node_ids) if mask >> d & 1]
+            zero_filled[name] = zero / self.stage_neurons[i] if self.stage_neurons[i] else 0.0
+        total = sum(self.stage_neurons)
+        overall = sum(f.degraded.get(i, (0, 0))[1] for i in range(len(self.stage_names))) / max(1, total)
+        computed_by = [n for d, n in enumerate(self.node_ids) if n in f.participants and not union >> d & 1]
+        return {"participants": computed_by, "counted_on": sorted(f.participants, key=self.device_of.get),
+                "failed_by_stage": failed_by_stage, "zero_filled": zero_filled,
+                "zero_filled_fraction": overall, "degraded": bool(union) or overall > 0}
