@@ -208,8 +208,8 @@ class LocalCluster:
 
     def all_alive(self, devices: Optional[Sequence[int]] = None):
         """A predicate: every node in `devices` sees every other alive *and* would run a frame
-        submitted now on all of them (a peer counts for new frames only after the handler's
-        participant grace, so "alive" alone would let the first frames be zero-filled)."""
+        submitted now on all of them (a peer counts for new frames only once the link works both
+        ways, so "alive" alone would let the first frames be zero-filled)."""
         devices = list(range(len(self.ids))) if devices is None else list(devices)
         names = {self.ids[d] for d in devices}
 
@@ -231,6 +231,14 @@ class LocalCluster:
 def _event_times(views: List[Dict], kind: str, peer: str, after_wall_s: float) -> List[float]:
     return [e["wall_s"] for v in views if not v.get("unreachable") for e in v.get("events", [])
             if e["peer"] == peer and e["kind"] in kind.split("|") and e["wall_s"] >= after_wall_s]
+
+
+def _counted_from(view: Dict, peer: str, after_wall_s: float, counted: bool) -> Optional[float]:
+    """When `view`'s node first ran new frames with (counted) or without `peer` after the time."""
+    for e in view.get("events", []):
+        if e["kind"] == "participants" and e["wall_s"] >= after_wall_s and (peer in e["participants"]) == counted:
+            return e["wall_s"]
+    return None
 
 
 def classify(frames: List[Dict], windows: List[Tuple[str, float, float]]) -> None:
@@ -344,21 +352,27 @@ def _report(cluster: LocalCluster, frames: List[Dict], applied: List[Dict], view
             times = [min(_event_times([v], "died", peer, a["wall_s"]), default=None) for v in survivors]
             known = [t for t in times if t is not None]
             detected = max(known) if known else None
+            # Frames run without the device once every survivor has stopped counting on it.
+            dropped = [_counted_from(v, peer, a["wall_s"], False) for v in survivors]
+            stopped = max(dropped) if dropped and None not in dropped else None
             detections.append({"device": a["device"], "fault": a["kind"], "frame": a["frame"],
                                "survivors_reporting": len(known), "survivors": len(survivors),
                                "detected_after_ms": None if detected is None else 1000 * (detected - a["wall_s"]),
                                "per_node_ms": {v["node"]: None if t is None else 1000 * (t - a["wall_s"])
                                                for v, t in zip(survivors, times)}})
-            windows.append(("detecting", a["wall_s"], detected if detected is not None else float("inf")))
+            end = max(t for t in (detected, stopped) if t is not None) if detected or stopped else float("inf")
+            windows.append(("detecting", a["wall_s"], end))
         else:
             others = [v for v in views if v.get("node") != peer and not v.get("unreachable")]
             times = [min(_event_times([v], "rejoined|joined", peer, a["wall_s"]), default=None) for v in others]
             known = [t for t in times if t is not None]
             back = max(known) if known else None
+            # New frames run on the device once every node counts on it again (two-way, in the clique).
+            counted = [_counted_from(v, peer, a["wall_s"], True) for v in others]
+            end = max(counted) if counted and None not in counted else float("inf")
             rejoins.append({"device": a["device"], "fault": a["kind"], "frame": a["frame"],
-                            "rejoined_after_ms": None if back is None else 1000 * (back - a["wall_s"])})
-            # New frames count on the device only after the nodes' participant grace (2 heartbeats).
-            end = back + 2 * cluster.config.heartbeat_interval_ms / 1000.0 if back is not None else float("inf")
+                            "rejoined_after_ms": None if back is None else 1000 * (back - a["wall_s"]),
+                            "counted_after_ms": None if end == float("inf") else 1000 * (end - a["wall_s"])})
             windows += [("rejoining", a["wall_s"], end), ("rejoined", end, float("inf"))]
     classify(frames, windows)
     phases = summarise(frames)

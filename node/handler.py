@@ -115,6 +115,7 @@ class Handler:
         self.status_line = ""
         self.engine_pending = self.client_pending = False   # a drain stopped at its per-pass cap
         self._next_housekeeping_s = float("-inf")
+        self._participants: Tuple[str, ...] = ()
         self.stop = False
 
     # ------------------------------------------------------------ lifecycle
@@ -237,6 +238,12 @@ class Handler:
         expiry, held frames, the status line."""
         self._check_serving(now)
         self._check_engine(now)
+        participants = tuple(self.participants_now(now))
+        if participants != self._participants:
+            # When new frames start to (or stop) count on a peer: what a stream's phases hinge on.
+            self._participants = participants
+            self.events.append({"kind": "participants", "peer": None, "participants": list(participants),
+                                "wall_s": time.time()})
         if self.stalled_from_s is not None:
             stalled_from, self.stalled_from_s = self.stalled_from_s, None
             self._expired(self.book.expire(now, stalled_from))

@@ -74,6 +74,36 @@ def assignment(rng: np.random.Generator, ids: Sequence[str], n_neurons: int, rep
     return holders
 
 
+def blocking_gather(mesh, frame: int, stage: int, local, holders: Dict[str, np.ndarray], n_ids: int):
+    """Begin (frame, stage), send our slice, and serve the mesh until that gather completes.
+
+    The way a test or a benchmark uses the mesh alone: the node's handler never blocks.
+    """
+    others = {p: np.asarray(h) for p, h in holders.items() if p != mesh.self_id and len(h)}
+    # Everyone else needs our rows (we send nothing when we hold none); we wait for those who hold some.
+    send_to = [p for p in holders if p != mesh.self_id] if len(local.neuron_ids) else []
+    mesh.begin_gather(frame, stage, local, others, n_ids, send_to=send_to)
+    mesh.flush()
+    while True:
+        done = [r for r in mesh.take_completed() if (r.frame, r.stage) == (frame, stage)]
+        if done:
+            return done[0]
+        mesh.poll_once()
+
+
+def assembled(local, result, n_ids: int):
+    """Our slice and the received pieces as one array, first copy winning; and the missing mask."""
+    trailing = local.array.shape[1:]
+    out = np.zeros((n_ids,) + tuple(trailing), dtype=local.array.dtype)
+    covered = np.zeros(n_ids, dtype=bool)
+    for ids, rows in [(local.neuron_ids, local.array)] + [(p.neuron_ids, p.array) for p in result.pieces]:
+        ids = np.asarray(ids, dtype=np.int64)
+        fresh = ~covered[ids]
+        out[ids[fresh]] = rows[fresh]
+        covered[ids] = True
+    return out, ~covered
+
+
 # ---------------------------------------------------------------- the node process
 
 def _emit(obj) -> None:
@@ -93,7 +123,8 @@ def node_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     # Every membership event, also those inside a blocking gather, goes to the test side.
     mesh = Mesh(load_peers(args.config), args.id, args.plan_hash,
-                on_event=lambda e: _emit({"event": e.kind, "peer": e.peer_id, "t": e.now_s, "restarted": e.restarted}))
+                on_event=lambda e: _emit({"event": e.kind.value, "peer": e.peer_id, "t": e.now_s,
+                                          "restarted": e.restarted}))
     mesh.start()
     poller = zmq.Poller()
     for s in mesh.sockets:
@@ -109,12 +140,14 @@ def node_main(argv: Sequence[str]) -> int:
         trailing = tuple(cmd.get("trailing", [3]))
         local = SliceData(mine, slice_values(frame, stage, mine, trailing))
         t0 = time.monotonic()
-        result = mesh.gather(frame, stage, local, holders, cmd["n"], cmd.get("timeout_ms"))
+        result = blocking_gather(mesh, frame, stage, local, holders, cmd["n"])
+        full, missing = assembled(local, result, cmd["n"])
         expected = slice_values(frame, stage, np.arange(cmd["n"]), trailing)
-        expected[result.zero_mask] = 0
-        return {"frame": frame, "stage": stage, "exact": bool(np.array_equal(result.array, expected)),
-                "zero": np.flatnonzero(result.zero_mask).tolist(), "contributors": sorted(result.contributors),
-                "timed_out": result.timed_out, "elapsed_ms": result.elapsed_ms, "wall_ms": (time.monotonic() - t0) * 1e3}
+        expected[missing] = 0
+        return {"frame": frame, "stage": stage, "exact": bool(np.array_equal(full, expected)),
+                "zero": np.flatnonzero(missing).tolist(), "contributors": sorted(result.contributors),
+                "released": dict(result.released), "timed_out": result.timed_out, "elapsed_ms": result.elapsed_ms,
+                "wall_ms": (time.monotonic() - t0) * 1e3}
 
     try:
         while True:

@@ -10,12 +10,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mesh_procs as mp  # noqa: E402
 
-from robustdice.mesh import DETECTION_SLACK_MS  # noqa: E402
-
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(90)]
 
 IDS = ["n0", "n1", "n2", "n3"]
 HEARTBEAT_MS, TIMEOUT_MS, SYNC_MS = 30, 200, 2000
+DETECTION_SLACK_MS = 250  # the loop's scheduling slack on a loaded 2-core machine running 4 nodes
 DETECTION_BOUND_S = (TIMEOUT_MS + HEARTBEAT_MS + DETECTION_SLACK_MS) / 1000.0
 N_NEURONS = 40
 

@@ -13,6 +13,7 @@ import mesh_procs as mp  # noqa: E402
 
 from robustdice.mesh import Mesh, MeshError, SliceData, load_peers, wire  # noqa: E402
 from robustdice.mesh import mesh as mesh_module  # noqa: E402
+from robustdice.mesh.membership import EventKind  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(60)]
 
@@ -48,40 +49,88 @@ def test_gather_and_application_messages(pair):
     a, b, events = pair
     assert [(e.kind, e.peer_id) for e in events] == [("joined", "b")]
     holders = {"a": np.array([0, 2]), "b": np.array([1, 3])}
-    b.begin_gather(4, 1, SliceData(holders["b"], np.full((2, 3), 2.0, np.float16)), holders, 4)
-    result = None
+    local_a = SliceData(holders["a"], np.full((2, 3), 1.0, np.float16))
+    b.begin_gather(4, 1, SliceData(holders["b"], np.full((2, 3), 2.0, np.float16)), {"a": holders["a"]}, 4)
+    a.begin_gather(4, 1, local_a, {"b": holders["b"]}, 4)
+    results = {}
 
-    def a_done():
-        nonlocal result
-        done = a.take_completed()
-        result = done[0] if done else result
-        return result is not None
+    def both_done():
+        for m, name in ((a, "a"), (b, "b")):
+            for r in m.take_completed():
+                results[name] = r
+        return len(results) == 2
 
-    a.begin_gather(4, 1, SliceData(holders["a"], np.full((2, 3), 1.0, np.float16)), holders, 4)
-    pump([a, b], a_done)
-    assert result.array[:, 0].tolist() == [1.0, 2.0, 1.0, 2.0] and result.array.dtype == np.float16
-    assert result.contributors == {"a", "b"} and not result.zero_mask.any()
-    pump([a, b], lambda: bool(b._completed))
-    assert b.take_completed()[0].array[:, 0].tolist() == [1.0, 2.0, 1.0, 2.0]
+    pump([a, b], both_done)
+    full, missing = mp.assembled(local_a, results["a"], 4)
+    assert full[:, 0].tolist() == [1.0, 2.0, 1.0, 2.0] and full.dtype == np.float16 and not missing.any()
+    assert results["a"].contributors == {"a", "b"} and not results["a"].released and results["a"].uncovered == 0
+    (piece,) = results["a"].pieces
+    assert piece.sender == "b" and piece.neuron_ids.tolist() == [1, 3]
 
     got = []
-    a.send("b", wire.Input(9, "a", np.arange(6, dtype=np.uint8), {"client": "c"}))
+    a.send("b", wire.Input(wire.frame_id(0, 9), "a", np.arange(6, dtype=np.uint8), {"client": "c"},
+                           participants=("a", "b"), t_ms=123))
     a.broadcast(wire.Control("status", {"q": 1}))
-    b.send("a", wire.Result(9, "a", {"top1": 4}, (np.array([0.5, 0.25]), np.zeros(2, bool))))
     pump([a, b], lambda: (got.extend(b.take_messages()), len(got) >= 2)[1])
     assert isinstance(got[0], wire.Input) and got[0].sender == "a" and got[0].array.tolist() == list(range(6))
+    assert got[0].participants == ("a", "b") and got[0].t_ms == 123
     assert got[1] == wire.Control("status", {"q": 1}, "a", a.incarnation)
-    back = []
-    pump([a, b], lambda: (back.extend(a.take_messages()), back)[1])
-    assert back[0].meta == {"top1": 4} and back[0].arrays[0].tolist() == [0.5, 0.25]
+    # Peers never send results: one that does is dropped and counted.
+    b.send("a", wire.Result(9, "a", {"top1": 4}, (np.array([0.5, 0.25]),)))
+    pump([a, b], lambda: a.counters["unexpected_result"] == 1)
+    assert a.take_messages() == []
 
 
-def test_newest_frame_travels_in_heartbeats_and_status(pair):
+def test_heartbeats_carry_progress_hears_and_readiness(pair):
+    """What a peer's gathers decide on: the frames we hold and how far, the inputs we have, whom
+    we hear, whether our engine computes."""
     a, b, _ = pair
-    a.newest_frame = 77
-    pump([a, b], lambda: b.status()["peers"]["a"]["newest_frame"] == 77)
-    status = b.status()
-    assert status["peers"]["a"]["state"] == "alive" and status["peers"]["a"]["incarnation"] == a.incarnation
+    a.progress_source = lambda: ({wire.frame_id(1, 7): 2}, {"b": wire.frame_id(1, 7)})
+    a.ready = False
+    pump([a, b], lambda: (b.membership.report("a") or None) is not None
+         and b.membership.report("a").progress == {wire.frame_id(1, 7): 2} and not b.membership.report("a").ready)
+    report = b.membership.report("a")
+    assert report.inputs == {"b": wire.frame_id(1, 7)}
+    assert report.hears["b"][0] == b.incarnation
+    # a's engine is not ready: b does not count on a for new frames.
+    assert "a" not in b.membership.connected(time.monotonic())
+    a.ready = True
+    pump([a, b], lambda: "a" in b.membership.connected(time.monotonic()))
+    assert b.membership.participants(time.monotonic()) == {"a", "b"}
+    assert b.status()["peers"]["a"]["connected"] is True
+
+
+def test_a_peer_past_the_stage_is_not_waited_for(pair):
+    """A heartbeat says b sent (frame, stage) already, yet nothing came: ZeroMQ keeps order per
+    connection, so the slice was lost; a's gather goes on at once instead of waiting out the
+    sync timeout (which would be 2 s here)."""
+    a, b, _ = pair
+    frame = wire.frame_id(1, 5)
+    a.begin_gather(frame, 0, SliceData(np.array([0]), np.ones((1, 2), np.float32)), {"b": np.array([1])}, 2)
+    b.progress_source = lambda: ({frame: 1}, {"b": frame})
+    t0 = time.monotonic()
+    done = []
+    pump([a, b], lambda: (done.extend(a.take_completed()), done)[1])
+    assert done[0].released == {"b": "lost"} and done[0].uncovered == 1
+    assert time.monotonic() - t0 < a.config.sync_timeout_ms / 1000.0 / 2
+
+
+def test_a_peer_busy_with_the_frame_is_waited_for_past_the_sync_timeout(tmp_path):
+    """A live peer that says it is still on an earlier stage of this frame is busy, not gone:
+    its slice is waited for even after sync_timeout_ms, and used when it comes."""
+    config = load_peers(mp.make_config(tmp_path, ["a", "b"], sync_timeout_ms=150))
+    with Mesh(config, "a", "P") as a, Mesh(config, "b", "P") as b:
+        pump([a, b], lambda: a.membership.is_alive("b") and b.membership.is_alive("a"))
+        frame = wire.frame_id(0, 1)
+        b.progress_source = lambda: ({frame: 0}, {"a": frame})   # b has the input, sent nothing yet
+        a.begin_gather(frame, 0, SliceData(np.array([0]), np.ones((1, 2), np.float32)), {"b": np.array([1])}, 2)
+        t0 = time.monotonic()
+        pump([a, b], lambda: time.monotonic() - t0 > 3 * 0.150)
+        assert a.take_completed() == [] and a.book.active_keys() == [(frame, 0)]
+        b.begin_gather(frame, 0, SliceData(np.array([1]), np.full((1, 2), 5.0, np.float32)), {}, 2, send_to=["a"])
+        done = []
+        pump([a, b], lambda: (done.extend(a.take_completed()), done)[1])
+        assert not done[0].released and done[0].pieces[0].array.tolist() == [[5.0, 5.0]]
 
 
 def test_own_stall_does_not_make_peers_dead(pair):
@@ -101,7 +150,7 @@ def test_own_stall_does_not_make_peers_dead(pair):
     deadline = time.monotonic() + 10.0
     while not died and time.monotonic() < deadline:
         t += 0.01
-        died = [e for e in a.process(t) if e.kind == "died" and e.peer_id == "b"]
+        died = [e for e in a.process(t) if e.kind == EventKind.DIED and e.peer_id == "b"]
     assert died and died[0].now_s >= hold_end
 
 
@@ -115,7 +164,7 @@ def test_oversized_message_is_counted_and_not_sent(tmp_path):
     with a, b:
         pump([a, b], lambda: a.membership.is_alive("b") and b.membership.is_alive("a"))
         assert a.send("b", wire.Input(1, "a", np.zeros(8192, np.uint8), {})) is False
-        assert a.broadcast(wire.Input(2, "a", np.zeros(8192, np.uint8), {})) == 0
+        assert a.broadcast(wire.Input(2, "a", np.zeros(8192, np.uint8), {}), to=["b"]) == 0
         assert a.counters["oversized_send"] == 2
         assert a.send("b", wire.Input(3, "a", np.ones(100, np.uint8), {}))
         got = []
@@ -124,12 +173,14 @@ def test_oversized_message_is_counted_and_not_sent(tmp_path):
         assert b.counters["oversized"] == 0 and b.membership.is_alive("a")
 
 
-def test_blocking_gather_alone_zero_fills_the_silent_peer(tmp_path):
-    config = load_peers(mp.make_config(tmp_path, ["a", "b"], sync_timeout_ms=100))
+def test_a_peer_never_heard_is_not_waited_for(tmp_path):
+    config = load_peers(mp.make_config(tmp_path, ["a", "b"], sync_timeout_ms=2000))
     with Mesh(config, "a", "P") as a:
-        # "b" never joined: it is not waited for, so the gather ends at once with its rows zero.
-        r = a.gather(0, 0, SliceData(np.array([0]), np.ones((1, 2), np.float32)), {"b": [1]}, 2)
-        assert r.zero_mask.tolist() == [False, True] and not r.timed_out and r.elapsed_ms < 50
+        # "b" never joined: it is not waited for, so the gather ends at once with its rows missing.
+        local = SliceData(np.array([0]), np.ones((1, 2), np.float32))
+        r = mp.blocking_gather(a, 0, 0, local, {"a": np.array([0]), "b": np.array([1])}, 2)
+        assert mp.assembled(local, r, 2)[1].tolist() == [False, True]
+        assert r.released == {"b": "dead"} and not r.timed_out and r.elapsed_ms < 50
         with pytest.raises(MeshError):
             a.send("zz", wire.Control("x"))
     a.close()  # idempotent
@@ -151,4 +202,4 @@ def test_drop_logging_is_rate_limited(tmp_path, caplog):
     mesh._drop("garbage", now_s=10.5)
     warnings = [r for r in caplog.records if "garbage" in r.getMessage()]
     assert mesh.counters["garbage"] == 101
-    assert len(warnings) == 2 and "dropped 100 message(s)" in warnings[1].getMessage()
+    assert len(warnings) == 2 and "and 99 more like it" in warnings[1].getMessage()

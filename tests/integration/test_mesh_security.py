@@ -95,8 +95,10 @@ def test_client_port_admits_listed_client_keys_only(tmp_path, context):
 
 def garbage_messages(rng, count):
     """Malformed or truncated messages, each a reason the node must count it under."""
-    def h(**over):
-        base = {"v": 1, "t": "slice", "sender": "g", "inc": 1, "frame": 5, "stage": 0, "dtype": "float32", "shape": [2, 2]}
+    def h(item=None, **over):
+        slice_ = {"frame": 5, "stage": 0, "dtype": "float32", "shape": [2, 2], "deg": []}
+        slice_.update(item or {})
+        base = {"v": 2, "t": "slices", "sender": "g", "inc": 1, "slices": [slice_]}
         base.update(over)
         return msgpack.packb(base)
 
@@ -107,10 +109,12 @@ def garbage_messages(rng, count):
         ("truncated", lambda: [h(), ids]),
         ("bad_version", lambda: [h(v=9), ids, payload]),
         ("bad_type", lambda: [h(t="???"), ids, payload]),
-        ("bad_dtype", lambda: [h(dtype="complex128"), ids, payload]),
+        ("bad_dtype", lambda: [h(item={"dtype": "complex128"}), ids, payload]),
         ("bad_shape", lambda: [h(), ids, payload[:-1]]),
-        ("oversized", lambda: [h(shape=[2, 1 << 40]), ids, payload]),
-        ("spoofed", lambda: [msgpack.packb({"v": 1, "t": "hb", "sender": "n0", "inc": 1, "plan": "plan-A", "newest": 0})]),
+        ("oversized", lambda: [h(item={"shape": [2, 1 << 30]}), ids, payload]),
+        ("spoofed", lambda: [msgpack.packb({"v": 2, "t": "hb", "sender": "n0", "inc": 1, "plan": "plan-A",
+                                            "dtype": "float32", "ready": True, "hears": {}, "progress": [],
+                                            "inputs": {}})]),
     ]
     out = []
     for k in range(count):

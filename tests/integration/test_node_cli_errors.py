@@ -29,7 +29,6 @@ def assert_one_line_error(proc, *words):
 
 
 @pytest.mark.parametrize("args, env, words", [
-    (["--peers", "PEERS", "--workers", "0"], None, ["--workers", ">= 1"]),
     (["--peers", "PEERS", "--threads", "-2"], None, ["--threads", ">= 1"]),
     (["--peers", "PEERS"], {"ROBUSTDICE_THREADS": "two"}, ["ROBUSTDICE_THREADS", "two"]),
     (["--peers", "PEERS", "--log-level", "LOUD"], None, ["--log-level", "LOUD"]),
