@@ -1,0 +1,128 @@
+"""Many cameras at once: 4 nodes, 4 clients each submitting to its own node with 4 frames in
+flight (the dataflow node, issue 8). Nothing failed: every frame is answered, none is
+zero-filled, every prediction is the no-failure simulation's, no frame waits for a timeout.
+A node killed mid-stream: every frame submitted to a survivor is answered, and once the
+survivors stop counting on the dead node the answers equal the simulation with it failed."""
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import node_helpers as nh  # noqa: E402
+
+from robustdice.node.client import NodeClient  # noqa: E402
+from robustdice.node.cluster import LocalCluster, _counted_from  # noqa: E402
+from robustdice.partitioner.data import evaluation_split  # noqa: E402
+from robustdice.partitioner.evaluate import predictions  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(240)]
+
+FRAMES_PER_CLIENT = 100
+IN_FLIGHT = 4
+
+
+class ClosedLoopClient(threading.Thread):
+    """Keeps IN_FLIGHT frames outstanding at one node; records every answer."""
+
+    def __init__(self, cluster, node, images, frames, start_at=0, stop=None):
+        super().__init__(daemon=True)
+        self.cluster, self.node, self.images, self.frames = cluster, node, images, frames
+        self.start_at = start_at
+        self.stop_flag = stop or threading.Event()
+        self.sent = {}        # request id -> (sample, submitted wall time)
+        self.answers = {}     # request id -> meta
+        self.error = None
+
+    def run(self):
+        try:
+            with NodeClient(self.cluster.config, self.node, self.cluster.key_path) as client:
+                next_sample = self.start_at
+                deadline = time.monotonic() + 120
+                while (len(self.answers) < len(self.sent) or len(self.sent) < self.frames) \
+                        and time.monotonic() < deadline:
+                    while len(self.sent) < self.frames and len(self.sent) - len(self.answers) < IN_FLIGHT \
+                            and not self.stop_flag.is_set():
+                        sample = next_sample % len(self.images)
+                        next_sample += 1
+                        rid = client.send_input(self.images[sample: sample + 1])
+                        self.sent[rid] = (sample, time.time())
+                    if self.stop_flag.is_set() and len(self.answers) == len(self.sent):
+                        return
+                    msg = client.receive(1.0)
+                    if msg is not None and "request" in msg.meta:
+                        self.answers[msg.meta["request"]["id"]] = dict(msg.meta)
+                    elif msg is None and self.stop_flag.is_set():
+                        return
+        except Exception as exc:  # reported by the test, not lost in the thread
+            self.error = exc
+
+
+@pytest.fixture(scope="module")
+def digits_split():
+    images, labels, _ = evaluation_split("digits_cnn")
+    return images.numpy().astype(np.float32), labels.numpy()
+
+
+def test_four_origins_no_failure_nothing_zero_filled_and_exact(digits_plan, digits_split):
+    images, _ = digits_split
+    expected = predictions(digits_plan, [])["predictions"]
+    with LocalCluster(digits_plan) as cluster:
+        nh.start_cluster(cluster)
+        clients = [ClosedLoopClient(cluster, node, images, FRAMES_PER_CLIENT, start_at=90 * d)
+                   for d, node in enumerate(cluster.ids)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(150)
+        sync_ms = cluster.config.sync_timeout_ms
+    for c in clients:
+        assert c.error is None, c.error
+        assert len(c.sent) == FRAMES_PER_CLIENT and len(c.answers) == FRAMES_PER_CLIENT, (c.node, len(c.answers))
+        for rid, meta in c.answers.items():
+            assert "error" not in meta, meta
+            assert meta["zero_filled_fraction"] == 0.0 and not meta["degraded"], meta
+            assert meta["participants"] == cluster.ids and not meta["failed_by_stage"], meta
+            sample = c.sent[rid][0]
+            assert meta["prediction"] == [expected[sample]], (c.node, sample)
+            assert meta["latency_ms"] < sync_ms / 2, (c.node, meta["latency_ms"])
+
+
+def test_a_node_killed_mid_stream_every_frame_answered_then_the_failed_simulation(digits_plan, digits_split):
+    images, _ = digits_split
+    victim = 3
+    failed = predictions(digits_plan, [victim])["predictions"]
+    with LocalCluster(digits_plan) as cluster:
+        nh.start_cluster(cluster)
+        stop_victim_client = threading.Event()
+        clients = [ClosedLoopClient(cluster, node, images, FRAMES_PER_CLIENT, start_at=90 * d,
+                                    stop=stop_victim_client if d == victim else None)
+                   for d, node in enumerate(cluster.ids)]
+        for c in clients:
+            c.start()
+        nh.wait_for(lambda: all(len(c.answers) >= 20 for c in clients[:victim]), 60, "20 answers per survivor")
+        stop_victim_client.set()
+        kill_wall_s = time.time()
+        cluster.kill(victim)
+        for c in clients:
+            c.join(150)
+        views = cluster.status(timeout_s=10.0)
+    survivors = [v for v in views if v.get("node") != cluster.ids[victim]]
+    stopped = [_counted_from(v, cluster.ids[victim], kill_wall_s, False) for v in survivors]
+    assert None not in stopped, "a survivor never stopped counting on the dead node"
+    after = max(stopped)
+    checked = 0
+    for c in clients[:victim]:
+        assert c.error is None, c.error
+        assert len(c.answers) == FRAMES_PER_CLIENT, (c.node, len(c.answers))
+        for rid, meta in c.answers.items():
+            assert "error" not in meta, meta
+            sample, submitted = c.sent[rid]
+            if submitted > after:
+                checked += 1
+                assert meta["prediction"] == [failed[sample]], (c.node, sample)
+                assert cluster.ids[victim] not in meta["participants"]
+    assert checked >= 30, checked
