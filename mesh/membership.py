@@ -17,8 +17,9 @@ Failure detection. A crashed node falls silent to everyone at once: dead after
 `peer_timeout_ms`. Packet loss on one link delays TCP (a lost segment holds the stream back by
 200 ms, 400 ms, ... of retransmission), which a fixed timeout would call a death. Heartbeats
 therefore say whom their sender hears and how long ago (`hears`); a peer we stopped hearing
-but whom others still hear is `unreachable`, not dead (indirect evidence, as SWIM's indirect
-probes give, but free: it rides on the heartbeats every node sends anyway).
+but whom others still hear — clearly after we last did, by more than `vouch_margin_ms` — is
+`unreachable`, not dead (indirect evidence, as SWIM's indirect probes give, but free: it rides
+on the heartbeats every node sends anyway).
 
 Taking part. A peer is *connected* when it is alive, its last heartbeat says it hears us (our
 current incarnation, recently), it says its engine is ready, and our sends to it do not fail:
@@ -101,12 +102,15 @@ EXACT_CLIQUE_MAX = 12
 
 class Membership:
     def __init__(self, self_id: str, peer_ids: Iterable[str], plan_hash: str, peer_timeout_ms: int, *,
-                 incarnation: int = 0, wire_dtype: str = "float32"):
+                 incarnation: int = 0, wire_dtype: str = "float32", vouch_margin_ms: float = 0.0):
         self.self_id = self_id
         self.incarnation = int(incarnation)
         self.plan_hash = plan_hash
         self.wire_dtype = wire_dtype
         self.peer_timeout_s = peer_timeout_ms / 1000.0
+        # Others' word keeps a peer we stopped hearing alive only if they heard it clearly after
+        # we last did: when a node crashes, everyone's last news of it is within a heartbeat.
+        self.vouch_margin_s = vouch_margin_ms / 1000.0
         self.order = [p for p in peer_ids if p != self_id]
         self._peers: Dict[str, _Peer] = {p: _Peer() for p in self.order}
         # No verdict before this time: set after this node itself was stalled (see hold_verdicts).
@@ -204,7 +208,7 @@ class Membership:
             silent_s = now_s - peer.last_heard_s
             if silent_s < timeout:
                 continue
-            vouched = now_s - peer.vouched_s < timeout
+            vouched = now_s - peer.vouched_s < timeout and peer.vouched_s > peer.last_heard_s + self.vouch_margin_s
             if peer.state == PeerState.ALIVE and vouched:
                 peer.state = PeerState.UNREACHABLE
                 events.append(MembershipEvent(EventKind.UNREACHABLE, peer_id, now_s, peer.incarnation,

@@ -82,7 +82,8 @@ class Mesh:
         self.on_stall = on_stall
         self.peer_ids = tuple(p for p in config.ids if p != self_id)
         self.membership = Membership(self_id, config.ids, plan_hash, config.peer_timeout_ms,
-                                     incarnation=self.incarnation, wire_dtype=wire_dtype)
+                                     incarnation=self.incarnation, wire_dtype=wire_dtype,
+                                     vouch_margin_ms=1.5 * config.heartbeat_interval_ms)
         self.book = GatherBook(self_id, config.sync_timeout_ms, max_stage=max_stage)
         self.counters: "collections.Counter[str]" = collections.Counter()
         self.progress_source: Optional[ProgressSource] = None

@@ -108,6 +108,37 @@ class NodeClient:
         return None
 
 
+def closed_loop(client: NodeClient, inputs: np.ndarray, frames: int, in_flight: int, *, first: int = 0,
+                timeout_s: float = 60.0, stop=None, records: Optional[List[Dict]] = None) -> List[Dict]:
+    """Submit `frames` inputs (sample i is `inputs[(first + i) % len(inputs)]`, batch 1), keeping
+    `in_flight` of them outstanding, as a camera with a pipeline does; returns one record per
+    frame sent, in order: sample, submitted/answered wall time, and the answer's meta (None if
+    none came within `timeout_s` of the last answer). `stop` (an Event): send no more, collect
+    what is outstanding. `records`: a list to fill as answers come (another thread may watch it)."""
+    records = [] if records is None else records
+    by_id: Dict[int, Dict] = {}
+    waiting = 0
+    last_s = time.monotonic()
+    while True:
+        while len(records) < frames and waiting < in_flight and not (stop is not None and stop.is_set()):
+            sample = (first + len(records)) % len(inputs)
+            rid = client.send_input(inputs[sample: sample + 1])
+            record = {"sample": sample, "submitted_wall_s": time.time(), "answered_wall_s": None, "meta": None}
+            records.append(record)
+            by_id[rid] = record
+            waiting += 1
+        if waiting == 0 or time.monotonic() - last_s > timeout_s:
+            return records
+        msg = client.receive(min(1.0, timeout_s))
+        if isinstance(msg, wire.Result):
+            record = by_id.pop(msg.meta.get("request", {}).get("id"), None)
+            if record is not None:
+                record["answered_wall_s"] = time.time()
+                record["meta"] = dict(msg.meta)
+                waiting -= 1
+                last_s = time.monotonic()
+
+
 def status_all(config: PeersConfig, key_path: Optional[Path], timeout_s: float = 2.0) -> List[Dict]:
     """Every node's own view; a node that does not answer within `timeout_s` shows as unreachable.
 

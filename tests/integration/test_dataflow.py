@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import node_helpers as nh  # noqa: E402
 
-from robustdice.node.client import NodeClient  # noqa: E402
+from robustdice.node.client import NodeClient, closed_loop  # noqa: E402
 from robustdice.node.cluster import LocalCluster, _counted_from  # noqa: E402
 from robustdice.partitioner.data import evaluation_split  # noqa: E402
 from robustdice.partitioner.evaluate import predictions  # noqa: E402
@@ -26,39 +26,25 @@ IN_FLIGHT = 4
 
 
 class ClosedLoopClient(threading.Thread):
-    """Keeps IN_FLIGHT frames outstanding at one node; records every answer."""
+    """One camera: keeps IN_FLIGHT frames outstanding at one node (client.closed_loop)."""
 
     def __init__(self, cluster, node, images, frames, start_at=0, stop=None):
         super().__init__(daemon=True)
         self.cluster, self.node, self.images, self.frames = cluster, node, images, frames
-        self.start_at = start_at
-        self.stop_flag = stop or threading.Event()
-        self.sent = {}        # request id -> (sample, submitted wall time)
-        self.answers = {}     # request id -> meta
-        self.error = None
+        self.start_at, self.stop = start_at, stop
+        self.records, self.error = [], None
 
     def run(self):
         try:
             with NodeClient(self.cluster.config, self.node, self.cluster.key_path) as client:
-                next_sample = self.start_at
-                deadline = time.monotonic() + 120
-                while (len(self.answers) < len(self.sent) or len(self.sent) < self.frames) \
-                        and time.monotonic() < deadline:
-                    while len(self.sent) < self.frames and len(self.sent) - len(self.answers) < IN_FLIGHT \
-                            and not self.stop_flag.is_set():
-                        sample = next_sample % len(self.images)
-                        next_sample += 1
-                        rid = client.send_input(self.images[sample: sample + 1])
-                        self.sent[rid] = (sample, time.time())
-                    if self.stop_flag.is_set() and len(self.answers) == len(self.sent):
-                        return
-                    msg = client.receive(1.0)
-                    if msg is not None and "request" in msg.meta:
-                        self.answers[msg.meta["request"]["id"]] = dict(msg.meta)
-                    elif msg is None and self.stop_flag.is_set():
-                        return
+                closed_loop(client, self.images, self.frames, IN_FLIGHT, first=self.start_at, timeout_s=30.0,
+                            stop=self.stop, records=self.records)
         except Exception as exc:  # reported by the test, not lost in the thread
             self.error = exc
+
+    @property
+    def answers(self):
+        return [r for r in self.records if r["meta"] is not None]
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +67,13 @@ def test_four_origins_no_failure_nothing_zero_filled_and_exact(digits_plan, digi
         sync_ms = cluster.config.sync_timeout_ms
     for c in clients:
         assert c.error is None, c.error
-        assert len(c.sent) == FRAMES_PER_CLIENT and len(c.answers) == FRAMES_PER_CLIENT, (c.node, len(c.answers))
-        for rid, meta in c.answers.items():
+        assert len(c.records) == FRAMES_PER_CLIENT and len(c.answers) == FRAMES_PER_CLIENT, (c.node, len(c.answers))
+        for r in c.records:
+            meta = r["meta"]
             assert "error" not in meta, meta
             assert meta["zero_filled_fraction"] == 0.0 and not meta["degraded"], meta
             assert meta["participants"] == cluster.ids and not meta["failed_by_stage"], meta
-            sample = c.sent[rid][0]
-            assert meta["prediction"] == [expected[sample]], (c.node, sample)
+            assert meta["prediction"] == [expected[r["sample"]]], (c.node, r["sample"])
             assert meta["latency_ms"] < sync_ms / 2, (c.node, meta["latency_ms"])
 
 
@@ -97,7 +83,7 @@ def test_a_node_killed_mid_stream_every_frame_answered_then_the_failed_simulatio
     failed = predictions(digits_plan, [victim])["predictions"]
     with LocalCluster(digits_plan) as cluster:
         nh.start_cluster(cluster)
-        stop_victim_client = threading.Event()
+        stop_victim_client = threading.Event()  # its node dies: it sends nothing more
         clients = [ClosedLoopClient(cluster, node, images, FRAMES_PER_CLIENT, start_at=90 * d,
                                     stop=stop_victim_client if d == victim else None)
                    for d, node in enumerate(cluster.ids)]
@@ -118,11 +104,11 @@ def test_a_node_killed_mid_stream_every_frame_answered_then_the_failed_simulatio
     for c in clients[:victim]:
         assert c.error is None, c.error
         assert len(c.answers) == FRAMES_PER_CLIENT, (c.node, len(c.answers))
-        for rid, meta in c.answers.items():
+        for r in c.records:
+            meta = r["meta"]
             assert "error" not in meta, meta
-            sample, submitted = c.sent[rid]
-            if submitted > after:
+            if r["submitted_wall_s"] > after:
                 checked += 1
-                assert meta["prediction"] == [failed[sample]], (c.node, sample)
+                assert meta["prediction"] == [failed[r["sample"]]], (c.node, r["sample"])
                 assert cluster.ids[victim] not in meta["participants"]
     assert checked >= 30, checked
