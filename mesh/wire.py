@@ -101,6 +101,13 @@ ALLOWED_DTYPES = {
     for name in ("float32", "float16", "float64", "int64", "int32", "uint8", "bool")
 }
 _IDS_DTYPE = np.dtype("<i4")
+# numpy's dtype.name walks the type hierarchy on every call; a dict lookup is what encoding needs.
+_NAMES = {np.dtype(name): name for name in ALLOWED_DTYPES}
+_NAMES.update({np.dtype(name).newbyteorder(">"): name for name in ALLOWED_DTYPES})
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    return _NAMES.get(dtype) or dtype.name
 
 Buffer = Union[bytes, memoryview, Any]  # bytes, memoryview, zmq.Frame or a numpy view
 
@@ -145,7 +152,7 @@ class Slice:
 
     @property
     def dtype(self) -> str:
-        return self.array.dtype.name
+        return dtype_name(self.array.dtype)
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -202,7 +209,7 @@ MESSAGE_TYPES = (Heartbeat, Slices, Input, Result, Control)
 
 def _wire_array(array: np.ndarray, what: str) -> Tuple[dict, np.ndarray]:
     array = np.asarray(array)
-    name = array.dtype.name
+    name = dtype_name(array.dtype)
     if name not in ALLOWED_DTYPES:
         raise MeshError(f"{what}: dtype {name} is not allowed on the wire ({', '.join(ALLOWED_DTYPES)})")
     # A no-op (no copy) for the usual native little-endian C-contiguous array.

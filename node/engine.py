@@ -71,11 +71,9 @@ class Engine:
 
     def _rows(self, header: dict, bufs) -> Dict[int, object]:
         """device -> its rows of the gathered stage, as views of the received frames."""
-        torch = self.torch
-        ids = self.assembler.ids[header["stage"]]
+        from_numpy, counts, dtype = self.torch.from_numpy, self.assembler.counts[header["stage"]], header["dtype"]
         trailing = list(header["trailing"])
-        return {d: torch.from_numpy(ipc.array(buf, header["dtype"], [len(ids[d])] + trailing))
-                for d, buf in zip(header["from"], bufs)}
+        return {d: from_numpy(ipc.array(buf, dtype, [counts[d]] + trailing)) for d, buf in zip(header["from"], bufs)}
 
     def _continue(self, frame: int, header: dict, bufs, start: float) -> ipc.Item:
         run = self.runs.get(frame)

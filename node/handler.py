@@ -109,6 +109,7 @@ class Handler:
         self.engine_ready = False
         self.engine_max_item_s = 0.0
         self.engine_item_s = 0.001      # running mean of the engine's time per work item
+        self.engine_busy_s = 0.0        # the engine's compute time, all items together
         self.stalled_from_s: Optional[float] = None
         self.power = Power()
         self._telemetry: Tuple[float, Dict[str, int], Optional[float]] = (float("-inf"), {}, None)
@@ -300,7 +301,7 @@ class Handler:
         pieces = [p for p in result.pieces if p.neuron_ids.size]
         failed = [self.device_of[n] for n in self.book.missing_devices(f, result.released)]
         trailing = list(pieces[0].array.shape[1:]) if pieces else []
-        dtype = pieces[0].array.dtype.name if pieces else "float32"
+        dtype = wire.dtype_name(pieces[0].array.dtype) if pieces else "float32"
         # Views of the received frames: forwarded without a copy. The mesh checked each piece's
         # ids against the plan, so the engine knows them from the device.
         return ({"kind": ipc.GATHERED, "frame": f.frame, "stage": result.stage, "failed": failed,
@@ -402,6 +403,7 @@ class Handler:
             self.engine_quiet_since_s = now
             for header, bufs in items:
                 item_s = header.get("ms", 0.0) / 1000.0
+                self.engine_busy_s += item_s
                 self.engine_item_s += (item_s - self.engine_item_s) / 16   # a running mean
                 self.engine_max_item_s = max(self.engine_max_item_s, item_s)
                 kind = header.get("kind")
@@ -548,6 +550,7 @@ class Handler:
             "node": self.me.id, "device": self.device, "incarnation": self.mesh.incarnation,
             "plan_hash": self.plan.plan_hash, "model": self.plan.model, "method": self.plan.method,
             "serving": self.serving, "refused": self.refusal or None, "engine_ready": self.mesh.ready,
+            "engine_busy_ms": self.engine_busy_s * 1000.0,
             "members": mesh["peers"], "counters": counters,
             "participants": self.participants_now(now),
             **self.book.stats(),

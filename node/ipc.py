@@ -39,6 +39,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 import msgpack
 import numpy as np
 
+from robustdice.mesh.wire import dtype_name
+
 READY, WORK, RESULTS, STOP = b"ready", b"work", b"results", b"stop"
 INPUT, GATHERED, DROP = "input", "gathered", "drop"
 SLICE, DONE, ERROR = "slice", "done", "error"
@@ -73,7 +75,7 @@ def unpack(frames: Sequence[Any]) -> Tuple[bytes, List[Item]]:
 
 
 def describe(array: np.ndarray) -> Dict[str, Any]:
-    return {"dtype": array.dtype.name, "shape": list(array.shape)}
+    return {"dtype": dtype_name(array.dtype), "shape": list(array.shape)}
 
 
 def array(buffer: memoryview, dtype: str, shape: Sequence[int]) -> np.ndarray:

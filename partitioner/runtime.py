@@ -298,11 +298,13 @@ class Assembler:
         self.plan = plan
         self.ids = [[torch.as_tensor(s.holders(d), dtype=torch.long) for d in range(plan.devices)]
                     for s in plan.stages]
+        self.counts = [[len(s.holders(d)) for d in range(plan.devices)] for s in plan.stages]
         self._layouts: Dict[Tuple[int, Tuple[int, ...]], tuple] = {}
 
     def assemble(self, stage: int, rows: Mapping[int, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """`rows`: device -> its slice of `stage` (rows in the plan's order for that device)."""
-        devices = tuple(sorted(d for d in rows if len(self.ids[stage][d])))
+        counts = self.counts[stage]
+        devices = tuple(sorted(d for d in rows if counts[d]))
         key = (stage, devices)
         layout = self._layouts.get(key)
         if layout is None:

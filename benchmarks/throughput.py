@@ -1,0 +1,151 @@
+"""Throughput and latency of 4 loopback nodes, closed loop, nothing failed (the dataflow node).
+
+    python benchmarks/throughput.py --json [--models digits_cnn,alexnet] [--frames 300]
+                                    [--windows 1,2,4,8,16] [--out benchmarks/results/throughput.json]
+
+Each model is partitioned (robust; alexnet with --weights none and score s1, so that the
+partition takes seconds) over 4 devices and run by LocalCluster with 1 torch thread per node on
+this machine. Clients are threads of this process, each keeping W frames in flight at its own
+node (node/client.py closed_loop). Figures, per model:
+  latency_1_in_flight     p50 of the nodes' own latency_ms, 1 origin, 1 frame in flight; and
+                          compute_ms p50 (the origin engine's compute for the frame)
+  per_stage_overhead_ms   (p50 latency - p50 compute) / stages
+  fps_1_origin / fps_4_origins   frames answered per second for each in-flight window W, and
+                          the best of them ("max"); 4 origins = one client per node
+  compute_bound_fps       cores / (all engines' compute per frame), the engines' compute taken
+                          from the nodes' status (engine_busy_ms) over the 4-origin runs: what
+                          the cluster could do if nothing but the convolutions cost time
+  zero_filled, errors     over every run (must be 0 with nothing failed)
+The last stdout line is the JSON object (with --json).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _results import write_result
+
+DEVICES = 4
+
+
+def inputs_for(model: str) -> np.ndarray:
+    from robustdice.partitioner.data import calibration_batch, evaluation_split
+    if model == "digits_cnn":
+        images, _, _ = evaluation_split(model)
+    else:
+        images = calibration_batch(model, n=16)
+    return images.numpy().astype(np.float32)
+
+
+def run_clients(cluster, nodes, images, frames, window):
+    """One closed-loop client per node in `nodes`; returns (records, seconds)."""
+    from robustdice.node.client import NodeClient, closed_loop
+    records = {n: [] for n in nodes}
+
+    def client(node, first):
+        with NodeClient(cluster.config, node, cluster.key_path) as c:
+            closed_loop(c, images, frames, window, first=first, timeout_s=60.0, records=records[node])
+
+    threads = [threading.Thread(target=client, args=(n, 37 * k)) for k, n in enumerate(nodes)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [r for n in nodes for r in records[n]], time.monotonic() - t0
+
+
+def engine_busy_ms(cluster) -> float:
+    return sum(v.get("engine_busy_ms", 0.0) for v in cluster.status(timeout_s=10.0) if not v.get("unreachable"))
+
+
+def bench_model(model: str, frames: int, windows, tmp: Path) -> dict:
+    from robustdice.node.cluster import LocalCluster
+    from robustdice.partitioner.partition import PartitionRequest, partition
+
+    kwargs = {} if model == "digits_cnn" else {"weights": "none", "scores": ("s1",)}
+    summary = partition(PartitionRequest(model=model, devices=DEVICES, method="robust", out=tmp / model,
+                                         show_progress=False, **kwargs))
+    images = inputs_for(model)
+    out = {"model": model, "devices": DEVICES, "replication": summary["replication_factor"], "threads_per_node": 1,
+           "cores": os.cpu_count()}
+    zero_filled = errors = 0
+
+    def tally(records):
+        nonlocal zero_filled, errors
+        for r in records:
+            meta = r["meta"] or {"error": "no answer"}
+            errors += "error" in meta
+            zero_filled += bool(meta.get("zero_filled_fraction"))
+
+    with LocalCluster(summary["plan"], threads=1, log_level="WARNING") as cluster:
+        for d in range(DEVICES):
+            cluster.start_node(d)
+        cluster.wait_until(cluster.all_alive(), 180.0, "every node to count on every other")
+        stages = len(cluster.plan.stages)
+        run_clients(cluster, cluster.ids[:1], images, 20, 1)  # warm-up
+        records, _ = run_clients(cluster, cluster.ids[:1], images, frames, 1)
+        tally(records)
+        lat = [r["meta"]["latency_ms"] for r in records if r["meta"] and "error" not in r["meta"]]
+        comp = [r["meta"]["compute_ms"] for r in records if r["meta"] and "error" not in r["meta"]]
+        out["stages"] = stages
+        out["latency_1_in_flight_ms_p50"] = float(np.median(lat))
+        out["compute_ms_p50"] = float(np.median(comp))
+        out["per_stage_overhead_ms"] = (out["latency_1_in_flight_ms_p50"] - out["compute_ms_p50"]) / stages
+        for label, nodes in (("1_origin", cluster.ids[:1]), ("4_origins", cluster.ids)):
+            fps = {}
+            busy_ms = answered = 0.0
+            for w in windows:
+                before = engine_busy_ms(cluster)
+                records, seconds = run_clients(cluster, nodes, images, frames // len(nodes) * 2 if len(nodes) > 1
+                                               else frames, w)
+                tally(records)
+                done = sum(1 for r in records if r["meta"] and "error" not in r["meta"])
+                fps[str(w)] = done / seconds
+                if len(nodes) > 1:
+                    busy_ms += engine_busy_ms(cluster) - before
+                    answered += done
+                print(f"{model}: {label}, {w} in flight: {fps[str(w)]:.1f} frames/s", file=sys.stderr)
+            out[f"fps_{label}"] = {"by_in_flight": fps, "max": max(fps.values())}
+        per_frame_ms = busy_ms / max(answered, 1)
+        out["engine_compute_ms_per_frame_all_devices"] = per_frame_ms
+        out["compute_bound_fps"] = 1000.0 * out["cores"] / per_frame_ms if per_frame_ms else None
+    out["zero_filled_frames"], out["errors"] = zero_filled, errors
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the JSON object as the last line")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "throughput.json"))
+    parser.add_argument("--models", default="digits_cnn,alexnet")
+    parser.add_argument("--frames", type=int, default=300, help="frames per run (default 300)")
+    parser.add_argument("--windows", default="1,2,4,8,16", help="frames in flight per client to try")
+    args = parser.parse_args(argv)
+    windows = [int(w) for w in args.windows.split(",")]
+    result = {"models": {}, "baseline_digits_fps_1_origin_8_in_flight": 54.0}
+    with tempfile.TemporaryDirectory(prefix="rd-throughput-") as tmp:
+        for model in args.models.split(","):
+            r = bench_model(model, args.frames, windows, Path(tmp))
+            result["models"][model] = r
+            print(f"{model}: p50 {r['latency_1_in_flight_ms_p50']:.1f} ms at 1 in flight (compute "
+                  f"{r['compute_ms_p50']:.1f} ms, {r['per_stage_overhead_ms']:.2f} ms per stage); max "
+                  f"{r['fps_1_origin']['max']:.1f} frames/s with 1 origin, {r['fps_4_origins']['max']:.1f} with 4; "
+                  f"compute bound {r['compute_bound_fps'] or 0:.1f}; zero-filled {r['zero_filled_frames']}, "
+                  f"errors {r['errors']}")
+    digits = result["models"].get("digits_cnn")
+    if digits:
+        result["digits_speedup_vs_54_fps"] = max(digits["fps_1_origin"]["max"], digits["fps_4_origins"]["max"]) / 54.0
+    write_result(result, args.out, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
