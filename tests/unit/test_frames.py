@@ -1,6 +1,10 @@
 """node/frames.py: admission, the ready queue, a frame's phases, expiry, answers and the account
 of what computed each answer. Pure: the clock is an argument; arrays are stand-ins."""
+import collections
+import itertools
+
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from robustdice.mesh import wire
 from robustdice.node import frames as fr
@@ -477,3 +481,85 @@ def test_devices_not_counted_on_are_not_participants():
     frame = local(b, 0, participants={"n2"})
     d = b.degradation(b.frames[frame])
     assert (d["participants"], d["counted_on"]) == (["n0", "n2"], ["n0", "n2"])
+
+
+# ---------------------------------------------------------------- any sequence of events
+
+PEER_REPORTS = st.one_of(st.none(), st.tuples(st.dictionaries(st.integers(0, 8), st.integers(0, 3), max_size=2),
+                                              st.integers(-1, 8)))
+EVENTS = st.one_of(
+    st.tuples(st.just("local"), st.integers(0, 50), st.integers(1, 400)),
+    st.tuples(st.just("start")),
+    st.tuples(st.just("peer"), st.sampled_from(["n1", "n2"]), st.integers(0, 8), st.integers(0, 50),
+              st.integers(1, 400), PEER_REPORTS),
+    st.tuples(st.just("work")), st.tuples(st.just("work")),
+    st.tuples(st.just("slice"), st.integers(0, 2), st.one_of(st.none(), st.integers(0, 5))),
+    st.tuples(st.just("gathered")),
+    st.tuples(st.just("done")),
+    st.tuples(st.just("error")),
+    st.tuples(st.just("expire"), st.floats(0, 3), st.booleans()),
+    st.tuples(st.just("prune"), st.sampled_from(["n1", "n2"]), st.integers(-1, 8)),
+    st.tuples(st.just("answers")),
+)
+
+
+def apply_event(b, event, now, pick, sequence):
+    """Apply one event to `b` as the handler would; `pick` chooses among candidate frames,
+    `sequence` numbers local frames."""
+    kind = event[0]
+    in_phase = lambda phase: [f for f in b.frames.values() if f.phase == phase]  # noqa: E731
+    seq = lambda origin, s: wire.frame_id(NODES.index(origin), s)  # noqa: E731
+    if kind == "local":
+        b.admit_local(seq("n0", next(sequence)), event[1], "x", event[2], b"c", {}, now)
+    elif kind == "start":
+        for f in b.held():
+            b.start(f.frame, ALL)
+    elif kind == "peer":
+        _, origin, s, t_ms, nbytes, rep = event
+        report = None if rep is None else ({seq(origin, k): v for k, v in rep[0].items()},
+                                           {origin: seq(origin, rep[1]) if rep[1] >= 0 else -1})
+        assert b.admit_peer(seq(origin, s), origin, t_ms, ALL, "x", nbytes, now, report) in (
+            None, fr.DROP_REPLAY, fr.DROP_FINISHED, fr.DROP_OVERFLOW)
+    elif kind == "work":
+        ready = [f.key for f in b.frames.values() if f.phase in fr.READY_PHASES]
+        f = b.next_work()
+        assert (f is None) == (not ready) and (f is None or f.key == min(ready))  # oldest first
+    elif kind == "slice" and in_phase(Phase.RUNNING):
+        b.on_slice(pick(in_phase(Phase.RUNNING)).frame, event[1], event[2])
+    elif kind == "gathered" and in_phase(Phase.GATHERING):
+        f = pick(in_phase(Phase.GATHERING))
+        b.on_gathered(f.frame, f.stage, b.missing_devices(f, ["n2"]), [(0, 0b10, 1)], "result")
+    elif kind == "done" and in_phase(Phase.RUNNING):
+        b.on_done(pick(in_phase(Phase.RUNNING)).frame, "logits", {2: 1}, 1.0, now,
+                  lambda f: {"latency_ms": 1.0, **b.degradation(f)})
+    elif kind == "error" and b.frames:
+        b.on_error(pick(list(b.frames.values())).frame, "engine: boom")
+    elif kind == "prune":
+        _, origin, s = event
+        b.prune_origin(origin, {}, {origin: seq(origin, s) if s >= 0 else -1})
+    elif kind == "answers":
+        answers = b.take_answers()
+        assert all(f.answer is not None and f.frame not in b.frames for f in answers)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(EVENTS, min_size=5, max_size=60), st.data())
+def test_any_sequence_of_events_keeps_the_books_straight(events, data):
+    b = book()
+    now, sequence = 0.0, itertools.count()
+    pick = lambda frames: data.draw(st.sampled_from(frames))  # noqa: E731
+    for event in events:
+        if event[0] == "expire":
+            now += event[1]
+            b.expire(now, now - 0.5 if event[2] else None)
+        else:
+            apply_event(b, event, now, pick, sequence)
+        # the admission caps hold, and the book's own accounting matches what it holds
+        per_origin = collections.Counter(f.origin for f in b.frames.values())
+        assert all(n <= b.max_per_origin for n in per_origin.values())
+        assert all(b._per_origin[o] == per_origin[o] for o in set(per_origin) | set(b._per_origin))
+        held_bytes = sum(f.input_bytes for f in b.frames.values() if f.phase in (Phase.HELD, Phase.QUEUED))
+        assert b._queued_bytes == held_bytes <= b.max_queued_input_bytes
+        for f in b.frames.values():  # only local frames wait, done, for their answer; they all have one
+            assert (f.answer is not None) == (f.phase == Phase.DONE) and (f.local or f.phase != Phase.DONE)
+        assert set(b.progress()) == {f.frame for f in b.frames.values() if f.phase not in (Phase.HELD, Phase.DONE)}

@@ -144,10 +144,17 @@ def test_crashed_peer_silent_to_everyone_is_dead_after_the_timeout(m):
     assert kinds(m.tick(0.5)) == [("died", "a", False)]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: heard_view truncates ages (int()), so a vouch can claim a hearing "
-                                       "up to 1 ms more recent than it was: a crashed peer is first declared "
-                                       "unreachable, not dead, at the timeout")
-def test_crashed_peer_is_dead_at_the_timeout_with_vouches_from_a_real_peer_view(m):
+@pytest.mark.parametrize("heard_after_ms,expected", [(0, "died"), (100, "died"), (200, "unreachable")])
+def test_only_a_vouch_clearly_after_our_last_news_keeps_a_peer_unreachable(heard_after_ms, expected):
+    m = Membership("me", IDS, "H", TIMEOUT_MS, incarnation=INC, vouch_margin_ms=150)
+    hb(m, "a", 0.0)
+    hb(m, "b", 0.25, hears={"a": (1, 250 - heard_after_ms)})  # b heard a heard_after_ms after we did
+    assert kinds(m.tick(0.5)) == [(expected, "a", False)]
+
+
+def test_crashed_peer_is_dead_at_the_timeout_with_vouches_from_a_real_peer_view():
+    # b's view of the crashed c, as its heartbeats carry it (ages rounded down to the ms)
+    m = Membership("me", IDS, "H", TIMEOUT_MS, incarnation=INC, vouch_margin_ms=150)
     b_view = Membership("b", IDS, "H", TIMEOUT_MS, incarnation=1)
     for t in (0.0, 0.1):  # c's last heartbeats reach us and b; then c crashes
         hb(m, "c", t)
