@@ -60,7 +60,7 @@ RELEASED_ABSENT = "absent"
 RELEASED_TIMEOUT = "timeout"
 
 DEFAULT_MAX_EARLY_SLICES = 1024
-DEFAULT_MAX_EARLY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_EARLY_BYTES = 32 * 1024 * 1024
 DEFAULT_EARLY_TTL_S = 10.0
 DEFAULT_FINISHED_MEMORY = 4096
 
@@ -174,7 +174,8 @@ def _finite(array: np.ndarray) -> bool:
     non-finite; a sum overflowing from finite float32 values needs values no network carries)."""
     if array.dtype.kind != "f" or array.size == 0:
         return True
-    return bool(np.isfinite(np.add.reduce(array.reshape(-1), dtype=np.float64)))
+    with np.errstate(invalid="ignore", over="ignore"):  # +Inf + -Inf is NaN: an answer, not a warning
+        return bool(np.isfinite(np.add.reduce(array.reshape(-1), dtype=np.float64)))
 
 
 PeerLookup = Callable[[str], Tuple[PeerState, Optional[Report]]]
@@ -203,11 +204,17 @@ class GatherBook:
         self._early_bytes = 0
         # key -> the holders still unanswered when it finished, and whether it had every neuron
         self._finished: "OrderedDict[Key, Tuple[FrozenSet[str], FrozenSet[str]]]" = OrderedDict()
+        self._abandoned: "OrderedDict[int, None]" = OrderedDict()   # frames given up (expired)
 
     # ------------------------------------------------------------ begin
     def begin(self, frame: int, stage: int, origin: str, local_ids: np.ndarray, holders: Mapping[str, Iterable[int]],
-              n_ids: int, now_s: float) -> List[Tuple[str, str]]:
-        """Start a gather; returns (sender, reason) for buffered early slices that were rejected."""
+              n_ids: int, now_s: float, *, trailing: Optional[Tuple[int, ...]] = None,
+              dtype: Optional[np.dtype] = None) -> List[Tuple[str, str]]:
+        """Start a gather; returns (sender, reason) for buffered early slices that were rejected.
+
+        `trailing` and `dtype`: the local slice's row shape and dtype, which every piece must
+        share (without them, the first piece to arrive sets them).
+        """
         key = (int(frame), int(stage))
         if key in self._active or key in self._finished:
             raise MeshError(f"gather for frame {frame} stage {stage} was already begun")
@@ -217,7 +224,12 @@ class GatherBook:
         if ids.size and (ids.min() < 0 or ids.max() >= n_ids):
             raise MeshError(f"local slice: neuron ids outside [0, {n_ids})")
         holder_ids = {p: np.asarray(h).reshape(-1).astype(np.int32) for p, h in holders.items() if p != self.self_id}
+        for p, h in holder_ids.items():
+            if h.size and (h.min() < 0 or h.max() >= n_ids):
+                raise MeshError(f"holder {p}: neuron ids outside [0, {n_ids})")
         gather = _Gather(key, origin, ids, holder_ids, int(n_ids), now_s, now_s + self.sync_timeout_s, self.self_id)
+        if trailing is not None:
+            gather.trailing, gather.dtype = tuple(trailing), np.dtype(dtype)
         self._active[key] = gather
         for h in holder_ids:
             self._waiting_on.setdefault(h, set()).add(key)
@@ -249,6 +261,8 @@ class GatherBook:
             if reason is None:
                 self._dirty.add(key)
             return reason
+        if frame in self._abandoned:
+            return LATE  # this node gave the frame up: none of its gathers will begin
         finished = self._finished.get(key)
         if finished is not None:
             unanswered, released = finished
@@ -330,6 +344,9 @@ class GatherBook:
             self._finished[key] = (frozenset(gather.waiting()), frozenset(gather.holders))
         for early_key in [k for k in self._early if k[0][0] == frame]:
             self._pop_early(early_key)
+        self._abandoned[frame] = None
+        while len(self._abandoned) > self.finished_memory:
+            self._abandoned.popitem(last=False)
         while len(self._finished) > self.finished_memory:
             self._finished.popitem(last=False)
         return len(keys)

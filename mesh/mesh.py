@@ -294,7 +294,13 @@ class Mesh:
                 # still being decrypted; it will be readable on a later pass.
                 self.counters["recv_again"] += 1
                 return events
-            events += self._handle(frames, now_s)
+            try:
+                events += self._handle(frames, now_s)
+            except Exception as exc:  # a message that breaks a check we lack must not end the loop
+                self.counters["handler_error"] += 1
+                self._ratelog.log(f"error:{type(exc).__name__}", logging.ERROR, now_s,
+                                  "%s: a message could not be handled (%s: %s); dropped and counted", self.self_id,
+                                  type(exc).__name__, str(exc)[:200], exc_info=True)
         self._backlog = True
         return events
 
@@ -328,6 +334,9 @@ class Mesh:
             return events
         if isinstance(msg, wire.Slices):
             for sl in msg.slices:
+                if wire.frame_device(sl.frame) >= len(self.config.ids):
+                    self._drop("bad_frame", now_s, detail=f"slice frame {sl.frame} of no device, from {sender}")
+                    continue
                 reason = self.book.add_slice(sender, sl.frame, sl.stage, sl.neuron_ids, sl.array, now_s, sl.degraded)
                 if reason is not None:
                     self._drop(reason, now_s, detail=f"slice frame {sl.frame} stage {sl.stage} from {sender}")
@@ -417,7 +426,9 @@ class Mesh:
         now_s = time.monotonic() if now_s is None else now_s
         origin = self.config.ids[wire.frame_device(frame)] if wire.frame_device(frame) < len(self.config.ids) \
             else self.self_id
-        for sender, reason in self.book.begin(frame, stage, origin, local.neuron_ids, holders, n_ids, now_s):
+        for sender, reason in self.book.begin(frame, stage, origin, local.neuron_ids, holders, n_ids, now_s,
+                                              trailing=tuple(np.shape(local.array)[1:]),
+                                              dtype=np.asarray(local.array).dtype):
             self._drop(reason, now_s, detail=f"early slice frame {frame} stage {stage} from {sender}")
         targets = list(holders) if send_to is None else list(send_to)
         piece = wire.Slice(frame, stage, self.self_id, np.asarray(local.neuron_ids), np.asarray(local.array),
@@ -442,16 +453,21 @@ class Mesh:
         return sent
 
     def _batches(self, pieces: List[wire.Slice]) -> Iterable[List[wire.Slice]]:
+        """Split by payload bytes, count and header bytes (each slice's header entry grows with
+        its degradation record: a deep network degraded at every stage has long ones)."""
         batch: List[wire.Slice] = []
-        size = 0
-        limit = self.config.max_message_bytes - 64 * 1024   # room for the header
+        size = head = 0
+        limit = self.config.max_message_bytes - wire.MAX_HEADER_BYTES
+        head_limit = wire.MAX_HEADER_BYTES // 2   # the estimate below is generous, not exact
         for piece in pieces:
             nbytes = piece.array.nbytes + 4 * piece.neuron_ids.size
-            if batch and (size + nbytes > limit or len(batch) >= wire.MAX_BATCH_SLICES):
+            entry = 96 + 24 * len(piece.degraded)
+            if batch and (size + nbytes > limit or head + entry > head_limit or len(batch) >= wire.MAX_BATCH_SLICES):
                 yield batch
-                batch, size = [], 0
+                batch, size, head = [], 0, 0
             batch.append(piece)
             size += nbytes
+            head += entry
         if batch:
             yield batch
 

@@ -22,7 +22,9 @@ CLIENT_DOMAIN = "client"
 # zero-fill. What a stopped peer can pin stays bounded: slices go only to live peers, so its
 # queue holds at most what this node produced within one peer timeout (plus heartbeats).
 SEND_HWM = 1000
-RECV_HWM = 10000
+# Messages queued per peer connection before ZeroMQ stops reading its TCP socket: the node
+# drains up to 2000 a pass, so this only bounds what a flood can pin in memory.
+RECV_HWM = 1000
 
 
 class ZapPolicy:

@@ -212,10 +212,11 @@ def _wire_array(array: np.ndarray, what: str) -> Tuple[dict, np.ndarray]:
     name = dtype_name(array.dtype)
     if name not in ALLOWED_DTYPES:
         raise MeshError(f"{what}: dtype {name} is not allowed on the wire ({', '.join(ALLOWED_DTYPES)})")
+    shape = list(array.shape)  # before ascontiguousarray, which makes a 0-d array 1-d
     # A no-op (no copy) for the usual native little-endian C-contiguous array.
     array = np.ascontiguousarray(array, dtype=ALLOWED_DTYPES[name])
     # A flat byte view keeps the buffer zero-copy whatever the dtype (bool buffers included).
-    return {"dtype": name, "shape": list(array.shape)}, array.reshape(-1).view(np.uint8)
+    return {"dtype": name, "shape": shape}, array.reshape(-1).view(np.uint8)
 
 
 def _header(msg: Message, sender: str, incarnation: int, **fields) -> bytes:
@@ -248,7 +249,10 @@ def encode(msg: Message) -> List[Buffer]:
             items.append(dict(frame=int(sl.frame), stage=int(sl.stage),
                               deg=[[int(s), int(m), int(z)] for s, m, z in sl.degraded], **desc))
             frames += [ids.view(np.uint8), payload]
-        return [_header(msg, msg.sender, msg.incarnation, slices=items)] + frames
+        head = _header(msg, msg.sender, msg.incarnation, slices=items)
+        if len(head) > MAX_HEADER_BYTES:  # a receiver would drop it as oversized: split it here
+            raise MeshError(f"slices: a header of {len(head)} bytes (limit {MAX_HEADER_BYTES}); send fewer per message")
+        return [head] + frames
     if isinstance(msg, Input):
         desc, payload = _wire_array(msg.array, "input")
         head = _header(msg, msg.sender, msg.incarnation, frame=int(msg.frame), origin=msg.origin,
@@ -321,6 +325,10 @@ def _descriptor(desc: Any) -> Tuple[np.dtype, Tuple[int, ...], int]:
             or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)):
         raise WireError("bad_shape", f"shape {_short(shape)} is not a list of at most {MAX_NDIM} sizes in 0..{MAX_DIM}")
     dtype = ALLOWED_DTYPES[name]
+    # A zero-size tensor still needs a shape numpy can hold: [0, 2**31, 2**31, 2**31] is empty
+    # but "too big" for numpy, so the non-zero dimensions are bounded too.
+    if math.prod(d for d in shape if d) > MAX_DIM * MAX_NDIM:
+        raise WireError("bad_shape", f"shape {_short(shape)} spans more than {MAX_DIM * MAX_NDIM} elements")
     return dtype, tuple(shape), dtype.itemsize * math.prod(shape)
 
 

@@ -55,7 +55,7 @@ READY_PHASES = (Phase.QUEUED, Phase.GATHERED)
 MAX_FRAMES_PER_ORIGIN = 32
 # Input bytes held for frames the engine has not started, over all origins: a burst of large
 # inputs is refused rather than pinned in memory.
-MAX_QUEUED_INPUT_BYTES = 128 * 1024 * 1024
+MAX_QUEUED_INPUT_BYTES = 64 * 1024 * 1024
 RECENT_FRAMES = 200          # frames the status statistics are taken over
 
 # Drop reasons of peers' inputs (counter names).
@@ -229,11 +229,18 @@ class FrameBook:
         mask = 0
         for node in missing:
             mask |= 1 << self.device_of[node]
-        merge_degraded(f.degraded, list(upstream) + [(stage, mask, 0)])
+        merge_degraded(f.degraded, self._plausible(upstream) + [(stage, mask, 0)])
         f.gathered = result
         f.phase = Phase.GATHERED
         heapq.heappush(self._ready, f.key)
         return f
+
+    def _plausible(self, upstream: Iterable[Tuple[int, int, int]]) -> List[Tuple[int, int, int]]:
+        """Peers' records, kept to what can be true: stages of the plan, devices of the plan, no
+        more zero-filled neurons than the stage has (a record is only what a peer says)."""
+        all_devices = (1 << len(self.node_ids)) - 1
+        return [(stage, mask & all_devices, min(zero, self.stage_neurons[stage]))
+                for stage, mask, zero in upstream if 0 <= stage < len(self.stage_neurons)]
 
     def missing_devices(self, f: Frame, released: Iterable[str]) -> List[str]:
         """The devices whose rows a gather of `f` lacks: not counted on, or given up on."""

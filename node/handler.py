@@ -365,6 +365,8 @@ class Handler:
                 or not 1 <= x.shape[0] <= MAX_BATCH:
             return (f"input must be float32 (batch 1..{MAX_BATCH}, {', '.join(map(str, self.input_shape))}) for "
                     f"plan {self.plan.plan_hash[:12]} ({self.plan.model}), got {x.dtype} {list(x.shape)}")
+        if not np.isfinite(np.add.reduce(x.reshape(-1), dtype=np.float64)):
+            return "input holds NaN or infinite values"
         return None
 
     def _count_drop(self, reason: str, now: float, detail: str) -> None:

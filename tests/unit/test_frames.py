@@ -235,9 +235,6 @@ def test_gathered_frame_records_missing_devices_and_upstream_degradation():
     assert f.degraded == {0: (0b110, 3)}  # n2 not counted on, n1 missing upstream
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: on_gathered/merge_degraded keep upstream records (peers' slice 'deg') "
-                                       "for stages outside the plan; this node then repeats them in its own slices, "
-                                       "and past MAX_PROGRESS entries its peers reject those slices as garbage")
 def test_upstream_records_of_stages_outside_the_plan_are_not_kept():
     b = book()
     frame = gathering(b, 1)
@@ -246,8 +243,6 @@ def test_upstream_records_of_stages_outside_the_plan_are_not_kept():
     assert f.degraded == {0: (0b010, 3)}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an upstream zero-fill count is believed as sent: a peer's 'deg' "
-                                       "zero of 2**40 makes the answer report 1e11 of a stage zero-filled")
 def test_upstream_zero_fill_is_bounded_by_the_stages_neurons():
     b = book()
     frame = gathering(b, 1)

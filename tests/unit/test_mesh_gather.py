@@ -310,9 +310,6 @@ def test_non_finite_payload_is_dropped_and_not_an_answer(dtype, bad):
     assert book.poll(0.1, Peers()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: gather._finite sums the payload without np.errstate: +Inf and -Inf "
-                                       "make numpy warn 'invalid value encountered in reduce', which raises out "
-                                       "of add_slice wherever warnings are errors or np.seterr(invalid='raise')")
 def test_opposite_infinities_are_not_finite_without_a_numpy_warning():
     book = book_with({"a": [2, 3, 4, 5]})
     array = rows([2, 3, 4, 5])
@@ -400,9 +397,6 @@ def test_abandon_forgets_the_frame_and_its_late_slices_count_as_late():
         book.begin(FRAME, STAGE, ORIGIN, np.array([0, 1]), HOLDERS, N, 6.0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: after abandon(frame), slices of the frame's later stages are "
-                                       "buffered as early slices (pinned until the TTL) though that gather "
-                                       "will never begin")
 def test_slices_of_an_abandoned_frames_later_stages_are_not_buffered():
     book = book_with()
     book.abandon(FRAME)
@@ -494,9 +488,6 @@ def test_begin_twice_or_after_the_end_raises():
         book.begin(FRAME, STAGE, ORIGIN, np.array([0]), {}, N, 0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: begin checks the local ids against n_ids but not the holders' "
-                                       "ids; a holder id >= n_ids makes the holder's own valid slice raise "
-                                       "IndexError in add_slice (gather.py _Gather.add: self.covered[ids])")
 def test_begin_rejects_holder_ids_outside_the_stage():
     book = GatherBook("me", T * 1000)
     with pytest.raises(MeshError):
