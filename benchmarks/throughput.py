@@ -67,7 +67,7 @@ def engine_busy_ms(cluster) -> float:
 
 
 def bench_model(model: str, frames: int, windows, tmp: Path) -> dict:
-    from robustdice.node.cluster import LocalCluster
+    from robustdice.node.localcluster import LocalCluster
     from robustdice.partitioner.partition import PartitionRequest, partition
 
     kwargs = {} if model == "digits_cnn" else {"weights": "none", "scores": ("s1",)}

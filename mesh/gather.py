@@ -8,12 +8,14 @@ the local slice ("first copy wins, zero-fill the rest") is the partitioner's `as
 one place that rule lives.
 
 When to stop waiting for a holder (`holder_verdict`), from what the membership knows of it:
-  * it is not alive (dead, refused), or says its engine is stalled: released at once;
+  * it is not alive (dead, refused), or unreachable (others hear it, we do not: its slices
+    cannot reach us), or says its engine is stalled: released at once;
   * its latest heartbeat says it has sent this stage's slice: that heartbeat came after the
     slice on the same connection (ZeroMQ keeps order per connection), so the slice was lost
     on the way: released at once;
   * its latest heartbeat does not list the frame, although it has received an input of the
-    frame's origin at least as new: it finished, dropped or never had the frame: released;
+    frame's origin at least as new, or although it does not hear the origin (the input cannot
+    reach it): it finished, dropped or never had the frame, or never will: released;
   * its latest heartbeat lists the frame at an earlier stage: it is alive and busy with this
     frame, so the wait goes on; the deadline moves to `sync_timeout` after that heartbeat;
   * otherwise (it has not received the input yet, or we cannot hear it): released when
@@ -58,6 +60,11 @@ RELEASED_STALLED = "stalled"
 RELEASED_LOST = "lost"
 RELEASED_ABSENT = "absent"
 RELEASED_TIMEOUT = "timeout"
+RELEASED_UNREACHABLE = "unreachable"
+# Releases that hold for the rest of the frame: the holder will not take part in its later
+# stages either (a lost slice is the one release that concerns one stage only).
+FOR_THE_FRAME = frozenset({RELEASED_DEAD, RELEASED_STALLED, RELEASED_ABSENT, RELEASED_TIMEOUT,
+                           RELEASED_UNREACHABLE})
 
 DEFAULT_MAX_EARLY_SLICES = 1024
 DEFAULT_MAX_EARLY_BYTES = 32 * 1024 * 1024
@@ -95,9 +102,12 @@ class GatherResult:
 
 
 def holder_verdict(frame: int, stage: int, origin: str, state: PeerState, report: Optional[Report],
-                   deadline_s: float, sync_timeout_s: float, now_s: float) -> Tuple[Optional[str], float]:
+                   deadline_s: float, sync_timeout_s: float, now_s: float,
+                   holder: Optional[str] = None) -> Tuple[Optional[str], float]:
     """(release reason or None to keep waiting, the holder's deadline) — see the module doc."""
-    if state not in (PeerState.ALIVE, PeerState.UNREACHABLE):
+    if state == PeerState.UNREACHABLE:
+        return RELEASED_UNREACHABLE, deadline_s   # we cannot hear it: its slices cannot reach us either
+    if state != PeerState.ALIVE:
         return RELEASED_DEAD, deadline_s
     if report is not None:
         if not report.ready:
@@ -109,6 +119,8 @@ def holder_verdict(frame: int, stage: int, origin: str, state: PeerState, report
             deadline_s = max(deadline_s, report.received_s + sync_timeout_s)
         elif report.inputs.get(origin, -1) >= frame:
             return RELEASED_ABSENT, deadline_s
+        elif holder is not None and holder != origin and origin not in report.hears:
+            return RELEASED_ABSENT, deadline_s    # it has not the input, and cannot hear who sends it
     if now_s >= deadline_s:
         return RELEASED_TIMEOUT, deadline_s
     return None, deadline_s
@@ -313,7 +325,7 @@ class GatherBook:
             if not gather.covered.all():
                 for h in gather.waiting():
                     reason, deadline = holder_verdict(key[0], key[1], gather.origin, *lookup(h),
-                                                      gather.deadlines[h], self.sync_timeout_s, now_s)
+                                                      gather.deadlines[h], self.sync_timeout_s, now_s, holder=h)
                     if reason is not None:
                         gather.released[h] = reason
                     elif deadline != gather.deadlines[h]:

@@ -47,7 +47,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import wire
 from .config import PeersConfig, bind_endpoint
 from .errors import MeshError, WireError
-from .gather import GatherBook, GatherResult, SliceData
+from .gather import LATE, LATE_REPLICA, GatherBook, GatherResult, SliceData
 from .keys import load_own_keys
 from .membership import Membership, MembershipEvent, PeerState, Report
 from .ratelog import RateLimitedLog
@@ -97,6 +97,7 @@ class Mesh:
         self._poller: Optional[zmq.Poller] = None
         self._completed: List[GatherResult] = []
         self._outbox: Dict[str, List[wire.Slice]] = {}   # peer -> slices to send at `flush`
+        self._late_records: List[Tuple[int, Tuple[Tuple[int, int, int], ...]]] = []
         self._messages: Deque[wire.Message] = collections.deque()
         self._next_heartbeat_s = 0.0
         self._ratelog = RateLimitedLog(log)
@@ -338,6 +339,10 @@ class Mesh:
                     self._drop("bad_frame", now_s, detail=f"slice frame {sl.frame} of no device, from {sender}")
                     continue
                 reason = self.book.add_slice(sender, sl.frame, sl.stage, sl.neuron_ids, sl.array, now_s, sl.degraded)
+                if reason in (LATE, LATE_REPLICA) and sl.degraded:
+                    # Not used, but what it rests on is news about the frame: the answer should
+                    # rather claim too much zero-fill than too little.
+                    self._late_records.append((sl.frame, sl.degraded))
                 if reason is not None:
                     self._drop(reason, now_s, detail=f"slice frame {sl.frame} stage {sl.stage} from {sender}")
         elif isinstance(msg, wire.Result):
@@ -474,6 +479,11 @@ class Mesh:
     def abandon(self, frame: int) -> None:
         """Forget the gathers of a frame this node gave up (expired); late slices count as late."""
         self.book.abandon(frame)
+
+    def take_late_records(self) -> List[Tuple[int, Tuple[Tuple[int, int, int], ...]]]:
+        """(frame, degradation record) of slices that came too late to be used."""
+        out, self._late_records = self._late_records, []
+        return out
 
     def take_completed(self) -> List[GatherResult]:
         out, self._completed = self._completed, []

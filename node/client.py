@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -139,7 +140,48 @@ def closed_loop(client: NodeClient, inputs: np.ndarray, frames: int, in_flight: 
                 last_s = time.monotonic()
 
 
-def status_all(config: PeersConfig, key_path: Optional[Path], timeout_s: float = 2.0) -> List[Dict]:
+class CameraStream(threading.Thread):
+    """An open-loop camera: one input every 1/`rate_fps` s to one node, whatever the answers do;
+    every answer recorded (sample, sent/answered wall time, frame id, meta, logits). `stop`
+    ends the sending; what is outstanding is collected for up to `drain_s`."""
+
+    def __init__(self, config: PeersConfig, node_id: str, key_path: Optional[Path], inputs: np.ndarray,
+                 rate_fps: float, drain_s: float = 12.0) -> None:
+        super().__init__(daemon=True)
+        self.config, self.node_id, self.key_path = config, node_id, key_path
+        self.inputs, self.rate_fps, self.drain_s = inputs, rate_fps, drain_s
+        self.records: List[Dict] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        by_id: Dict[int, Dict] = {}
+        with NodeClient(self.config, self.node_id, self.key_path) as client:
+            next_s = time.monotonic()
+            drain_until = None
+            while True:
+                now = time.monotonic()
+                if self.stop.is_set() and drain_until is None:
+                    drain_until = now + self.drain_s
+                if drain_until is not None and (now > drain_until or not by_id):
+                    return
+                if drain_until is None and now >= next_s:
+                    sample = len(self.records) % len(self.inputs)
+                    rid = client.send_input(self.inputs[sample: sample + 1])
+                    record = {"sample": sample, "sent_s": time.time(), "answered_s": None, "frame": None,
+                              "meta": None}
+                    self.records.append(record)
+                    by_id[rid] = record
+                    next_s += 1.0 / self.rate_fps
+                msg = client.receive(max(0.0, min(next_s - time.monotonic(), 0.05)))
+                if isinstance(msg, wire.Result):
+                    record = by_id.pop(msg.meta.get("request", {}).get("id"), None)
+                    if record is not None:
+                        record.update(meta=dict(msg.meta), answered_s=time.time(), frame=msg.frame,
+                                      logits=msg.arrays[0] if msg.arrays else None)
+
+
+def status_all(config: PeersConfig, key_path: Optional[Path], timeout_s: float = 2.0,
+               request: Optional[Dict] = None) -> List[Dict]:
     """Every node's own view; a node that does not answer within `timeout_s` shows as unreachable.
 
     All nodes are asked at once and their replies read as they come, so one dead node costs
@@ -152,7 +194,7 @@ def status_all(config: PeersConfig, key_path: Optional[Path], timeout_s: float =
             poller = zmq.Poller()
             by_socket = {}
             for c in clients:
-                c.sock.send_multipart(wire.encode(wire.Control("status", {}, sender=c.name)))
+                c.sock.send_multipart(wire.encode(wire.Control("status", request or {}, sender=c.name)))
                 poller.register(c.sock, zmq.POLLIN)
                 by_socket[c.sock] = c
             deadline = time.monotonic() + timeout_s

@@ -21,7 +21,6 @@ import time
 import warnings
 from typing import Dict, List, Optional
 
-import numpy as np
 import zmq
 
 from . import ipc

@@ -81,6 +81,7 @@ class Frame:
     gathered: Any = None               # the gather result waiting for the engine
     engine_state: bool = False         # the engine holds this frame's state (until done or dropped)
     degraded: Dict[int, Tuple[int, int]] = field(default_factory=dict)   # stage -> (missing mask, zero)
+    excluded: FrozenSet[str] = frozenset()   # participants not waited for in later stages (gone for it)
     answer: Optional[Dict[str, Any]] = None
     logits: Any = None
     compute_ms: float = 0.0
@@ -220,12 +221,15 @@ class FrameBook:
             f.degraded[stage] = (mask, max(old, zero))
 
     def on_gathered(self, frame: int, stage: int, missing: Iterable[str],
-                    upstream: Iterable[Tuple[int, int, int]], result: Any) -> Optional[Frame]:
+                    upstream: Iterable[Tuple[int, int, int]], result: Any,
+                    gone: Iterable[str] = ()) -> Optional[Frame]:
         """The gather of (frame, stage) is done: `missing` are the frame's devices whose rows did
-        not come (not participants, or released holders), `upstream` the pieces' own records."""
+        not come (not participants, or released holders), `upstream` the pieces' own records,
+        `gone` the holders released for good (not waited for in the frame's later stages)."""
         f = self.frames.get(frame)
         if f is None or f.phase != Phase.GATHERING or f.stage != stage:
             return None
+        f.excluded = f.excluded | frozenset(gone)
         mask = 0
         for node in missing:
             mask |= 1 << self.device_of[node]
@@ -242,9 +246,15 @@ class FrameBook:
         return [(stage, mask & all_devices, min(zero, self.stage_neurons[stage]))
                 for stage, mask, zero in upstream if 0 <= stage < len(self.stage_neurons)]
 
+    def note_upstream(self, frame: int, upstream: Iterable[Tuple[int, int, int]]) -> None:
+        """A peer's record for a frame still here, from a slice not used (it came late)."""
+        f = self.frames.get(frame)
+        if f is not None and f.phase != Phase.DONE:
+            merge_degraded(f.degraded, self._plausible(upstream))
+
     def missing_devices(self, f: Frame, released: Iterable[str]) -> List[str]:
         """The devices whose rows a gather of `f` lacks: not counted on, or given up on."""
-        return sorted((set(self.node_ids) - f.participants) | set(released), key=self.device_of.get)
+        return sorted((set(self.node_ids) - f.participants) | f.excluded | set(released), key=self.device_of.get)
 
     def on_done(self, frame: int, logits: Any, zero: Mapping[int, int], compute_ms: float, now_s: float,
                 answer_fn) -> Optional[Frame]:

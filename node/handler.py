@@ -39,7 +39,7 @@ import zmq
 
 from robustdice.mesh import wire
 from robustdice.mesh.errors import MeshError, WireError
-from robustdice.mesh.gather import GatherResult, SliceData
+from robustdice.mesh.gather import FOR_THE_FRAME, GatherResult, SliceData
 from robustdice.mesh.membership import EventKind, PeerState
 from robustdice.mesh.mesh import Mesh
 from robustdice.mesh.poller import ReadyPoller
@@ -47,7 +47,7 @@ from robustdice.mesh.ratelog import RateLimitedLog
 
 from . import ipc
 from .config import NodeConfig, load_node_config
-from .frames import Frame, FrameBook, Phase
+from .frames import Frame, FrameBook
 from .process import child_main, report_ready, report_status
 from .telemetry import Power, rss_bytes
 
@@ -60,6 +60,7 @@ MAX_ENGINE_PER_PASS = 256
 ENGINE_QUEUE_S = 0.005
 MAX_ENGINE_WINDOW = 32
 EVENT_HISTORY = 100
+ZERO_LOG = 4000
 TELEMETRY_REFRESH_S = 1.0        # process-tree RSS and power are read at most this often
 HOUSEKEEPING_S = 0.01            # start-up, engine health, expiry and the status line: this often
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
@@ -95,6 +96,9 @@ class Handler:
                          max_stage=len(stages), on_stall=self._on_stall)
         self.mesh.progress_source = lambda: (self.book.progress(), self.book.inputs())
         self.events: collections.deque = collections.deque(maxlen=EVENT_HISTORY)
+        # (frame, stage, neurons zero-filled) of this node's own stages, for checks that no answer
+        # claims less zero-fill than some node had (status with {"zero_log": true}).
+        self.zero_log: collections.deque = collections.deque(maxlen=ZERO_LOG)
         self.counters: "collections.Counter[str]" = collections.Counter()
         self.ratelog = RateLimitedLog(log)
         # Frame ids must not repeat across restarts while peers still remember the old ones:
@@ -163,6 +167,8 @@ class Handler:
             self._guard("client", self._drain_clients, now)
         for result in self.mesh.take_completed():
             self._guard("gathered", self._on_gathered, result)
+        for frame, record in self.mesh.take_late_records():
+            self.book.note_upstream(frame, record)
         self._guard("frames", self._tend, now)
         self.mesh.flush()
 
@@ -383,7 +389,8 @@ class Handler:
             self.ratelog.log("released", logging.INFO, time.monotonic(), "frame %d stage %s: went on without %s",
                              result.frame, self.stage_names[result.stage],
                              ", ".join(f"{n} ({why})" for n, why in sorted(result.released.items())))
-        self.book.on_gathered(result.frame, result.stage, missing, upstream, result)
+        gone = [n for n, why in result.released.items() if why in FOR_THE_FRAME]
+        self.book.on_gathered(result.frame, result.stage, missing, upstream, result, gone)
 
     # ------------------------------------------------------------ engine
     def _drain_engine(self, now: float) -> None:
@@ -418,12 +425,15 @@ class Handler:
 
     def _on_slice(self, header: dict, bufs, now: float) -> None:
         stage = header["stage"]
+        if header.get("zero_before"):
+            self.zero_log.append((header["frame"], stage - 1, header["zero_before"]))
         f = self.book.on_slice(header["frame"], stage, header.get("zero_before"))
         if f is None:
             return  # expired meanwhile; the engine was told to drop it
         local = SliceData(self.ids[stage][self.me.id], ipc.array(bufs[0], header["dtype"], header["shape"]))
-        holders = {p: self.ids[stage][p] for p in f.participants if p in self.wait_for[stage]}
-        send_to = [p for p in f.participants if p in self.send_to[stage]]
+        taking_part = f.participants - f.excluded
+        holders = {p: self.ids[stage][p] for p in taking_part if p in self.wait_for[stage]}
+        send_to = [p for p in taking_part if p in self.send_to[stage]]
         degraded = tuple((s, m, z) for s, (m, z) in sorted(f.degraded.items()))
         self.mesh.begin_gather(f.frame, stage, local, holders, self.total_ids[stage], send_to=send_to,
                                degraded=degraded, now_s=now)
@@ -439,6 +449,7 @@ class Handler:
                 f.degraded[i] = (mask, f.degraded.get(i, (0, 0))[1])
         logits = ipc.array(bufs[0], header["dtype"], header["shape"]).copy()
         zero = {int(k): int(v) for k, v in header.get("zero", {}).items()}
+        self.zero_log.extend((frame, stage, n) for stage, n in zero.items() if n)
         self.book.on_done(frame, logits, zero, float(header.get("compute_ms", 0.0)), now,
                           lambda f: self._answer_body(f, now))
 
@@ -484,7 +495,10 @@ class Handler:
         if isinstance(msg, wire.Input):
             self._submit(identity, msg, now)
         elif isinstance(msg, wire.Control) and msg.kind == "status":
-            self._reply(identity, wire.Control("status", self.status(now)))
+            body = self.status(now)
+            if msg.body.get("zero_log") is True:
+                body["zero_log"] = [list(entry) for entry in self.zero_log]
+            self._reply(identity, wire.Control("status", body))
         else:
             self.counters["client_unexpected"] += 1
 

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import psutil
 
-from robustdice.node.cluster import LocalCluster
+from robustdice.node.localcluster import LocalCluster
 
 # The machine is shared and has 2 cores: generous deadlines, never sleeps used as synchronisation.
 START_TIMEOUT_S = 120.0
@@ -80,14 +80,7 @@ def start_cluster(cluster: LocalCluster, devices: Optional[Sequence[int]] = None
 
 def start_node_with_plan(cluster: LocalCluster, device: int, plan_dir: Path) -> subprocess.Popen:
     """Like LocalCluster.start_node, but with `--plan` overriding peers.yaml's plan."""
-    log_path = cluster.workdir / f"{cluster.ids[device]}.log"
-    argv = [sys.executable, "-m", "robustdice.node.supervisor", "--peers", str(cluster.peers_path),
-            "--id", cluster.ids[device], "--plan", str(plan_dir), "--threads", "1"]
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    cluster.procs[device] = proc
-    cluster.logs[device] = log_path
-    return proc
+    return cluster.start_node(device, extra=["--plan", str(plan_dir)])
 
 
 def node_children(cluster: LocalCluster, device: int) -> Dict[str, psutil.Process]:

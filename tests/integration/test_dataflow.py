@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import node_helpers as nh  # noqa: E402
 
 from robustdice.node.client import NodeClient, closed_loop  # noqa: E402
-from robustdice.node.cluster import LocalCluster, _counted_from  # noqa: E402
+from robustdice.node.localcluster import LocalCluster  # noqa: E402
+from robustdice.node.phases import counted_from  # noqa: E402
 from robustdice.partitioner.data import evaluation_split  # noqa: E402
 from robustdice.partitioner.evaluate import predictions  # noqa: E402
 
@@ -97,7 +98,7 @@ def test_a_node_killed_mid_stream_every_frame_answered_then_the_failed_simulatio
             c.join(150)
         views = cluster.status(timeout_s=10.0)
     survivors = [v for v in views if v.get("node") != cluster.ids[victim]]
-    stopped = [_counted_from(v, cluster.ids[victim], kill_wall_s, False) for v in survivors]
+    stopped = [counted_from(v, cluster.ids[victim], kill_wall_s, False) for v in survivors]
     assert None not in stopped, "a survivor never stopped counting on the dead node"
     after = max(stopped)
     checked = 0

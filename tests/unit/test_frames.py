@@ -235,6 +235,20 @@ def test_gathered_frame_records_missing_devices_and_upstream_degradation():
     assert f.degraded == {0: (0b110, 3)}  # n2 not counted on, n1 missing upstream
 
 
+def test_a_holder_gone_for_the_frame_is_missing_from_every_later_stage():
+    """A peer released for good (dead, timed out, never to have the input) is not waited for in
+    the frame's later stages, and the answer counts its rows as missing there too."""
+    b = book()
+    frame = gathering(b, 0)
+    f = b.on_gathered(frame, 0, b.missing_devices(b.frames[frame], ["n2"]), [], "r", gone=["n2"])
+    assert f.excluded == {"n2"}
+    assert b.missing_devices(f, []) == ["n2"]
+    b.next_work()
+    b.on_slice(frame, 1, 0)
+    b.on_gathered(frame, 1, b.missing_devices(f, []), [], "r2")
+    assert f.degraded[1][0] == 0b100 and f.excluded == {"n2"}
+
+
 def test_upstream_records_of_stages_outside_the_plan_are_not_kept():
     b = book()
     frame = gathering(b, 1)

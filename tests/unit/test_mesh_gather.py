@@ -113,8 +113,8 @@ def test_several_gathers_at_once_finish_independently():
 
 # ---------------------------------------------------------------- holder_verdict
 
-def report(received_s=0.5, ready=True, progress=None, inputs=None):
-    return Report(received_s, ready, {}, progress or {}, inputs or {})
+def report(received_s=0.5, ready=True, progress=None, inputs=None, hears=None):
+    return Report(received_s, ready, hears or {}, progress or {}, inputs or {})
 
 
 @pytest.mark.parametrize("state,rep,now_s,expected", [
@@ -123,7 +123,7 @@ def report(received_s=0.5, ready=True, progress=None, inputs=None):
     (PeerState.UNKNOWN, None, 0.0, g.RELEASED_DEAD),
     (PeerState.DEAD, report(progress={FRAME: 0}), 0.0, g.RELEASED_DEAD),
     (PeerState.ALIVE, report(ready=False, progress={FRAME: 0}), 0.0, g.RELEASED_STALLED),
-    (PeerState.UNREACHABLE, report(ready=False), 0.0, g.RELEASED_STALLED),
+    (PeerState.UNREACHABLE, report(ready=False), 0.0, g.RELEASED_UNREACHABLE),
     (PeerState.ALIVE, report(progress={FRAME: STAGE + 1}), 0.0, g.RELEASED_LOST),
     (PeerState.ALIVE, report(progress={FRAME: STAGE + 5}), 0.0, g.RELEASED_LOST),
     (PeerState.ALIVE, report(progress={FRAME: STAGE}), 0.0, None),
@@ -134,9 +134,9 @@ def report(received_s=0.5, ready=True, progress=None, inputs=None):
     (PeerState.ALIVE, report(inputs={"other": FRAME + 1}), 0.0, None),
     (PeerState.ALIVE, report(progress={FRAME + 1: 3}, inputs={ORIGIN: FRAME - 1}), 0.0, None),
     (PeerState.ALIVE, None, 0.0, None),
-    (PeerState.UNREACHABLE, None, 0.0, None),
+    (PeerState.UNREACHABLE, None, 0.0, g.RELEASED_UNREACHABLE),
     (PeerState.ALIVE, None, 1.0, g.RELEASED_TIMEOUT),
-    (PeerState.UNREACHABLE, None, 1.0, g.RELEASED_TIMEOUT),
+    (PeerState.UNREACHABLE, None, 1.0, g.RELEASED_UNREACHABLE),
     (PeerState.ALIVE, report(received_s=-5.0, progress={FRAME: 0}), 1.0, g.RELEASED_TIMEOUT),
 ], ids=["dead", "refused", "unknown", "dead_though_busy", "stalled", "stalled_unreachable", "lost", "lost_far_ahead",
         "at_this_stage", "input_held", "absent", "absent_newer_input", "input_not_yet_here", "other_origin",
@@ -145,6 +145,23 @@ def report(received_s=0.5, ready=True, progress=None, inputs=None):
 def test_holder_verdict(state, rep, now_s, expected):
     reason, _ = g.holder_verdict(FRAME, STAGE, ORIGIN, state, rep, 1.0, T, now_s)
     assert reason == expected
+
+
+@pytest.mark.parametrize("hears,expected", [
+    ({}, g.RELEASED_ABSENT),                       # it cannot hear the origin: the input never reaches it
+    ({ORIGIN: (1, 20)}, None),                     # it hears the origin: the input is on its way
+])
+def test_a_holder_that_cannot_hear_the_origin_will_never_have_the_frame(hears, expected):
+    rep = report(hears=hears, inputs={ORIGIN: FRAME - 1})
+    reason, _ = g.holder_verdict(FRAME, STAGE, ORIGIN, PeerState.ALIVE, rep, 1.0, T, 0.0, holder="b")
+    assert reason == expected
+    # The origin itself needs no input: it is judged by its progress alone.
+    assert g.holder_verdict(FRAME, STAGE, ORIGIN, PeerState.ALIVE, report(), 1.0, T, 0.0, holder=ORIGIN)[0] is None
+
+
+def test_releases_for_the_whole_frame_are_all_but_a_lost_slice():
+    assert g.FOR_THE_FRAME == {g.RELEASED_DEAD, g.RELEASED_STALLED, g.RELEASED_ABSENT, g.RELEASED_TIMEOUT,
+                               g.RELEASED_UNREACHABLE}
 
 
 def test_holder_busy_with_the_frame_moves_its_deadline_to_report_plus_timeout():
@@ -185,13 +202,12 @@ def test_silent_holder_is_released_at_the_sync_timeout():
     assert r.released == {"b": "timeout"} and r.timed_out and r.uncovered == 2
 
 
-def test_unreachable_holder_is_waited_for_until_the_timeout():
+def test_unreachable_holder_is_released_at_once():
+    """Others hear it, we do not: its slices cannot reach us, waiting would only cost time."""
     book = book_with()
     answer(book, "a")
-    peers = Peers(b=PeerState.UNREACHABLE)
-    assert book.poll(0.5, peers) == []
-    (r,) = book.poll(1.0, peers)
-    assert r.released == {"b": "timeout"}
+    (r,) = book.poll(0.1, Peers(b=PeerState.UNREACHABLE))
+    assert r.released == {"b": "unreachable"} and not r.timed_out
 
 
 def busy_b(received_s, stages_sent):

@@ -1,0 +1,187 @@
+"""A cluster of real robustdice-node processes on one machine: keys, peers.yaml, start, kill,
+pause, resume, status — for tests, benchmarks, `robustdice cluster` and `make demo`.
+
+Each node runs in its own process group, so a kill takes the whole node (supervisor, handler,
+engine). On 127.0.0.1 every node gets free ports; with `hosts` (netlab.py's namespaces) every
+node binds 5550/5551 on its own address.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from robustdice.mesh.config import (DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_PEER_TIMEOUT_MS,
+                                    DEFAULT_SYNC_TIMEOUT_MS)
+
+from .errors import NodeError
+
+log = logging.getLogger(__name__)
+
+
+def free_ports(n: int) -> List[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+class LocalCluster:
+    """N robustdice-node processes with generated keys and peers.yaml: on 127.0.0.1 (free
+    ports), or on the given `hosts` (one per device, ports 5550/5551), each started behind
+    `prefix(device)` (e.g. `ip netns exec NS`, see netlab.py)."""
+
+    NODE_PORT = 5550
+
+    def __init__(self, plan_dir, workdir=None, *, threads: int = 1,
+                 heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS, peer_timeout_ms: int = DEFAULT_PEER_TIMEOUT_MS,
+                 sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS, log_level: str = "INFO", insecure: bool = False,
+                 hosts: Optional[Sequence[str]] = None, prefix=None) -> None:
+        from robustdice.partitioner.plan import load_plan, plan_dir as to_plan_dir
+        self.plan_dir = to_plan_dir(Path(plan_dir)).resolve()
+        self.plan = load_plan(self.plan_dir)
+        self._tmp = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="rdc-")
+            workdir = self._tmp.name
+        # Absolute: peers.yaml's relative paths are resolved against its own folder.
+        self.workdir = Path(workdir).resolve()
+        self.threads, self.log_level = threads, log_level
+        self.ids = [f"n{d}" for d in range(self.plan.devices)]
+        self.procs: Dict[int, subprocess.Popen] = {}
+        self.logs: Dict[int, Path] = {}
+        self.hosts, self.prefix = hosts, prefix
+        self.peers_path = self._write_config(heartbeat_interval_ms, peer_timeout_ms, sync_timeout_ms, insecure)
+
+    def _write_config(self, heartbeat_ms: int, timeout_ms: int, sync_ms: int, insecure: bool) -> Path:
+        from robustdice.mesh.config import ClientKey, PeerConfig, PeersConfig, write_peers
+        from robustdice.mesh.keys import make_keypairs
+        keys_dir = self.workdir / "keys"
+        publics = {} if insecure else make_keypairs(keys_dir, self.ids + ["client"])
+        if self.hosts is None:
+            ports = free_ports(2 * len(self.ids))
+            peers = tuple(PeerConfig(nid, "127.0.0.1", ports[2 * d], publics.get(nid), ports[2 * d + 1])
+                          for d, nid in enumerate(self.ids))
+        else:
+            peers = tuple(PeerConfig(nid, self.hosts[d], self.NODE_PORT, publics.get(nid), self.NODE_PORT + 1)
+                          for d, nid in enumerate(self.ids))
+        config = PeersConfig(
+            peers=peers, plan=self.plan_dir, heartbeat_interval_ms=heartbeat_ms, peer_timeout_ms=timeout_ms,
+            sync_timeout_ms=sync_ms, insecure=insecure,
+            secret_key_file=None if insecure else str(keys_dir / "{id}.key_secret"),
+            clients=() if insecure else (ClientKey("client", publics["client"]),), base_dir=self.workdir)
+        self.config = config
+        self.key_path = None if insecure else keys_dir / "client.key_secret"
+        return write_peers(self.workdir / "peers.yaml", config)
+
+    # ------------------------------------------------------------ processes
+    def start_node(self, device: int, extra: Sequence[str] = ()) -> subprocess.Popen:
+        """Start device's robustdice-node (`extra`: more arguments, e.g. --plan for another plan)."""
+        log_path = self.workdir / f"{self.ids[device]}.log"
+        argv = [sys.executable, "-m", "robustdice.node.supervisor", "--peers", str(self.peers_path),
+                "--id", self.ids[device], "--threads", str(self.threads), "--log-level", self.log_level,
+                *extra]
+        if self.prefix is not None:
+            argv = list(self.prefix(device)) + argv
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[device] = proc
+        self.logs[device] = log_path
+        return proc
+
+    def _signal(self, device: int, sig: int) -> None:
+        proc = self.procs[device]
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self, device: int) -> None:
+        self._signal(device, signal.SIGKILL)
+        self.procs[device].wait()
+
+    def pause(self, device: int) -> None:
+        self._signal(device, signal.SIGSTOP)
+
+    def resume(self, device: int) -> None:
+        self._signal(device, signal.SIGCONT)
+
+    def stop(self, timeout_s: float = 8.0) -> None:
+        for d, proc in self.procs.items():
+            if proc.poll() is None:
+                self._signal(d, signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for d, proc in self.procs.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("node %s did not stop in time: killing its process group", self.ids[d])
+                self._signal(d, signal.SIGKILL)
+                proc.wait()
+            # The children die with their parent (PDEATHSIG); make sure nothing of the group is left.
+            self._signal(d, signal.SIGKILL)
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> "LocalCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ views
+    def status(self, timeout_s: float = 2.0, request: Optional[Dict] = None) -> List[Dict]:
+        from .client import status_all
+        return status_all(self.config, self.key_path, timeout_s, request)
+
+    def wait_until(self, predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> List[Dict]:
+        deadline = time.monotonic() + timeout_s
+        views: List[Dict] = []
+        while time.monotonic() < deadline:
+            for d, proc in self.procs.items():
+                if proc.poll() is not None and proc.returncode not in (-signal.SIGKILL,):
+                    raise NodeError(f"node {self.ids[d]} exited with {proc.returncode} while waiting for {what}; "
+                                    f"log: {self.logs[d]}\n{self.tail(d)}")
+            views = self.status(timeout_s=min(1.0, max(0.1, deadline - time.monotonic())))
+            if predicate(views):
+                return views
+            time.sleep(interval_s)  # polling the nodes' status: the condition is theirs, not ours
+        raise NodeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def all_alive(self, devices: Optional[Sequence[int]] = None):
+        """A predicate: every node in `devices` sees every other alive *and* would run a frame
+        submitted now on all of them (a peer counts for new frames only once the link works both
+        ways, so "alive" alone would let the first frames be zero-filled)."""
+        devices = list(range(len(self.ids))) if devices is None else list(devices)
+        names = {self.ids[d] for d in devices}
+
+        def check(views: List[Dict]) -> bool:
+            up = [v for v in views if not v.get("unreachable") and v["node"] in names]
+            return len(up) == len(names) and all(
+                v["members"][n]["state"] == "alive" and n in v.get("participants", ())
+                for v in up for n in names if n != v["node"])
+        return check
+
+    def tail(self, device: int, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.logs[device].read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""

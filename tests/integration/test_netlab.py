@@ -1,0 +1,138 @@
+"""Membership and frames across a real network (issue 10): 4 nodes in 4 network namespaces
+joined by a bridge (node/netlab.py), a camera streaming to n0, and one fault per test.
+benchmarks/chaos.py runs the long ones (60 s of loss, a 14 s cut) and prints the table."""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import node_helpers as nh  # noqa: E402
+
+from robustdice.node.client import CameraStream  # noqa: E402
+from robustdice.node.localcluster import LocalCluster  # noqa: E402
+from robustdice.node.netlab import NetnsLab  # noqa: E402
+from robustdice.node.phases import divergent_answers, silent_divergence  # noqa: E402
+from robustdice.partitioner.data import evaluation_split  # noqa: E402
+
+WHY = NetnsLab.unavailable()
+pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(240),
+              pytest.mark.skipif(WHY is not None, reason=f"no network lab here: {WHY} "
+                                 "(make test installs nftables when it can)")]
+
+RATE_FPS = 20.0
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, _, _ = evaluation_split("digits_cnn")
+    return images.numpy().astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def expected(digits_plan, digits):
+    """The no-failure logits of every evaluation sample."""
+    from robustdice.partitioner.runtime import Cluster
+    import torch
+    return Cluster(digits_plan).simulate(torch.from_numpy(digits)).numpy()[:, None, :]
+
+
+@pytest.fixture
+def lab_cluster(digits_plan):
+    lab = NetnsLab(4, tag="rdt")
+    with lab, LocalCluster(digits_plan, hosts=lab.hosts, prefix=lab.prefix, log_level="WARNING") as cluster:
+        nh.start_cluster(cluster)
+        yield lab, cluster
+
+
+def stream_around(cluster, images, fault, heal, before_s=2.0, after_s=4.0, node="n0"):
+    """Stream before, during and after a fault; returns (records, fault time, heal time, views)."""
+    stream = CameraStream(cluster.config, node, cluster.key_path, images, RATE_FPS)
+    stream.start()
+    nh.wait_for(lambda: sum(r["meta"] is not None for r in stream.records) >= before_s * RATE_FPS / 2, 30,
+                "frames before the fault")
+    fault_s = time.time()
+    fault()
+    heal_s = time.time()
+    heal()
+    healed_s = time.time()
+    nh.wait_for(lambda: sum(r["sent_s"] > healed_s + after_s for r in stream.records) > 0, 60, "frames after the heal")
+    stream.stop.set()
+    stream.join(60)
+    views = cluster.status(timeout_s=10.0, request={"zero_log": True})
+    return stream.records, fault_s, heal_s, healed_s, views
+
+
+def latencies(records):
+    return [r["meta"]["latency_ms"] for r in records if r["meta"] and "latency_ms" in r["meta"]]
+
+
+def check_heal(records, healed_s, views, cluster, expected, within_s=1.0):
+    """Every frame answered; the first after the heal at normal latency; frames run on every
+    node again within `within_s`, and none after that is zero-filled; no answer that claims to
+    be whole differs from the no-failure model."""
+    assert all(r["meta"] is not None and "error" not in r["meta"] for r in records), \
+        [r["meta"] for r in records if not r["meta"] or "error" in r["meta"]][:3]
+    before = [r for r in records if r["sent_s"] < records[0]["sent_s"] + 1.5]
+    p50_before = float(np.median(latencies(before)))
+    after = [r for r in records if r["sent_s"] >= healed_s]
+    assert after[0]["meta"]["latency_ms"] <= max(2 * p50_before, p50_before + 20), (after[0]["meta"], p50_before)
+    whole = [r for r in after if len(r["meta"]["participants"]) == 4]
+    assert whole and whole[0]["sent_s"] - healed_s <= within_s, whole[:1]
+    later = [r for r in after if r["sent_s"] >= whole[0]["sent_s"]]
+    assert all(r["meta"]["zero_filled_fraction"] == 0 for r in later), [r["meta"] for r in later
+                                                                       if r["meta"]["zero_filled_fraction"]][:2]
+    assert silent_divergence(records, expected) == []
+    # Stricter: no node zero-filled more of a frame than its answer says, used by it or not.
+    # Measured, not required (a node's own last stage changes nobody's answer); chaos.py reports it.
+    divergent_answers(records, views, cluster.plan)
+
+
+def test_a_2_2_split_heals_at_once_and_both_halves_say_what_computed_them(lab_cluster, digits, expected):
+    lab, cluster = lab_cluster
+    records, fault_s, heal_s, healed_s, views = stream_around(
+        cluster, digits, lambda: (lab.split([[0, 1], [2, 3]]), time.sleep(2.5)), lab.heal)
+    during = [r for r in records if fault_s + 1.0 < r["sent_s"] < heal_s]
+    assert during and all(r["meta"]["participants"] == ["n0", "n1"] for r in during), [r["meta"] for r in during][:2]
+    assert all(r["meta"]["degraded"] and r["meta"]["zero_filled_fraction"] > 0 for r in during)
+    check_heal(records, healed_s, views, cluster, expected)
+
+
+def test_a_node_back_from_sigstop_costs_no_stale_waits(lab_cluster, digits, expected):
+    lab, cluster = lab_cluster
+    records, _, _, healed_s, views = stream_around(
+        cluster, digits, lambda: (cluster.pause(3), time.sleep(2.0)), lambda: cluster.resume(3))
+    check_heal(records, healed_s, views, cluster, expected)
+
+
+def test_a_cut_link_heals_within_a_second_both_ways(lab_cluster, digits, expected):
+    """After 6 s without its cable (TCP connections torn down by ZMTP heartbeats and
+    TCP_USER_TIMEOUT, not left to backoff), n3 hears its peers and they hear it within 1 s."""
+    lab, cluster = lab_cluster
+    records, _, _, healed_s, views = stream_around(
+        cluster, digits, lambda: (lab.link(3, up=False), time.sleep(6.0)), lambda: lab.link(3, up=True))
+    peers_hear = [e["wall_s"] for v in views[:3] for e in v["events"]
+                  if e["peer"] == "n3" and e["kind"] in ("rejoined", "reachable") and e["wall_s"] >= healed_s]
+    n3_hears = [e["wall_s"] for e in views[3]["events"]
+                if e["kind"] in ("rejoined", "reachable") and e["wall_s"] >= healed_s]
+    assert len(peers_hear) == 3 and max(peers_hear) - healed_s <= 1.0, peers_hear
+    assert len(n3_hears) == 3 and max(n3_hears) - healed_s <= 1.0, n3_hears
+    # Frames count on n3 again once both sides hear each other and say so: a heartbeat or two more.
+    check_heal(records, healed_s, views, cluster, expected, within_s=1.5)
+
+
+def test_a_one_way_link_costs_at_most_one_sync_timeout_and_kills_nobody(lab_cluster, digits, expected):
+    """n0 -> n3 dropped: n3 still reaches n0, but no longer hears it, and says so in its
+    heartbeats; n0 stops counting on n3 without declaring it dead."""
+    lab, cluster = lab_cluster
+    sync_ms = cluster.config.sync_timeout_ms
+    records, fault_s, heal_s, healed_s, views = stream_around(
+        cluster, digits, lambda: (lab.one_way(0, 3), time.sleep(4.0)), lab.heal)
+    assert max(latencies(records)) <= sync_ms * 1.5, max(latencies(records))
+    settled = [r for r in records if fault_s + 1.0 < r["sent_s"] < heal_s]
+    assert settled and all("n3" not in r["meta"]["participants"] for r in settled)
+    assert max(latencies(settled)) < sync_ms / 2
+    assert not [e for v in views for e in v["events"] if e["kind"] == "died"]
+    check_heal(records, healed_s, views, cluster, expected)
