@@ -112,6 +112,19 @@ def _age(view, member) -> str:
     return "-" if silent is None else f"{float(silent):.0f}ms ago"
 
 
+def partition_of(views) -> List[List[str]]:
+    """The groups of nodes that run frames together, from each reachable node's own view of
+    who new frames run on: more than one group is a split (each half zero-fills the other)."""
+    groups = []
+    for v in views:
+        if v.get("unreachable") or "participants" not in v:
+            continue
+        group = sorted(v["participants"])
+        if group not in groups:
+            groups.append(group)
+    return sorted(groups)
+
+
 def cmd_status(args) -> int:
     from robustdice.mesh.config import load_peers
 
@@ -121,6 +134,10 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(views))
         return 0
+    groups = partition_of(views)
+    if len(groups) > 1:
+        print("SPLIT: nodes run frames in separate groups, each zero-filling the others: "
+              + " | ".join(",".join(g) for g in groups))
     for v in views:
         if v.get("unreachable"):
             print(f"{v['node']}: unreachable")
@@ -130,10 +147,13 @@ def cmd_status(args) -> int:
               f"{v['model']}/{v['method']}): {v['frames_done']} frames, "
               f"zero-filled {100 * v['zero_filled_fraction']:.1f}%, p50 {p50}, "
               f"RSS {v['rss_total_bytes'] / 2**20:.0f} MiB, power {v['power']}")
+        if v.get("refused"):
+            print(f"    REFUSED: {v['refused']}")
         if "participants" in v:
             print(f"    new frames run on: {', '.join(v['participants'])}")
         for peer, m in sorted(v["members"].items()):
-            print(f"    {peer:<10} {m.get('state', '?'):<8} last heard {_age(v, m):>8}  "
+            link = "connected" if m.get("connected") else ("hears us" if m.get("hears_us") else "-")
+            print(f"    {peer:<10} {m.get('state', '?'):<11} {link:<9} last heard {_age(v, m):>8}  "
                   f"incarnation {m.get('incarnation')}")
         drops = {k: n for k, n in v["counters"].items() if n}
         if drops:

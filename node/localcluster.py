@@ -89,8 +89,10 @@ class LocalCluster:
         return write_peers(self.workdir / "peers.yaml", config)
 
     # ------------------------------------------------------------ processes
-    def start_node(self, device: int, extra: Sequence[str] = ()) -> subprocess.Popen:
-        """Start device's robustdice-node (`extra`: more arguments, e.g. --plan for another plan)."""
+    def start_node(self, device: int, extra: Sequence[str] = (), env: Optional[Dict[str, str]] = None
+                   ) -> subprocess.Popen:
+        """Start device's robustdice-node (`extra`: more arguments, e.g. --plan for another plan;
+        `env`: more environment, e.g. NOTIFY_SOCKET)."""
         log_path = self.workdir / f"{self.ids[device]}.log"
         argv = [sys.executable, "-m", "robustdice.node.supervisor", "--peers", str(self.peers_path),
                 "--id", self.ids[device], "--threads", str(self.threads), "--log-level", self.log_level,
@@ -98,7 +100,8 @@ class LocalCluster:
         if self.prefix is not None:
             argv = list(self.prefix(device)) + argv
         with open(log_path, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=None if env is None else dict(os.environ, **env))
         self.procs[device] = proc
         self.logs[device] = log_path
         return proc

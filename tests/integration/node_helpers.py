@@ -78,9 +78,33 @@ def start_cluster(cluster: LocalCluster, devices: Optional[Sequence[int]] = None
     cluster.wait_until(cluster.all_alive(devices), START_TIMEOUT_S, "every node to count on every other")
 
 
-def start_node_with_plan(cluster: LocalCluster, device: int, plan_dir: Path) -> subprocess.Popen:
+def start_node_with_plan(cluster: LocalCluster, device: int, plan_dir: Path, env=None) -> subprocess.Popen:
     """Like LocalCluster.start_node, but with `--plan` overriding peers.yaml's plan."""
-    return cluster.start_node(device, extra=["--plan", str(plan_dir)])
+    return cluster.start_node(device, extra=["--plan", str(plan_dir)], env=env)
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET: what a node tells systemd."""
+
+    def __init__(self, folder: Path):
+        import socket
+        self.path = str(folder / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
+        self.messages: List[str] = []
+
+    def receive(self) -> List[str]:
+        """Every datagram received so far (those already read included)."""
+        import socket
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                return self.messages
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def node_children(cluster: LocalCluster, device: int) -> Dict[str, psutil.Process]:

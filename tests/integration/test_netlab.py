@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import node_helpers as nh  # noqa: E402
 
 from robustdice.node.client import CameraStream  # noqa: E402
+from robustdice.node.client_cli import partition_of  # noqa: E402
 from robustdice.node.localcluster import LocalCluster  # noqa: E402
 from robustdice.node.netlab import NetnsLab  # noqa: E402
 from robustdice.node.phases import divergent_answers, silent_divergence  # noqa: E402
@@ -92,11 +93,21 @@ def check_heal(records, healed_s, views, cluster, expected, within_s=1.0):
 
 def test_a_2_2_split_heals_at_once_and_both_halves_say_what_computed_them(lab_cluster, digits, expected):
     lab, cluster = lab_cluster
-    records, fault_s, heal_s, healed_s, views = stream_around(
-        cluster, digits, lambda: (lab.split([[0, 1], [2, 3]]), time.sleep(2.5)), lab.heal)
+    split_seen = []
+
+    def split():
+        lab.split([[0, 1], [2, 3]])
+        # `robustdice status` shows the split (both halves answer it from the root namespace).
+        halves = [["n0", "n1"], ["n2", "n3"]]
+        split_seen.extend(nh.wait_for(lambda: (lambda g: g if g == halves else None)(
+            partition_of(cluster.status(timeout_s=2.0))), 10, "the status to show the split"))
+        time.sleep(1.5)
+
+    records, fault_s, heal_s, healed_s, views = stream_around(cluster, digits, split, lab.heal)
     during = [r for r in records if fault_s + 1.0 < r["sent_s"] < heal_s]
     assert during and all(r["meta"]["participants"] == ["n0", "n1"] for r in during), [r["meta"] for r in during][:2]
     assert all(r["meta"]["degraded"] and r["meta"]["zero_filled_fraction"] > 0 for r in during)
+    assert split_seen == [["n0", "n1"], ["n2", "n3"]], split_seen
     check_heal(records, healed_s, views, cluster, expected)
 
 
