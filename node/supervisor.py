@@ -97,7 +97,8 @@ class Child:
             self.proc.wait()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `robustdice-node` command line (built without starting anything, for --help tests)."""
     from robustdice.partitioner.cli import positive_int
     p = argparse.ArgumentParser(prog="robustdice-node", description="Run one RobustDiCE node (handler + engine).")
     p.add_argument("--peers", required=True, help="peers.yaml, the same file on every board")
@@ -109,7 +110,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--check", action="store_true",
                    help="check peers.yaml, this node's key, the plan and its shard, print a summary and exit")
     p.add_argument("--log-level", default=os.environ.get("ROBUSTDICE_LOG_LEVEL", "INFO").upper(),
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: $ROBUSTDICE_LOG_LEVEL, else INFO")
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default: $ROBUSTDICE_LOG_LEVEL, else INFO)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
     env_threads = os.environ.get("ROBUSTDICE_THREADS", "").strip()
     if env_threads and not env_threads.isdigit():
         p.error(f"ROBUSTDICE_THREADS={env_threads!r} is not a whole number of threads")
