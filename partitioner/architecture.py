@@ -5,6 +5,7 @@ should not need. Symbolic tracing inlines every user class and function, leaving
 torch's own modules (Conv2d, BatchNorm2d, ...), torch functions, tensor methods and operators.
 `encode(gm)` writes that graph as JSON, `build(data)` makes a GraphModule from it again:
 
+    name     the model's class name (messages name it)
     modules  {fx path: {"class": torch.nn class name, "args": constructor arguments}}
              (arguments read back from the module's attributes; those equal to the
              constructor's default are left out, so that an older torch reads them too)
@@ -257,7 +258,8 @@ def encode(gm: fx.GraphModule) -> Dict[str, Any]:
         if node.kwargs:
             entry["kwargs"] = {k: _encode_value(v, where) for k, v in node.kwargs.items()}
         nodes.append(entry)
-    return {"format": FORMAT, "version": VERSION, "modules": modules, "tensors": tensors, "nodes": nodes}
+    return {"format": FORMAT, "version": VERSION, "name": type(gm).__name__, "modules": modules,
+            "tensors": tensors, "nodes": nodes}
 
 
 # --- building -----------------------------------------------------------------------------------
@@ -337,6 +339,9 @@ def build(data: Any, where: str = "architecture") -> fx.GraphModule:
     for key, value, kind in (("modules", modules, dict), ("tensors", tensors, dict), ("nodes", nodes, list)):
         if not isinstance(value, kind):
             raise PlanError(f"plan field {where}.{key}: expected {'an object' if kind is dict else 'a list'}")
+    name = data.get("name", "StoredModel")  # the user's class name, for messages
+    if not isinstance(name, str) or not name.isidentifier():
+        raise PlanError(f"plan field {where}.name: {name!r} is not a class name")
     root = nn.Module()
     for path, spec in modules.items():
         w = f"plan field {where}.modules.{path}"
@@ -368,7 +373,7 @@ def build(data: Any, where: str = "architecture") -> fx.GraphModule:
         env[entry["name"]] = graph_node
     try:
         graph.lint()
-        return fx.GraphModule(root, graph, "StoredModel").eval()
+        return fx.GraphModule(root, graph, name).eval()
     except Exception as exc:  # lint and codegen name what is inconsistent
         raise PlanError(f"plan field {where}.nodes: not a valid graph: {type(exc).__name__}: {exc}") from None
 

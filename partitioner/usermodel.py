@@ -43,19 +43,19 @@ def is_import_path(name: Any) -> bool:
 
 def load_factory(path: str):
     if not _IMPORT_PATH.fullmatch(path):
-        raise ModelError(f"--model {path!r} is not package.module:factory")
+        raise ModelError(f"model {path!r} is not package.module:factory")
     module_name, attr = path.split(":")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelError(f"--model {path}: cannot import {module_name} ({exc}); "
+        raise ModelError(f"model {path}: cannot import {module_name} ({exc}); "
                          f"is it installed, or on PYTHONPATH?") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ModelError(f"--model {path}: {module_name} has no attribute {attr!r}")
+            raise ModelError(f"model {path}: {module_name} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ModelError(f"--model {path}: {attr} is a {type(obj).__name__}, not a factory to call")
+        raise ModelError(f"model {path}: {attr} is a {type(obj).__name__}, not a factory to call")
     return obj
 
 
@@ -68,12 +68,12 @@ def build(path: str, weights: Any = "DEFAULT", seed: int = 0) -> torch.fx.GraphM
     try:
         model = factory()
     except Exception as exc:  # the user's code may raise anything; say where and what
-        raise ModelError(f"--model {path}: the factory raised {type(exc).__name__}: {exc}") from None
+        raise ModelError(f"model {path}: the factory raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise ModelError(f"--model {path}: the factory returned a {type(model).__name__}, not an nn.Module")
+        raise ModelError(f"model {path}: the factory returned a {type(model).__name__}, not an nn.Module")
     if weights is not None and str(weights) not in ("DEFAULT", "none", "None"):
         _load_state(model, path, _load_file(str(weights)), str(weights))
-    traced = architecture.trace(model, f"--model {path}")
+    traced = architecture.trace(model, f"model {path}")
     rebuilt = architecture.build(architecture.encode(traced))
     rebuilt.load_state_dict(traced.state_dict(), strict=True)
     return rebuilt
@@ -118,7 +118,7 @@ def declared_input(path: str) -> Dict[str, Any]:
     if declared is None:
         return {}
     if not isinstance(declared, dict) or not set(declared) <= {"shape", "mean", "std", "resize"}:
-        raise ModelError(f"--model {path}: {SPEC_ATTRIBUTE} {declared!r:.80} is not a dict of shape, mean, std, resize")
+        raise ModelError(f"model {path}: {SPEC_ATTRIBUTE} {declared!r:.80} is not a dict of shape, mean, std, resize")
     return dict(declared)
 
 
@@ -142,4 +142,4 @@ def input_spec(path: str, shape: Optional[Sequence[int]] = None, preprocess: Opt
         return InputSpec(tuple(fields["shape"]), per_channel("mean", 0.0), per_channel("std", 1.0),
                          fields.get("resize", "stretch"))
     except PlanError as exc:  # InputSpec names the field as a plan's; here it is the user's input
-        raise PartitionerError(f"--model {path}: {str(exc).replace('input.', 'input ', 1)}") from None
+        raise PartitionerError(f"model {path}: {str(exc).replace('input.', 'input ', 1)}") from None

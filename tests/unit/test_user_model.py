@@ -164,10 +164,10 @@ def test_arguments_equal_to_the_default_are_left_out_for_older_torch():
 
 def test_tracing_failure_names_the_layer_and_the_operation():
     with pytest.raises(ModelError) as err:
-        architecture.trace(GatedNet(), f"--model {MODULE}:gated_net")
+        architecture.trace(GatedNet(), f"model {MODULE}:gated_net")
     message = str(err.value)
     assert "\n" not in message
-    assert f"--model {MODULE}:gated_net" in message
+    assert f"model {MODULE}:gated_net" in message
     assert "layer 'blocks.1' (Gate)" in message
     assert "control flow" in message
     assert "if x.mean() > 0:" in message and "test_user_model.py:" in message
@@ -226,7 +226,7 @@ def test_import_path_errors_name_the_model():
         build_model(f"{MODULE}:not_a_module")
     with pytest.raises(ModelError, match="is not package.module:factory"):
         build_model("a b:c")
-    with pytest.raises(ModelError, match=f"cannot trace --model {MODULE}:gated_net: layer 'blocks.1' \\(Gate\\)"):
+    with pytest.raises(ModelError, match=f"cannot trace model {MODULE}:gated_net: layer 'blocks.1' \\(Gate\\)"):
         build_model(f"{MODULE}:gated_net")
 
 
