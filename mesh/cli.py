@@ -19,13 +19,21 @@ from .keys import make_keypairs
 # Where deploy/site.yml puts things on a board, relative to its peers.yaml (/etc/robustdice).
 BOARD_PLAN_DIR = "plan"
 BOARD_SECRET_KEY_FILE = "keys/{id}.key_secret"
+# The client name whose key `robustdice submit` and `status` find without --key
+# (client.key_secret beside the nodes' keys, node/client.py).
+DEFAULT_CLIENTS = "client"
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("keys", help="make CurveZMQ key pairs for mesh nodes",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for <id>.key and <id>.key_secret")
-    parser.add_argument("--ids", required=True, help="comma-separated node ids, e.g. n0,n1,n2")
+    parser.add_argument("--ids", required=True,
+                        help="comma-separated node ids, one per device in plan order, e.g. n0,n1,n2 "
+                             "(listed under peers:)")
+    parser.add_argument("--clients", default=DEFAULT_CLIENTS,
+                        help="comma-separated client names, listed under clients: (default %(default)s, the "
+                             "key that submit and status use without --key; '' for none)")
     parser.set_defaults(func=run_keys)
 
     inv = subparsers.add_parser("inventory", help="derive the Ansible inventory (deploy/) from peers.yaml",
@@ -39,13 +47,31 @@ def register(subparsers) -> None:
     inv.set_defaults(func=run_inventory)
 
 
+def _names(option: str, text: str) -> list:
+    names = [i.strip() for i in text.split(",") if i.strip()]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"{option}: {dup!r} is listed twice")
+    return names
+
+
 def run_keys(args: argparse.Namespace) -> int:
-    ids = [i.strip() for i in args.ids.split(",") if i.strip()]
-    publics = make_keypairs(args.out, ids)
-    fragment = {"secret_key_file": f"{args.out.rstrip('/')}/{{id}}.key_secret",
-                                # ports step by 2: each node also uses port + 1 as its client port
-                "peers": [{"id": i, "host": "HOST", "port": 5550 + 2 * n, "public_key": k}
-                          for n, (i, k) in enumerate(publics.items())]}
+    ids = _names("--ids", args.ids)
+    clients = _names("--clients", args.clients)
+    if not ids:
+        raise ConfigError(f"--ids: {args.ids!r} names no node")
+    both = next((i for i in ids if i in clients), None)
+    if both is not None:
+        # A client listed as a peer would make peers.yaml one device longer than the plan.
+        raise ConfigError(f"--ids: {both!r} is also a client (--clients {args.clients}); "
+                          f"--ids names the nodes only")
+    publics = make_keypairs(args.out, ids + clients)
+    fragment = {"secret_key_file": f"{args.out.rstrip('/')}/{{id}}.key_secret"}
+    if clients:
+        fragment["clients"] = [{"name": c, "public_key": publics[c]} for c in clients]
+    # ports step by 2: each node also uses port + 1 as its client port
+    fragment["peers"] = [{"id": i, "host": "HOST", "port": 5550 + 2 * n, "public_key": publics[i]}
+                         for n, i in enumerate(ids)]
     print(yaml.safe_dump(fragment, sort_keys=False), end="")
     return 0
 

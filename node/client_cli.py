@@ -10,20 +10,20 @@ from .errors import NodeError
 
 def register(sub) -> None:
     s = sub.add_parser("submit", help="send images to a node and print its answers")
-    s.add_argument("--peers", required=True, type=Path)
+    s.add_argument("--peers", required=True, type=Path, help="the cluster's peers.yaml")
     s.add_argument("--node", help="node id to submit to (default: the first that answers status)")
     s.add_argument("--key", help="client secret key file (default: client.key_secret beside the nodes' keys)")
     s.add_argument("--digits", help="evaluation-split samples of digits_cnn: an index, a list 0,5,9 or a range 0-9")
-    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each answer (default %(default)s)")
     s.add_argument("--json", action="store_true", help="one JSON object per answer")
-    s.add_argument("images", nargs="*", type=Path)
+    s.add_argument("images", nargs="*", type=Path, help="image files, preprocessed as the plan's input says")
     s.set_defaults(func=cmd_submit)
 
     t = sub.add_parser("status", help="every node's view: members, frames, zero-fill, drops, memory, power")
-    t.add_argument("--peers", required=True, type=Path)
-    t.add_argument("--key")
-    t.add_argument("--timeout", type=float, default=2.0)
-    t.add_argument("--json", action="store_true")
+    t.add_argument("--peers", required=True, type=Path, help="the cluster's peers.yaml")
+    t.add_argument("--key", help="client secret key file (default: client.key_secret beside the nodes' keys)")
+    t.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each node (default %(default)s)")
+    t.add_argument("--json", action="store_true", help="print one JSON list of every node's view")
     t.set_defaults(func=cmd_status)
 
     from . import cluster

@@ -74,19 +74,23 @@ def plot_timeline(report: Dict, path, title: str = "") -> Path:
 def register(sub) -> None:
     from robustdice.partitioner.cli import positive_int
     c = sub.add_parser("cluster", help="run one node per device on loopback, stream frames, inject failures")
-    c.add_argument("--plan", required=True, type=Path)
-    c.add_argument("--frames", type=positive_int, default=500)
-    c.add_argument("--rate", type=float, default=50.0, help="frames per second (like a camera)")
-    c.add_argument("--kill", action="append", default=[], metavar="D@FRAME")
-    c.add_argument("--restart", action="append", default=[], metavar="D@FRAME")
-    c.add_argument("--pause", action="append", default=[], metavar="D@FROM:TO")
-    c.add_argument("--threads", type=positive_int, default=1, help="torch threads per node (default 1)")
+    c.add_argument("--plan", required=True, type=Path, help="plan folder; one node per device")
+    c.add_argument("--frames", type=positive_int, default=500, help="frames to stream (default %(default)s)")
+    c.add_argument("--rate", type=float, default=50.0, help="frames per second, like a camera (default %(default)s)")
+    c.add_argument("--kill", action="append", default=[], metavar="D@FRAME",
+                   help="SIGKILL device D's node when the stream reaches FRAME (repeatable)")
+    c.add_argument("--restart", action="append", default=[], metavar="D@FRAME",
+                   help="start killed device D's node again at FRAME (repeatable)")
+    c.add_argument("--pause", action="append", default=[], metavar="D@FROM:TO",
+                   help="SIGSTOP device D's node from frame FROM, SIGCONT at TO (repeatable)")
+    c.add_argument("--threads", type=positive_int, default=1, help="torch threads per node (default %(default)s)")
     c.add_argument("--heartbeat-interval-ms", type=positive_int, default=DEFAULT_HEARTBEAT_INTERVAL_MS,
                    help=f"peers.yaml heartbeat_interval_ms (default {DEFAULT_HEARTBEAT_INTERVAL_MS})")
     c.add_argument("--peer-timeout-ms", type=positive_int, default=DEFAULT_PEER_TIMEOUT_MS,
-                   help=f"peers.yaml peer_timeout_ms (default {DEFAULT_PEER_TIMEOUT_MS})")
+                   help=f"peers.yaml peer_timeout_ms: silent this long means dead (default {DEFAULT_PEER_TIMEOUT_MS})")
     c.add_argument("--sync-timeout-ms", type=positive_int, default=DEFAULT_SYNC_TIMEOUT_MS,
-                   help=f"peers.yaml sync_timeout_ms (default {DEFAULT_SYNC_TIMEOUT_MS})")
+                   help=f"peers.yaml sync_timeout_ms: how long a gather waits for a peer that shows no progress "
+                        f"(default {DEFAULT_SYNC_TIMEOUT_MS})")
     c.add_argument("--data", type=Path, help="ImageFolder to stream (default: the digits evaluation split)")
     c.add_argument("--workdir", type=Path, help="keep keys, peers.yaml and node logs here")
     c.add_argument("--plot", type=Path, help="write the latency timeline PNG")

@@ -133,6 +133,7 @@ class Child:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `robustdice-node` command line (built without starting anything, for --help tests)."""
     from robustdice.partitioner.cli import positive_int
     p = argparse.ArgumentParser(prog="robustdice-node", description="Run one RobustDiCE node (handler + engine).")
     p.add_argument("--peers", required=True, help="peers.yaml, the same file on every board")
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check peers.yaml, this node's key, the plan and its shard, print a summary and exit "
                         "(default: off)")
     p.add_argument("--log-level", default=os.environ.get("ROBUSTDICE_LOG_LEVEL", "INFO").upper(),
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: $ROBUSTDICE_LOG_LEVEL, else INFO")
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default: $ROBUSTDICE_LOG_LEVEL, else INFO)")
     return p
 
 

@@ -37,18 +37,27 @@ def register(sub) -> None:
                        description="Partition a model's neurons over N devices; writes DIR/plan.json "
                                    "and DIR/shards/<device>.pt.")
     p.add_argument("--model", required=True,
-                   help="digits_cnn, alexnet, vgg16_bn, convnext_tiny or efficientnet_lite0")
+                   help="digits_cnn, alexnet, vgg16_bn, convnext_tiny, efficientnet_lite0, or your own "
+                        "CNN as package.module:factory (importable here; the boards need only the plan)")
+    p.add_argument("--input-shape", metavar="C,H,W",
+                   help="with --model package.module:factory: one image's shape, e.g. 3,32,32 "
+                        "(default: the factory's robustdice_input['shape'])")
+    p.add_argument("--preprocess", metavar="SPEC",
+                   help="with --model package.module:factory: 'imagenet', or mean=M,std=S,resize=crop|stretch "
+                        "with per-channel values split by '/', e.g. mean=0.5,std=0.25/0.25/0.25 (default: the "
+                        "factory's robustdice_input, else mean=0,std=1,resize=stretch)")
     p.add_argument("--devices", "-n", type=positive_int, required=True, help="number of devices N")
     p.add_argument("--method", default="robust", choices=("robust", "lop", "nmr", "cdc"),
-                   help="robust: RobustDiCE Algorithm 1 (default); lop: equal split; nmr: full "
-                        "replication; cdc: equal split over N-1 devices plus a parity device")
+                   help="robust: RobustDiCE Algorithm 1; lop: equal split; nmr: full "
+                        "replication; cdc: equal split over N-1 devices plus a parity device (default robust)")
     t = p.add_mutually_exclusive_group()
     t.add_argument("--threshold", type=_threshold, help="one clustering threshold t for every layer (default 0.1)")
     t.add_argument("--thresholds", type=Path, help="YAML mapping fx layer names (and 'default') to t")
-    p.add_argument("--scores", default="s1,s2,s3", help="importance scores to use, e.g. s1,s3 (default: all)")
+    p.add_argument("--scores", default="s1,s2,s3", help="importance scores to use, e.g. s1,s3 (default s1,s2,s3)")
     p.add_argument("--weights", default="DEFAULT",
-                   help="DEFAULT (pretrained; digits_cnn: the shipped weights), a state_dict FILE, or none")
-    p.add_argument("--seed", type=int, default=0, help="seed for --weights none and calibration sampling")
+                   help="DEFAULT: pretrained (digits_cnn: the shipped weights; your own model: what its "
+                        "factory returns); FILE: a state_dict; none: random, seeded by --seed (default DEFAULT)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --weights none and calibration sampling (default 0)")
     p.add_argument("--calib", type=Path, help="image folder for s2/s3 (default: the model's own data)")
     p.add_argument("--calib-size", type=positive_int, help="calibration images (default 16; digits_cnn 256)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -58,7 +67,7 @@ def register(sub) -> None:
 
     v = sub.add_parser("verify", help="check a plan's no-failure simulation against the plain model")
     v.add_argument("--plan", type=Path, action="append", required=True, help="plan folder (repeatable)")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print one JSON object per plan")
     v.set_defaults(func=cmd_verify)
 
     e = sub.add_parser("evaluate", help="accuracy with every set of k = 0..N-1 failed devices")
@@ -68,14 +77,15 @@ def register(sub) -> None:
     e.add_argument("--plot", type=Path, help="write a PNG: accuracy against failed devices")
     e.add_argument("--failed", help="with --predictions: the failed devices, e.g. 2 or 2,3")
     e.add_argument("--predictions", type=Path, help="write labels and predictions for --failed to this JSON")
-    e.add_argument("--json", action="store_true")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--json", action="store_true", help="print one JSON object (a list for several plans)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
 
 
 def cmd_partition(args) -> int:
     from .partition import PartitionRequest, load_thresholds, partition
     from .scores import parse_scores
+    from .usermodel import parse_shape
 
     request = PartitionRequest(
         model=args.model, devices=args.devices, method=args.method, out=args.out,
@@ -84,6 +94,8 @@ def cmd_partition(args) -> int:
         scores=tuple(parse_scores(args.scores)), weights=args.weights, seed=args.seed,
         calib=args.calib, calib_size=args.calib_size,
         show_progress=not args.no_progress and not args.json and sys.stderr.isatty(),
+        input_shape=None if args.input_shape is None else parse_shape(args.input_shape),
+        preprocess=args.preprocess,
     )
     summary = partition(request)
     if args.json:

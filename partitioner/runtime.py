@@ -110,12 +110,17 @@ def build_skeleton(plan: Plan, shared: Mapping[str, torch.Tensor]) -> StagedMode
     """The model's graph on the meta device, with the shared parameters of a shard loaded.
 
     Nothing of the full model is materialised: the stage layers stay on the meta device (only
-    their hyperparameters are read) and their weights come from the shard.
+    their hyperparameters are read) and their weights come from the shard. A user's own model
+    is built from the graph the plan carries, so a board needs torch, not the user's code.
     """
+    from .architecture import build as build_architecture
     from .models import build_model
 
     with torch.device("meta"):
-        model = build_model(plan.model, weights="none", seed=plan.seed)
+        if plan.architecture is not None:
+            model = build_architecture(plan.architecture)
+        else:
+            model = build_model(plan.model, weights="none", seed=plan.seed)
     staged = trace_stages(model)
     names = [s.name for s in staged.stages]
     if names != [s.name for s in plan.stages]:

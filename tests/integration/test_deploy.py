@@ -4,17 +4,23 @@
 The play runs without building the package (the boards use this venv) and without systemctl
 (systemd is not PID 1 here); everything else is the real deploy: one shard and one key per
 board, the shared peers.yaml, the unit, and `robustdice-node --check` on the board's files.
+Board n0 also gets an extra wheel (robustdice_extra_packages), made here and installed into this
+venv, from which the fixture removes it again.
 """
+import base64
+import hashlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import node_helpers as nh  # noqa: E402
@@ -28,6 +34,7 @@ from robustdice.partitioner.models import build_model  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PLAYBOOK = shutil.which("ansible-playbook", path=str(BIN)) or shutil.which("ansible-playbook")
+PROBE = "rd_deploy_probe"  # the extra package: a name nothing else uses
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(PLAYBOOK is None, reason="ansible-core is not installed (test extra, Python >= 3.11)")]
@@ -43,6 +50,21 @@ def play(inventory: Path):
     return {line.split(":")[0].strip(): line for line in proc.stdout.splitlines() if "ok=" in line and "changed=" in line}
 
 
+def probe_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel (zip, metadata, RECORD), made without a build backend."""
+    files = {f"{PROBE}/__init__.py": "VALUE = 42\n",
+             f"{PROBE}-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: rd-deploy-probe\nVersion: 0.1\n",
+             f"{PROBE}-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+                     f"{len(text.encode())}\n" for name, text in files.items())
+    files[f"{PROBE}-0.1.dist-info/RECORD"] = record + f"{PROBE}-0.1.dist-info/RECORD,,\n"
+    path = folder / f"{PROBE}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, text in files.items():
+            wheel.writestr(name, text)
+    return path
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     plan = nh.make_plan(tmp_path_factory, "digits_cnn", 2, "lop")
@@ -53,10 +75,19 @@ def deployed(tmp_path_factory):
                           "--out", str(tmp / "inventory"), "--local", str(tmp / "boards")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    first = play(tmp / "inventory" / "inventory.yaml")
-    second = play(tmp / "inventory" / "inventory.yaml")
-    yield controller, tmp / "boards", first, second
-    controller.close()
+    inventory_path = tmp / "inventory" / "inventory.yaml"
+    inventory = yaml.safe_load(inventory_path.read_text())
+    # One board only: both share this venv, and two pips must not install into it at once.
+    inventory["robustdice_nodes"]["hosts"]["n0"]["robustdice_extra_packages"] = [str(probe_wheel(tmp))]
+    inventory_path.write_text(yaml.safe_dump(inventory))
+    try:
+        first = play(inventory_path)
+        second = play(inventory_path)
+        yield controller, tmp / "boards", first, second
+    finally:
+        controller.close()
+        subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "rd-deploy-probe"],
+                       capture_output=True, timeout=120)
 
 
 def test_play_lays_out_each_board_and_is_idempotent(deployed):
@@ -74,6 +105,16 @@ def test_play_lays_out_each_board_and_is_idempotent(deployed):
         assert (unit / "robustdice-node.service").read_text() == (REPO / "systemd" / "robustdice-node.service").read_text()
         assert "ROBUSTDICE_THREADS=0" in (unit / "robustdice-node.service.d" / "10-deploy.conf").read_text()
     assert (boards / "n0" / "etc/robustdice/peers.yaml").read_text() == (boards / "n1" / "etc/robustdice/peers.yaml").read_text()
+
+
+def test_extra_packages_are_copied_and_installed(deployed):
+    _, boards, _, _ = deployed
+    wheels = boards / "n0" / "opt" / "robustdice" / "wheels"
+    assert sorted(p.name for p in wheels.iterdir()) == [f"{PROBE}-0.1-py3-none-any.whl"]
+    assert not (boards / "n1" / "opt" / "robustdice" / "wheels").exists()  # n1's list is empty
+    probe = subprocess.run([sys.executable, "-c", f"import {PROBE}; print({PROBE}.VALUE)"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "42", probe.stderr
 
 
 def test_deployed_boards_run_the_plan(deployed):

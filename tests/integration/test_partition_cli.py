@@ -147,7 +147,12 @@ def _partition_args(tmp_path, *extra):
      ["not found", "nowhere"]),
     (["partition", "--model", "digits_cnn", "--devices", "2", "--scores", "s1,s9", "--out", "{tmp}/o"],
      ["--scores", "s9"]),
-], ids=["unknown-model", "devices-0", "negative-threshold", "missing-calib", "unknown-score"])
+    (["partition", "--model", "digits_cnn", "--input-shape", "1,8,8", "--devices", "2", "--out", "{tmp}/o"],
+     ["--input-shape is for your own --model", "digits_cnn"]),
+    (["partition", "--model", "no_such_pkg_rd.nets:build", "--input-shape", "3,8,8", "--devices", "2",
+      "--out", "{tmp}/o"], ["cannot import no_such_pkg_rd", "PYTHONPATH"]),
+], ids=["unknown-model", "devices-0", "negative-threshold", "missing-calib", "unknown-score",
+        "input-shape-of-a-built-in", "own-model-not-importable"])
 def test_bad_partition_input(tmp_path, args, words):
     proc = robustdice(*[a.replace("{tmp}", str(tmp_path)) for a in args])
     _assert_one_line_error(proc, *words)
