@@ -1,10 +1,11 @@
 """Node benchmark: one peerless node vs a plain forward pass of the same model, and the ipc hop.
 
-    python benchmarks/node_overhead.py --json [--threads 2] [--frames 20] [--out benchmarks/results/node_overhead.json]
+    python benchmarks/node_overhead.py --json [--threads 2] [--frames 20] [--device cpu|cuda] [--dtype float32|float16]
+                                      [--out benchmarks/results/node_overhead.json]
 
-vgg16_bn (--weights none), batch 1, 224x224, the same torch thread count on both sides. The node
-is a plan with --devices 1 --method lop (the shard is the whole model), started with
-LocalCluster(plan, threads=T, workers=1): supervisor + handler + engine, no peers. A frame with
+vgg16_bn (--weights none), batch 1, 224x224, the same torch thread count, device and dtype on
+both sides. The node is a plan with --devices 1 --method lop (the shard is the whole model),
+started with LocalCluster(plan, threads=T): supervisor + handler + engine, no peers. A frame with
 no other participant has nothing to gather, so the engine runs every stage without a trip to the
 handler (node/engine.py, the "alone" path); input and answer still cross ipc:// and the client
 port. With peers, each stage goes engine -> handler (slice) -> engine (gathered) over ipc://:
@@ -16,6 +17,9 @@ Figures:
   ipc_hop_ms            one way of a 12 MB float32 array (64x224x224, VGG's first activation)
                         over ZeroMQ ipc:// DEALER/ROUTER between two processes with copy=False
                         and node/ipc.py pack/unpack: median round trip / 2, and its GB/s
+  transfer_ms_per_frame with --device cuda: every stage output of one frame taken off the GPU
+                        and put back (pinned buffer, non_blocking, one synchronisation each
+                        way), what a node with peers pays per frame on top of the IPC
 Node and plain frames are timed in alternating blocks of the same run (node, plain, plain, node,
 ...) so that load from other jobs on the shared machine hits both alike; medians are reported.
 The last stdout line is the JSON object (with --json).
@@ -43,19 +47,19 @@ IPC_SHAPE = (64, 224, 224)  # VGG's first conv output at 224x224: 12.8 MB of flo
 # ------------------------------------------------------------------ ipc echo (child process)
 
 def role_echo(endpoint: str) -> None:
-    """The engine's side: a DEALER that sends every array it gets straight back (zero-copy views)."""
+    """The engine's side: a DEALER that sends every work item straight back (zero-copy views)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
-    sock.identity = b"w0"
     sock.connect(endpoint)
     sock.send(ipc.READY)
     while True:
-        kind, header, bufs = ipc.unpack(sock.recv_multipart(copy=False))
+        kind, items = ipc.unpack(sock.recv_multipart(copy=False))
         if kind == ipc.STOP:
             break
-        a = ipc.array(bufs[0], header["dtype"], header["shape"])
-        sock.send_multipart(ipc.pack(ipc.SLICE, {**header, **ipc.describe(a)}, a), copy=False)
+        out = [(dict(header, kind=ipc.SLICE), [ipc.array(bufs[0], header["dtype"], header["shape"])])
+               for header, bufs in items]
+        sock.send_multipart(ipc.pack(ipc.RESULTS, out), copy=False)
     sock.close(0)
     ctx.term()
 
@@ -64,29 +68,29 @@ def measure_ipc(rounds: int, warmup: int = 5) -> dict:
     with tempfile.TemporaryDirectory(prefix="rdc-ipc-") as tmp:
         endpoint = f"ipc://{tmp}/engine.sock"
         ctx = zmq.Context()
-        router = ctx.socket(zmq.ROUTER)
+        router = ctx.socket(zmq.DEALER)
         router.linger = 0
         router.bind(endpoint)
         child = subprocess.Popen([sys.executable, __file__, "--role", "echo", "--endpoint", endpoint])
         try:
             if not router.poll(30_000):
                 raise RuntimeError("ipc echo process did not connect")
-            worker, kind = router.recv_multipart()[:2]
-            assert kind == ipc.READY
+            if router.recv_multipart()[0] != ipc.READY:
+                raise RuntimeError("ipc echo process did not say ready")
             x = np.random.default_rng(0).standard_normal(IPC_SHAPE, dtype=np.float32)
             times = []
             for r in range(warmup + rounds):
                 t0 = time.perf_counter()
-                router.send_multipart([worker] + ipc.pack(ipc.FRAME, {"frame": r, **ipc.describe(x)}, x), copy=False)
-                parts = router.recv_multipart(copy=False)
-                kind, header, bufs = ipc.unpack(parts[1:])
+                router.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.INPUT, "frame": r, **ipc.describe(x)}, [x])]),
+                                      copy=False)
+                _, ((header, bufs),) = ipc.unpack(router.recv_multipart(copy=False))
                 y = ipc.array(bufs[0], header["dtype"], header["shape"])
                 t1 = time.perf_counter()
                 if r == 0 and not np.array_equal(x, y):
                     raise RuntimeError("ipc echo returned different data")
                 if r >= warmup:
                     times.append(t1 - t0)
-            router.send_multipart([worker, ipc.STOP, b""])
+            router.send_multipart(ipc.pack(ipc.STOP, []))
             child.wait(10)
         finally:
             if child.poll() is None:
@@ -118,21 +122,52 @@ def activation_bytes(model, x) -> int:
     return total[0]
 
 
+def transfer_ms(model, x, device, rounds: int = 10) -> float:
+    """Median time to take every stage output of one frame off the device and put it back, as a
+    node with peers does per stage (the engine's to_host / to_device)."""
+    import torch
+    outs = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: outs.append(out))
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for out in outs:
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            back = host.to(device, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000.0)
+        del back
+    return float(np.median(times))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the JSON object as the last line")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "node_overhead.json"))
+    parser.add_argument("--out", help="results file (default benchmarks/results/node_overhead[_cuda].json)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, node engine and plain model alike")
     parser.add_argument("--frames", type=int, default=20, help="timed frames on each side")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--block", type=int, default=2, help="frames per alternating block")
     parser.add_argument("--ipc-rounds", type=int, default=50)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="node and plain model alike")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--role", choices=["echo"], help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "echo":
         role_echo(args.endpoint)
         return 0
+    if args.out is None:
+        suffix = "_cuda" if args.device == "cuda" else ""
+        args.out = str(Path(__file__).resolve().parent / "results" / f"node_overhead{suffix}.json")
 
     import torch
 
@@ -154,15 +189,19 @@ def main(argv=None) -> int:
         partition_s = time.monotonic() - t0
         print(f"partitioned {MODEL} (1 device, lop) in {partition_s:.1f} s: shard "
               f"{summary['per_device_param_bytes'][0] / 1e6:.0f} MB", file=sys.stderr)
-        model = build_model(MODEL, weights="none", seed=0)
-        x = calibration_batch(MODEL, n=1).contiguous()
-        x_np = x.numpy().astype(np.float32)
+        dtype = getattr(torch, args.dtype)
+        model = build_model(MODEL, weights="none", seed=0).to(device=args.device, dtype=dtype)
+        x_np = calibration_batch(MODEL, n=1).numpy().astype(np.float32)
+        x = torch.from_numpy(x_np).to(device=args.device, dtype=dtype)
         act_bytes = activation_bytes(model, x)
+        gpu = {}
+        if args.device == "cuda":
+            gpu = {"gpu_name": torch.cuda.get_device_name(0), "transfer_ms_per_frame": transfer_ms(model, x, args.device)}
 
         node_lat, node_compute, node_rtt, plain = [], [], [], []
-        with LocalCluster(summary["plan"], threads=args.threads, workers=1) as cluster:
+        with LocalCluster(summary["plan"], threads=args.threads, dtype=args.dtype) as cluster:
             t0 = time.monotonic()
-            cluster.start_node(0)
+            cluster.start_node(0, extra=["--device", args.device])
             cluster.wait_until(cluster.all_alive(), 300.0, "the node to come up")
             print(f"node up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
             with NodeClient(cluster.config, cluster.ids[0], cluster.key_path) as client, torch.inference_mode():
@@ -180,7 +219,7 @@ def main(argv=None) -> int:
 
                 def plain_frame(keep: bool):
                     t = time.perf_counter()
-                    out = model(x)
+                    out = model(x).float().cpu()  # to the host, as the node's answer is
                     if keep:
                         plain.append((time.perf_counter() - t) * 1000.0)
                     return out
@@ -207,7 +246,8 @@ def main(argv=None) -> int:
     plain_med = float(np.median(plain))
     rtt_med = float(np.median(node_rtt))
     result = {
-        "model": MODEL, "input_shape": list(x.shape), "threads": args.threads, "workers": 1,
+        "model": MODEL, "input_shape": list(x.shape), "threads": args.threads, "device": args.device,
+        "dtype": args.dtype, **gpu,
         "frames": args.frames, "warmup": args.warmup, "block": args.block,
         "node_latency_ms_median": round(node_med, 2),
         "node_compute_ms_median": round(float(np.median(node_compute)), 2),

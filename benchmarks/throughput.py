@@ -15,6 +15,8 @@ node (node/client.py closed_loop). Figures, per model:
   compute_bound_fps       cores / (all engines' compute per frame), the engines' compute taken
                           from the nodes' status (engine_busy_ms) over the 4-origin runs: what
                           the cluster could do if nothing but the convolutions cost time
+  slice_bytes_per_frame   bytes of slices all nodes sent per frame (the mesh's slice_bytes_sent),
+                          in the --dtype the cluster computes and sends (float16 halves it)
   zero_filled, errors     over every run (must be 0 with nothing failed)
 The last stdout line is the JSON object (with --json).
 """
@@ -66,7 +68,12 @@ def engine_busy_ms(cluster) -> float:
     return sum(v.get("engine_busy_ms", 0.0) for v in cluster.status(timeout_s=10.0) if not v.get("unreachable"))
 
 
-def bench_model(model: str, frames: int, windows, tmp: Path) -> dict:
+def slice_bytes(cluster) -> int:
+    return sum(v["counters"].get("slice_bytes_sent", 0) for v in cluster.status(timeout_s=10.0)
+               if not v.get("unreachable"))
+
+
+def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float32") -> dict:
     from robustdice.node.localcluster import LocalCluster
     from robustdice.partitioner.partition import PartitionRequest, partition
 
@@ -75,7 +82,7 @@ def bench_model(model: str, frames: int, windows, tmp: Path) -> dict:
                                          show_progress=False, **kwargs))
     images = inputs_for(model)
     out = {"model": model, "devices": DEVICES, "replication": summary["replication_factor"], "threads_per_node": 1,
-           "cores": os.cpu_count()}
+           "cores": os.cpu_count(), "dtype": dtype}
     zero_filled = errors = 0
 
     def tally(records):
@@ -85,14 +92,16 @@ def bench_model(model: str, frames: int, windows, tmp: Path) -> dict:
             errors += "error" in meta
             zero_filled += bool(meta.get("zero_filled_fraction"))
 
-    with LocalCluster(summary["plan"], threads=1, log_level="WARNING") as cluster:
+    with LocalCluster(summary["plan"], threads=1, log_level="WARNING", dtype=dtype) as cluster:
         for d in range(DEVICES):
             cluster.start_node(d)
         cluster.wait_until(cluster.all_alive(), 180.0, "every node to count on every other")
         stages = len(cluster.plan.stages)
         run_clients(cluster, cluster.ids[:1], images, 20, 1)  # warm-up
+        bytes_before = slice_bytes(cluster)
         records, _ = run_clients(cluster, cluster.ids[:1], images, frames, 1)
         tally(records)
+        out["slice_bytes_per_frame"] = (slice_bytes(cluster) - bytes_before) / max(1, len(records))
         lat = [r["meta"]["latency_ms"] for r in records if r["meta"] and "error" not in r["meta"]]
         comp = [r["meta"]["compute_ms"] for r in records if r["meta"] and "error" not in r["meta"]]
         out["stages"] = stages
@@ -128,12 +137,14 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="digits_cnn,alexnet")
     parser.add_argument("--frames", type=int, default=300, help="frames per run (default 300)")
     parser.add_argument("--windows", default="1,2,4,8,16", help="frames in flight per client to try")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="what the nodes compute in and send (default float32)")
     args = parser.parse_args(argv)
     windows = [int(w) for w in args.windows.split(",")]
     result = {"models": {}, "baseline_digits_fps_1_origin_8_in_flight": 54.0}
     with tempfile.TemporaryDirectory(prefix="rd-throughput-") as tmp:
         for model in args.models.split(","):
-            r = bench_model(model, args.frames, windows, Path(tmp))
+            r = bench_model(model, args.frames, windows, Path(tmp), args.dtype)
             result["models"][model] = r
             print(f"{model}: p50 {r['latency_1_in_flight_ms_p50']:.1f} ms at 1 in flight (compute "
                   f"{r['compute_ms_p50']:.1f} ms, {r['per_stage_overhead_ms']:.2f} ms per stage); max "

@@ -33,6 +33,10 @@ DEFAULT_SYNC_TIMEOUT_MS = 1000
 # A frame older than this on a node is answered as expired rather than waited on any longer:
 # the bound on a frame's life whatever happens to the network (a queue under overload included).
 DEFAULT_FRAME_TIMEOUT_MS = 10000
+# Where the engines compute and in which dtype their slices travel; every node must put the
+# same dtype on the wire (a mismatch is refused like a plan mismatch), devices may differ.
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class PeersConfig:
     peer_timeout_ms: int = DEFAULT_PEER_TIMEOUT_MS
     sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS
     frame_timeout_ms: int = DEFAULT_FRAME_TIMEOUT_MS
+    device: str = "auto"
+    dtype: str = "float32"
     insecure: bool = False
     secret_key_file: Optional[str] = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -95,7 +101,7 @@ class PeersConfig:
             out["plan"] = str(self.plan)
         out.update(heartbeat_interval_ms=self.heartbeat_interval_ms, peer_timeout_ms=self.peer_timeout_ms,
                    sync_timeout_ms=self.sync_timeout_ms, frame_timeout_ms=self.frame_timeout_ms,
-                   insecure=self.insecure,
+                   device=self.device, dtype=self.dtype, insecure=self.insecure,
                    max_message_bytes=self.max_message_bytes)
         if self.secret_key_file is not None:
             out["secret_key_file"] = self.secret_key_file
@@ -111,7 +117,7 @@ class PeersConfig:
 
 
 _TOP_KEYS = {"version", "plan", "heartbeat_interval_ms", "peer_timeout_ms", "sync_timeout_ms", "frame_timeout_ms",
-             "insecure",
+             "device", "dtype", "insecure",
              "secret_key_file", "max_message_bytes", "clients", "peers"}
 _PEER_KEYS = {"id", "host", "port", "public_key", "client_port"}
 _CLIENT_KEYS = {"name", "public_key"}
@@ -129,6 +135,12 @@ def _int(where: str, value: Any, low: int, high: Optional[int] = None, what: str
     if value < low or (high is not None and value > high):
         bound = f"{low}-{high}" if high is not None else f">= {low}"
         raise ConfigError(f"{where}: {value} is not {what or 'in range'} ({bound})")
+    return value
+
+
+def _choice(where: str, value: Any, choices) -> str:
+    if value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
     return value
 
 
@@ -165,6 +177,8 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
     frame_ms = _int("frame_timeout_ms", data.get("frame_timeout_ms", DEFAULT_FRAME_TIMEOUT_MS), 1)
     if frame_ms <= sync_ms:
         raise ConfigError(f"frame_timeout_ms: {frame_ms} must exceed sync_timeout_ms ({sync_ms})")
+    device = _choice("device", data.get("device", "auto"), DEVICES)
+    dtype = _choice("dtype", data.get("dtype", "float32"), DTYPES)
     insecure = data.get("insecure", False)
     if not isinstance(insecure, bool):
         raise ConfigError(f"insecure: {insecure!r} is not true or false")
@@ -223,8 +237,8 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ConfigError(f"peers[*].public_key: {dup!r} is listed for more than one peer")
-    config = PeersConfig(tuple(peers), plan, heartbeat_ms, timeout_ms, sync_ms, frame_ms, insecure, secret,
-                         max_bytes, tuple(clients), base_dir, version)
+    config = PeersConfig(tuple(peers), plan, heartbeat_ms, timeout_ms, sync_ms, frame_ms, device, dtype, insecure,
+                         secret, max_bytes, tuple(clients), base_dir, version)
     return config
 
 

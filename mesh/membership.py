@@ -89,6 +89,7 @@ class _Peer:
     ever_alive: bool = False
     report: Optional[Report] = None
     send_failing: bool = False
+    refusal: str = ""             # why it is refused (plan or wire dtype), from our side
 
 
 # Why a message was not accepted; the mesh uses these as drop-counter names.
@@ -135,7 +136,7 @@ class Membership:
         if mismatch:
             if peer.state != PeerState.REFUSED or restarted:
                 events.append(MembershipEvent(EventKind.REFUSED, peer_id, now_s, incarnation, restarted, mismatch))
-            peer.state, peer.incarnation, peer.report = PeerState.REFUSED, incarnation, None
+            peer.state, peer.incarnation, peer.report, peer.refusal = PeerState.REFUSED, incarnation, None, mismatch
             peer.last_heard_s = now_s
             return REFUSED_PLAN, events
         peer.last_heard_s = now_s
@@ -153,9 +154,9 @@ class Membership:
 
     def _mismatch(self, plan_hash: str, wire_dtype: str) -> str:
         if plan_hash != self.plan_hash:
-            return f"plan {plan_hash[:64]} != ours {self.plan_hash}"
+            return f"plan mismatch: it runs plan {plan_hash[:64]}, this node runs plan {self.plan_hash}"
         if wire_dtype != self.wire_dtype:
-            return f"wire dtype {wire_dtype[:16]} != ours {self.wire_dtype}"
+            return f"wire dtype mismatch: it sends {wire_dtype[:16]} slices, this node sends {self.wire_dtype}"
         return ""
 
     def _vouch(self, reporter: str, now_s: float, hears: Mapping[str, Tuple[int, int]]) -> None:
@@ -231,9 +232,10 @@ class Membership:
     def state(self, peer_id: str) -> PeerState:
         return self._peers[peer_id].state
 
-    def claimed_plan(self, peer_id: str) -> Optional[str]:
-        """The plan hash the peer's last heartbeat carried (ours unless it is refused)."""
-        return self._peers[peer_id].plan_hash
+    def refusal(self, peer_id: str) -> str:
+        """Why the peer is refused ("" unless it is): its plan or wire dtype against ours."""
+        peer = self._peers[peer_id]
+        return peer.refusal if peer.state == PeerState.REFUSED else ""
 
     def report(self, peer_id: str) -> Optional[Report]:
         peer = self._peers.get(peer_id)

@@ -453,8 +453,9 @@ class Mesh:
             for batch in self._batches(pieces):
                 msg = wire.Slices(tuple(batch), self.self_id, self.incarnation)
                 frames = wire.encode(msg)
-                if self._fits(msg, frames, 1):
-                    sent += self._send_frames(peer, frames)
+                if self._fits(msg, frames, 1) and self._send_frames(peer, frames):
+                    sent += 1
+                    self.counters["slice_bytes_sent"] += sum(memoryview(f).nbytes for f in frames)
         return sent
 
     def _batches(self, pieces: List[wire.Slice]) -> Iterable[List[wire.Slice]]:

@@ -147,6 +147,16 @@ def cmd_status(args) -> int:
               f"{v['model']}/{v['method']}): {v['frames_done']} frames, "
               f"zero-filled {100 * v['zero_filled_fraction']:.1f}%, p50 {p50}, "
               f"RSS {v['rss_total_bytes'] / 2**20:.0f} MiB, power {v['power']}")
+        engine = v.get("engine") or {}
+        gpu = v.get("gpu") or {}
+        line = f"    engine on {engine.get('device', '?')} in {engine.get('dtype', '?')}"
+        if engine.get("gpu_memory_bytes") is not None:
+            line += f", {engine['gpu_memory_bytes'] / 2**20:.0f} MiB of GPU memory"
+        if gpu.get("source"):
+            line += f"; GPU {gpu.get('utilisation_pct', '?')}% busy"
+            if gpu.get("power_mw") is not None:
+                line += f", {gpu['power_mw'] / 1000:.1f} W"
+        print(line)
         if v.get("refused"):
             print(f"    REFUSED: {v['refused']}")
         if "participants" in v:

@@ -6,6 +6,7 @@ is a NodeError, ConfigError or PlanError that names the file and the field.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -24,6 +25,8 @@ class NodeConfig:
     device: int            # this node's index in peers.yaml, which is its device in the plan
     plan_dir: Path
     plan: Plan
+    compute: str = "auto"    # where the engine computes: auto (cuda if torch sees one), cpu, cuda
+    dtype: str = "float32"    # what it computes in, and what its slices travel as
 
     @property
     def node_ids(self) -> Tuple[str, ...]:
@@ -51,7 +54,11 @@ class NodeConfig:
         return self.peers.sync_timeout_ms / 1000.0
 
 
-def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *, check_key: bool = True) -> NodeConfig:
+def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *, check_key: bool = True,
+                     device: Optional[str] = None, dtype: Optional[str] = None) -> NodeConfig:
+    """`device`/`dtype` (the command line) win over $ROBUSTDICE_DEVICE/$ROBUSTDICE_DTYPE (the
+    unit's environment), which win over peers.yaml's `device:`/`dtype:`."""
+    from robustdice.mesh.config import DEVICES, DTYPES
     from robustdice.mesh.keys import load_own_keys
 
     peers_path = Path(peers_path)
@@ -66,7 +73,15 @@ def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *
     if plan.devices != len(peers.peers):
         raise NodeError(f"plan {directory} is for {plan.devices} devices but {peers_path} lists "
                         f"{len(peers.peers)} peers")
-    config = NodeConfig(peers_path, peers, me, list(peers.ids).index(me.id), Path(directory), plan)
+    chosen = {}
+    for name, field, given, choices in (("device", "compute", device, DEVICES), ("dtype", "dtype", dtype, DTYPES)):
+        env = os.environ.get(f"ROBUSTDICE_{name.upper()}", "").strip()
+        value = given or env or getattr(peers, name)
+        if value not in choices:
+            source = "--" + name if given else f"ROBUSTDICE_{name.upper()}"
+            raise NodeError(f"{source}: {value!r} is not one of {', '.join(choices)}")
+        chosen[field] = value
+    config = NodeConfig(peers_path, peers, me, list(peers.ids).index(me.id), Path(directory), plan, **chosen)
     if not config.shard_path.exists():
         raise NodeError(f"shard for device {config.device} ({me.id}) is missing: {config.shard_path}")
     return config

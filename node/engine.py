@@ -30,23 +30,83 @@ log = logging.getLogger("robustdice.engine")
 POLL_MS = 100
 
 
+DTYPES = ("float32", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+TELEMETRY_EVERY_S = 1.0
+
+
+def resolve_device(name: str) -> str:
+    """"auto" is cuda when torch sees a GPU, else cpu; "cuda" without one is an error."""
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return name
+
+
 class Engine:
-    def __init__(self, plan_dir: str, device: int) -> None:
+    def __init__(self, plan_dir: str, device: int, compute_device: str = "cpu", dtype: str = "float32") -> None:
         import torch
 
         from robustdice.partitioner.plan import load_plan
-        from robustdice.partitioner.runtime import Assembler, DeviceRuntime, build_skeleton, load_shard
+        from robustdice.partitioner.runtime import (Assembler, DeviceRuntime, build_skeleton, load_shard, place,
+                                                    place_model)
 
         self.torch = torch
         self.plan = load_plan(plan_dir)
         self.device = device
-        self.assembler = Assembler(self.plan)
-        shard = load_shard(self.plan, plan_dir, device)
-        staged = build_skeleton(self.plan, shard["shared"])
-        self.runtime = DeviceRuntime(self.plan, staged, shard, device)
+        self.compute = torch.device(compute_device)
+        self.cuda = self.compute.type == "cuda"
+        self.dtype = getattr(torch, dtype)
+        self.assembler = Assembler(self.plan, self.compute)
+        shard = load_shard(self.plan, plan_dir, device)  # float32 on the CPU, as the plan keeps it
+        # The skeleton is built on the meta device; its shared parameters and this device's
+        # rows go straight to the compute device, cast to the compute dtype.
+        staged = place_model(build_skeleton(self.plan, shard["shared"]), self.compute, self.dtype)
+        entries = {name: place(e, self.compute, self.dtype) for name, e in shard["stages"].items()}
+        self.runtime = DeviceRuntime(self.plan, staged, {"stages": entries}, device)
         self.runs: Dict[int, object] = {}          # frame -> FrameRun suspended between stages
         self.own: Dict[int, object] = {}           # frame -> its current slice, contiguous
         self.compute_ms: Dict[int, float] = {}
+        self._telemetry_s = 0.0
+
+    def to_host(self, t):
+        """A device tensor on the host, once: a pinned buffer, non_blocking, one synchronisation."""
+        if not self.cuda:
+            return t.contiguous()
+        host = self.torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        self.torch.cuda.current_stream().synchronize()
+        return host
+
+    def to_device(self, host_rows: Dict[int, object]) -> Dict[int, object]:
+        """The peers' rows on the device: one pinned buffer, one copy, then views of it."""
+        if not self.cuda or not host_rows:
+            return host_rows
+        torch = self.torch
+        order = list(host_rows)
+        pinned = torch.cat([host_rows[d].reshape(-1) for d in order]).pin_memory()
+        flat = pinned.to(self.compute, non_blocking=True)
+        out, at = {}, 0
+        for d in order:
+            n = host_rows[d].numel()
+            out[d] = flat[at:at + n].view(host_rows[d].shape)
+            at += n
+        return out
+
+    def telemetry(self) -> Optional[dict]:
+        """The device and its memory in use, at most once a second (it rides on a result)."""
+        now = time.monotonic()
+        if now - self._telemetry_s < TELEMETRY_EVERY_S:
+            return None
+        self._telemetry_s = now
+        out = {"kind": "telemetry", "device": str(self.compute), "dtype": str(self.dtype).replace("torch.", "")}
+        if self.cuda:
+            out.update(gpu_name=self.torch.cuda.get_device_name(self.compute),
+                       gpu_memory_bytes=int(self.torch.cuda.memory_allocated(self.compute)),
+                       gpu_memory_reserved_bytes=int(self.torch.cuda.memory_reserved(self.compute)))
+        return out
 
     # ------------------------------------------------------------ work items
     def handle(self, header: dict, bufs) -> Optional[ipc.Item]:
@@ -58,6 +118,7 @@ class Engine:
         start = time.perf_counter()
         if kind == ipc.INPUT:
             x = self.torch.from_numpy(ipc.array(bufs[0], header["dtype"], header["shape"]))
+            x = x.to(device=self.compute, dtype=self.dtype, non_blocking=True)
             if header.get("alone"):
                 return self._alone(frame, x, start)
             run = self.runtime.start(x)
@@ -78,7 +139,7 @@ class Engine:
         run = self.runs.get(frame)
         if run is None or run.stage != header["stage"]:
             raise ValueError(f"frame {frame}: gathered stage {header['stage']} for a frame not at that stage")
-        rows = self._rows(header, bufs)
+        rows = self.to_device(self._rows(header, bufs))
         rows[self.device] = self.own.pop(frame)
         full, missing = self.assembler.assemble(run.stage, rows)
         stage = run.stage
@@ -99,9 +160,9 @@ class Engine:
 
     def _slice_result(self, frame: int, run, zero_before: Optional[int], start: float) -> ipc.Item:
         own = run.slice.contiguous()
-        self.own[frame] = own  # kept to assemble with the peers' rows; ZeroMQ also sends from it
+        self.own[frame] = own  # kept to assemble with the peers' rows (on the device)
+        array = self.to_host(own).numpy()  # on the CPU this is `own` itself: ZeroMQ sends from it
         self.compute_ms[frame] += (time.perf_counter() - start) * 1000.0
-        array = own.numpy()
         return {"kind": ipc.SLICE, "frame": frame, "stage": run.stage, "zero_before": zero_before,
                 "ms": (time.perf_counter() - start) * 1000.0, **ipc.describe(array)}, [array]
 
@@ -109,7 +170,7 @@ class Engine:
         compute_ms = self.compute_ms.pop(frame, 0.0) + (time.perf_counter() - start) * 1000.0
         self.runs.pop(frame, None)
         self.own.pop(frame, None)
-        logits = run.logits.contiguous().numpy()
+        logits = run.logits.to(device="cpu", dtype=self.torch.float32).contiguous().numpy()
         return {"kind": ipc.DONE, "frame": frame, "zero": {str(k): v for k, v in zero.items()},
                 "compute_ms": compute_ms, "ms": (time.perf_counter() - start) * 1000.0,
                 **ipc.describe(logits)}, [logits]
@@ -125,6 +186,7 @@ class Engine:
 def serve(engine: Engine, sock: zmq.Socket, stop) -> None:
     """Answer work until `stop()` or a `stop` message."""
     sock.send(ipc.READY)
+    sock.send_multipart(ipc.pack(ipc.RESULTS, [(engine.telemetry(), [])]))  # the device it resolved
     with engine.torch.inference_mode():
         _serve(engine, sock, stop)
 
@@ -151,6 +213,9 @@ def _serve(engine: Engine, sock: zmq.Socket, stop) -> None:
             if result is not None:
                 results.append(result)
         if results:
+            telemetry = engine.telemetry()
+            if telemetry is not None:
+                results.append((telemetry, []))
             sock.send_multipart(ipc.pack(ipc.RESULTS, results), copy=False)
 
 
@@ -160,6 +225,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--device", type=int, required=True)
         p.add_argument("--ipc", required=True)
         p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--compute", choices=DEVICES, default="auto")
+        p.add_argument("--dtype", choices=DTYPES, default="float32")
 
     args = child_main("engine", argv, arguments)
     stopping = {"flag": False}
@@ -173,14 +240,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import torch
     torch.set_num_threads(max(1, args.threads))
-    engine = Engine(args.plan, args.device)
+    try:
+        compute = resolve_device(args.compute)
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 2
+    engine = Engine(args.plan, args.device, compute, args.dtype)
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(args.ipc)
-    log.info("device %d of plan %s (%s, %s): shard loaded, %d stages, %d torch threads", args.device,
-             engine.plan.plan_hash[:12], engine.plan.model, engine.plan.method, len(engine.plan.stages),
-             torch.get_num_threads())
+    log.info("device %d of plan %s (%s, %s): shard loaded on %s in %s, %d stages, %d torch threads", args.device,
+             engine.plan.plan_hash[:12], engine.plan.model, engine.plan.method, engine.compute, args.dtype,
+             len(engine.plan.stages), torch.get_num_threads())
     report_ready(args.ready_fd)
     try:
         serve(engine, sock, lambda: stopping["flag"])

@@ -49,7 +49,7 @@ from . import ipc
 from .config import NodeConfig, load_node_config
 from .frames import Frame, FrameBook
 from .process import child_main, report_ready, report_status
-from .telemetry import Power, rss_bytes
+from .telemetry import Gpu, Power, rss_bytes
 
 log = logging.getLogger("robustdice.handler")
 
@@ -93,7 +93,7 @@ class Handler:
         self.book = FrameBook(self.me.id, self.node_ids, self.stage_names, [s.neurons for s in stages],
                               frame_timeout_s=config.frame_timeout_s)
         self.mesh = Mesh(peers, self.me.id, self.plan.plan_hash, on_event=self._on_event,
-                         max_stage=len(stages), on_stall=self._on_stall)
+                         max_stage=len(stages), on_stall=self._on_stall, wire_dtype=config.dtype)
         self.mesh.progress_source = lambda: (self.book.progress(), self.book.inputs())
         self.events: collections.deque = collections.deque(maxlen=EVENT_HISTORY)
         # (frame, stage, neurons zero-filled) of this node's own stages, for checks that no answer
@@ -114,9 +114,11 @@ class Handler:
         self.engine_max_item_s = 0.0
         self.engine_item_s = 0.001      # running mean of the engine's time per work item
         self.engine_busy_s = 0.0        # the engine's compute time, all items together
+        self.engine_telemetry: Dict[str, object] = {"device": config.compute, "dtype": config.dtype}
         self.stalled_from_s: Optional[float] = None
         self.power = Power()
-        self._telemetry: Tuple[float, Dict[str, int], Optional[float]] = (float("-inf"), {}, None)
+        self._telemetry: Tuple[float, Dict[str, int], Optional[float], Dict[str, object]] = (float("-inf"), {}, None, {})
+        self.gpu = Gpu(self.power)
         self.status_line = ""
         self.engine_pending = self.client_pending = False   # a drain stopped at its per-pass cap
         self._next_housekeeping_s = float("-inf")
@@ -210,9 +212,8 @@ class Handler:
         states = {p: m.state(p) for p in self.mesh.peer_ids}
         refusing = [p for p, s in states.items() if s == PeerState.REFUSED]
         if refusing and not any(s in (PeerState.ALIVE, PeerState.UNREACHABLE) for s in states.values()):
-            theirs = sorted({(m.claimed_plan(p) or "?")[:12] for p in refusing})
-            refusal = (f"refused by every peer that answers ({', '.join(refusing)}): plan mismatch, they run "
-                       f"plan {', '.join(theirs)}, this node runs plan {self.plan.plan_hash[:12]}")
+            why = sorted({m.refusal(p) for p in refusing})
+            refusal = f"refused by every peer that answers ({', '.join(refusing)}): {'; '.join(why)}"
         else:
             refusal = ""
         if refusal != self.refusal:
@@ -408,9 +409,13 @@ class Handler:
             if kind == ipc.READY:
                 self.engine_ready = True
                 continue
-            self.engine_outstanding = max(0, self.engine_outstanding - len(items))
+            self.engine_outstanding = max(0, self.engine_outstanding - sum(h.get("kind") != "telemetry"
+                                                                          for h, _ in items))
             self.engine_quiet_since_s = now
             for header, bufs in items:
+                if header.get("kind") == "telemetry":   # rides along; not a work item
+                    self.engine_telemetry = {k: v for k, v in header.items() if k not in ("kind", "n")}
+                    continue
                 item_s = header.get("ms", 0.0) / 1000.0
                 self.engine_busy_s += item_s
                 self.engine_item_s += (item_s - self.engine_item_s) / 16   # a running mean
@@ -542,8 +547,8 @@ class Handler:
             self.status_line = line
             report_status(line)
 
-    def _telemetry_now(self, now: float) -> Tuple[Dict[str, int], Optional[float]]:
-        read_s, rss, power = self._telemetry
+    def _telemetry_now(self, now: float) -> Tuple[Dict[str, int], Optional[float], Dict[str, object]]:
+        read_s, rss, power, gpu = self._telemetry
         if now - read_s >= TELEMETRY_REFRESH_S:
             try:
                 parent = psutil.Process(os.getppid())
@@ -552,13 +557,14 @@ class Handler:
                 pids = [os.getpid()]
             rss = rss_bytes(pids)
             power = self.power.total_mw()
-            self._telemetry = (now, rss, power)
-        return rss, power
+            gpu = self.gpu.read(pids)
+            self._telemetry = (now, rss, power, gpu)
+        return rss, power, gpu
 
     def status(self, now: Optional[float] = None) -> dict:
         now = time.monotonic() if now is None else now
         mesh = self.mesh.status(now)
-        rss, power = self._telemetry_now(now)
+        rss, power, gpu = self._telemetry_now(now)
         counters = dict(mesh["counters"])
         counters.update(self.counters)
         counters.update({k: v for k, v in self.book.counters.items() if k.startswith("input_")})
@@ -566,7 +572,7 @@ class Handler:
             "node": self.me.id, "device": self.device, "incarnation": self.mesh.incarnation,
             "plan_hash": self.plan.plan_hash, "model": self.plan.model, "method": self.plan.method,
             "serving": self.serving, "refused": self.refusal or None, "engine_ready": self.mesh.ready,
-            "engine_busy_ms": self.engine_busy_s * 1000.0,
+            "engine_busy_ms": self.engine_busy_s * 1000.0, "engine": dict(self.engine_telemetry), "gpu": gpu,
             "members": mesh["peers"], "counters": counters,
             "participants": self.participants_now(now),
             **self.book.stats(),
@@ -583,9 +589,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--id")
         p.add_argument("--plan")
         p.add_argument("--ipc", required=True)
+        p.add_argument("--device")
+        p.add_argument("--dtype")
 
     args = child_main("handler", argv, arguments)
-    handler = Handler(load_node_config(args.peers, args.id, args.plan, check_key=False), args.ipc)
+    handler = Handler(load_node_config(args.peers, args.id, args.plan, check_key=False, device=args.device,
+                                       dtype=args.dtype), args.ipc)
 
     def on_signal(*_):
         handler.stop = True

@@ -50,7 +50,7 @@ class LocalCluster:
     def __init__(self, plan_dir, workdir=None, *, threads: int = 1,
                  heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS, peer_timeout_ms: int = DEFAULT_PEER_TIMEOUT_MS,
                  sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS, log_level: str = "INFO", insecure: bool = False,
-                 hosts: Optional[Sequence[str]] = None, prefix=None) -> None:
+                 hosts: Optional[Sequence[str]] = None, prefix=None, dtype: str = "float32") -> None:
         from robustdice.partitioner.plan import load_plan, plan_dir as to_plan_dir
         self.plan_dir = to_plan_dir(Path(plan_dir)).resolve()
         self.plan = load_plan(self.plan_dir)
@@ -64,7 +64,7 @@ class LocalCluster:
         self.ids = [f"n{d}" for d in range(self.plan.devices)]
         self.procs: Dict[int, subprocess.Popen] = {}
         self.logs: Dict[int, Path] = {}
-        self.hosts, self.prefix = hosts, prefix
+        self.hosts, self.prefix, self.dtype = hosts, prefix, dtype
         self.peers_path = self._write_config(heartbeat_interval_ms, peer_timeout_ms, sync_timeout_ms, insecure)
 
     def _write_config(self, heartbeat_ms: int, timeout_ms: int, sync_ms: int, insecure: bool) -> Path:
@@ -81,7 +81,7 @@ class LocalCluster:
                           for d, nid in enumerate(self.ids))
         config = PeersConfig(
             peers=peers, plan=self.plan_dir, heartbeat_interval_ms=heartbeat_ms, peer_timeout_ms=timeout_ms,
-            sync_timeout_ms=sync_ms, insecure=insecure,
+            sync_timeout_ms=sync_ms, dtype=self.dtype, insecure=insecure,
             secret_key_file=None if insecure else str(keys_dir / "{id}.key_secret"),
             clients=() if insecure else (ClientKey("client", publics["client"]),), base_dir=self.workdir)
         self.config = config

@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="plan folder (default: peers.yaml's plan:)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for the engine (default: $ROBUSTDICE_THREADS, else torch's own choice)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="where the engine computes (default: $ROBUSTDICE_DEVICE, else peers.yaml's device:, "
+                        "else auto: cuda when torch sees a GPU)")
+    p.add_argument("--dtype", choices=["float32", "float16"],
+                   help="compute dtype, and the dtype of slices on the wire; every node must use the same "
+                        "(default: $ROBUSTDICE_DTYPE, else peers.yaml's dtype:, else float32)")
     p.add_argument("--check", action="store_true",
                    help="check peers.yaml, this node's key, the plan and its shard, print a summary and exit "
                         "(default: off)")
@@ -164,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .config import load_node_config
     try:
-        config = load_node_config(args.peers, args.id, args.plan)
+        config = load_node_config(args.peers, args.id, args.plan, device=args.device, dtype=args.dtype)
         if args.check:
             from robustdice.partitioner.runtime import load_shard
             load_shard(config.plan, config.plan_dir, config.device)  # digest, plan hash, device
@@ -195,11 +201,13 @@ def run(config, args) -> int:
     endpoint = f"ipc://{run_dir}/engine.sock"
     common = ["--log-level", args.log_level]
     engine_argv = [sys.executable, "-m", "robustdice.node.engine", "--plan", str(config.plan_dir),
-                   "--device", str(config.device), "--ipc", endpoint] + common
+                   "--device", str(config.device), "--ipc", endpoint, "--compute", config.compute,
+                   "--dtype", config.dtype] + common
     if args.threads:
         engine_argv += ["--threads", str(args.threads)]
     handler_argv = [sys.executable, "-m", "robustdice.node.handler", "--peers", str(config.peers_path),
-                    "--id", config.me.id, "--plan", str(config.plan_dir), "--ipc", endpoint] + common
+                    "--id", config.me.id, "--plan", str(config.plan_dir), "--ipc", endpoint,
+                    "--device", config.compute, "--dtype", config.dtype] + common
     children: List[Child] = []
     state, status = State.STARTING_ENGINE, 0
     watchdog_s = notifier.watchdog_interval_s()

@@ -106,6 +106,27 @@ def load_shard(plan: Plan, directory, device: int) -> Dict[str, object]:
     return shard
 
 
+def place(tensors: Mapping[str, torch.Tensor], device="cpu", dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """A stage entry on `device`, its floating tensors in `dtype` (the plan's shards stay float32
+    on disk; a node computing in float16 casts them at load). Neuron ids stay on the CPU: they
+    drive the assembly's bookkeeping, and are copied to the device where an index needs them."""
+    out = {}
+    for key, t in tensors.items():
+        if key == "ids":
+            out[key] = t
+        elif t.is_floating_point():
+            out[key] = t.to(device=device, dtype=dtype or t.dtype)
+        else:
+            out[key] = t.to(device=device)
+    return out
+
+
+def place_model(staged: StagedModel, device="cpu", dtype: Optional[torch.dtype] = None) -> StagedModel:
+    """The skeleton's own parameters and buffers on `device` in `dtype` (floating ones only)."""
+    staged.skeleton.to(device=device, dtype=dtype) if dtype is not None else staged.skeleton.to(device=device)
+    return staged
+
+
 def build_skeleton(plan: Plan, shared: Mapping[str, torch.Tensor]) -> StagedModel:
     """The model's graph on the meta device, with the shared parameters of a shard loaded.
 
@@ -278,14 +299,17 @@ def assemble(total_ids: int, pieces: Iterable[Tuple[torch.Tensor, torch.Tensor]]
 
 def _fill(total_ids: int, pieces, keep, missing: torch.Tensor, any_missing: bool):
     template = pieces[0][1]
+    device = template.device
     # Not zeros: each row is written once, by its first copy or by the zero-fill at the end.
     full = template.new_empty((total_ids,) + tuple(template.shape[1:]))
     for (ids, values), rows in zip(pieces, keep):
+        ids = ids if ids.device == device else ids.to(device)
         if rows is None:
             full.index_copy_(0, ids, values)
         elif len(rows):
-            rows = torch.from_numpy(rows)
+            rows = torch.from_numpy(rows).to(device)
             full.index_copy_(0, ids[rows], values[rows])
+    missing = missing if missing.device == device else missing.to(device)
     if any_missing:
         full[missing] = 0
     return full, missing
@@ -299,9 +323,10 @@ class Assembler:
 
     CACHE = 512
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, device="cpu") -> None:
         self.plan = plan
-        self.ids = [[torch.as_tensor(s.holders(d), dtype=torch.long) for d in range(plan.devices)]
+        # On the compute device: index_copy_ needs its indices where the tensors are.
+        self.ids = [[torch.as_tensor(s.holders(d), dtype=torch.long).to(device) for d in range(plan.devices)]
                     for s in plan.stages]
         self.counts = [[len(s.holders(d)) for d in range(plan.devices)] for s in plan.stages]
         self._layouts: Dict[Tuple[int, Tuple[int, ...]], tuple] = {}
@@ -314,8 +339,11 @@ class Assembler:
         layout = self._layouts.get(key)
         if layout is None:
             total = self.plan.stages[stage].total_ids
-            keep, missing = _placement(total, [self.ids[stage][d].numpy() for d in devices])
-            layout = (total, keep, torch.from_numpy(missing), bool(missing.any()))
+            keep, missing = _placement(total, [np.asarray(self.plan.stages[stage].holders(d), dtype=np.int64)
+                                               for d in devices])
+            device = self.ids[stage][0].device
+            keep = [None if k is None else torch.from_numpy(k).to(device) for k in keep]
+            layout = (total, keep, torch.from_numpy(missing).to(device), bool(missing.any()))
             if len(self._layouts) >= self.CACHE:
                 self._layouts.pop(next(iter(self._layouts)))
             self._layouts[key] = layout
@@ -324,17 +352,28 @@ class Assembler:
             any_rows = next(iter(rows.values()))
             full = any_rows.new_zeros((total,) + tuple(any_rows.shape[1:]))
             return full, missing
-        return _fill(total, [(self.ids[stage][d], rows[d]) for d in devices], keep, missing, any_missing)
+        template = rows[devices[0]]
+        full = template.new_empty((total,) + tuple(template.shape[1:]))
+        for d, sel in zip(devices, keep):
+            if sel is None:
+                full.index_copy_(0, self.ids[stage][d], rows[d])
+            elif len(sel):
+                full.index_copy_(0, self.ids[stage][d][sel], rows[d][sel])
+        if any_missing:
+            full[missing] = 0
+        return full, missing
 
 
 class Cluster:
     """Every device of a plan in one process, for simulation and evaluation."""
 
-    def __init__(self, directory) -> None:
+    def __init__(self, directory, device="cpu", dtype: torch.dtype = torch.float32) -> None:
         self.plan = load_plan(directory)
+        self.device, self.dtype = torch.device(device), dtype
         shards = [load_shard(self.plan, directory, d) for d in range(self.plan.devices)]
-        self.staged = build_skeleton(self.plan, shards[0]["shared"])
-        self.devices = [DeviceRuntime(self.plan, self.staged, s, d) for d, s in enumerate(shards)]
+        self.staged = place_model(build_skeleton(self.plan, shards[0]["shared"]), self.device, dtype)
+        placed = [{"stages": {name: place(e, self.device, dtype) for name, e in s["stages"].items()}} for s in shards]
+        self.devices = [DeviceRuntime(self.plan, self.staged, s, d) for d, s in enumerate(placed)]
         self.shard_bytes = [sum(t.numel() * t.element_size() for e in s["stages"].values()
                                 for k, t in e.items() if k != "ids")
                             + sum(t.numel() * t.element_size() for t in s["shared"].values())
@@ -342,7 +381,8 @@ class Cluster:
 
     def simulate(self, x: torch.Tensor, failed: Iterable[int] = (),
                  zero_masks: Optional[Dict[int, torch.Tensor]] = None) -> torch.Tensor:
-        """Logits the cluster computes for `x` when the devices in `failed` are down."""
+        """Logits the cluster computes for `x` when the devices in `failed` are down (float32 on
+        the CPU, whatever the cluster's device and dtype)."""
         failed = set(failed)
         alive = [d for d in self.devices if d.device not in failed]
         if not alive:
@@ -358,7 +398,8 @@ class Cluster:
             return out
 
         with torch.inference_mode():
-            return self.staged.run(x, stage_fn)
+            out = self.staged.run(x.to(device=self.device, dtype=self.dtype), stage_fn)
+            return out.to(device="cpu", dtype=torch.float32)
 
 
 def simulate(directory, x: torch.Tensor, failed: Sequence[int] = ()) -> torch.Tensor:

@@ -127,8 +127,9 @@ def test_status_cli_json_shows_every_node(digits_cluster):
     for node in cluster.ids:
         head = next(i for i, line in enumerate(lines) if line.startswith(f"{node} (device "))
         assert "power n/a" in lines[head] and "p50 n/a" not in lines[head], lines[head]
-        assert lines[head + 1].strip() == "new frames run on: n0, n1, n2, n3"
-        members = [line.split() for line in lines[head + 2:head + 5]]
+        assert lines[head + 1].strip() == "engine on cpu in float32", lines[head + 1]
+        assert lines[head + 2].strip() == "new frames run on: n0, n1, n2, n3"
+        members = [line.split() for line in lines[head + 3:head + 6]]
         assert [(m[0], m[1], m[2]) for m in members] == [(p, "alive", "connected") for p in cluster.ids
                                                          if p != node], members
     assert not any(line.startswith("SPLIT") for line in lines)

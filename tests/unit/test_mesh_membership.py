@@ -233,9 +233,9 @@ def test_plan_mismatch_is_refused_once_until_it_matches(m):
     assert hb(m, "b", 0.1, plan="OTHER") == (mb.REFUSED_PLAN, [])  # one event, not one per heartbeat
     assert m.on_message("b", 0.1, 1) == (mb.REFUSED_PLAN, [])
     assert m.tick(10.0) == [] and m.state("b") == PeerState.REFUSED
-    assert m.claimed_plan("b") == "OTHER" and m.report("b") is None
+    assert m.refusal("b") == "plan mismatch: it runs plan OTHER, this node runs plan H" and m.report("b") is None
     assert kinds(hb(m, "b", 10.0)) == [("joined", "b", False)]
-    assert m.claimed_plan("b") == "H"
+    assert m.refusal("b") == ""
 
 
 def test_alive_peer_switching_plan_is_refused(m):
