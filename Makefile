@@ -8,7 +8,7 @@ VENV_FLAGS := $(if $(filter x86_64,$(ARCH)),,--system-site-packages)
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= out/demo
 
-.PHONY: venv demo test clean digits-weights
+.PHONY: venv demo test clean digits-weights lab-tools
 
 venv: $(STAMP)
 
@@ -39,7 +39,15 @@ demo: venv
 	$(VENV)/bin/robustdice cluster --plan $(DEMO_OUT)/robust --frames 1000 --rate 50 --kill 2@150 --restart 2@400 \
 		--workdir $(DEMO_OUT)/cluster --plot $(DEMO_OUT)/timeline.png
 
-test: venv
+# The network lab's tests (network namespaces with nftables faults) need nft: install it when
+# this is a Debian machine we are root on; elsewhere those tests are skipped and say why.
+lab-tools:
+	@command -v nft >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -q nftables >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nftables >/dev/null 2>&1; }; }; } || \
+		echo "note: nftables is not installed: the network-lab tests will be skipped (apt-get install nftables)"
+
+test: venv lab-tools
 	@# pytest exits 5 when it collects nothing; that is not a failure of the code.
 	@$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
