@@ -14,8 +14,8 @@ When to stop waiting for a holder (`holder_verdict`), from what the membership k
     slice on the same connection (ZeroMQ keeps order per connection), so the slice was lost
     on the way: released at once;
   * its latest heartbeat does not list the frame, although it has received an input of the
-    frame's origin at least as new, or although it does not hear the origin (the input cannot
-    reach it): it finished, dropped or never had the frame, or never will: released;
+    frame's origin at least as new, or (judged by the origin) although it no longer hears the
+    origin: it finished, dropped or never had the frame, or never will: released;
   * its latest heartbeat lists the frame at an earlier stage: it is alive and busy with this
     frame, so the wait goes on; the deadline moves to `sync_timeout` after that heartbeat;
   * otherwise (it has not received the input yet, or we cannot hear it): released when
@@ -103,8 +103,14 @@ class GatherResult:
 
 def holder_verdict(frame: int, stage: int, origin: str, state: PeerState, report: Optional[Report],
                    deadline_s: float, sync_timeout_s: float, now_s: float,
-                   holder: Optional[str] = None) -> Tuple[Optional[str], float]:
-    """(release reason or None to keep waiting, the holder's deadline) — see the module doc."""
+                   holder: Optional[str] = None, self_id: Optional[str] = None,
+                   started_s: Optional[float] = None) -> Tuple[Optional[str], float]:
+    """(release reason or None to keep waiting, the holder's deadline) — see the module doc.
+
+    "It cannot hear the origin" is judged only by the origin itself (`self_id == origin`), and
+    only from a report sent after the gather began (`started_s`): an older one, or another
+    node's copy of one, may merely predate the holder hearing the origin.
+    """
     if state == PeerState.UNREACHABLE:
         return RELEASED_UNREACHABLE, deadline_s   # we cannot hear it: its slices cannot reach us either
     if state != PeerState.ALIVE:
@@ -119,8 +125,9 @@ def holder_verdict(frame: int, stage: int, origin: str, state: PeerState, report
             deadline_s = max(deadline_s, report.received_s + sync_timeout_s)
         elif report.inputs.get(origin, -1) >= frame:
             return RELEASED_ABSENT, deadline_s
-        elif holder is not None and holder != origin and origin not in report.hears:
-            return RELEASED_ABSENT, deadline_s    # it has not the input, and cannot hear who sends it
+        elif (origin == self_id and holder != origin and started_s is not None
+              and report.received_s > started_s and origin not in report.hears):
+            return RELEASED_ABSENT, deadline_s    # it has not our input, and cannot hear us send it
     if now_s >= deadline_s:
         return RELEASED_TIMEOUT, deadline_s
     return None, deadline_s
@@ -325,7 +332,8 @@ class GatherBook:
             if not gather.covered.all():
                 for h in gather.waiting():
                     reason, deadline = holder_verdict(key[0], key[1], gather.origin, *lookup(h),
-                                                      gather.deadlines[h], self.sync_timeout_s, now_s, holder=h)
+                                                      gather.deadlines[h], self.sync_timeout_s, now_s, holder=h,
+                                                      self_id=self.self_id, started_s=gather.started_s)
                     if reason is not None:
                         gather.released[h] = reason
                     elif deadline != gather.deadlines[h]:

@@ -152,11 +152,16 @@ def test_holder_verdict(state, rep, now_s, expected):
     ({ORIGIN: (1, 20)}, None),                     # it hears the origin: the input is on its way
 ])
 def test_a_holder_that_cannot_hear_the_origin_will_never_have_the_frame(hears, expected):
-    rep = report(hears=hears, inputs={ORIGIN: FRAME - 1})
-    reason, _ = g.holder_verdict(FRAME, STAGE, ORIGIN, PeerState.ALIVE, rep, 1.0, T, 0.0, holder="b")
-    assert reason == expected
+    rep = report(received_s=0.5, hears=hears, inputs={ORIGIN: FRAME - 1})
+    args = (FRAME, STAGE, ORIGIN, PeerState.ALIVE, rep, 1.0, T, 0.6)
+    assert g.holder_verdict(*args, holder="b", self_id=ORIGIN, started_s=0.2)[0] == expected
+    # Only the origin judges so, and only from a report sent after the gather began: an older one,
+    # or another node's copy, may predate the holder hearing the origin.
+    assert g.holder_verdict(*args, holder="b", self_id="c", started_s=0.2)[0] is None
+    assert g.holder_verdict(*args, holder="b", self_id=ORIGIN, started_s=0.55)[0] is None
     # The origin itself needs no input: it is judged by its progress alone.
-    assert g.holder_verdict(FRAME, STAGE, ORIGIN, PeerState.ALIVE, report(), 1.0, T, 0.0, holder=ORIGIN)[0] is None
+    assert g.holder_verdict(FRAME, STAGE, ORIGIN, PeerState.ALIVE, report(), 1.0, T, 0.0, holder=ORIGIN,
+                            self_id="c")[0] is None
 
 
 def test_releases_for_the_whole_frame_are_all_but_a_lost_slice():
