@@ -19,7 +19,10 @@ A frame's life:
 The loop never blocks on a peer and gives the mesh its turn every pass: client requests are
 taken at most MAX_CLIENT_PER_PASS per pass, and a status request costs a cached snapshot, so
 no flood of requests can delay heartbeats. An exception while handling one message is counted
-and logged (rate-limited) and the loop goes on: no message can end the handler.
+and logged (rate-limited) and the loop goes on: no message can end the handler. Prometheus
+scrapes (metrics.py, with `metrics_port`) are served from another thread, from a snapshot that
+housekeeping swaps in once a second: they never touch the loop's state (rendering one holds the
+GIL for about half a millisecond).
 """
 from __future__ import annotations
 
