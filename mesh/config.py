@@ -46,6 +46,12 @@ class PeerConfig:
     port: int
     public_key: Optional[str]
     client_port: int
+    metrics_port: Optional[int] = None   # Prometheus metrics over HTTP; None: not served
+
+    @property
+    def metrics_address(self) -> Optional[Tuple[str, int]]:
+        """(address to bind, port) of the metrics server, or None when it is off."""
+        return None if self.metrics_port is None else (bind_address(self.host), self.metrics_port)
 
     @property
     def endpoint(self) -> str:
@@ -108,7 +114,8 @@ class PeersConfig:
         if self.clients:
             out["clients"] = [{"name": c.name, "public_key": c.public_key} for c in self.clients]
         out["peers"] = [{k: v for k, v in (("id", p.id), ("host", p.host), ("port", p.port),
-                                           ("public_key", p.public_key), ("client_port", p.client_port))
+                                           ("public_key", p.public_key), ("client_port", p.client_port),
+                                           ("metrics_port", p.metrics_port))
                          if v is not None} for p in self.peers]
         return out
 
@@ -119,7 +126,7 @@ class PeersConfig:
 _TOP_KEYS = {"version", "plan", "heartbeat_interval_ms", "peer_timeout_ms", "sync_timeout_ms", "frame_timeout_ms",
              "device", "dtype", "insecure",
              "secret_key_file", "max_message_bytes", "clients", "peers"}
-_PEER_KEYS = {"id", "host", "port", "public_key", "client_port"}
+_PEER_KEYS = {"id", "host", "port", "public_key", "client_port", "metrics_port"}
 _CLIENT_KEYS = {"name", "public_key"}
 
 
@@ -222,7 +229,12 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
         host = _str(f"{where}.host", p.get("host"))
         port = _port(f"{where}.port", p.get("port"))
         client_port = _port(f"{where}.client_port", p.get("client_port", port + 1 if port < 65535 else 0))
-        for name, value in (("port", port), ("client_port", client_port)):
+        metrics_port = p.get("metrics_port")
+        if metrics_port is not None:
+            metrics_port = _port(f"{where}.metrics_port", metrics_port)
+        for name, value in (("port", port), ("client_port", client_port), ("metrics_port", metrics_port)):
+            if value is None:
+                continue
             if (host, value) in seen_addr:
                 raise ConfigError(f"{where}.{name}: {host}:{value} is already used by {seen_addr[(host, value)]}")
             seen_addr[(host, value)] = f"{where}.{name}"
@@ -232,7 +244,7 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
                 raise ConfigError(f"{where}.public_key: missing (required unless insecure: true)")
         else:
             key = _key(f"{where}.public_key", key)
-        peers.append(PeerConfig(node_id, host, port, key, client_port))
+        peers.append(PeerConfig(node_id, host, port, key, client_port, metrics_port))
     keys = [p.public_key for p in peers if p.public_key]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
@@ -300,3 +312,12 @@ def bind_endpoint(host: str, port: int) -> str:
     except ValueError:
         return f"tcp://*:{port}"
     return f"tcp://{host}:{port}"
+
+
+def bind_address(host: str) -> str:
+    """The address an HTTP server binds for `host` (as `bind_endpoint` does for ZeroMQ)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "0.0.0.0"
+    return host

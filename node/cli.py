@@ -13,22 +13,17 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+# Imported plainly: a module that cannot be imported (a broken pyzmq, say) fails here with its
+# own traceback instead of leaving its subcommands out. None of them imports torch at import time.
+from robustdice.mesh import cli as mesh_cli
+from robustdice.mesh.errors import MeshError
+from robustdice.node import client_cli
+from robustdice.node.errors import NodeError
+from robustdice.partitioner import cli as partitioner_cli
+from robustdice.partitioner.errors import PartitionerError
 
-def _subcommand_modules():
-    # Imported lazily so that `robustdice --help` does not pay for torch.
-    from robustdice.partitioner import cli as partitioner_cli
-    modules = [partitioner_cli]
-    try:
-        from robustdice.mesh import cli as mesh_cli
-        modules.append(mesh_cli)
-    except ImportError:  # the mesh is built in its own issue; the CLI works without it
-        pass
-    try:
-        from robustdice.node import client_cli
-        modules.append(client_cli)
-    except ImportError:
-        pass
-    return modules
+SUBCOMMAND_MODULES = (partitioner_cli, mesh_cli, client_cli)
+USER_ERRORS = (PartitionerError, MeshError, NodeError)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -43,26 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     sub.required = True
-    for module in _subcommand_modules():
+    for module in SUBCOMMAND_MODULES:
         module.register(sub)
     return parser
-
-
-def _user_errors() -> tuple:
-    errors = []
-    from robustdice.partitioner.errors import PartitionerError
-    errors.append(PartitionerError)
-    try:
-        from robustdice.mesh.errors import MeshError
-        errors.append(MeshError)
-    except ImportError:
-        pass
-    try:
-        from robustdice.node.errors import NodeError
-        errors.append(NodeError)
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -72,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as exc:
+    except USER_ERRORS as exc:
         print(f"robustdice {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,7 +19,10 @@ A frame's life:
 The loop never blocks on a peer and gives the mesh its turn every pass: client requests are
 taken at most MAX_CLIENT_PER_PASS per pass, and a status request costs a cached snapshot, so
 no flood of requests can delay heartbeats. An exception while handling one message is counted
-and logged (rate-limited) and the loop goes on: no message can end the handler.
+and logged (rate-limited) and the loop goes on: no message can end the handler. Prometheus
+scrapes (metrics.py, with `metrics_port`) are served from another thread, from a snapshot that
+housekeeping swaps in once a second: they never touch the loop's state (rendering one holds the
+GIL for about half a millisecond).
 """
 from __future__ import annotations
 
@@ -47,7 +50,9 @@ from robustdice.mesh.ratelog import RateLimitedLog
 
 from . import ipc
 from .config import NodeConfig, load_node_config
+from .errors import NodeError
 from .frames import Frame, FrameBook
+from .metrics import METRICS_REFRESH_S, MetricsRecorder
 from .process import child_main, report_ready, report_status
 from .telemetry import Gpu, Power, rss_bytes
 
@@ -123,10 +128,16 @@ class Handler:
         self.engine_pending = self.client_pending = False   # a drain stopped at its per-pass cap
         self._next_housekeeping_s = float("-inf")
         self._participants: Tuple[str, ...] = ()
+        self.metrics = MetricsRecorder()
+        self.metrics_server = None           # a MetricsServer when peers.yaml gives this node a metrics_port
+        self._next_metrics_s = float("-inf")
         self.stop = False
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        if self.me.metrics_address is not None:   # first: a port in use fails before anything else binds
+            from .metrics import MetricsServer     # prometheus-client is imported only where metrics are on
+            self.metrics_server = MetricsServer(*self.me.metrics_address, field=f"peers[{self.device}].metrics_port")
         self.mesh.start()
         ctx = self.mesh.context
         self.engine = ctx.socket(zmq.DEALER)
@@ -148,6 +159,8 @@ class Handler:
         self.engine.close(0)
         self.poller.close()
         self.power.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.mesh.close()
 
     def run(self) -> None:
@@ -186,6 +199,7 @@ class Handler:
 
     # ------------------------------------------------------------ membership
     def _on_event(self, event) -> None:
+        self.metrics.on_event(event.kind.value, event.peer_id)
         self.events.append({"kind": event.kind.value, "peer": event.peer_id, "wall_s": time.time(),
                             "incarnation": event.incarnation, "restarted": event.restarted, "detail": event.detail})
         if event.restarted:
@@ -263,6 +277,10 @@ class Handler:
                     continue
                 self._start_local(f, now)
         self._report_status()
+        if self.metrics_server is not None and now >= self._next_metrics_s:
+            # A new immutable snapshot for the metrics thread; scrapes never read the live state.
+            self._next_metrics_s = now + METRICS_REFRESH_S
+            self.metrics_server.publish(self.metrics.snapshot(self.status(now), now, os.getpid(), os.getppid()))
 
     def _start_local(self, f: Frame, now: float) -> None:
         participants = self.participants_now(now)
@@ -470,6 +488,7 @@ class Handler:
         return body
 
     def _answer(self, f: Frame) -> None:
+        self.metrics.on_answer(f.answer)
         meta = dict(f.answer, request=f.request, node=self.me.id)
         arrays = (f.logits,) if f.logits is not None and "error" not in f.answer else ()
         self._reply(f.client, wire.Result(f.frame, self.me.id, meta, arrays))
@@ -603,8 +622,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         handler.start()
-    except MeshError as exc:  # the supervisor checks the config first; this is the last line of defence
-        log.error("cannot start the mesh: %s", exc)
+    except (MeshError, NodeError) as exc:  # the supervisor checks the config first; this is the last line of defence
+        log.error("cannot start: %s", exc)
+        if handler.metrics_server is not None:
+            handler.metrics_server.close()
         handler.mesh.close()
         return 2
     report_ready(args.ready_fd)

@@ -3,7 +3,7 @@ pause, resume, status — for tests, benchmarks, `robustdice cluster` and `make 
 
 Each node runs in its own process group, so a kill takes the whole node (supervisor, handler,
 engine). On 127.0.0.1 every node gets free ports; with `hosts` (netlab.py's namespaces) every
-node binds 5550/5551 on its own address.
+node binds 5550/5551 (and 5552 for metrics, with `metrics=True`) on its own address.
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ class LocalCluster:
     def __init__(self, plan_dir, workdir=None, *, threads: int = 1,
                  heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS, peer_timeout_ms: int = DEFAULT_PEER_TIMEOUT_MS,
                  sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS, log_level: str = "INFO", insecure: bool = False,
-                 hosts: Optional[Sequence[str]] = None, prefix=None, dtype: str = "float32") -> None:
+                 hosts: Optional[Sequence[str]] = None, prefix=None, dtype: str = "float32",
+                 metrics: bool = False) -> None:
         from robustdice.partitioner.plan import load_plan, plan_dir as to_plan_dir
         self.plan_dir = to_plan_dir(Path(plan_dir)).resolve()
         self.plan = load_plan(self.plan_dir)
@@ -65,6 +66,7 @@ class LocalCluster:
         self.procs: Dict[int, subprocess.Popen] = {}
         self.logs: Dict[int, Path] = {}
         self.hosts, self.prefix, self.dtype = hosts, prefix, dtype
+        self.metrics = metrics   # every node serves Prometheus metrics (metrics_port in peers.yaml)
         self.peers_path = self._write_config(heartbeat_interval_ms, peer_timeout_ms, sync_timeout_ms, insecure)
 
     def _write_config(self, heartbeat_ms: int, timeout_ms: int, sync_ms: int, insecure: bool) -> Path:
@@ -72,12 +74,15 @@ class LocalCluster:
         from robustdice.mesh.keys import make_keypairs
         keys_dir = self.workdir / "keys"
         publics = {} if insecure else make_keypairs(keys_dir, self.ids + ["client"])
+        per_node = 3 if self.metrics else 2
         if self.hosts is None:
-            ports = free_ports(2 * len(self.ids))
-            peers = tuple(PeerConfig(nid, "127.0.0.1", ports[2 * d], publics.get(nid), ports[2 * d + 1])
+            ports = free_ports(per_node * len(self.ids))
+            peers = tuple(PeerConfig(nid, "127.0.0.1", ports[per_node * d], publics.get(nid), ports[per_node * d + 1],
+                                     ports[per_node * d + 2] if self.metrics else None)
                           for d, nid in enumerate(self.ids))
         else:
-            peers = tuple(PeerConfig(nid, self.hosts[d], self.NODE_PORT, publics.get(nid), self.NODE_PORT + 1)
+            peers = tuple(PeerConfig(nid, self.hosts[d], self.NODE_PORT, publics.get(nid), self.NODE_PORT + 1,
+                                     self.NODE_PORT + 2 if self.metrics else None)
                           for d, nid in enumerate(self.ids))
         config = PeersConfig(
             peers=peers, plan=self.plan_dir, heartbeat_interval_ms=heartbeat_ms, peer_timeout_ms=timeout_ms,
@@ -154,6 +159,12 @@ class LocalCluster:
     def status(self, timeout_s: float = 2.0, request: Optional[Dict] = None) -> List[Dict]:
         from .client import status_all
         return status_all(self.config, self.key_path, timeout_s, request)
+
+    def metrics_url(self, device: int) -> str:
+        peer = self.config.peers[device]
+        if peer.metrics_port is None:
+            raise NodeError(f"node {peer.id} serves no metrics: make the cluster with metrics=True")
+        return f"http://{peer.host}:{peer.metrics_port}/metrics"
 
     def wait_until(self, predicate, timeout_s: float, what: str, interval_s: float = 0.05) -> List[Dict]:
         deadline = time.monotonic() + timeout_s

@@ -146,20 +146,3 @@ def log_lines(path: Path) -> List[str]:
         return path.read_text(errors="replace").splitlines()
     except OSError:
         return []
-
-
-def unheld(paths: Sequence[Path]) -> List[Path]:
-    """Those of `paths` that no living process has open or mapped.
-
-    /dev/shm is shared with other jobs on this machine: an entry another running process holds
-    is theirs; one nobody holds any more is a leftover.
-    """
-    held = set()
-    if paths:
-        for p in psutil.process_iter():
-            try:
-                held.update(f.path for f in p.open_files())
-                held.update(m.path for m in p.memory_maps(grouped=True))
-            except psutil.Error:
-                continue
-    return [p for p in paths if str(p) not in held and p.exists()]

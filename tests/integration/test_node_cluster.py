@@ -125,11 +125,12 @@ def test_cluster_cli_json_and_plot(cluster_cli_run):
 
 @pytest.mark.timeout(240)
 def test_cluster_cli_frames_before_any_failure_count_on_every_node(cluster_cli_run):
-    """No device has failed yet, so no "before" frame may be zero-filled.
+    """No device has failed yet, so every "before" frame runs on all four nodes, zero-filled nowhere.
 
-    Fails today: cmd_cluster (node/cluster.py) streams as soon as every node sees every other
-    alive, but a handler counts a peer as a participant only 2 heartbeats after it joined, so
-    the first frames run without the last node(s) to join: zero-filled, yet reported as "before".
+    `robustdice cluster` must wait until every node counts every other in new frames (a peer is a
+    participant only once the link works both ways, a little after it is first seen alive), not
+    merely until every node sees every other alive; else its first frames run without the last
+    node to join and are zero-filled, yet reported as "before".
     """
     out, _, _ = cluster_cli_run
     assert out.returncode == 0, out.stderr[-4000:]

@@ -85,3 +85,16 @@ def test_the_check_fails_on_a_missing_help_or_default():
         "x --rate: help 'frames per second' does not give its default 50.0",
         "x --wrong: help 'a count (default 30)' does not give its default 3",
     ]
+
+
+def test_a_broken_pyzmq_is_an_import_error_not_a_missing_command():
+    """`robustdice keys` once answered "invalid choice: keys" when pyzmq failed to import."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['zmq'] = None\n"   # what a broken pyzmq install looks like to Python
+            "from robustdice.node.cli import main\n"
+            "sys.exit(main(['keys', '--help']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "invalid choice" not in proc.stderr
+    assert "ModuleNotFoundError" in proc.stderr and "zmq" in proc.stderr, proc.stderr[-2000:]

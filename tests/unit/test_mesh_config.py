@@ -38,13 +38,27 @@ def test_defaults_and_paths(tmp_path):
     assert config.insecure is False and config.max_message_bytes == 268435456
     assert config.plan == tmp_path / "plan"
     assert config.peer("n1").client_port == 5561
+    assert config.peer("n1").metrics_port is None and config.peer("n1").metrics_address is None  # off by default
     assert config.secret_key_path("n2") == tmp_path / "keys" / "n2.key_secret"
 
 
 def test_to_yaml_roundtrip(tmp_path):
-    config = parse_peers(base(clients=[{"name": "ops", "public_key": K2}], sync_timeout_ms=50), tmp_path)
+    data = base(clients=[{"name": "ops", "public_key": K2}], sync_timeout_ms=50)
+    data["peers"][2]["metrics_port"] = 9100
+    config = parse_peers(data, tmp_path)
     again = load_peers(write_peers(tmp_path / "p.yaml", config))
     assert again.peers == config.peers and again.clients == config.clients and again.sync_timeout_ms == 50
+    assert again.peer("n2").metrics_port == 9100 and again.peer("n0").metrics_port is None
+
+
+def test_metrics_port_binds_the_peers_address_or_every_interface():
+    data = base()
+    data["peers"][2].update(metrics_port=9100)
+    data["peers"].append({"id": "n3", "host": "board-3.local", "port": 5550, "public_key": K0[::-1],
+                          "metrics_port": 9100})
+    config = parse_peers(data)
+    assert config.peer("n2").metrics_address == ("10.0.0.3", 9100)
+    assert config.peer("n3").metrics_address == ("0.0.0.0", 9100)   # a name: every interface
 
 
 @pytest.mark.parametrize("mutate,expected", [
@@ -54,6 +68,13 @@ def test_to_yaml_roundtrip(tmp_path):
     (lambda d: d["peers"][1].update(port=5551), "peers[1].port: 127.0.0.1:5551 is already used by peers[0].client_port"),
     (lambda d: d["peers"][1].update(client_port=5550), "peers[1].client_port: 127.0.0.1:5550 is already used"),
     (lambda d: d["peers"][0].update(colour="red"), "peers[0]: unknown key(s) colour"),
+    (lambda d: d["peers"][2].update(metrics_port=0), "peers[2].metrics_port: 0 is not a port (1-65535)"),
+    (lambda d: d["peers"][2].update(metrics_port="9100"), "peers[2].metrics_port: '9100' is not an integer"),
+    (lambda d: d["peers"][2].update(metrics_port=True), "peers[2].metrics_port: True is not an integer"),
+    (lambda d: d["peers"][1].update(metrics_port=5551),
+     "peers[1].metrics_port: 127.0.0.1:5551 is already used by peers[0].client_port"),
+    (lambda d: d["peers"][1].update(metrics_port=5560),
+     "peers[1].metrics_port: 127.0.0.1:5560 is already used by peers[1].port"),
     (lambda d: d.update(heartbeat_ms=5), "peers.yaml: unknown key(s) heartbeat_ms"),
     (lambda d: d["peers"][1].pop("public_key"), "peers[1].public_key: missing"),
     (lambda d: d["peers"][1].update(public_key="short"), "peers[1].public_key: 'short' is not a 40-character Z85"),

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from robustdice.partitioner.cluster import cdc_layout
 from robustdice.partitioner.errors import ModelError
 from robustdice.partitioner.stages import (
-    FOLLOWER_MODULES, STAGE_MODULES, apply_followers, compute_linear, full_stage_output,
+    FOLLOWER_FUNCTIONS, FOLLOWER_METHODS, FOLLOWER_MODULES, STAGE_MODULES, apply_followers, compute_linear, full_stage_output,
     parity_params, slice_params, trace_stages)
 
 # One factory per follower class; a test checks this table covers FOLLOWER_MODULES exactly.
@@ -50,7 +50,8 @@ def _randomise_batchnorm(model, seed=0):
 
 
 class Chain(nn.Module):
-    """layer → follower → flatten → Linear head (itself a second stage)."""
+    """layer → follower → flatten → Linear head (itself a second stage). The follower is a module,
+    or a function that fx traces through (a call of a torch function or a tensor method)."""
 
     def __init__(self, layer, follower, sample):
         super().__init__()
@@ -158,6 +159,56 @@ def test_every_follower_slices_exactly(stage_cls, follower_cls):
     staged = _check_sliced_equals_plain(model, sample)
     assert [s.name for s in staged.stages] == ["layer", "head"]
     assert staged.stages[0].follower_names == ["follower"], "the follower was not taken into the stage"
+
+
+# One call per follower function and tensor method, as a forward() writes it; a test checks these
+# cover FOLLOWER_FUNCTIONS and FOLLOWER_METHODS exactly, as FOLLOWER_FACTORIES covers the modules.
+FUNCTION_CALLS = {
+    F.relu: lambda x: F.relu(x),
+    torch.relu: lambda x: torch.relu(x),
+    F.relu6: lambda x: F.relu6(x),
+    F.gelu: lambda x: F.gelu(x, approximate="tanh"),
+    F.silu: lambda x: F.silu(x),
+    F.hardswish: lambda x: F.hardswish(x),
+    torch.sigmoid: lambda x: torch.sigmoid(x),
+    F.dropout: lambda x: F.dropout(x, 0.5, training=False),
+    F.max_pool2d: lambda x: F.max_pool2d(x, 2),
+    F.avg_pool2d: lambda x: F.avg_pool2d(x, 3, stride=1, padding=1),
+    F.adaptive_avg_pool2d: lambda x: F.adaptive_avg_pool2d(x, 3),
+}
+METHOD_CALLS = {
+    "relu": lambda x: x.relu(),
+    "sigmoid": lambda x: x.sigmoid(),
+}
+
+
+def test_call_tables_cover_every_follower_function_and_method():
+    assert set(FUNCTION_CALLS) == set(FOLLOWER_FUNCTIONS)
+    assert set(METHOD_CALLS) == set(FOLLOWER_METHODS)
+
+
+CALL_CASES = [(stage_cls, target, table) for table in (FOLLOWER_FUNCTIONS, FOLLOWER_METHODS)
+              for target, (_, kinds) in table.items()
+              for stage_cls, kind in STAGE_MODULES.items() if kind in kinds]
+
+
+@pytest.mark.parametrize("stage_cls,target,table", CALL_CASES,
+                         ids=[f"{s.__name__}-{getattr(t, '__module__', None) or 'Tensor'}.{getattr(t, '__name__', t)}"
+                              for s, t, _ in CALL_CASES])
+def test_every_follower_function_and_method_slices_exactly(stage_cls, target, table):
+    torch.manual_seed(1)
+    layer = STAGE_FACTORIES[stage_cls]()
+    sample = torch.randn(3, 4, 8, 8) if stage_cls is nn.Conv2d else torch.randn(3, 12)
+    call = (FUNCTION_CALLS if table is FOLLOWER_FUNCTIONS else METHOD_CALLS)[target]
+    staged = _check_sliced_equals_plain(Chain(layer, call, sample), sample)
+    assert [s.name for s in staged.stages] == ["layer", "head"]
+    followers = staged.stages[0].followers
+    assert len(followers) == 1, f"the call was not taken into the stage: {staged.stages[0].follower_names}"
+    assert followers[0].behaviour == table[target][0]
+    if table is FOLLOWER_FUNCTIONS:
+        assert followers[0].fn is target
+    else:
+        assert followers[0].name == target
 
 
 def test_grouped_conv_without_bias_and_functional_followers():
