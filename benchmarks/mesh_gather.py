@@ -3,7 +3,8 @@
     python benchmarks/mesh_gather.py --json [--out benchmarks/results/mesh_gather.json]
 
 One OS process per node on 127.0.0.1. Figures:
-  gather_vs_raw_throughput_ratio  4-node all-gather of 1 MiB slices through `Mesh.gather`, vs the
+  gather_vs_raw_throughput_ratio  4-node all-gather of 1 MiB slices through the mesh (one gather
+                                  at a time, tests/integration/mesh_procs.blocking_gather), vs the
                                   same bytes over raw pyzmq PUSH/PULL (same CURVE setting), same run
   detection_ms                    SIGKILL a node, time until each survivor's `died` event
                                   (median and max over all survivors of >= 10 kills)
@@ -35,6 +36,9 @@ from robustdice.mesh.keys import make_keypairs, load_secret
 from robustdice.mesh.transport import curve_client, curve_server
 
 from _results import write_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+from mesh_procs import blocking_gather  # noqa: E402  (the mesh alone, as the tests drive it)
 
 IDS = ["n0", "n1", "n2", "n3"]
 SLICE_BYTES = 1 << 20
@@ -88,8 +92,8 @@ def role_mesh(config_path: str, node_id: str, rounds: int, idle: bool) -> None:
         for r in range(WARMUP_ROUNDS + rounds):
             if r == WARMUP_ROUNDS:
                 t0 = time.perf_counter()
-            result = mesh.gather(r, 0, local, holders, N_NEURONS, timeout_ms=5000)
-            bad += bool(result.zero_mask.any() or result.timed_out)
+            result = blocking_gather(mesh, r, 0, local, holders, N_NEURONS)
+            bad += bool(result.uncovered or result.released)
         elapsed = time.perf_counter() - t0
         emit({"event": "done", "elapsed_s": elapsed, "bad": bad, "counters": dict(mesh.counters)})
         # keep serving so that peers finishing later are not left without us
