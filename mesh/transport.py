@@ -102,7 +102,7 @@ def link_options(sock: zmq.Socket, heartbeat_interval_ms: int, peer_timeout_ms: 
     Without these, a connection that lost its peer (a cut cable, a partition) sits in TCP's
     retransmission backoff for minutes: after a 14 s cut the RTO had reached 13 s, and the
     healed link carried nothing for that long. With them:
-      * ZMTP heartbeats (PING/PONG every heartbeat interval) close a connection that has heard
+      * ZMTP heartbeats (PING/PONG every half peer timeout) close a connection that has heard
         nothing for `dead_ms`, and the reconnect loop starts over;
       * TCP_USER_TIMEOUT (ZMQ_TCP_MAXRT) closes one whose sent data stays unacknowledged as long;
       * a connect attempt gives up after half a peer timeout (a SYN in backoff is abandoned) and a
@@ -113,7 +113,9 @@ def link_options(sock: zmq.Socket, heartbeat_interval_ms: int, peer_timeout_ms: 
     on it. Membership does not wait for this: it judges liveness from heartbeats.
     """
     dead_ms = max(1500, 3 * peer_timeout_ms)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_interval_ms)
+    # A PING every half peer timeout (ours travel every interval anyway; the PONGs are what a
+    # PUSH connection hears): several per dead_ms, without doubling an idle node's wakeups.
+    sock.setsockopt(zmq.HEARTBEAT_IVL, max(heartbeat_interval_ms, peer_timeout_ms // 2))
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, dead_ms)
     sock.setsockopt(zmq.HEARTBEAT_TTL, dead_ms)
     sock.setsockopt(zmq.TCP_MAXRT, dead_ms)
