@@ -143,16 +143,19 @@ class Engine:
         rows[self.device] = self.own.pop(frame)
         full, missing = self.assembler.assemble(run.stage, rows)
         stage = run.stage
-        if run.advance(full, missing):
+        # The devices whose slices did not come: a mean+bn plan picks its BatchNorm statistics
+        # by them, here and for the next stage's slice, as Cluster.simulate does.
+        if run.advance(full, missing, frozenset(header.get("failed", ()))):
             return self._done_result(frame, run, {stage: int(run.zero_masks[-1].sum())}, start)
         return self._slice_result(frame, run, int(run.zero_masks[-1].sum()), start)
 
     def _alone(self, frame: int, x, start: float) -> ipc.Item:
         """Every stage here: the peers' rows are absent, which the assembly zero-fills."""
         run = self.runtime.start(x)
+        others = frozenset(range(self.runtime.plan.devices)) - {self.device}
         while True:
             full, missing = self.assembler.assemble(run.stage, {self.device: run.slice})
-            if run.advance(full, missing):
+            if run.advance(full, missing, others):
                 break
         self.compute_ms[frame] = 0.0
         zero = {i: int(m.sum()) for i, m in enumerate(run.zero_masks)}

@@ -37,8 +37,8 @@ def register(sub) -> None:
                        description="Partition a model's neurons over N devices; writes DIR/plan.json "
                                    "and DIR/shards/<device>.pt.")
     p.add_argument("--model", required=True,
-                   help="digits_cnn, alexnet, vgg16_bn, convnext_tiny, efficientnet_lite0, or your own "
-                        "CNN as package.module:factory (importable here; the boards need only the plan)")
+                   help="digits_cnn, fashion_vgg, alexnet, vgg16_bn, convnext_tiny, efficientnet_lite0, or "
+                        "your own CNN as package.module:factory (importable here; the boards need only the plan)")
     p.add_argument("--input-shape", metavar="C,H,W",
                    help="with --model package.module:factory: one image's shape, e.g. 3,32,32 "
                         "(default: the factory's robustdice_input['shape'])")
@@ -47,12 +47,27 @@ def register(sub) -> None:
                         "with per-channel values split by '/', e.g. mean=0.5,std=0.25/0.25/0.25 (default: the "
                         "factory's robustdice_input, else mean=0,std=1,resize=stretch)")
     p.add_argument("--devices", "-n", type=positive_int, required=True, help="number of devices N")
-    p.add_argument("--method", default="robust", choices=("robust", "lop", "nmr", "cdc"),
+    p.add_argument("--method", default="robust", choices=("robust", "lop", "nmr", "cdc", "random", "robust+cdc"),
                    help="robust: RobustDiCE Algorithm 1; lop: equal split; nmr: full "
-                        "replication; cdc: equal split over N-1 devices plus a parity device (default robust)")
+                        "replication; cdc: equal split over N-1 devices plus a parity device; "
+                        "random: robust's replication with importance-blind groups; robust+cdc: "
+                        "robust plus parity rows over its single copies, so one failure is exact (default robust)")
     t = p.add_mutually_exclusive_group()
     t.add_argument("--threshold", type=_threshold, help="one clustering threshold t for every layer (default 0.1)")
     t.add_argument("--thresholds", type=Path, help="YAML mapping fx layer names (and 'default') to t")
+    t.add_argument("--replication", type=_threshold,
+                   help="choose per-layer thresholds for this many neuron copies per neuron, 1..N (default: off)")
+    t.add_argument("--budget-mb", type=_threshold,
+                   help="choose per-layer thresholds for this many MB (1e6 bytes) of parameters per device "
+                        "(default: off)")
+    p.add_argument("--fill", default="zero", choices=("zero", "mean", "mean+bn"),
+                   help="what stands in for a lost neuron: zero (the paper), mean (its expected output), "
+                        "mean+bn (also BatchNorm statistics recalibrated for each failed set) (default zero)")
+    p.add_argument("--s3", default="auto", choices=("auto", "exact", "quadratic"),
+                   help="s3 by exact ablations, by its second-order estimate (a few backward passes), or "
+                        "auto: exact for the stages where ablations are cheap, the estimate elsewhere (default auto)")
+    p.add_argument("--fill-calib-size", type=positive_int,
+                   help="calibration images for --fill mean / mean+bn (default 1024 digits, 2048 fashion, 64 others)")
     p.add_argument("--scores", default="s1,s2,s3", help="importance scores to use, e.g. s1,s3 (default s1,s2,s3)")
     p.add_argument("--weights", default="DEFAULT",
                    help="DEFAULT: pretrained (digits_cnn: the shipped weights; your own model: what its "
@@ -72,14 +87,53 @@ def register(sub) -> None:
 
     e = sub.add_parser("evaluate", help="accuracy with every set of k = 0..N-1 failed devices")
     e.add_argument("--plan", type=Path, action="append", required=True, help="plan folder (repeatable)")
-    e.add_argument("--data", type=Path, help="ImageFolder for evaluation (default: digits test split)")
+    e.add_argument("--data", type=Path, help="ImageFolder, or a flat folder of unlabelled images (measures "
+                   "agreement with the no-failure top-1); default: the model's test split (digits, "
+                   "Fashion-MNIST) or scikit-image's photos and crops (unlabelled)")
     e.add_argument("--limit", type=positive_int, help="evaluate on at most this many images")
     e.add_argument("--plot", type=Path, help="write a PNG: accuracy against failed devices")
-    e.add_argument("--failed", help="with --predictions: the failed devices, e.g. 2 or 2,3")
-    e.add_argument("--predictions", type=Path, help="write labels and predictions for --failed to this JSON")
+    e.add_argument("--failed", help="with --predictions: the failed devices, e.g. 2 or 2,3 (default: none)")
+    e.add_argument("--predictions", type=Path, help="write labels and predictions (with --failed down) to this JSON")
+    e.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                   help="compute in this dtype, as nodes started with --dtype do (default float32)")
     e.add_argument("--json", action="store_true", help="print one JSON object (a list for several plans)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
+
+    f = sub.add_parser("finetune", help="train a plan's model under the plan's own failures",
+                       description="Fine-tune digits_cnn or fashion_vgg with the plan's device-failure masks "
+                                   "drawn at random; writes a plan with the same stages and the new weights.")
+    f.add_argument("--plan", type=Path, required=True, help="plan folder whose failures to learn")
+    f.add_argument("--out", type=Path, required=True, help="folder of the fine-tuned plan (and weights.pt)")
+    f.add_argument("--epochs", type=positive_int, help="passes over the training split (default 40 digits, 4 fashion)")
+    f.add_argument("--lr", type=_threshold, help="AdamW learning rate (default 1e-3 digits, 5e-4 fashion)")
+    f.add_argument("--fill", choices=("zero", "mean", "mean+bn"), help="fill rule of the new plan (default: the plan's)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the failure draws and batch order (default 0)")
+    f.add_argument("--json", action="store_true", help="print the summary as JSON")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_finetune)
+
+    x = sub.add_parser("dse", help="per-device memory against accuracy under failures (Pareto plot)",
+                       description="Partition a model with every method at a ladder of memory budgets, "
+                                   "evaluate each plan under every failed set, plot and write JSON.")
+    x.add_argument("--model", required=True, help="model name, as for partition")
+    x.add_argument("--devices", "-n", type=positive_int, default=4, help="number of devices (default 4)")
+    x.add_argument("--weights", default="DEFAULT", help="DEFAULT (shipped weights), a file or none (default DEFAULT)")
+    x.add_argument("--fill", default="mean+bn", choices=("zero", "mean", "mean+bn"),
+                   help="what stands in for a lost neuron (default mean+bn)")
+    x.add_argument("--memory-ratios", default="0.3,0.4,0.5,0.6,0.75",
+                   help="budgets as fractions of NMR's per-device memory (default 0.3,0.4,0.5,0.6,0.75)")
+    x.add_argument("--methods", default="robust,robust+cdc,random",
+                   help="methods swept over the budgets (default robust,robust+cdc,random)")
+    x.add_argument("--data", type=Path, help="evaluation data (as for evaluate)")
+    x.add_argument("--limit", type=positive_int, help="evaluate on at most this many images")
+    x.add_argument("--calib", type=Path, help="calibration images for s2/s3 and the fill (as for partition)")
+    x.add_argument("--seed", type=int, default=0, help="seed of the partitions (default 0)")
+    x.add_argument("--out", type=Path, required=True, help="folder for the plans, dse.json and pareto.png")
+    x.add_argument("--plot", type=Path, help="PNG path (default OUT/pareto.png)")
+    x.add_argument("--json", action="store_true", help="print the result as JSON")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    x.set_defaults(func=cmd_dse)
 
 
 def cmd_partition(args) -> int:
@@ -96,6 +150,8 @@ def cmd_partition(args) -> int:
         show_progress=not args.no_progress and not args.json and sys.stderr.isatty(),
         input_shape=None if args.input_shape is None else parse_shape(args.input_shape),
         preprocess=args.preprocess,
+        fill=args.fill, replication=args.replication, budget_mb=args.budget_mb,
+        fill_calib_size=args.fill_calib_size, s3_mode=args.s3,
     )
     summary = partition(request)
     if args.json:
@@ -127,31 +183,82 @@ def cmd_evaluate(args) -> int:
     from .errors import PartitionerError
     from .evaluate import evaluate_plan, format_table, parse_failed, plot_accuracy, predictions, write_json
 
-    if (args.failed is None) != (args.predictions is None):
-        raise PartitionerError("--failed and --predictions go together")
+    if args.failed is not None and args.predictions is None:
+        raise PartitionerError("--failed needs --predictions FILE (evaluate without it covers every failed set)")
     if args.predictions is not None:
         if len(args.plan) != 1:
             raise PartitionerError("--predictions takes exactly one --plan")
-        out = predictions(args.plan[0], parse_failed(args.failed), args.data, args.limit)
+        failed = parse_failed(args.failed) if args.failed is not None else []
+        out = predictions(args.plan[0], failed, args.data, args.limit, dtype=args.dtype)
         write_json(out, args.predictions)
         if not args.json:
-            correct = sum(p == y for p, y in zip(out["predictions"], out["labels"]))
-            print(f"wrote {args.predictions}: {len(out['labels'])} samples, failed {out['failed']}, "
-                  f"accuracy {100 * correct / max(1, len(out['labels'])):.2f}%")
+            n = len(out["predictions"])
+            if out["labels"] is None:
+                measure = "unlabelled"
+            else:
+                correct = sum(p == y for p, y in zip(out["predictions"], out["labels"]))
+                measure = f"accuracy {100 * correct / max(1, n):.2f}%"
+            print(f"wrote {args.predictions}: {n} samples, failed {out['failed'] or 'none'}, {measure}")
         else:
             print(json.dumps({"predictions_file": str(args.predictions), "failed": out["failed"]}))
         return 0
     progress = not args.no_progress and not args.json and sys.stderr.isatty()
-    results = [evaluate_plan(p, args.data, args.limit, progress=progress) for p in args.plan]
+    results = [evaluate_plan(p, args.data, args.limit, progress=progress, dtype=args.dtype) for p in args.plan]
     if args.plot:
         plot_accuracy(results, args.plot)
     if args.json:
         print(json.dumps(results[0] if len(results) == 1 else results))
         return 0
     first = results[0]
-    print(f"{first['model']}: top-1 accuracy on {first['samples']} evaluation samples, "
-          f"mean (min–max) over every set of failed devices")
+    measure = "agreement with the no-failure top-1" if first.get("metric") == "agreement" else "top-1 accuracy"
+    print(f"{first['model']}: {measure} on {first['data']}, mean (min–max) over every set of failed devices"
+          + ("" if args.dtype == "float32" else f", computed in {args.dtype}"))
     print(format_table(results))
+    for r in results:
+        if "float32_no_failure" in r:
+            change = 100 * (r["accuracy_no_failure"] - r["float32_no_failure"])
+            print(f"{r['method']}: no failure {100 * r['accuracy_no_failure']:.2f}% in {args.dtype} against "
+                  f"{100 * r['float32_no_failure']:.2f}% in float32 ({change:+.2f} points)")
     if args.plot:
         print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+
+    summary = finetune(args.plan, args.out, epochs=args.epochs, lr=args.lr, seed=args.seed, fill=args.fill,
+                       progress=not args.no_progress and not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"fine-tuned {summary['model']} under the failures of {args.plan} ({summary['epochs']} epochs): "
+          f"test accuracy with no failure {100 * summary['test_accuracy_before']:.2f}% -> "
+          f"{100 * summary['test_accuracy_after']:.2f}%; plan {summary['plan_hash'][:12]} in {summary['plan']}")
+    return 0
+
+
+def _fractions(text: str, option: str):
+    from .errors import PartitionerError
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise PartitionerError(f"{option}: {text!r} is not a comma list of numbers") from None
+
+
+def cmd_dse(args) -> int:
+    from .dse import plot_pareto, sweep, write
+
+    progress = not args.no_progress and not args.json and sys.stderr.isatty()
+    result = sweep(args.model, args.devices, args.out, weights=args.weights, fill=args.fill,
+                   memory_ratios=_fractions(args.memory_ratios, "--memory-ratios"),
+                   methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                   data=args.data, limit=args.limit, seed=args.seed, calib=args.calib, progress=progress,
+                   log=(lambda *_: None) if args.json else print)
+    plot = plot_pareto(result, args.plot or args.out / "pareto.png")
+    path = write(result, args.out / "dse.json")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"wrote {path} and {plot}")
     return 0

@@ -144,3 +144,66 @@ def covered(assignment: Assignment, alive: Sequence[int]) -> np.ndarray:
     for d in alive:
         mask[assignment[d]] = True
     return mask
+
+
+def shuffled_groups(groups: Sequence[Sequence[int]], seed: int) -> List[List[int]]:
+    """Groups of the same sizes, in the same order, filled with neurons drawn at random.
+
+    `--method random`: replicate_and_deal of these gives exactly robust's replication and
+    per-device memory, with the choice of which neurons are copied blind to importance, so
+    that comparing the two measures what the importance scores earn.
+    """
+    neurons = [n for g in groups for n in g]
+    rng = np.random.default_rng(seed)
+    order = [int(n) for n in rng.permutation(neurons)]
+    out, start = [], 0
+    for g in groups:
+        out.append(order[start: start + len(g)])
+        start += len(g)
+    return out
+
+
+@dataclass(frozen=True)
+class RotatedParity:
+    """Parity rows over the neurons that have a single copy (robust+cdc).
+
+    Row j sums `members[j]`, neurons of distinct devices, and is computed by `devices[j]`, a
+    device that holds none of them. So any one failed device loses at most one member of each
+    row, and every row it does not hold recovers that member: one failure is exact.
+    """
+
+    members: Tuple[Tuple[int, ...], ...]
+    devices: Tuple[int, ...]
+
+
+def rotated_parity(assignment: Assignment, n_neurons: int) -> RotatedParity:
+    """Parity rows for the single-copy neurons of `assignment`, spread over the devices.
+
+    Each row takes the next single-copy neuron of every device but one, the device that
+    computes the row: the device with the fewest single-copy neurons left (then the fewest
+    parity rows so far), so that rows span N−1 devices while they can and parity rows spread
+    like RAID 5's. Neurons keep their order on each device (robust deals the important first).
+    """
+    n_devices = len(assignment)
+    copies = np.zeros(n_neurons, dtype=np.int64)
+    for ids in assignment:
+        np.add.at(copies, np.asarray(ids, dtype=np.int64), 1)
+    queues = [[n for n in ids if copies[n] == 1] for ids in assignment]
+    heads = [0] * n_devices
+    rows_per_device = [0] * n_devices
+    members: List[Tuple[int, ...]] = []
+    devices: List[int] = []
+    if n_devices < 2:
+        return RotatedParity((), ())
+    while any(heads[d] < len(queues[d]) for d in range(n_devices)):
+        left = [len(queues[d]) - heads[d] for d in range(n_devices)]
+        parity = min(range(n_devices), key=lambda d: (left[d], rows_per_device[d], d))
+        row = []
+        for d in range(n_devices):
+            if d != parity and heads[d] < len(queues[d]):
+                row.append(queues[d][heads[d]])
+                heads[d] += 1
+        members.append(tuple(row))
+        devices.append(parity)
+        rows_per_device[parity] += 1
+    return RotatedParity(tuple(members), tuple(devices))

@@ -4,7 +4,8 @@ How an image becomes a model's input is the model's own `InputSpec` (partitioner
 recorded in every plan): its (C, H, W), its resize rule and its per-channel mean and std. The
 224x224 ImageNet models take RGB photos resized to 256 on the short side and centre-cropped;
 torchvision's use ImageNet's mean and std, efficientnet_lite0's TensorFlow weights 0.5 and 0.5;
-digits_cnn takes 8x8 grayscale in [0, 1]. Without a folder, calibration uses data that ships
+digits_cnn takes 8x8 grayscale in [0, 1]; fashion_vgg 28x28 grayscale normalised by
+Fashion-MNIST's mean and std. Without a folder, calibration uses data that ships
 with a package: digits' train split, or scikit-image's bundled photographs (real photos, no
 download).
 """
@@ -152,7 +153,8 @@ def calibration_batch(model_name, calib_dir=None, n=16, seed=0, spec=None):
     """A (n, C, H, W) batch for scoring neurons; the same for the same arguments.
 
     From calib_dir (an ImageFolder or a flat folder of images) if given; otherwise digits'
-    train split for digits_cnn, and scikit-image's bundled photos for the 224x224 models.
+    train split for digits_cnn, Fashion-MNIST's train split for fashion_vgg, and
+    scikit-image's bundled photos for the 224x224 models.
     `spec` defaults to the named model's own input specification.
     """
     spec = spec or model_input_spec(model_name)
@@ -166,6 +168,11 @@ def calibration_batch(model_name, calib_dir=None, n=16, seed=0, spec=None):
             files = [files[i] for i in sorted(torch.randperm(len(files), generator=generator)[:n])]
         images = [_open(f, calib_dir) for f in files]
         return _batch_from_images(images, spec, n, seed)
+    if model_name == "fashion_vgg":
+        from .fashion import fashion_split
+        train_images = fashion_split().train_images
+        generator = torch.Generator().manual_seed(seed)
+        return train_images[torch.randperm(len(train_images), generator=generator)[:n]].clone()
     if model_name == "digits_cnn":
         train_images = digits_split().train_images
         generator = torch.Generator().manual_seed(seed)
@@ -186,6 +193,14 @@ def evaluation_split(model_name, data_dir=None, limit=None, spec=None):
     if data_dir is not None:
         images, labels = load_image_folder(data_dir, spec or model_input_spec(model_name), limit=limit)
         return images, labels, torch.arange(len(labels), dtype=torch.int64)
+    if model_name == "fashion_vgg":  # Fashion-MNIST's own 10k test images
+        from .fashion import fashion_split
+        split = fashion_split()
+        images, labels = split.test_images, split.test_labels
+        indices = torch.arange(len(labels), dtype=torch.int64)
+        if limit is not None:
+            images, labels, indices = images[:limit], labels[:limit], indices[:limit]
+        return images, labels, indices
     if model_name != "digits_cnn":
         raise DataError(f"{model_name} needs an evaluation ImageFolder (--data DIR): no labelled "
                         "ImageNet-style data ships with the package")
@@ -194,3 +209,39 @@ def evaluation_split(model_name, data_dir=None, limit=None, spec=None):
     if limit is not None:
         images, labels, indices = images[:limit], labels[:limit], indices[:limit]
     return images, labels, indices
+
+
+# The default unlabelled evaluation set of the 224x224 models: each scikit-image photo as it is,
+# then seeded random crops and flips of them (140 images in all), as calibration draws them but
+# with another seed, so that calibration and evaluation images differ.
+PHOTO_EVAL_IMAGES = 140
+PHOTO_EVAL_SEED = 1000
+
+
+def evaluation_set(model_name, data_dir=None, limit=None, spec=None):
+    """(images, labels or None, indices, description) on which a plan is evaluated.
+
+    Like evaluation_split, and also unlabelled images: a flat folder of images (no class
+    sub-folders), or, for the 224x224 models without --data, scikit-image's photos and crops.
+    With no labels, evaluation measures agreement with the plan's own no-failure top-1.
+    """
+    spec = spec or model_input_spec(model_name)
+    if data_dir is not None:
+        classes, _ = _image_folder_samples(data_dir)
+        if not classes:
+            files = _image_files(data_dir)
+            if not files:
+                raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) and no class folders in {data_dir}")
+            if limit is not None and limit < len(files):
+                keep = np.linspace(0, len(files) - 1, num=limit).round().astype(int)
+                files = [files[i] for i in keep]
+            images = torch.stack([preprocess(_open(f, data_dir), spec) for f in files])
+            return images, None, torch.arange(len(files), dtype=torch.int64), f"{len(files)} unlabelled images in {data_dir}"
+        images, labels, indices = evaluation_split(model_name, data_dir, limit, spec)
+        return images, labels, indices, f"{len(labels)} labelled images in {data_dir}"
+    if model_name in ("digits_cnn", "fashion_vgg"):
+        images, labels, indices = evaluation_split(model_name, None, limit, spec)
+        return images, labels, indices, f"{len(labels)} test images of {model_name}'s evaluation split"
+    n = PHOTO_EVAL_IMAGES if limit is None else min(limit, PHOTO_EVAL_IMAGES)
+    images = _batch_from_images(_skimage_photos(), spec, n, PHOTO_EVAL_SEED)
+    return images, None, torch.arange(n, dtype=torch.int64), f"{n} scikit-image photos and crops (unlabelled)"

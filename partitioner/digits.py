@@ -149,7 +149,12 @@ def accuracy(model, images, labels, batch_size=512):
 
 def shipped_state_dict():
     """The state_dict of the weights shipped inside the package (weights/digits_cnn.pt)."""
-    resource = importlib.resources.files(__package__).joinpath(*WEIGHTS_RESOURCE)
+    return package_state_dict(*WEIGHTS_RESOURCE)
+
+
+def package_state_dict(*parts):
+    """A state_dict stored inside this package, e.g. ("weights", "digits_cnn.pt")."""
+    resource = importlib.resources.files(__package__).joinpath(*parts)
     with importlib.resources.as_file(resource) as path:
         return torch.load(path, map_location="cpu", weights_only=True)
 

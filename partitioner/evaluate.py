@@ -13,36 +13,70 @@ from .models import build_model
 from .runtime import Cluster, weights_digest
 
 EVAL_BATCH = 64
+# Small images (digits, Fashion-MNIST) go through in larger batches: per-stage overheads dominate.
+SMALL_IMAGE_ELEMENTS = 10_000
+SMALL_EVAL_BATCH = 500
 
 
 def _predict(cluster: Cluster, images: torch.Tensor, failed: Sequence[int]) -> torch.Tensor:
-    preds = [cluster.simulate(images[i: i + EVAL_BATCH], failed).argmax(1)
-             for i in range(0, images.shape[0], EVAL_BATCH)]
+    batch = SMALL_EVAL_BATCH if images[0].numel() <= SMALL_IMAGE_ELEMENTS else EVAL_BATCH
+    preds = [cluster.simulate(images[i: i + batch], failed).argmax(1)
+             for i in range(0, images.shape[0], batch)]
     return torch.cat(preds)
 
 
-def evaluate_plan(directory, data_dir=None, limit: Optional[int] = None, progress: bool = False) -> Dict:
-    """Accuracy with no failure and, per k, mean/min/max over every set of k failed devices."""
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def evaluate_plan(directory, data_dir=None, limit: Optional[int] = None, progress: bool = False,
+                  dtype: str = "float32") -> Dict:
+    """Accuracy with no failure and, per k, mean/min/max over every set of k failed devices.
+
+    On unlabelled images (see data.evaluation_set) the measure is agreement: the share of
+    images whose top-1 is the plan's own top-1 with no failure (in float32, whatever `dtype`).
+    With dtype float16 the cluster computes as nodes started with --dtype float16 do, and the
+    result also holds the float32 no-failure figure, so the cost of half precision is one
+    subtraction away.
+    """
     from tqdm import tqdm
 
-    from .data import evaluation_split
+    from .data import evaluation_set
 
-    cluster = Cluster(directory)
+    if dtype not in DTYPES:
+        raise PartitionerError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    cluster = Cluster(directory, dtype=DTYPES[dtype])
     plan = cluster.plan
-    images, labels, _ = evaluation_split(plan.model, data_dir, limit=limit, spec=plan.input)
+    images, labels, _, described = evaluation_set(plan.model, data_dir, limit=limit, spec=plan.input)
+    metric = "accuracy" if labels is not None else "agreement"
+    reference32 = None
+    if dtype != "float32":
+        reference32 = _predict(Cluster(directory), images, ())
+        if labels is None:
+            labels = reference32
     sets = [f for k in range(plan.devices) for f in itertools.combinations(range(plan.devices), k)]
     accuracy: Dict[tuple, float] = {}
-    for failed in tqdm(sets, desc=f"evaluate {plan.method}", unit="set", disable=not progress, leave=False):
-        accuracy[failed] = float((_predict(cluster, images, failed) == labels).float().mean())
+    for failed in tqdm(sets, desc=f"evaluate {plan.method} ({plan.fill.rule} fill)", unit="set",
+                       disable=not progress, leave=False):
+        predicted = _predict(cluster, images, failed)
+        if labels is None:  # the first set is the empty one: its predictions are the reference
+            labels = predicted
+        accuracy[failed] = float((predicted == labels).float().mean())
     by_failed = {}
     for k in range(plan.devices):
         values = [a for f, a in accuracy.items() if len(f) == k]
         by_failed[str(k)] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
                              "sets": len(values)}
+    extra = {} if reference32 is None else {
+        "float32_no_failure": float((reference32 == labels).float().mean())}
     return {
         "plan": str(directory),
         "model": plan.model,
         "method": plan.method,
+        "fill": plan.fill.rule,
+        "dtype": dtype,
+        **extra,
+        "metric": metric,
+        "data": described,
         "devices": plan.devices,
         "plan_hash": plan.plan_hash,
         "samples": int(labels.shape[0]),
@@ -50,31 +84,53 @@ def evaluate_plan(directory, data_dir=None, limit: Optional[int] = None, progres
         "by_failed": by_failed,
         "by_set": {",".join(map(str, f)) or "-": a for f, a in accuracy.items()},
         "per_device_param_bytes": cluster.shard_bytes,
+        "replication_factor": replication(plan),
     }
 
 
-def predictions(directory, failed: Sequence[int], data_dir=None, limit: Optional[int] = None) -> Dict:
-    """Labels and predictions of the evaluation split with exactly `failed` devices down."""
-    from .data import evaluation_split
+def replication(plan) -> float:
+    """Neuron copies (parity rows included) per neuron over the whole plan."""
+    from .plan import assignment_summary
+    return assignment_summary(plan.stages, plan.devices)["replication_factor"]
 
-    cluster = Cluster(directory)
+
+def predictions(directory, failed: Sequence[int] = (), data_dir=None, limit: Optional[int] = None,
+                dtype: str = "float32") -> Dict:
+    """Labels and predictions of the evaluation split with exactly `failed` devices down (none:
+    the no-failure predictions). Unlabelled images give labels None."""
+    from .data import evaluation_set
+
+    if dtype not in DTYPES:
+        raise PartitionerError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    cluster = Cluster(directory, dtype=DTYPES[dtype])
     bad = [d for d in failed if not 0 <= d < cluster.plan.devices]
     if bad:
         raise PartitionerError(f"--failed: device {bad[0]} is not in the plan (0..{cluster.plan.devices - 1})")
     if len(set(failed)) >= cluster.plan.devices:
         raise PartitionerError("--failed: at least one device must survive")
-    images, labels, indices = evaluation_split(cluster.plan.model, data_dir, limit=limit,
-                                               spec=cluster.plan.input)
+    images, labels, indices, _ = evaluation_set(cluster.plan.model, data_dir, limit=limit,
+                                                spec=cluster.plan.input)
     preds = _predict(cluster, images, failed)
-    return {"failed": sorted(set(failed)), "indices": [int(i) for i in indices],
-            "labels": [int(v) for v in labels], "predictions": [int(p) for p in preds]}
+    return {"failed": sorted(set(failed)), "dtype": dtype, "indices": [int(i) for i in indices],
+            "labels": None if labels is None else [int(v) for v in labels],
+            "predictions": [int(p) for p in preds]}
+
+
+def plan_weights(plan, directory) -> str:
+    """The plan's --weights; a file named relative to the plan's folder (finetune's) resolved."""
+    from .plan import plan_dir
+
+    local = plan_dir(directory) / str(plan.weights)
+    if plan.weights not in ("DEFAULT", "none") and not Path(plan.weights).is_absolute() and local.is_file():
+        return str(local)
+    return plan.weights
 
 
 def verify_plan(directory, batch: int = 2, seed: int = 0) -> Dict:
     """No-failure simulation against the plain model on random input."""
     cluster = Cluster(directory)
     plan = cluster.plan
-    model = build_model(plan.model, weights=plan.weights, seed=plan.seed)
+    model = build_model(plan.model, weights=plan_weights(plan, directory), seed=plan.seed)
     if weights_digest(model) != plan.weights_digest:
         raise PartitionerError(f"the weights {plan.weights!r} (seed {plan.seed}) differ from those the "
                                f"plan was made from ({plan.weights_digest[:19]}…)")
@@ -93,10 +149,10 @@ def verify_plan(directory, batch: int = 2, seed: int = 0) -> Dict:
 def format_table(results: Sequence[Dict]) -> str:
     """One row per plan: accuracy (mean, min–max) for each number of failed devices."""
     n = max(r["devices"] for r in results)
-    header = ["method", "devices", "max shard MB"] + [f"{k} failed" for k in range(n)]
+    header = ["method", "fill", "devices", "max shard MB"] + [f"{k} failed" for k in range(n)]
     rows = []
     for r in results:
-        row = [r["method"], str(r["devices"]), f"{max(r['per_device_param_bytes']) / 1e6:.3f}"]
+        row = [r["method"], r.get("fill", "zero"), str(r["devices"]), f"{max(r['per_device_param_bytes']) / 1e6:.3f}"]
         for k in range(n):
             b = r["by_failed"].get(str(k))
             row.append("" if b is None else
@@ -121,13 +177,14 @@ def plot_accuracy(results: Sequence[Dict], path) -> Path:
         mean = [100 * r["by_failed"][str(k)]["mean"] for k in ks]
         lo = [100 * r["by_failed"][str(k)]["min"] for k in ks]
         hi = [100 * r["by_failed"][str(k)]["max"] for k in ks]
-        label = f"{r['method']} (max shard {max(r['per_device_param_bytes']) / 1e6:.2f} MB)"
+        label = f"{r['method']}, {r.get('fill', 'zero')} fill (max shard {max(r['per_device_param_bytes']) / 1e6:.2f} MB)"
         line, = ax.plot(ks, mean, marker="o", label=label)
         ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.15)
     first = results[0]
     ax.set_title(f"{first['model']} over {first['devices']} devices: accuracy under failures")
     ax.set_xlabel("failed devices (mean over every set; band: min–max)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel("top-1 agreement with no failure (%)" if first.get("metric") == "agreement"
+                  else "top-1 accuracy (%)")
     ax.set_xticks(range(max(r["devices"] for r in results)))
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)

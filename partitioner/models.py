@@ -16,11 +16,16 @@ from .compat import import_torchvision
 from .digits import INPUT_SHAPE as DIGITS_INPUT_SHAPE
 from .digits import DigitsCNN, shipped_state_dict
 from .errors import ModelError
+from .fashion import INPUT_SHAPE as FASHION_INPUT_SHAPE
+from .fashion import MEAN as FASHION_MEAN
+from .fashion import STD as FASHION_STD
+from .fashion import FashionVGG
 from .inputs import InputSpec, imagenet
 from . import usermodel
 from .usermodel import is_import_path
 
 MODEL_NAMES = ("digits_cnn", "alexnet", "vgg16_bn", "convnext_tiny", "efficientnet_lite0")
+MODEL_NAMES += ("fashion_vgg",)
 IMAGENET_INPUT_SHAPE = (3, 224, 224)
 _TORCHVISION_MODELS = ("alexnet", "vgg16_bn", "convnext_tiny")
 # A download that has not started within this many seconds is treated as offline, so that a
@@ -137,6 +142,8 @@ def input_spec(name):
         return InputSpec(DIGITS_INPUT_SHAPE, (0.0,), (1.0,), "stretch")
     if name == "efficientnet_lite0":  # its TensorFlow weights expect [-1, 1], not ImageNet's mean/std
         return InputSpec(IMAGENET_INPUT_SHAPE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "crop")
+    if name == "fashion_vgg":  # 28x28 grayscale, normalised by Fashion-MNIST's own pixel mean and std
+        return InputSpec(FASHION_INPUT_SHAPE, (FASHION_MEAN,), (FASHION_STD,), "stretch")
     return imagenet(IMAGENET_INPUT_SHAPE)
 
 
@@ -156,6 +163,8 @@ def _architecture(name):
         return DigitsCNN()
     if name == "efficientnet_lite0":
         return EfficientNetLite0()
+    if name == "fashion_vgg":
+        return FashionVGG()
     return getattr(import_torchvision().models, name)(weights=None)
 
 
@@ -249,6 +258,9 @@ def build_model(name, weights="none", seed=0):
         elif name == "efficientnet_lite0":
             path = efficientnet_lite0_weights_path()
             state, source = _load_file(path), path
+        elif name == "fashion_vgg":
+            from .fashion import shipped_state_dict as fashion_state_dict
+            state, source = fashion_state_dict(), "the shipped fashion_vgg weights"
         else:
             state, source = _torchvision_default_state_dict(name), f"torchvision {name} DEFAULT"
     else:

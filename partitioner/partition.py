@@ -12,8 +12,10 @@ import yaml
 
 from .cluster import (cdc_layout, cluster_neurons, lop_assignment, nmr_assignment, normalise_scores,
                       replicate_and_deal)
+from .cluster import rotated_parity, shuffled_groups
 from .errors import PartitionerError
 from .plan import METHODS, ParityPlan, Plan, StagePlan, assignment_summary, save_plan, sha256_file
+from .plan import FILLS
 from .runtime import build_shard, save_shard, weights_digest
 from .stages import StagedModel, param_bytes, trace_stages
 from . import usermodel
@@ -33,6 +35,16 @@ def default_calib_size(model: str) -> int:
     return 256 if model == "digits_cnn" else 16
 
 
+# Methods that cluster neurons by importance scores (random clusters them, then shuffles).
+SCORED_METHODS = ("robust", "random", "robust+cdc")
+
+
+def default_fill_calib_size(model: str) -> int:
+    # Mean outputs and BatchNorm statistics are averages over images and pixels: small images
+    # are cheap to take by the thousand; 224² photos are few here (scikit-image's ten, cropped).
+    return {"digits_cnn": 1024, "fashion_vgg": 2048}.get(model, 32)
+
+
 @dataclass(frozen=True)
 class PartitionRequest:
     model: str
@@ -50,6 +62,11 @@ class PartitionRequest:
     # Only for a user's own model (package.module:factory); see usermodel.py.
     input_shape: Optional[Tuple[int, int, int]] = None
     preprocess: Optional[str] = None
+    fill: str = "zero"
+    replication: Optional[float] = None     # --replication: neuron copies per neuron, whole plan
+    budget_mb: Optional[float] = None       # --budget-mb: parameters per device, MB (1e6 bytes)
+    fill_calib_size: Optional[int] = None
+    s3_mode: str = "auto"                   # --s3: exact ablations, quadratic estimate, or per stage
 
     def check(self) -> None:
         if self.devices < 1:
@@ -67,12 +84,32 @@ class PartitionRequest:
                 if value is not None:
                     raise PartitionerError(f"{option} is for your own --model package.module:factory; "
                                            f"{self.model} has its own input specification")
+        self.check_levers()
 
     def input_spec(self):
         from .models import input_spec
         if is_import_path(self.model):
             return usermodel.input_spec(self.model, self.input_shape, self.preprocess)
         return input_spec(self.model)
+
+    def check_levers(self) -> None:
+        if self.fill not in FILLS:
+            raise PartitionerError(f"--fill {self.fill!r} is not one of {', '.join(FILLS)}")
+        if self.method == "robust+cdc" and self.devices < 2:
+            raise PartitionerError("--method robust+cdc needs --devices >= 2 (parity rows live on another device)")
+        budgets = [b for b in (self.replication, self.budget_mb, self.threshold, self.thresholds) if b is not None]
+        if len(budgets) > 1:
+            raise PartitionerError("give one of --threshold, --thresholds, --replication and --budget-mb")
+        if (self.replication is not None or self.budget_mb is not None) and self.method not in SCORED_METHODS:
+            raise PartitionerError(f"--replication and --budget-mb choose thresholds: they need --method "
+                                   f"{', '.join(SCORED_METHODS)}, not {self.method}")
+        if self.replication is not None and not (1.0 <= self.replication <= self.devices):
+            raise PartitionerError(f"--replication must lie in 1..{self.devices} (copies per neuron), "
+                                   f"got {self.replication}")
+        if self.budget_mb is not None and not (self.budget_mb > 0 and math.isfinite(self.budget_mb)):
+            raise PartitionerError(f"--budget-mb must be a positive number, got {self.budget_mb}")
+        if self.fill_calib_size is not None and self.fill_calib_size < 2:
+            raise PartitionerError(f"--fill-calib-size must be >= 2, got {self.fill_calib_size}")
 
 
 def load_thresholds(path) -> Dict[str, float]:
@@ -113,17 +150,23 @@ def stage_thresholds(staged: StagedModel, request: PartitionRequest) -> Dict[str
 def plan_stages(staged: StagedModel, request: PartitionRequest,
                 scores: Optional[Mapping[str, np.ndarray]]) -> List[StagePlan]:
     n = request.devices
-    thresholds = stage_thresholds(staged, request) if request.method == "robust" else {}
+    thresholds = stage_thresholds(staged, request) if request.method in SCORED_METHODS else {}
     out = []
     for stage in staged.stages:
         c = stage.n_neurons
         parity = None
         threshold = groups = None
-        if request.method == "robust":
+        if request.method in SCORED_METHODS:
             threshold = thresholds[stage.name]
             clusters = cluster_neurons(normalise_scores(scores[stage.name]), threshold)
+            if request.method == "random":
+                clusters = shuffled_groups(clusters, request.seed + stage.index)
             assignment = replicate_and_deal(clusters, n)
             groups = len(clusters)
+            if request.method == "robust+cdc":
+                rp = rotated_parity(assignment, c)
+                if rp.members:
+                    parity = ParityPlan(rp.devices[0], rp.members, rp.devices)
         elif request.method == "lop":
             assignment = lop_assignment(c, n)
         elif request.method == "nmr":
@@ -140,10 +183,13 @@ def plan_stages(staged: StagedModel, request: PartitionRequest,
     return out
 
 
-def partition(request: PartitionRequest) -> Dict[str, object]:
-    """Run the whole offline half; returns the summary that `--json` prints."""
+def partition(request: PartitionRequest, scores: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, object]:
+    """Run the whole offline half; returns the summary that `--json` prints.
+
+    `scores`: raw scores already computed for this model, weights and request.scores (the DSE
+    partitions one model many times); None computes them.
+    """
     from .data import calibration_batch
-    from .architecture import encode
     from .models import build_model
     from .scores import compute_scores
 
@@ -151,20 +197,35 @@ def partition(request: PartitionRequest) -> Dict[str, object]:
     spec = request.input_spec()  # before building: a missing --input-shape fails fast
     model = build_model(request.model, weights=request.weights, seed=request.seed)
     staged = trace_stages(model)
-    scores = None
-    if request.method == "robust":
+    if request.method in SCORED_METHODS and scores is None:
         calib = None
         if any(s in request.scores for s in ("s2", "s3")):
             size = request.calib_size or default_calib_size(request.model)
             calib = calibration_batch(request.model, request.calib, n=size, seed=request.seed, spec=spec)
         stage_thresholds(staged, request)  # fail on a bad thresholds file before the long scoring
-        scores = compute_scores(staged, calib, list(request.scores), show_progress=request.show_progress)
+        scores = compute_scores(staged, calib, list(request.scores), show_progress=request.show_progress,
+                                s3_mode=request.s3_mode)
+    if request.replication is not None or request.budget_mb is not None:
+        from .budget import thresholds_for_budget
+        request = thresholds_for_budget(staged, request, scores)  # fixes per-layer thresholds
     stages = plan_stages(staged, request, scores)
+    return write_plan(model, staged, stages, request)
+
+
+def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request: PartitionRequest) -> Dict[str, object]:
+    """Fill tables, plan.json and one shard per device for `stages` of `model` in request.out.
+
+    Also how `finetune` writes a plan: the same stages, the fine-tuned weights.
+    """
+    from .architecture import encode
+
+    fill_spec, fill_tables = _fill(staged, stages, request)
     plan = Plan(
         model=request.model, weights=str(request.weights), seed=request.seed,
         weights_digest=weights_digest(model), devices=request.devices, method=request.method,
-        scores=tuple(request.scores) if request.method == "robust" else (), stages=tuple(stages),
-        input=spec, architecture=encode(model) if is_import_path(request.model) else None,
+        scores=tuple(request.scores) if request.method in SCORED_METHODS else (), stages=tuple(stages),
+        input=request.input_spec(), fill=fill_spec,
+        architecture=encode(model) if is_import_path(request.model) else None,
     )
     plan_hash = plan.compute_hash()
     out = Path(request.out)
@@ -172,7 +233,7 @@ def partition(request: PartitionRequest) -> Dict[str, object]:
     shard_records = {}
     per_device = []
     for d in range(request.devices):
-        shard = build_shard(staged, stages, d)
+        shard = build_shard(staged, stages, d, fill_tables, fill_spec.sets)
         per_device.append(param_bytes(shard["shared"]) + sum(
             param_bytes({k: v for k, v in e.items() if k != "ids"}) for e in shard["stages"].values()))
         path = save_shard(shard, plan_hash, d, out)
@@ -189,4 +250,23 @@ def partition(request: PartitionRequest) -> Dict[str, object]:
         "full_param_bytes": param_bytes(model.state_dict()),
         "per_device_param_bytes": per_device,
         "replication_factor": summary["replication_factor"],
+        "fill": request.fill,
+        "thresholds": {s.name: s.threshold for s in stages if s.threshold is not None},
     }
+
+
+def _fill(staged: StagedModel, stages: Sequence[StagePlan], request: PartitionRequest):
+    """The plan's fill spec and the shards' fill tensors (fill.py), from calibration data."""
+    from .data import calibration_batch
+    from .fill import compute_fill, failed_sets
+
+    if request.fill == "zero":
+        return compute_fill(staged, stages, None, "zero", request.devices)
+    from tqdm import tqdm
+
+    size = request.fill_calib_size or default_fill_calib_size(request.model)
+    calib = calibration_batch(request.model, request.calib, n=size, seed=request.seed + 1)
+    total = len(failed_sets(request.devices)) if request.fill == "mean+bn" else 0
+    with tqdm(total=total, desc="recalibrate BatchNorm per failed set", unit="set",
+              disable=not request.show_progress or not total, leave=False) as bar:
+        return compute_fill(staged, stages, calib, request.fill, request.devices, progress=bar.update)

@@ -23,8 +23,19 @@ from .errors import PlanError
 from .inputs import InputSpec
 
 PLAN_FORMAT = "robustdice-plan"
-PLAN_VERSION = 2  # 2: the input specification
+PLAN_VERSION = 3  # 2: the input specification; 3: the fill rule, parity rows on any device
+READABLE_VERSIONS = (2, 3)  # a version-2 plan is a version-3 plan with zero-fill and one parity device
 METHODS = ("robust", "lop", "nmr", "cdc")
+# Methods added for issue 13: `random` replicates like robust with importance-blind groups (the
+# control that shows what the scores earn); `robust+cdc` adds parity rows to robust's single
+# copies, so that any one lost device is recovered exactly.
+METHODS += ("random", "robust+cdc")
+# How a neuron that no surviving device delivers is filled (after its stage's followers):
+#   zero     the paper's zero-fill;
+#   mean     its expected output on calibration data, one value per neuron;
+#   mean+bn  mean, and BatchNorm statistics recalibrated offline for each set of failed devices
+#            (2^N - 2 of them), chosen by the frame's failed set (switchable BatchNorm).
+FILLS = ("zero", "mean", "mean+bn")
 PLAN_FILE = "plan.json"
 
 
@@ -32,6 +43,36 @@ PLAN_FILE = "plan.json"
 class ParityPlan:
     device: int
     members: Tuple[Tuple[int, ...], ...]   # row j sums these data neurons
+    # The device of each row when rows are spread over devices (robust+cdc); None: all on `device`.
+    row_devices: Optional[Tuple[int, ...]] = None
+
+    def row_device(self, j: int) -> int:
+        return self.device if self.row_devices is None else self.row_devices[j]
+
+    def rows_on(self, device: int) -> List[int]:
+        """Indices j of the parity rows that `device` computes."""
+        if self.row_devices is None:
+            return list(range(len(self.members))) if device == self.device else []
+        return [j for j, d in enumerate(self.row_devices) if d == device]
+
+
+@dataclass(frozen=True)
+class FillSpec:
+    """The fill rule of a plan (see FILLS); `sets` lists the failed sets that have recalibrated
+    BatchNorm statistics, in the order of the shards' `recal` rows (mean+bn only)."""
+
+    rule: str = "zero"
+    sets: Tuple[Tuple[int, ...], ...] = ()
+
+    def set_index(self, failed) -> Optional[int]:
+        """Row of the recalibrated statistics for the frame's failed set, None for the base ones."""
+        key = tuple(sorted(failed))
+        if not key or self.rule != "mean+bn":
+            return None
+        try:
+            return self.sets.index(key)
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -57,9 +98,30 @@ class StagePlan:
 
     def holders(self, device: int) -> List[int]:
         ids = list(self.assignment[device])
-        if self.parity is not None and self.parity.device == device:
-            ids += [self.neurons + j for j in range(len(self.parity.members))]
+        if self.parity is not None:
+            ids += [self.neurons + j for j in self.parity.rows_on(device)]
         return ids
+
+    def lost(self, failed) -> List[int]:
+        """Data neurons that no device outside `failed` delivers and parity cannot recover.
+
+        The same rule as runtime.recover_parity, on sets: a parity row whose device survived
+        recovers its one missing member. Pure, so that a plan's losses are known without torch.
+        """
+        failed = set(failed)
+        have = set()
+        for d, ids in enumerate(self.assignment):
+            if d not in failed:
+                have.update(ids)
+        lost = set(range(self.neurons)) - have
+        if self.parity is not None and lost:
+            for j, members in enumerate(self.parity.members):
+                if self.parity.row_device(j) in failed:
+                    continue
+                gone = [m for m in members if m in lost]
+                if len(gone) == 1:
+                    lost.discard(gone[0])
+        return sorted(lost)
 
 
 @dataclass(frozen=True)
@@ -73,6 +135,8 @@ class Plan:
     scores: Tuple[str, ...]
     stages: Tuple[StagePlan, ...]
     input: Optional[InputSpec] = None   # shape and preprocessing; nodes check inputs against it
+    fill: FillSpec = FillSpec()
+    version: int = PLAN_VERSION        # as read: a version-2 plan keeps hashing as it was written
     shards: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     plan_hash: str = ""
     # A user's own model (model "package.module:factory"): its traced graph (architecture.py),
@@ -80,9 +144,9 @@ class Plan:
     architecture: Optional[Mapping[str, Any]] = None
 
     def body(self) -> Dict[str, Any]:
-        return {
+        body = {
             "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
+            "version": self.version,
             "model": self.model,
             "weights": self.weights,
             "seed": self.seed,
@@ -95,6 +159,9 @@ class Plan:
             # Only when present, so that the built-in models' plans and hashes stay as they were.
             **({"architecture": self.architecture} if self.architecture is not None else {}),
         }
+        if self.fill != FillSpec():  # zero-fill plans carry no fill field
+            body["fill"] = {"rule": self.fill.rule, "sets": [list(f) for f in self.fill.sets]}
+        return body
 
     def compute_hash(self) -> str:
         canonical = json.dumps(self.body(), sort_keys=True, separators=(",", ":"))
@@ -131,6 +198,8 @@ def _stage_to_json(s: StagePlan) -> Dict[str, Any]:
     }
     if s.parity is not None:
         out["parity"] = {"device": s.parity.device, "members": [list(m) for m in s.parity.members]}
+        if s.parity.row_devices is not None:
+            out["parity"]["row_devices"] = list(s.parity.row_devices)
     if s.threshold is not None:
         out["threshold"] = s.threshold
     if s.groups is not None:
@@ -189,7 +258,14 @@ def _stage_from_json(data: Any, index: int, devices: int) -> StagePlan:
             raise PlanError(f"plan field stages[{index}].parity.device: {device} is not a device")
         members = tuple(_int_list(m, f"stages[{index}].parity.members[{j}]", neurons)
                         for j, m in enumerate(p.get("members", list)))
-        parity = ParityPlan(device, members)
+        row_devices = p.get("row_devices", list, optional=True)
+        if row_devices is not None:
+            if len(row_devices) != len(members) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and 0 <= v < devices for v in row_devices):
+                raise PlanError(f"plan field stages[{index}].parity.row_devices: expected one device "
+                                f"0..{devices - 1} per parity row ({len(members)})")
+            row_devices = tuple(row_devices)
+        parity = ParityPlan(device, members, row_devices)
     followers = r.get("followers", list)
     threshold = r.get("threshold", (int, float), optional=True)
     return StagePlan(
@@ -205,8 +281,9 @@ def plan_from_json(data: Any) -> Plan:
     if fmt != PLAN_FORMAT:
         raise PlanError(f"plan field format: {fmt!r} is not {PLAN_FORMAT!r}")
     version = r.get("version", int)
-    if version != PLAN_VERSION:
-        raise PlanError(f"plan field version: {version} is not supported (this build reads {PLAN_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise PlanError(f"plan field version: {version} is not supported "
+                        f"(this build reads {', '.join(map(str, READABLE_VERSIONS))})")
     devices = r.get("devices", int)
     if devices < 1:
         raise PlanError(f"plan field devices: {devices} must be >= 1")
@@ -215,16 +292,30 @@ def plan_from_json(data: Any) -> Plan:
         raise PlanError(f"plan field method: {method!r} is not one of {', '.join(METHODS)}")
     stages = tuple(_stage_from_json(s, i, devices) for i, s in enumerate(r.get("stages", list)))
     spec = InputSpec.from_json(r.get("input", dict))
+    fill = _fill_from_json(r.get("fill", dict, optional=True), devices)
     shards = {str(k): dict(v) for k, v in r.get("shards", dict).items() if isinstance(v, dict)}
     plan = Plan(
         model=r.get("model", str), weights=r.get("weights", str), seed=r.get("seed", int),
         weights_digest=r.get("weights_digest", str), devices=devices, method=method,
-        scores=tuple(r.get("scores", list)), stages=stages, input=spec, shards=shards,
+        scores=tuple(r.get("scores", list)), stages=stages, input=spec, fill=fill, version=version, shards=shards,
         plan_hash=r.get("plan_hash", str), architecture=r.get("architecture", dict, optional=True),
     )
     if plan.compute_hash() != plan.plan_hash:
         raise PlanError("plan.json is corrupt or was edited: its plan_hash does not match its content")
     return plan
+
+
+def _fill_from_json(data: Any, devices: int) -> FillSpec:
+    if data is None:
+        return FillSpec()
+    r = _Reader(data, "fill")
+    rule = r.get("rule", str)
+    if rule not in FILLS:
+        raise PlanError(f"plan field fill.rule: {rule!r} is not one of {', '.join(FILLS)}")
+    sets = []
+    for j, f in enumerate(r.get("sets", list)):
+        sets.append(_int_list(f, f"fill.sets[{j}]", devices))
+    return FillSpec(rule, tuple(sets))
 
 
 def plan_dir(path: Path) -> Path:

@@ -11,8 +11,10 @@ device needs) and its *shard* (for each stage, only the rows of its own neurons)
    On a node the mesh does this over the network; `assemble` does it in-process.
 3. `finish_stage` (pure): for cdc, every parity row with exactly one missing term recovers it
    by subtraction (CDC Eq. 2); then the followers run on the full tensor with full parameters.
-   Whatever is still missing is zero in the stage output, for every method: a lost neuron's
-   output is 0 after its followers, exactly as the paper's zero-fill.
+   Whatever is still missing is filled in the stage output, for every method, by the plan's
+   fill rule (plan.FILLS): 0 after its followers, exactly as the paper's zero-fill, or its
+   expected value; a mean+bn plan also swaps in BatchNorm statistics recalibrated for the
+   failed set (see DeviceRuntime and fill.py).
 
 `simulate(...)` applies this to every surviving device of a plan, so its result is exactly what
 the cluster computes for the same failed set; the node is tested against it.
@@ -46,25 +48,57 @@ def weights_digest(model: torch.nn.Module) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def shard_stage_entry(stage: Stage, stage_plan: StagePlan, device: int) -> Dict[str, torch.Tensor]:
-    """The tensors of one stage that `device` needs; rows follow `stage_plan.holders(device)`."""
+def shard_stage_entry(stage: Stage, stage_plan: StagePlan, device: int,
+                      fill: Optional[Mapping[str, torch.Tensor]] = None,
+                      recal_sets: Sequence[int] = ()) -> Dict[str, torch.Tensor]:
+    """The tensors of one stage that `device` needs; rows follow `stage_plan.holders(device)`.
+
+    A device may hold data rows and parity rows (robust+cdc): the parity rows' tensors then
+    sit under `parity.*` and compute_slice appends their outputs after the data rows'.
+    `fill` (see fill.py) holds this stage's fill values ("fill", every neuron: any device may
+    fill any lost neuron) and its recalibrated BatchNorm statistics ("f{j}.recal_mean" and
+    "f{j}.recal_var", one row per failed set listed in "recal_sets", indices into the plan's
+    fill sets); only the rows of sets in `recal_sets` (those this device survives) and the
+    channels it normalises are kept.
+    """
     after = stage_plan.followers_after_gather
     data_ids = list(stage_plan.assignment[device])
     entry = slice_params(stage, data_ids, with_followers=not after)
-    if stage_plan.parity is not None and stage_plan.parity.device == device:
-        par = parity_params(stage, stage_plan.parity.members)
-        if data_ids:  # a device holding data and parity rows concatenates them (not produced today)
-            raise PlanError(f"stage {stage.name}: device {device} holds both data and parity rows")
-        entry = par
+    rows = stage_plan.parity.rows_on(device) if stage_plan.parity is not None else []
+    if rows:
+        par = parity_params(stage, [stage_plan.parity.members[j] for j in rows])
+        if data_ids:
+            entry.update({f"parity.{k}": v for k, v in par.items()})
+        else:  # a parity-only device (cdc) keeps the layout plans had before robust+cdc
+            entry = par
     if after:
         entry.update(follower_params(stage))  # followers run on the full tensor: full parameters
+    if fill is not None:
+        if "fill" in fill:
+            entry["fill"] = fill["fill"].clone()
+        channels = None if after else torch.as_tensor(data_ids, dtype=torch.long)
+        survived = set(recal_sets)
+        pick = torch.as_tensor([r for r, g in enumerate(fill.get("recal_sets", torch.zeros(0)).tolist())
+                                if g in survived], dtype=torch.long)
+        if "recal_sets" in fill:
+            entry["recal_sets"] = fill["recal_sets"].index_select(0, pick).clone()
+        for key, table in fill.items():
+            if key.endswith((".recal_mean", ".recal_var")):
+                table = table.index_select(0, pick)
+                entry[key] = (table if channels is None else table.index_select(1, channels)).clone()
     entry["ids"] = torch.as_tensor(stage_plan.holders(device), dtype=torch.long)
     return entry
 
 
-def build_shard(staged: StagedModel, plan_stages: Sequence[StagePlan], device: int) -> Dict[str, object]:
+def build_shard(staged: StagedModel, plan_stages: Sequence[StagePlan], device: int,
+                fill: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None,
+                fill_sets: Sequence[Sequence[int]] = ()) -> Dict[str, object]:
+    """Device's shard; `fill` maps stage names to their fill tensors (see shard_stage_entry),
+    `fill_sets` lists the plan's failed sets (FillSpec.sets)."""
+    recal_sets = [j for j, f in enumerate(fill_sets) if device not in f]
     return {
-        "stages": {s.name: shard_stage_entry(s, sp, device) for s, sp in zip(staged.stages, plan_stages)},
+        "stages": {s.name: shard_stage_entry(s, sp, device, None if fill is None else fill.get(s.name), recal_sets)
+                   for s, sp in zip(staged.stages, plan_stages)},
         "shared": staged.shared_state(),
     }
 
@@ -155,27 +189,54 @@ def build_skeleton(plan: Plan, shared: Mapping[str, torch.Tensor]) -> StagedMode
 
 
 class DeviceRuntime:
-    """One device's view: the skeleton, its shard, and the plan."""
+    """One device's view: the skeleton, its shard, and the plan.
+
+    `failed` arguments are the devices known to have failed when a stage runs (for a slice,
+    those missing at the previous stage's gather; for `finish`, those missing at this one).
+    They choose the recalibrated BatchNorm statistics of a mean+bn plan, and nothing else.
+    """
 
     def __init__(self, plan: Plan, staged: StagedModel, shard: Mapping[str, object], device: int) -> None:
         self.plan = plan
         self.staged = staged
         self.device = device
         self.entries: List[Dict[str, torch.Tensor]] = [shard["stages"][s.name] for s in plan.stages]
+        # Per stage, the row of its recalibrated statistics for each failed set that has one.
+        self._recal_rows = [
+            {frozenset(plan.fill.sets[g]): r for r, g in enumerate(e["recal_sets"].tolist())}
+            if "recal_sets" in e and plan.fill.rule == "mean+bn" else {} for e in self.entries]
 
     def ids(self, i: int) -> torch.Tensor:
         return self.entries[i]["ids"]
 
-    def compute_slice(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def params(self, i: int, failed: Iterable[int] = ()) -> Mapping[str, torch.Tensor]:
+        """Stage i's tensors, with the BatchNorm statistics recalibrated for `failed` if any."""
+        entry = self.entries[i]
+        row = self._recal_rows[i].get(frozenset(failed))
+        if row is None:  # no failure, or one whose losses do not reach this stage
+            return entry
+        params = dict(entry)
+        for key in list(entry):
+            if key.endswith(".recal_mean"):
+                base = key[: -len(".recal_mean")]
+                params[f"{base}.running_mean"] = entry[key][row]
+                params[f"{base}.running_var"] = entry[f"{base}.recal_var"][row]
+        return params
+
+    def compute_slice(self, i: int, x: torch.Tensor, failed: Iterable[int] = ()) -> torch.Tensor:
         """This device's outputs of stage i, neuron-major, rows in `ids(i)` order."""
         stage, entry = self.staged.stages[i], self.entries[i]
         y = compute_linear(stage, entry, x)
+        if "parity.weight" in entry:  # data rows, then this device's parity rows
+            par = {k[len("parity."):]: v for k, v in entry.items() if k.startswith("parity.")}
+            y = torch.cat([y, compute_linear(stage, par, x)], dim=stage.channel_dim)
         if not self.plan.stages[i].followers_after_gather:
-            y = apply_followers(stage, entry, y)
+            y = apply_followers(stage, self.params(i, failed), y)
         return to_neuron_major(y, stage.channel_dim)
 
-    def finish(self, i: int, full: torch.Tensor, missing: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return finish_stage(self.staged.stages[i], self.plan.stages[i], full, missing, self.entries[i])
+    def finish(self, i: int, full: torch.Tensor, missing: torch.Tensor,
+               failed: Iterable[int] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
+        return finish_stage(self.staged.stages[i], self.plan.stages[i], full, missing, self.params(i, failed))
 
     def start(self, x: torch.Tensor) -> FrameRun:
         """A frame suspended at its first stage, with this device's slice computed."""
@@ -184,10 +245,18 @@ class DeviceRuntime:
     def run(self, x: torch.Tensor,
             gather: Callable[[int, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
             on_stage: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
-        """Run one input; `gather(i, ids, slice) -> (full neuron-major, missing mask)`."""
+        """Run one input; `gather(i, ids, slice) -> (full neuron-major, missing mask)`.
+
+        A gather may return a third value, the failed devices of that stage (see `finish`).
+        """
+        known: List[frozenset] = [frozenset()]
+
         def stage_fn(i: int, t: torch.Tensor) -> torch.Tensor:
-            full, missing = gather(i, self.ids(i), self.compute_slice(i, t))
-            out, zero_mask = self.finish(i, full, missing)
+            gathered = gather(i, self.ids(i), self.compute_slice(i, t, known[0]))
+            full, missing = gathered[0], gathered[1]
+            if len(gathered) > 2:
+                known[0] = frozenset(gathered[2])
+            out, zero_mask = self.finish(i, full, missing, known[0])
             if on_stage is not None:
                 on_stage(i, zero_mask)
             return out
@@ -208,17 +277,23 @@ class FrameRun:
         self.runtime = runtime
         self.zero_masks: List[torch.Tensor] = []
         self.logits: Optional[torch.Tensor] = None
+        self.failed: frozenset = frozenset()   # the devices missing at the last gather
         self._steps = runtime.staged.steps(x)
         self._enter(next(self._steps))
 
     def _enter(self, step: Tuple[int, torch.Tensor]) -> None:
         self.stage, stage_input = step
         self.ids = self.runtime.ids(self.stage)
-        self.slice = self.runtime.compute_slice(self.stage, stage_input)
+        self.slice = self.runtime.compute_slice(self.stage, stage_input, self.failed)
 
-    def advance(self, full: torch.Tensor, missing: torch.Tensor) -> bool:
-        """Finish the current stage from its gathered output; True when the frame is done."""
-        out, zero_mask = self.runtime.finish(self.stage, full, missing)
+    def advance(self, full: torch.Tensor, missing: torch.Tensor, failed: frozenset = frozenset()) -> bool:
+        """Finish the current stage from its gathered output; True when the frame is done.
+
+        `failed`: the devices whose slices did not arrive at this stage (a mean+bn plan picks
+        its BatchNorm statistics by it, here and for the next stage's slice).
+        """
+        self.failed = frozenset(failed)
+        out, zero_mask = self.runtime.finish(self.stage, full, missing, self.failed)
         self.zero_masks.append(zero_mask)
         try:
             self._enter(self._steps.send(out))
@@ -258,17 +333,26 @@ def recover_parity(stage_plan: StagePlan, full: torch.Tensor, missing: torch.Ten
 
 def finish_stage(stage: Stage, stage_plan: StagePlan, full: torch.Tensor, missing: torch.Tensor,
                  params: Mapping[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Assembled ids → the stage output (channel layout), and the mask of zero-filled neurons."""
+    """Assembled ids → the stage output (channel layout), and the mask of filled neurons.
+
+    A lost neuron's output after the followers is 0 (zero-fill), or `params["fill"]` where the
+    plan's fill rule gave one (its expected value).
+    """
     c = stage_plan.neurons
     missing = recover_parity(stage_plan, full, missing)
     zero_mask = missing[:c]
     y = from_neuron_major(full[:c], stage.channel_dim)
+    fill = params.get("fill")
     if stage_plan.followers_after_gather:
         y = apply_followers(stage, params, y)
-        if bool(zero_mask.any()):
-            y = to_neuron_major(y, stage.channel_dim).clone()
-            y[zero_mask] = 0
-            y = from_neuron_major(y, stage.channel_dim)
+    if bool(zero_mask.any()) and (stage_plan.followers_after_gather or fill is not None):
+        y = to_neuron_major(y, stage.channel_dim).clone()
+        lost = torch.nonzero(zero_mask).flatten()
+        if fill is None:
+            y[lost] = 0
+        else:
+            y[lost] = fill[lost].to(y.dtype).reshape((-1,) + (1,) * (y.dim() - 1)).expand_as(y[lost])
+        y = from_neuron_major(y, stage.channel_dim)
     return y, zero_mask
 
 
@@ -382,17 +466,22 @@ class Cluster:
     def simulate(self, x: torch.Tensor, failed: Iterable[int] = (),
                  zero_masks: Optional[Dict[int, torch.Tensor]] = None) -> torch.Tensor:
         """Logits the cluster computes for `x` when the devices in `failed` are down (float32 on
-        the CPU, whatever the cluster's device and dtype)."""
-        failed = set(failed)
+        the CPU, whatever the cluster's device and dtype).
+
+        Each stage runs as on the nodes: the slices are computed knowing the failed set of the
+        previous gather (none before the first), and finished knowing this stage's.
+        """
+        failed = frozenset(failed)
         alive = [d for d in self.devices if d.device not in failed]
         if not alive:
             raise PlanError("every device failed: nothing computes")
         plan = self.plan
 
         def stage_fn(i: int, t: torch.Tensor) -> torch.Tensor:
-            pieces = [(d.ids(i), d.compute_slice(i, t)) for d in alive]
+            known = failed if i > 0 else frozenset()
+            pieces = [(d.ids(i), d.compute_slice(i, t, known)) for d in alive]
             full, missing = assemble(plan.stages[i].total_ids, pieces)
-            out, zero_mask = alive[0].finish(i, full, missing)
+            out, zero_mask = alive[0].finish(i, full, missing, failed)
             if zero_masks is not None:
                 zero_masks[i] = zero_mask
             return out

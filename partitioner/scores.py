@@ -23,6 +23,7 @@ Scores are raw here; `cluster.normalise_scores` normalises them per layer.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -31,12 +32,41 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .errors import PartitionerError
+
+log = logging.getLogger(__name__)
 from .stages import Stage, StagedModel, StageCall, full_stage_output
 
 SCORE_NAMES = ("s1", "s2", "s3")
 
 # Elements of the largest tiled tensor per ablation chunk: bounds s3's memory (≈ 4 bytes each).
 ABLATION_BUDGET_ELEMENTS = 24_000_000
+
+
+S3_MODES = ("auto", "exact", "quadratic")
+
+
+def exact_s3_stages(model: StagedModel, calib: torch.Tensor, mode: str) -> List[int]:
+    """The stages whose s3 is computed by exact ablations; the others get the quadratic estimate.
+
+    auto: the cheapest stages first (those near the output: little to rerun), while the
+    ablations cost at most EXACT_S3_MAX_MACS in all. The estimate is least faithful exactly
+    there (zeroing a logit is no small change), and exact is cheapest there.
+    """
+    if mode not in S3_MODES:
+        raise PartitionerError(f"--s3 {mode!r} is not one of {', '.join(S3_MODES)}")
+    everything = [s.index for s in model.stages]
+    if mode == "exact":
+        return everything
+    if mode == "quadratic":
+        return []
+    costs = exact_s3_macs(model, calib)
+    chosen, spent = [], 0.0
+    for i in sorted(everything, key=lambda i: costs[i]):
+        if spent + costs[i] > EXACT_S3_MAX_MACS:
+            break
+        chosen.append(i)
+        spent += costs[i]
+    return sorted(chosen)
 
 
 def parse_scores(text: str) -> List[str]:
@@ -107,8 +137,12 @@ def _batch_dependent(graph: fx.Graph) -> set:
 
 
 def s3_scores(model: StagedModel, calib: torch.Tensor,
-              progress: Optional[Callable[[int], None]] = None) -> Dict[str, np.ndarray]:
-    """JSD of the output when each neuron's stage output is zeroed; see the module docstring."""
+              progress: Optional[Callable[[int], None]] = None,
+              only: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+    """JSD of the output when each neuron's stage output is zeroed; see the module docstring.
+
+    `only`: the indices of the stages to score (default all).
+    """
     graph = model.skeleton.graph
     nodes = list(graph.nodes)
     batch = calib.shape[0]
@@ -122,6 +156,8 @@ def s3_scores(model: StagedModel, calib: torch.Tensor,
                       and isinstance(model.skeleton.get_submodule(n.target), StageCall)}
         out: Dict[str, np.ndarray] = {}
         for stage in model.stages:
+            if only is not None and stage.index not in only:
+                continue
             node = call_nodes[f"_stage_{stage.index}"]
             position = nodes.index(node)
             later = nodes[position + 1:]
@@ -159,9 +195,80 @@ def s3_scores(model: StagedModel, calib: torch.Tensor,
     return out
 
 
+# s3 by its second-order expansion (see s3_quadratic_scores): the classes of highest probability
+# per image whose log-probability gradients are taken (the rest of the mass is left out).
+QUADRATIC_TOP_CLASSES = 10
+# --s3 auto: exact ablations while they cost at most this many multiply-accumulates in all.
+EXACT_S3_MAX_MACS = 2e11
+
+
+def s3_quadratic_scores(model: StagedModel, calib: torch.Tensor,
+                        top_classes: int = QUADRATIC_TOP_CLASSES) -> Dict[str, np.ndarray]:
+    """s3 to second order: no ablation runs, a few backward passes instead.
+
+    Zeroing neuron c (output a_c) changes every log-probability by, to first order,
+    Δ log p_y = -<∂ log p_y / ∂a_c, a_c>, and for small changes
+    JSD(p, q) ≈ (1/8) Σ_y (q_y - p_y)² / p_y = (1/8) Σ_y p_y (Δ log p_y)² nats.
+    One backward pass per rank r of the top classes gives, for every image and every neuron of
+    every stage at once, Δ log p of that image's r-th class; the sum over the top classes,
+    weighted by their probabilities, estimates the divergence, averaged over the batch as s3 is.
+    Costs about 2 × top_classes forward passes of the batch, whatever the number of neurons.
+    """
+    outputs: List[torch.Tensor] = [None] * len(model.stages)
+
+    def stage_fn(i: int, t: torch.Tensor) -> torch.Tensor:
+        y = full_stage_output(model.stages[i], t)
+        outputs[i] = y
+        return y
+
+    with torch.enable_grad():
+        logits = model.run(calib, stage_fn)
+        logp = F.log_softmax(logits.reshape(logits.shape[0], -1).double(), dim=1)
+        k = min(top_classes, logp.shape[1])
+        top_p, top_y = logp.detach().exp().topk(k, dim=1)
+        total = [torch.zeros(s.n_neurons, dtype=torch.float64) for s in model.stages]
+        for r in range(k):
+            objective = logp.gather(1, top_y[:, r:r + 1]).sum()
+            grads = torch.autograd.grad(objective, outputs, retain_graph=r < k - 1, allow_unused=True)
+            for i, (stage, g, a) in enumerate(zip(model.stages, grads, outputs)):
+                if g is None:
+                    continue
+                cd = stage.channel_dim % a.dim()
+                dims = [d for d in range(a.dim()) if d not in (0, cd)]
+                change = (g * a.detach()).double()
+                change = change.sum(dim=dims) if dims else change   # (batch, neurons)
+                if cd != 1 and change.dim() == 2 and change.shape[1] != stage.n_neurons:
+                    change = change.t()
+                total[i] += (top_p[:, r:r + 1] * change ** 2).mean(0)
+    return {s.name: (total[i] / (8 * np.log(2.0))).numpy() for i, s in enumerate(model.stages)}
+
+
+def exact_s3_macs(model: StagedModel, calib: torch.Tensor) -> List[float]:
+    """Per stage, the multiply-accumulates of exact s3: each neuron's ablation reruns what
+    follows its stage (the Conv2d and Linear layers; the rest is cheap beside them)."""
+    macs: List[float] = []
+
+    def stage_fn(i: int, t: torch.Tensor) -> torch.Tensor:
+        y = full_stage_output(model.stages[i], t)
+        mod = model.stages[i].module
+        per = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1] \
+            if model.stages[i].kind == "conv" else mod.in_features
+        macs.append(float(y[:1].numel()) * per)
+        return y
+
+    with torch.inference_mode():
+        model.run(calib[:1], stage_fn)
+    after = [sum(macs[i + 1:]) for i in range(len(macs))]
+    return [float(calib.shape[0]) * s.n_neurons * a for s, a in zip(model.stages, after)]
+
+
 def compute_scores(model: StagedModel, calib: Optional[torch.Tensor], names: Sequence[str],
-                   show_progress: bool = True) -> Dict[str, np.ndarray]:
-    """Raw scores per stage name, shape (neurons, len(names)), columns in `names` order."""
+                   show_progress: bool = True, s3_mode: str = "exact") -> Dict[str, np.ndarray]:
+    """Raw scores per stage name, shape (neurons, len(names)), columns in `names` order.
+
+    s3_mode: "exact" ablations, "quadratic" (s3_quadratic_scores), or "auto": exact unless it
+    would cost more than EXACT_S3_MAX_MACS.
+    """
     from tqdm import tqdm
 
     needs_data = any(s in names for s in ("s2", "s3"))
@@ -173,8 +280,13 @@ def compute_scores(model: StagedModel, calib: Optional[torch.Tensor], names: Seq
     if "s2" in names:
         columns["s2"] = s2_scores(model, calib)
     if "s3" in names:
-        total = sum(s.n_neurons for s in model.stages)
-        with tqdm(total=total, desc="s3 ablations", unit="neuron", disable=not show_progress,
+        exact = exact_s3_stages(model, calib, s3_mode)
+        if len(exact) < len(model.stages):
+            log.info("s3: exact ablations for %d of %d stages, the quadratic estimate for the others",
+                     len(exact), len(model.stages))
+        columns["s3"] = s3_quadratic_scores(model, calib) if len(exact) < len(model.stages) else {}
+        total = sum(model.stages[i].n_neurons for i in exact)
+        with tqdm(total=total, desc="s3 ablations", unit="neuron", disable=not show_progress or not total,
                   leave=False) as bar:
-            columns["s3"] = s3_scores(model, calib, progress=bar.update)
+            columns["s3"].update(s3_scores(model, calib, progress=bar.update, only=exact))
     return {s.name: np.stack([columns[c][s.name] for c in names], axis=1) for s in model.stages}

@@ -281,6 +281,14 @@ class Cluster:
                 if i != j:
                     self.nodes[i].wait_for(lambda l, j=j: l.get("event") in ("joined", "rejoined") and l["peer"] == j,
                                            timeout_s)
+        # Joined is "we hear it"; a node counts a peer in a frame only once a heartbeat of the
+        # peer says it hears us too. Before that, a heartbeat still on its way may say the peer
+        # cannot hear a frame's origin, and the origin's gather rightly releases it.
+        deadline = time.monotonic() + timeout_s
+        for i in ids:
+            while not all(self.nodes[i].status()["peers"][j]["hears_us"] for j in ids if j != i):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{i} is not heard back by all of {ids}: {self.nodes[i].status()['peers']}")
 
     def gathers(self, ids: Sequence[str], timeout_s: float = 60, **cmd) -> Dict[str, List[dict]]:
         for i in ids:

@@ -41,8 +41,16 @@ def pair(request, tmp_path):
     a = Mesh(config, "a", "P", on_event=events.append)
     b = Mesh(config, "b", "P")
     with a, b:
-        pump([a, b], lambda: a.membership.is_alive("b") and b.membership.is_alive("a"))
+        pump([a, b], lambda: linked(a, b))
         yield a, b, events
+
+
+def linked(a, b) -> bool:
+    """Both hear each other, and each has a heartbeat of the other saying so: what a node waits
+    for before it counts a peer in a frame. Before that, a heartbeat still on its way may say
+    the peer cannot hear the frame's origin, and a gather there rightly releases it."""
+    now = time.monotonic()
+    return a.membership.hears_us(b.self_id, now) and b.membership.hears_us(a.self_id, now)
 
 
 def test_gather_and_application_messages(pair):
@@ -120,7 +128,7 @@ def test_a_peer_busy_with_the_frame_is_waited_for_past_the_sync_timeout(tmp_path
     its slice is waited for even after sync_timeout_ms, and used when it comes."""
     config = load_peers(mp.make_config(tmp_path, ["a", "b"], sync_timeout_ms=150))
     with Mesh(config, "a", "P") as a, Mesh(config, "b", "P") as b:
-        pump([a, b], lambda: a.membership.is_alive("b") and b.membership.is_alive("a"))
+        pump([a, b], lambda: linked(a, b))
         frame = wire.frame_id(0, 1)
         b.progress_source = lambda: ({frame: 0}, {"a": frame})   # b has the input, sent nothing yet
         a.begin_gather(frame, 0, SliceData(np.array([0]), np.ones((1, 2), np.float32)), {"b": np.array([1])}, 2)

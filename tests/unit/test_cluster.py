@@ -149,3 +149,43 @@ def test_cdc_layout_data_is_contiguous_and_parity_sums_rows(n_neurons, n_devices
 def test_invalid_inputs_raise(call):
     with pytest.raises(ValueError):
         call()
+
+
+# --- robust+cdc's rotated parity and random's shuffled groups ----------------------------------
+
+from robustdice.partitioner.cluster import rotated_parity, shuffled_groups  # noqa: E402
+
+
+@pytest.mark.parametrize("n_devices,t", [(2, 0.3), (3, 0.2), (4, 0.1), (4, 10.0), (5, 0.15)])
+def test_rotated_parity_covers_every_single_copy_once_and_recovers_any_one_device(n_devices, t):
+    f = _features(n=61, seed=n_devices)
+    assignment = replicate_and_deal(cluster_neurons(f, t), n_devices)
+    copies = Counter(n for ids in assignment for n in ids)
+    rp = rotated_parity(assignment, len(f))
+    singles = sorted(n for n, c in copies.items() if c == 1)
+    assert sorted(m for row in rp.members for m in row) == singles
+    owner = {n: d for d, ids in enumerate(assignment) for n in ids if copies[n] == 1}
+    for row, device in zip(rp.members, rp.devices):
+        devices = [owner[m] for m in row]
+        assert len(set(devices)) == len(devices) and device not in devices
+    for failed in range(n_devices):  # every lost single copy sits in a row whose parity survives
+        for row, device in zip(rp.members, rp.devices):
+            if any(owner[m] == failed for m in row):
+                assert device != failed
+    if len(singles) >= n_devices * (n_devices - 1):  # parity rows spread like RAID 5's
+        per_device = Counter(rp.devices)
+        assert max(per_device.values()) - min(per_device.values()) <= 1
+
+
+def test_rotated_parity_of_full_replication_is_empty():
+    rp = rotated_parity(nmr_assignment(7, 3), 7)
+    assert rp.members == () and rp.devices == ()
+
+
+def test_shuffled_groups_keep_sizes_and_order_and_change_members():
+    groups = cluster_neurons(_features(n=50), 0.3)
+    shuffled = shuffled_groups(groups, seed=3)
+    assert [len(g) for g in shuffled] == [len(g) for g in groups]
+    assert _is_partition(shuffled, 50)
+    assert shuffled != groups
+    assert shuffled_groups(groups, seed=3) == shuffled

@@ -181,3 +181,43 @@ def test_compute_scores_stacks_columns_in_requested_order():
         np.testing.assert_allclose(both[stage.name][:, 0], s1_scores(stage))
     with pytest.raises(PartitionerError, match="calibration"):
         compute_scores(staged, None, ["s2"], show_progress=False)
+
+
+# --- s3's second-order estimate (--s3 quadratic / auto) -------------------------------------------
+
+def _digits_staged_and_batch():
+    from robustdice.partitioner.data import calibration_batch
+    from robustdice.partitioner.models import build_model
+    return trace_stages(build_model("digits_cnn", "DEFAULT")), calibration_batch("digits_cnn", n=128)
+
+
+def test_quadratic_s3_ranks_neurons_like_the_exact_ablations_where_each_matters_little():
+    from scipy.stats import spearmanr
+
+    from robustdice.partitioner.scores import s3_quadratic_scores
+    staged, calib = _digits_staged_and_batch()
+    exact = s3_scores(staged, calib)
+    estimate = s3_quadratic_scores(staged, calib)
+    for name in ("features.7", "classifier.2"):  # 128 and 64 neurons: each ablation is a small change
+        assert spearmanr(exact[name], estimate[name]).correlation > 0.95, name
+        ratio = np.median(estimate[name] / np.maximum(exact[name], 1e-12))
+        assert 0.3 < ratio < 1.5, (name, ratio)
+
+
+def test_auto_runs_exact_ablations_on_the_cheapest_stages_within_the_budget(monkeypatch):
+    from robustdice.partitioner import scores
+    staged, calib = _digits_staged_and_batch()
+    costs = scores.exact_s3_macs(staged, calib)
+    assert costs[-1] == 0 and costs[0] == max(costs)  # the last stage has nothing after it
+    assert scores.exact_s3_stages(staged, calib, "auto") == list(range(len(costs)))  # digits: all cheap
+    monkeypatch.setattr(scores, "EXACT_S3_MAX_MACS", sorted(costs)[2] + sorted(costs)[1] + 1)
+    chosen = scores.exact_s3_stages(staged, calib, "auto")
+    assert sorted(costs[i] for i in chosen) == sorted(costs)[:3]
+    mixed = scores.compute_scores(staged, calib, ["s3"], show_progress=False, s3_mode="auto")
+    exact = s3_scores(staged, calib, only=chosen)
+    for i in chosen:
+        name = staged.stages[i].name
+        np.testing.assert_allclose(mixed[name][:, 0], exact[name])
+    assert scores.exact_s3_stages(staged, calib, "quadratic") == []
+    with pytest.raises(PartitionerError, match="--s3"):
+        scores.exact_s3_stages(staged, calib, "fast")

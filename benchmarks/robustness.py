@@ -1,0 +1,208 @@
+"""Robustness benchmark: accuracy kept under failures, per method, fill rule and fine-tuning.
+
+    python benchmarks/robustness.py [--models digits_cnn,fashion_vgg,efficientnet_lite0]
+        [--limit K] [--finetune-epochs E] [--no-finetune] [--json]
+        [--out benchmarks/results/robustness.json]
+
+Setting: N = 4 devices, every set of k = 0..3 failed devices, each plan simulated exactly
+(Cluster.simulate, what the nodes are tested against). Per model, scored once (s1+s2+s3; s3
+exact where its ablations are cheap, its second-order estimate elsewhere):
+  lop, cdc                      with each fill (zero, mean, mean+bn)
+  nmr                           zero fill (nothing is ever lost)
+  robust t=0.1                  the paper's method at the default threshold, each fill
+  robust, random, robust+cdc    at a per-device budget of BUDGET_RATIO x NMR's per-device
+                                parameters (thresholds per layer, budget.py), each fill
+  fine-tuned (models whose training data is here): robust and robust+cdc at the budget,
+                                mean+bn fill, `finetune` under the plan's own failure masks
+Figures: per-device parameters (the fullest device) and their ratio to NMR's, replication
+(copies per neuron, parity rows included), and per k the mean (min-max) over failed sets of
+top-1 accuracy on the model's evaluation split (digits: 360 test images; fashion_vgg: the 10k
+Fashion-MNIST test images) or, for efficientnet_lite0, top-1 agreement with its own no-failure
+prediction on scikit-image's photos and crops (unlabelled). Retention = accuracy / accuracy
+with no failure. Also writes a Pareto PNG per model (per-device memory against the mean at 1
+and 2 failed) next to the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from robustdice.partitioner.data import calibration_batch
+from robustdice.partitioner.dse import plot_pareto, point
+from robustdice.partitioner.evaluate import evaluate_plan
+from robustdice.partitioner.finetune import finetune, training_data
+from robustdice.partitioner.errors import PartitionerError
+from robustdice.partitioner.models import build_model
+from robustdice.partitioner.partition import (DEFAULT_SCORES, PartitionRequest, default_calib_size,
+                                              partition)
+from robustdice.partitioner.scores import compute_scores
+from robustdice.partitioner.stages import trace_stages
+
+from _results import write_result
+
+DEVICES = 4
+BUDGET_RATIO = 0.5
+SWEEP_RATIOS = (0.35, 0.65)
+FILLS = ("zero", "mean", "mean+bn")
+THREADS = 2
+DEFAULT_MODELS = ("digits_cnn", "fashion_vgg", "efficientnet_lite0")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "robustness.json"
+# The issue's targets: retention at k = 1, 2, 3 failed (None: no target at that k).
+TARGETS = {"fashion_vgg": (0.95, 0.85, 0.60), "digits_cnn": (0.95, 0.85, None),
+           "efficientnet_lite0": (0.90, None, None)}
+
+
+def configurations(model: str, finetune_here: bool, fills=FILLS, sweep=True, methods=("robust", "random", "robust+cdc")):
+    """(name, method, fill, budget ratio or None, fine-tuned) of every row of the table."""
+    rows = [("nmr/zero", "nmr", "zero", None, False)]   # first: the others' memory is measured against it
+    rows += [(f"lop/{f}", "lop", f, None, False) for f in fills]
+    rows += [(f"cdc/{f}", "cdc", f, None, False) for f in fills]
+    rows += [(f"robust-t0.1/{f}", "robust", f, None, False) for f in fills]
+    for method in methods:
+        rows += [(f"{method}@{BUDGET_RATIO:g}/{f}", method, f, BUDGET_RATIO, False) for f in fills]
+    if finetune_here:
+        rows += [(f"{m}@{BUDGET_RATIO:g}/mean+bn/finetuned", m, "mean+bn", BUDGET_RATIO, True)
+                 for m in ("robust", "robust+cdc")]
+    # Budget sweep for the Pareto plot (not in the table): other budgets, the mean+bn fill.
+    for method in ("robust", "robust+cdc") if sweep else ():
+        rows += [(f"{method}@{r:g}/mean+bn", method, "mean+bn", r, False) for r in SWEEP_RATIOS]
+    return rows
+
+
+def per_model(text, cast):
+    """'8' (every model) or 'fashion_vgg=2000,efficientnet_lite0=40' -> {model or '*': value}."""
+    out = {}
+    for part in (text or "").split(","):
+        if part.strip():
+            key, _, value = part.rpartition("=")
+            out[key.strip() or "*"] = cast(value)
+    return out
+
+
+def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bool, log, fills=FILLS,
+              sweep=True, methods=("robust", "random", "robust+cdc")) -> dict:
+    started = time.perf_counter()
+    staged = trace_stages(build_model(model, "DEFAULT"))
+    calib = calibration_batch(model, n=default_calib_size(model), seed=0)
+    scores = compute_scores(staged, calib, list(DEFAULT_SCORES), show_progress=False, s3_mode="auto")
+    try:
+        training_data(model)
+        finetune_here = allow_finetune
+    except PartitionerError:
+        finetune_here = False
+    rows = []
+    nmr_bytes = None
+    plans = {}
+    for name, method, fill, ratio, tuned in configurations(model, finetune_here, fills, sweep, methods):
+        out = root / model / name.replace("/", "_").replace("@", "_at_")
+        if tuned:
+            base = plans[(method, fill, ratio)]
+            summary = finetune(base, out, epochs=finetune_epochs, progress=False)
+            log(f"  fine-tuned {name}: no-failure test accuracy {100 * summary['test_accuracy_before']:.2f}% -> "
+                f"{100 * summary['test_accuracy_after']:.2f}%")
+        else:
+            budget = {} if ratio is None else {"budget_mb": ratio * nmr_bytes / 1e6}
+            request = PartitionRequest(model=model, devices=DEVICES, method=method, out=out, fill=fill,
+                                       show_progress=False, **budget)
+            try:
+                partition(request, scores=scores if method in ("robust", "random", "robust+cdc") else None)
+            except PartitionerError as exc:  # a sweep budget below what the method needs at least
+                log(f"  {name}: skipped ({exc})")
+                continue
+            plans[(method, fill, ratio)] = out
+        result = evaluate_plan(out, None, limit)
+        if method == "nmr":
+            nmr_bytes = float(max(result["per_device_param_bytes"]))
+        label = name.rsplit("/", 1)[0] if not tuned else name.replace("/mean+bn/", " ")
+        if ratio is not None and not tuned:
+            label = f"{method} (budget)"
+        row = point(result, nmr_bytes, name=name, finetuned=tuned, budget_ratio=ratio, label=label,
+                    in_table=ratio in (None, BUDGET_RATIO))
+        base_acc = row["by_failed"]["0"]["mean"]
+        row["retention"] = {k: (b["mean"] / base_acc if base_acc else None) for k, b in row["by_failed"].items()}
+        if tuned:
+            row["test_accuracy_before_finetune"] = summary["test_accuracy_before"]
+            row["test_accuracy_after_finetune"] = summary["test_accuracy_after"]
+        rows.append(row)
+        log(f"  {format_row(row)}")
+    return {"model": model, "devices": DEVICES, "samples": result["samples"], "metric": result["metric"],
+            "data": result["data"], "nmr_per_device_mb": nmr_bytes / 1e6, "rows": rows,
+            "targets": TARGETS.get(model), "limit": limit, "finetune_epochs": finetune_epochs,
+            "elapsed_s": round(time.perf_counter() - started, 1)}
+
+
+def format_row(row: dict) -> str:
+    cells = [f"{k}: {100 * b['mean']:5.1f} ({100 * b['min']:.1f}-{100 * b['max']:.1f})"
+             for k, b in sorted(row["by_failed"].items())]
+    return (f"{row['name']:<34} mem {row['memory_ratio']:.2f} of nmr ({row['per_device_mb']:.3f} MB), "
+            f"rep {row['replication']:.2f} | " + " | ".join(cells))
+
+
+def plot(result: dict, folder: Path) -> Path:
+    """The Pareto PNG of one model: the mean+bn rows (and nmr) by per-device memory."""
+    sweep = {"model": result["model"], "devices": DEVICES, "fill": "mean+bn",
+             "nmr_per_device_mb": result["nmr_per_device_mb"],
+             "points": [r for r in result["rows"] if r["fill"] == "mean+bn" or r["method"] == "nmr"]}
+    return plot_pareto(sweep, Path(folder) / f"robustness_{result['model']}.png")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--limit", help="evaluate on at most this many images: K, or per model "
+                        "fashion_vgg=2000,efficientnet_lite0=40")
+    parser.add_argument("--finetune-epochs", help="epochs of finetune: E or per model (default: finetune's own)")
+    parser.add_argument("--fills", default=",".join(FILLS), help="fill rules of the table")
+    parser.add_argument("--methods", default="robust,random,robust+cdc", help="methods at the budget")
+    parser.add_argument("--no-sweep", action="store_true", help="no extra budgets for the Pareto plot")
+    parser.add_argument("--no-finetune", action="store_true")
+    parser.add_argument("--workdir", type=Path, help="keep the plans here (default: a temporary folder)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other models' results already in --out (run models one at a time)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNGs from --out")
+    args = parser.parse_args(argv)
+    if args.replot:
+        import json
+        for result in json.loads(args.out.read_text())["models"].values():
+            print(f"wrote {plot(result, args.out.parent)}")
+        return 0
+    torch.set_num_threads(THREADS)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+
+    def log(text):
+        print(text, file=sys.stderr, flush=True)
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="robustness_") as tmp:
+        root = args.workdir or Path(tmp)
+        for model in models:
+            log(f"{model}:")
+            limits, epochs = per_model(args.limit, int), per_model(args.finetune_epochs, int)
+            results[model] = run_model(model, root, limits.get(model, limits.get("*")),
+                                       epochs.get(model, epochs.get("*")), not args.no_finetune, log,
+                                       fills=tuple(f for f in args.fills.split(",") if f),
+                                       sweep=not args.no_sweep,
+                                       methods=tuple(m for m in args.methods.split(",") if m))
+            results[model]["pareto_png"] = plot(results[model], args.out.parent).name
+    for model, r in results.items():
+        print(f"\n{model} over {DEVICES} devices: {r['metric']} on {r['data']}, mean (min-max) per k failed")
+        for row in r["rows"]:
+            if row["in_table"]:
+                print("  " + format_row(row))
+    if args.update and args.out.exists():
+        import json
+        results = {**json.loads(args.out.read_text()).get("models", {}), **results}
+    write_result({"devices": DEVICES, "budget_ratio": BUDGET_RATIO, "threads": THREADS, "models": results},
+                 args.out, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""`robustdice finetune`: teach a network the failures its plan will see.
+
+A plan fixes, for every set F of failed devices, which neurons of which stage are lost (after
+parity recovery). Fine-tuning draws such an F for every batch (none with probability
+NO_FAILURE_SHARE, otherwise k = 1..N-1 uniformly, then a set of k devices uniformly), fills
+the lost neurons of every stage as the plan's fill rule does (zero, or the batch's own mean of
+that neuron, which is the expected value a mean fill stands in for), and trains on labels.
+BatchNorm normalises each batch with its own statistics, so the network learns under the
+statistics a mean+bn plan recalibrates per failed set. At the end the BatchNorm running
+statistics are measured anew with no failure over the training images (they were averaged over
+failed sets during training), so the plain network stays what it was, and the plan is written
+again with the same stages: same neurons on the same devices, the fine-tuned weights, and its
+fill tables recomputed.
+
+Only models whose training data is here can be fine-tuned: digits_cnn and fashion_vgg.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PartitionerError
+
+NO_FAILURE_SHARE = 0.25
+DEFAULT_EPOCHS = {"digits_cnn": 40, "fashion_vgg": 4}
+DEFAULT_LR = {"digits_cnn": 1e-3, "fashion_vgg": 5e-4}
+BATCH_SIZE = 128
+# Images for the final no-failure BatchNorm statistics: enough for stable averages.
+RESTAT_IMAGES = 20_000
+WEIGHTS_FILE = "weights.pt"
+
+
+def training_data(model: str):
+    """(train images, train labels, test images, test labels) of a model that has them here."""
+    if model == "digits_cnn":
+        from .digits import digits_split
+        s = digits_split()
+        return s.train_images, s.train_labels, s.test_images, s.test_labels
+    if model == "fashion_vgg":
+        from .fashion import fashion_split
+        s = fashion_split()
+        return s.train_images, s.train_labels, s.test_images, s.test_labels
+    raise PartitionerError(f"finetune needs {model}'s training data, which is not here; "
+                           "digits_cnn and fashion_vgg can be fine-tuned")
+
+
+def draw_failed(devices: int, rng: random.Random):
+    """A failed set: none with probability NO_FAILURE_SHARE, else k uniform in 1..N-1, then a set."""
+    if devices < 2 or rng.random() < NO_FAILURE_SHARE:
+        return ()
+    k = rng.randint(1, devices - 1)
+    return tuple(sorted(rng.sample(range(devices), k)))
+
+
+def _masked_train_forward(staged, losses, fill_rule: str, x):
+    """The model in train mode with each stage's lost neurons filled (see the module docstring)."""
+    from .stages import full_stage_output
+
+    def stage_fn(i: int, t: torch.Tensor) -> torch.Tensor:
+        stage = staged.stages[i]
+        y = full_stage_output(stage, t)
+        lost = losses[i]
+        if not bool(lost.any()):
+            return y
+        cd = stage.channel_dim % y.dim()
+        shape = [1] * y.dim()
+        shape[cd] = -1
+        lost_f = lost.to(y.dtype).reshape(shape)
+        if fill_rule == "zero":
+            return y * (1 - lost_f)
+        dims = [d for d in range(y.dim()) if d != cd]
+        mean = y.detach().mean(dim=dims).reshape(shape)
+        return y * (1 - lost_f) + mean * lost_f
+
+    return staged.run(x, stage_fn)
+
+
+@torch.no_grad()
+def _restat_batchnorm(model: nn.Module, images: torch.Tensor, batch: int = 500) -> None:
+    """Running statistics measured anew, with no failure, as cumulative averages over `images`."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    model.train()
+    for start in range(0, len(images), batch):
+        model(images[start:start + batch])
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.eval()
+
+
+def finetune(plan_dir, out, epochs: Optional[int] = None, lr: Optional[float] = None, seed: int = 0,
+             fill: Optional[str] = None, progress: bool = True) -> Dict[str, object]:
+    """Fine-tune the plan's model under its failure masks; write the new plan to `out`."""
+    from tqdm import tqdm
+
+    from .digits import accuracy
+    from .evaluate import plan_weights
+    from .fill import lost_masks
+    from .models import build_model
+    from .partition import PartitionRequest, write_plan
+    from .plan import FILLS, load_plan
+    from .runtime import weights_digest
+    from .stages import trace_stages
+
+    plan = load_plan(plan_dir)
+    fill = fill or plan.fill.rule
+    if fill not in FILLS:
+        raise PartitionerError(f"--fill {fill!r} is not one of {', '.join(FILLS)}")
+    train_x, train_y, test_x, test_y = training_data(plan.model)
+    epochs = DEFAULT_EPOCHS.get(plan.model, 4) if epochs is None else epochs
+    lr = DEFAULT_LR.get(plan.model, 5e-4) if lr is None else lr
+    if epochs < 1:
+        raise PartitionerError(f"--epochs must be >= 1, got {epochs}")
+    if not lr > 0:
+        raise PartitionerError(f"--lr must be > 0, got {lr}")
+    model = build_model(plan.model, weights=plan_weights(plan, plan_dir), seed=plan.seed)
+    if weights_digest(model) != plan.weights_digest:
+        raise PartitionerError(f"the weights {plan.weights!r} differ from those plan {plan_dir} was made from")
+    before = accuracy(model, test_x, test_y)
+    staged = trace_stages(model)   # shares its modules with `model`: training one trains the other
+    sets = [()] + [f for k in range(1, plan.devices) for f in itertools.combinations(range(plan.devices), k)]
+    losses = {f: lost_masks(plan.stages, f) for f in sets}
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = -(-len(train_y) // BATCH_SIZE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    augment = None
+    if plan.model == "fashion_vgg":
+        from .fashion import augment
+    with tqdm(total=epochs * steps_per_epoch, desc=f"finetune {plan.model} under {plan.method} failures",
+              unit="batch", disable=not progress) as bar:
+        for _ in range(epochs):
+            model.train()
+            staged.skeleton.train()
+            order = torch.randperm(len(train_y), generator=generator)
+            for start in range(0, len(order), BATCH_SIZE):
+                batch = order[start:start + BATCH_SIZE]
+                x = train_x[batch]
+                if augment is not None:
+                    x = augment(x, generator)
+                failed = draw_failed(plan.devices, rng)
+                optimizer.zero_grad()
+                logits = _masked_train_forward(staged, losses[failed], fill, x)
+                loss = F.cross_entropy(logits, train_y[batch])
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                bar.update()
+    pick = torch.randperm(len(train_y), generator=generator)[:RESTAT_IMAGES]
+    _restat_batchnorm(model, train_x[pick])
+    after = accuracy(model, test_x, test_y)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights_file = out / WEIGHTS_FILE
+    torch.save(model.state_dict(), weights_file)
+    # The plan names its weights relative to its own folder, so that the folder can move.
+    request = PartitionRequest(model=plan.model, devices=plan.devices, method=plan.method, out=out,
+                               scores=plan.scores, weights=WEIGHTS_FILE, seed=plan.seed,
+                               show_progress=progress, fill=fill)
+    staged = trace_stages(model.eval())
+    summary = write_plan(model, staged, list(plan.stages), request)
+    summary.update({"finetuned_from": str(plan_dir), "epochs": epochs, "lr": lr,
+                    "test_accuracy_before": before, "test_accuracy_after": after})
+    return summary
