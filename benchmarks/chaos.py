@@ -18,7 +18,8 @@ Per scenario: frames sent/answered/errors; p50/p99 latency before, during, after
 frame submitted after the heal and its latency over the p50 before; when frames run on every
 node again (reintegrated_after_ms) and how many frames after that were still zero-filled;
 deaths (false ones for loss and oneway); answers that claim less zero-fill than some node had
-for that frame ("divergent"); for cut, when each side heard the other again; for restart, the
+for that frame ("divergent", stricter: rows nobody used count too) and answers that claim to be
+whole yet differ from the no-failure model ("silent", the check); for cut, when each side heard the other again; for restart, the
 frames n3 answered alone; for refused, the errors naming the plan mismatch.
 The last stdout line is the JSON object (with --json).
 """
@@ -31,6 +32,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from robustdice.node.phases import divergent_answers, silent_divergence
+from robustdice.partitioner.runtime import Cluster
 
 from _results import write_result
 
@@ -46,34 +51,12 @@ def lat(records):
     return [r["meta"]["latency_ms"] for r in records if r["meta"] and "latency_ms" in r["meta"]]
 
 
-def divergent(records, views, plan):
-    """Answers whose per-stage zero-fill is below what some node logged for that frame."""
-    logged = {}
-    for v in views:
-        for frame, stage, n in v.get("zero_log", []):
-            logged[(frame, stage)] = max(logged.get((frame, stage), 0), n)
-    names = [s.name for s in plan.stages]
-    neurons = [s.neurons for s in plan.stages]
-    bad = 0
-    for r in records:
-        meta = r["meta"]
-        if not meta or "zero_filled" not in meta:
-            continue
-        frame = r.get("frame")
-        for i, name in enumerate(names):
-            claimed = round(meta["zero_filled"].get(name, 0.0) * neurons[i])
-            if claimed < logged.get((frame, i), 0):
-                bad += 1
-                break
-    return bad
-
-
 def events_of(views, kinds, peer=None, after=0.0):
     return [(v["node"], e) for v in views if not v.get("unreachable") for e in v.get("events", [])
             if e["kind"] in kinds and (peer is None or e["peer"] == peer) and e["wall_s"] >= after]
 
 
-def run_scenario(name, plan, other_plan, images, args):
+def run_scenario(name, plan, other_plan, images, expected, args):
     from robustdice.node.client import CameraStream
     from robustdice.node.localcluster import LocalCluster
     from robustdice.node.netlab import NetnsLab
@@ -147,7 +130,11 @@ def run_scenario(name, plan, other_plan, images, args):
     out["deaths"] = len(deaths)
     if name in ("loss",):
         out["false_deaths"] = len(deaths)
-    out["divergent_answers"] = divergent(recs, views, _plan_of(plan))
+    # The check: an answer that says it is whole must equal the no-failure model. The stricter
+    # figure beside it also counts zero-fills logged anywhere for the frame, whether or not the
+    # answer used those rows (a node cut off mid-frame fills rows nobody receives).
+    out["silent_divergence"] = len(silent_divergence(recs, expected))
+    out["divergent_answers"] = len(divergent_answers(recs, views, _plan_of(plan)))
     if name == "cut":
         up = heal_s
         peers_hear = [e["wall_s"] - up for node, e in events_of(views, ("rejoined", "reachable"), "n3", up)]
@@ -205,9 +192,10 @@ def main(argv=None) -> int:
         other = str(Path(tmp) / "other")
         partition(PartitionRequest("digits_cnn", 4, "robust", Path(plan), show_progress=False))
         partition(PartitionRequest("digits_cnn", 4, "lop", Path(other), show_progress=False))
+        expected = Cluster(plan).simulate(torch.from_numpy(images)).numpy()
         for name in scenarios:
             print(f"chaos: {name} ...", file=sys.stderr)
-            r = run_scenario(name, plan, other, images, args)
+            r = run_scenario(name, plan, other, images, expected, args)
             result["scenarios"][name] = r
             print(f"chaos: {name}: {r}", file=sys.stderr)
     print(format_table(result["scenarios"]))
@@ -220,7 +208,7 @@ def format_table(rows) -> str:
             ("p50_during_ms", "p50 during"), ("p99_during_ms", "p99 during"), ("p50_after_ms", "p50 after"),
             ("first_after_heal_over_before", "first after/before"), ("reintegrated_after_ms", "whole after ms"),
             ("zero_filled_after_reintegration", "zero-filled after"), ("deaths", "deaths"),
-            ("divergent_answers", "divergent")]
+            ("silent_divergence", "silent"), ("divergent_answers", "divergent")]
     head = f"{'scenario':<9}" + "".join(f"{label:>18}" for _, label in cols)
     lines = [head, "-" * len(head)]
     for name, r in rows.items():

@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     single_rss = int(single["rss_bytes"])
     result = {
         "model": MODEL, "method": "robust", "scores": list(scores), "devices": DEVICES, "threads_per_node": 1,
-        "workers_per_node": cluster.workers, "frames": args.frames, "rate_fps": args.rate,
+        "frames": args.frames, "rate_fps": args.rate,
         "kill": {"device": VICTIM, "frame": kill_at},
         "restart": None if args.restart_at is None else {"device": VICTIM, "frame": args.restart_at},
         "frames_submitted": report["frames_submitted"], "frames_answered": report["frames_answered"],

@@ -33,6 +33,14 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+# Address resolution retried every 250 ms instead of Linux's 1 s: after a cable is out for
+# longer than an ARP entry lives, the first SYN of a reconnect waits for the next ARP probe, so
+# this, not ZeroMQ, bounded how soon a healed link carried traffic (1.0-1.1 s, measured by
+# benchmarks/chaos.py's cut). The Ansible role sets the same on the boards
+# (deploy/roles/robustdice_node/files/60-robustdice.conf); the lab models what is deployed.
+NEIGH_RETRANS_MS = 250
+
+
 class NetnsLab:
     TABLE = "rdlab"
 
@@ -90,6 +98,7 @@ class NetnsLab:
             _run("ip", "link", "add", self.bridge, "type", "bridge")
             _run("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
             _run("ip", "link", "set", self.bridge, "up")
+            _run("sysctl", "-qw", f"net.ipv4.neigh.{self.bridge}.retrans_time_ms={NEIGH_RETRANS_MS}")
             for d in range(self.nodes):
                 ns = self.netns(d)
                 _run("ip", "netns", "add", ns)
@@ -98,6 +107,7 @@ class NetnsLab:
                 _run("ip", "link", "set", self.veth(d), "up")
                 self._in(d, "ip", "addr", "add", f"{self.host(d)}/24", "dev", "eth0")
                 self._in(d, "ip", "link", "set", "eth0", "up")
+                self._in(d, "sysctl", "-qw", f"net.ipv4.neigh.eth0.retrans_time_ms={NEIGH_RETRANS_MS}")
                 self._in(d, "ip", "link", "set", "lo", "up")
                 self._in(d, "nft", "add", "table", "inet", self.TABLE)
                 for chain, hook in (("out", "output"), ("in", "input")):

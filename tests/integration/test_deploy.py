@@ -104,6 +104,8 @@ def test_play_lays_out_each_board_and_is_idempotent(deployed):
         unit = boards / node / "etc" / "systemd" / "system"
         assert (unit / "robustdice-node.service").read_text() == (REPO / "systemd" / "robustdice-node.service").read_text()
         assert "ROBUSTDICE_THREADS=0" in (unit / "robustdice-node.service.d" / "10-deploy.conf").read_text()
+        sysctl = boards / node / "etc" / "sysctl.d" / "60-robustdice.conf"
+        assert "net.ipv4.neigh.default.retrans_time_ms = 250" in sysctl.read_text()
     assert (boards / "n0" / "etc/robustdice/peers.yaml").read_text() == (boards / "n1" / "etc/robustdice/peers.yaml").read_text()
 
 
