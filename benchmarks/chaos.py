@@ -134,7 +134,16 @@ def run_scenario(name, plan, other_plan, images, expected, args):
     # figure beside it also counts zero-fills logged anywhere for the frame, whether or not the
     # answer used those rows (a node cut off mid-frame fills rows nobody receives).
     out["silent_divergence"] = len(silent_divergence(recs, expected))
-    out["divergent_answers"] = len(divergent_answers(recs, views, _plan_of(plan)))
+    divergent = divergent_answers(recs, views, _plan_of(plan))
+    out["divergent_answers"] = len(divergent)
+    # Which nodes logged what the answer did not claim, and what the answer ran on: to read.
+    logged_by = {(f, s): [v["node"] for v in views for lf, ls, n in v.get("zero_log", []) if (lf, ls) == (f, s) and n]
+                 for f, s in {(d[0], [st.name for st in _plan_of(plan).stages].index(d[1])) for d in divergent}}
+    participants = {r.get("frame"): (r["meta"] or {}).get("participants") for r in recs}
+    out["divergent_detail"] = [
+        {"frame": f, "stage": name, "claimed": c, "logged": n, "participants": participants.get(f),
+         "logged_by": logged_by.get((f, [st.name for st in _plan_of(plan).stages].index(name)))}
+        for f, name, c, n in divergent[:10]]
     if name == "cut":
         up = heal_s
         peers_hear = [e["wall_s"] - up for node, e in events_of(views, ("rejoined", "reachable"), "n3", up)]

@@ -66,6 +66,10 @@ def test_four_origins_no_failure_nothing_zero_filled_and_exact(digits_plan, digi
         for c in clients:
             c.join(150)
         sync_ms = cluster.config.sync_timeout_ms
+    latencies = [r["meta"].get("latency_ms", 0.0) for c in clients for r in c.records]
+    if latencies:  # figures for the record (-rP)
+        print(f"4 origins x 4 in flight: {len(latencies)} answers, latency p50 {np.median(latencies):.1f} ms, "
+              f"max {max(latencies):.1f} ms (limit {sync_ms / 2:.0f})")
     for c in clients:
         assert c.error is None, c.error
         assert len(c.records) == FRAMES_PER_CLIENT and len(c.answers) == FRAMES_PER_CLIENT, (c.node, len(c.answers))
