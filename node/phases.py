@@ -170,23 +170,30 @@ def silent_divergence(records: Iterable[Mapping[str, Any]], expected_logits: Seq
 
 def divergent_answers(records: Iterable[Mapping[str, Any]], views: Sequence[Mapping[str, Any]], plan
                       ) -> List[Tuple[int, str, int, int]]:
-    """Answers that claim fewer zero-filled neurons at a stage than some node logged for that
-    frame, whether or not that node's rows reached the answer: (frame, stage name, claimed,
-    logged). Stricter than what an answer rests on (a zero-fill whose rows nobody used, or one
-    in a node's own last stage, changes no answer), so it is a figure to read beside
-    `silent_divergence`, which is the check. `records` carry the answer's frame id ("frame")
-    and meta; `views` are the nodes' status with {"zero_log": true}."""
-    logged: Dict[Tuple[int, int], int] = {}
+    """Answers that claim fewer zero-filled neurons at a stage than one of the nodes that computed
+    them (the answer's `participants`) logged for that frame, whether or not that node's rows of
+    the stage reached the answer: (frame, stage name, claimed, logged). Stricter than what an
+    answer rests on (a zero-fill whose rows nobody used, or one in a node's own last stage,
+    changes no answer), so it is a figure to read beside `silent_divergence`, which is the check.
+    A node outside the participants computed nothing the answer used: a node cut off mid-frame
+    fills its peers' rows of the frames it holds, and nothing it computes after reaches the
+    origin, which can neither know of it nor be changed by it. `records` carry the answer's frame
+    id ("frame") and meta; `views` are the nodes' status with {"zero_log": true} (and "node")."""
+    logged: Dict[Tuple[int, int], Dict[Optional[str], int]] = {}
     for v in views:
         for frame, stage, n in v.get("zero_log", []):
-            logged[(frame, stage)] = max(logged.get((frame, stage), 0), n)
+            by_node = logged.setdefault((frame, stage), {})
+            by_node[v.get("node")] = max(by_node.get(v.get("node"), 0), n)
     out = []
     for r in records:
         meta = r.get("meta")
         if not meta or "zero_filled" not in meta:
             continue
+        computed_by = meta.get("participants")
         for i, stage in enumerate(plan.stages):
             claimed = round(meta["zero_filled"].get(stage.name, 0.0) * stage.neurons)
-            if claimed < logged.get((r.get("frame"), i), 0):
-                out.append((r.get("frame"), stage.name, claimed, logged[(r.get("frame"), i)]))
+            worst = max((n for node, n in logged.get((r.get("frame"), i), {}).items()
+                         if computed_by is None or node in computed_by), default=0)
+            if claimed < worst:
+                out.append((r.get("frame"), stage.name, claimed, worst))
     return out

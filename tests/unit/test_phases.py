@@ -96,3 +96,15 @@ def test_divergent_answers_flags_an_answer_that_claims_less_zero_fill_than_a_nod
     understated = {"frame": 8, "meta": {"zero_filled": {"a": 0.0, "b": 0.25}}}
     assert divergent_answers([honest, understated], views, _Plan()) == [(8, "b", 1, 2)]
     assert divergent_answers([{"frame": 7, "meta": {"error": "x"}}], views, _Plan()) == []
+
+
+def test_divergent_answers_count_only_the_nodes_that_computed_the_answer():
+    """A node outside the answer's participants (cut off mid-frame) zero-filled its copy of the
+    frame; nothing it computed reached the answer. A participant's zero-fill still counts."""
+    views = [{"node": "n0", "zero_log": [[7, 1, 1]]}, {"node": "n3", "zero_log": [[7, 0, 9], [7, 1, 4]]}]
+    answer = {"frame": 7, "meta": {"zero_filled": {"a": 0.0, "b": 0.25}, "participants": ["n0", "n1"]}}
+    assert divergent_answers([answer], views, _Plan()) == []
+    answer["meta"]["participants"] = ["n0", "n3"]
+    assert divergent_answers([answer], views, _Plan()) == [(7, "a", 0, 9), (7, "b", 1, 4)]
+    understated = {"frame": 7, "meta": {"zero_filled": {"a": 0.0, "b": 0.0}, "participants": ["n0", "n1"]}}
+    assert divergent_answers([understated], views, _Plan()) == [(7, "b", 0, 1)]
