@@ -86,8 +86,10 @@ def check_heal(records, healed_s, views, cluster, expected, within_s=1.0):
     assert all(r["meta"]["zero_filled_fraction"] == 0 for r in later), [r["meta"] for r in later
                                                                        if r["meta"]["zero_filled_fraction"]][:2]
     assert silent_divergence(records, expected) == []
-    # Stricter: no node zero-filled more of a frame than its answer says, used by it or not.
-    # Measured, not required (a node's own last stage changes nobody's answer); chaos.py reports it.
+    # Stricter: no node that computed an answer zero-filled more of its frame than the answer
+    # says, whether the answer used those rows or not. Measured, not required: a participant may
+    # zero-fill its own copy of a stage whose next rows the origin holds itself (and so never
+    # receives), which changes no answer; chaos.py reports the figure.
     divergent_answers(records, views, cluster.plan)
 
 
