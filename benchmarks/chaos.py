@@ -18,7 +18,7 @@ Per scenario: frames sent/answered/errors; p50/p99 latency before, during, after
 frame submitted after the heal and its latency over the p50 before; when frames run on every
 node again (reintegrated_after_ms) and how many frames after that were still zero-filled;
 deaths (false ones for loss and oneway); answers that claim less zero-fill than some node had
-for that frame ("divergent", stricter: rows nobody used count too) and answers that claim to be
+for that frame ("divergent", stricter: a participant's rows nobody used count too) and answers that claim to be
 whole yet differ from the no-failure model ("silent", the check); for cut, when each side heard the other again; for restart, the
 frames n3 answered alone; for refused, the errors naming the plan mismatch.
 The last stdout line is the JSON object (with --json).
@@ -131,18 +131,18 @@ def run_scenario(name, plan, other_plan, images, expected, args):
     if name in ("loss",):
         out["false_deaths"] = len(deaths)
     # The check: an answer that says it is whole must equal the no-failure model. The stricter
-    # figure beside it also counts zero-fills logged anywhere for the frame, whether or not the
-    # answer used those rows (a node cut off mid-frame fills rows nobody receives).
+    # figure beside it counts any participant's zero-fill of the frame, whether or not the answer
+    # used those rows (see phases.divergent_answers).
     out["silent_divergence"] = len(silent_divergence(recs, expected))
+    stage_names = [st.name for st in _plan_of(plan).stages]
     divergent = divergent_answers(recs, views, _plan_of(plan))
     out["divergent_answers"] = len(divergent)
     # Which nodes logged what the answer did not claim, and what the answer ran on: to read.
-    logged_by = {(f, s): [v["node"] for v in views for lf, ls, n in v.get("zero_log", []) if (lf, ls) == (f, s) and n]
-                 for f, s in {(d[0], [st.name for st in _plan_of(plan).stages].index(d[1])) for d in divergent}}
     participants = {r.get("frame"): (r["meta"] or {}).get("participants") for r in recs}
     out["divergent_detail"] = [
         {"frame": f, "stage": name, "claimed": c, "logged": n, "participants": participants.get(f),
-         "logged_by": logged_by.get((f, [st.name for st in _plan_of(plan).stages].index(name)))}
+         "logged_by": [v["node"] for v in views for lf, ls, z in v.get("zero_log", [])
+                       if (lf, ls) == (f, stage_names.index(name)) and z]}
         for f, name, c, n in divergent[:10]]
     if name == "cut":
         up = heal_s

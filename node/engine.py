@@ -56,6 +56,7 @@ class Engine:
         self.torch = torch
         self.plan = load_plan(plan_dir)
         self.device = device
+        self.others = frozenset(range(self.plan.devices)) - {device}   # all missing, for `alone` frames
         self.compute = torch.device(compute_device)
         self.cuda = self.compute.type == "cuda"
         self.dtype = getattr(torch, dtype)
@@ -145,17 +146,16 @@ class Engine:
         stage = run.stage
         # The devices whose slices did not come: a mean+bn plan picks its BatchNorm statistics
         # by them, here and for the next stage's slice, as Cluster.simulate does.
-        if run.advance(full, missing, frozenset(header.get("failed", ()))):
+        if run.advance(full, missing, header.get("failed", ())):
             return self._done_result(frame, run, {stage: int(run.zero_masks[-1].sum())}, start)
         return self._slice_result(frame, run, int(run.zero_masks[-1].sum()), start)
 
     def _alone(self, frame: int, x, start: float) -> ipc.Item:
         """Every stage here: the peers' rows are absent, which the assembly zero-fills."""
         run = self.runtime.start(x)
-        others = frozenset(range(self.runtime.plan.devices)) - {self.device}
         while True:
             full, missing = self.assembler.assemble(run.stage, {self.device: run.slice})
-            if run.advance(full, missing, others):
+            if run.advance(full, missing, self.others):
                 break
         self.compute_ms[frame] = 0.0
         zero = {i: int(m.sum()) for i, m in enumerate(run.zero_masks)}

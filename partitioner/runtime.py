@@ -286,7 +286,7 @@ class FrameRun:
         self.ids = self.runtime.ids(self.stage)
         self.slice = self.runtime.compute_slice(self.stage, stage_input, self.failed)
 
-    def advance(self, full: torch.Tensor, missing: torch.Tensor, failed: frozenset = frozenset()) -> bool:
+    def advance(self, full: torch.Tensor, missing: torch.Tensor, failed: Iterable[int] = ()) -> bool:
         """Finish the current stage from its gathered output; True when the frame is done.
 
         `failed`: the devices whose slices did not arrive at this stage (a mean+bn plan picks
