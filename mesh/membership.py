@@ -263,7 +263,8 @@ class Membership:
     def participants(self, now_s: float) -> FrozenSet[str]:
         """Who a frame submitted now runs on: us and the largest set of connected peers in which
         every two hear each other (ties go to the lower device indices, by peers.yaml order)."""
-        candidates = [p for p in self.order if p in self.connected(now_s)]
+        connected = self.connected(now_s)   # once: a node asks this every housekeeping pass
+        candidates = [p for p in self.order if p in connected]
         heard = {p: self._hears(self._peers[p], now_s) for p in candidates}
 
         def mutual(a: str, b: str) -> bool:

@@ -52,14 +52,14 @@ from .keys import load_own_keys
 from .membership import Membership, MembershipEvent, PeerState, Report
 from .ratelog import RateLimitedLog
 from .transport import (CLIENT_DOMAIN, MESH_DOMAIN, ZapHandler, ZapPolicy, curve_client, curve_server,
-                        link_options, make_pull, make_push)
+                        link_options, make_pull, make_push, send_parts)
 
 log = logging.getLogger(__name__)
 
 # Messages handled per `process` call, so that a flood cannot starve heartbeats and timeouts.
 MAX_DRAIN_PER_PROCESS = 2000
 MAX_APP_MESSAGES = 10000
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)   # plain ints: pyzmq's enum arithmetic costs
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)   # plain ints: pyzmq's enum arithmetic costs
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
@@ -371,7 +371,7 @@ class Mesh:
     # ------------------------------------------------------------ sending
     def _send_frames(self, peer_id: str, frames) -> bool:
         try:
-            self._push[peer_id].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            send_parts(self._push[peer_id], frames, _NOBLOCK)
             ok = True
         except zmq.Again:  # not connected (IMMEDIATE) or queue full: never block on a peer
             self.counters["send_dropped"] += 1
@@ -449,13 +449,19 @@ class Mesh:
         returns how many messages were queued."""
         sent = 0
         outbox, self._outbox = self._outbox, {}
+        # Usually every peer is sent the same slices: each distinct batch is encoded once.
+        encoded: Dict[Tuple[int, ...], Tuple[wire.Slices, list, int]] = {}
         for peer, pieces in outbox.items():
             for batch in self._batches(pieces):
-                msg = wire.Slices(tuple(batch), self.self_id, self.incarnation)
-                frames = wire.encode(msg)
+                key = tuple(map(id, batch))   # the pieces stay alive in `outbox` meanwhile
+                if key not in encoded:
+                    msg = wire.Slices(tuple(batch), self.self_id, self.incarnation)
+                    frames = wire.encode(msg)
+                    encoded[key] = (msg, frames, sum(memoryview(f).nbytes for f in frames))
+                msg, frames, nbytes = encoded[key]
                 if self._fits(msg, frames, 1) and self._send_frames(peer, frames):
                     sent += 1
-                    self.counters["slice_bytes_sent"] += sum(memoryview(f).nbytes for f in frames)
+                    self.counters["slice_bytes_sent"] += nbytes
         return sent
 
     def _batches(self, pieces: List[wire.Slice]) -> Iterable[List[wire.Slice]]:

@@ -47,6 +47,7 @@ from robustdice.mesh.membership import EventKind, PeerState
 from robustdice.mesh.mesh import Mesh
 from robustdice.mesh.poller import ReadyPoller
 from robustdice.mesh.ratelog import RateLimitedLog
+from robustdice.mesh.transport import send_parts
 
 from . import ipc
 from .config import NodeConfig, load_node_config
@@ -68,7 +69,7 @@ EVENT_HISTORY = 100
 ZERO_LOG = 4000
 TELEMETRY_REFRESH_S = 1.0        # process-tree RSS and power are read at most this often
 HOUSEKEEPING_S = 0.01            # start-up, engine health, expiry and the status line: this often
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 class Handler:
@@ -320,7 +321,7 @@ class Handler:
         if self.engine_outstanding == 0:
             self.engine_quiet_since_s = now
         self.engine_outstanding += len(items)
-        self.engine.send_multipart(ipc.pack(ipc.WORK, items), copy=False)
+        send_parts(self.engine, ipc.pack(ipc.WORK, items))
 
     def _gathered_item(self, f: Frame, result: GatherResult) -> ipc.Item:
         pieces = [p for p in result.pieces if p.neuron_ids.size]
@@ -547,7 +548,7 @@ class Handler:
             return
         frames = wire.encode(wire.with_sender(msg, self.me.id, self.mesh.incarnation))
         try:
-            self.client.send_multipart([identity] + frames, zmq.NOBLOCK, copy=False)
+            send_parts(self.client, [identity] + frames, _NOBLOCK)
         except zmq.ZMQError:
             self.counters["client_reply_dropped"] += 1
 
