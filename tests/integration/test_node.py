@@ -92,6 +92,14 @@ def test_no_failure_alexnet_three_nodes_matches_plain_model(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_engine_runs_below_the_handler_cpu_priority(digits_cluster):
+    """Compute must not delay the mesh: on a shared core the handler goes first."""
+    from robustdice.node.engine import ENGINE_NICE
+    for d in range(len(digits_cluster.ids)):
+        children = nh.node_children(digits_cluster, d)
+        assert children["engine"].nice() - children["handler"].nice() == ENGINE_NICE
+
+
 def test_status_cli_json_shows_every_node(digits_cluster):
     cluster = digits_cluster
     x = np.zeros((1,) + tuple(input_shape("digits_cnn")), dtype=np.float32)
