@@ -314,13 +314,33 @@ def _uint(header: dict, key: str, upper: int = MAX_FRAME_ID) -> int:
     return value
 
 
+# Descriptors already found valid, by (dtype, shape): a node sees the same few shapes in every
+# frame, and checking one costs more than the rest of a slice's decoding. Bounded: a sender
+# cycling through shapes only empties it.
+_VALID_DESCRIPTORS: Dict[Tuple[str, Tuple[int, ...]], Tuple[np.dtype, Tuple[int, ...], int]] = {}
+_VALID_DESCRIPTORS_MAX = 256
+
+
 def _descriptor(desc: Any) -> Tuple[np.dtype, Tuple[int, ...], int]:
     if not isinstance(desc, dict):
         raise WireError("garbage", f"tensor descriptor is {_short(desc)}")
-    name = desc.get("dtype")
+    name, shape = desc.get("dtype"), desc.get("shape")
+    if type(name) is str and type(shape) is list and all(type(d) is int for d in shape):
+        key = (name, tuple(shape))
+        known = _VALID_DESCRIPTORS.get(key)
+        if known is not None:
+            return known
+        known = _check_descriptor(name, shape)
+        if len(_VALID_DESCRIPTORS) >= _VALID_DESCRIPTORS_MAX:
+            _VALID_DESCRIPTORS.clear()
+        _VALID_DESCRIPTORS[key] = known
+        return known
+    return _check_descriptor(name, shape)
+
+
+def _check_descriptor(name: Any, shape: Any) -> Tuple[np.dtype, Tuple[int, ...], int]:
     if not isinstance(name, str) or name not in ALLOWED_DTYPES:
         raise WireError("bad_dtype", f"dtype {_short(name)} is not allowed")
-    shape = desc.get("shape")
     if (not isinstance(shape, list) or len(shape) > MAX_NDIM
             or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)):
         raise WireError("bad_shape", f"shape {_short(shape)} is not a list of at most {MAX_NDIM} sizes in 0..{MAX_DIM}")
