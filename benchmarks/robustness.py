@@ -35,6 +35,7 @@ from typing import List
 
 import torch
 
+from robustdice.partitioner.cli import positive_int
 from robustdice.partitioner.data import calibration_batch
 from robustdice.partitioner.dse import plot_pareto, point
 from robustdice.partitioner.evaluate import evaluate_plan
@@ -165,16 +166,6 @@ def over_seeds(results: List[dict]) -> dict:
                                      for d in range(len(results[0]["per_device_param_bytes"]))]
     out["seeds"] = len(results)
     return out
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def format_row(row: dict) -> str:
