@@ -39,7 +39,7 @@ demo: venv
 	done
 	$(VENV)/bin/robustdice evaluate --plan $(DEMO_OUT)/robust --plan $(DEMO_OUT)/lop --plan $(DEMO_OUT)/cdc \
 		--plan $(DEMO_OUT)/nmr --plot $(DEMO_OUT)/accuracy.png
-	$(VENV)/bin/robustdice cluster --plan $(DEMO_OUT)/robust --frames 1000 --rate 50 --kill 2@150 --restart 2@400 \
+	$(VENV)/bin/robustdice cluster --plan $(DEMO_OUT)/robust --frames 400 --rate 20 --kill 2@60 --restart 2@160 \
 		--workdir $(DEMO_OUT)/cluster --plot $(DEMO_OUT)/timeline.png
 
 # The network lab's tests (network namespaces with nftables faults) need nft: install it when

@@ -76,7 +76,7 @@ def register(sub) -> None:
     c = sub.add_parser("cluster", help="run one node per device on loopback, stream frames, inject failures")
     c.add_argument("--plan", required=True, type=Path, help="plan folder; one node per device")
     c.add_argument("--frames", type=positive_int, default=500, help="frames to stream (default %(default)s)")
-    c.add_argument("--rate", type=float, default=50.0, help="frames per second, like a camera (default %(default)s)")
+    c.add_argument("--rate", type=float, default=20.0, help="frames per second, like a camera (default %(default)s)")
     c.add_argument("--kill", action="append", default=[], metavar="D@FRAME",
                    help="SIGKILL device D's node when the stream reaches FRAME (repeatable)")
     c.add_argument("--restart", action="append", default=[], metavar="D@FRAME",

@@ -87,7 +87,8 @@ def test_scraped_metrics_show_frames_and_membership_move(tmp_path_factory):
         assert get(after, "robustdice_answer_zero_filled_fraction_bucket", le="0.0") == 3
         assert get(after, "robustdice_engine_busy_seconds_total") > get(before, "robustdice_engine_busy_seconds_total")
         # n1 computed its slices of the same three frames: its own metrics count them
-        assert get(scrape(cluster.metrics_url(1)), "robustdice_frames_done_total") >= 3
+        scraped_when(cluster.metrics_url(1), lambda f: (get(f, "robustdice_frames_done_total") or 0) >= 3,
+                     "n1's metrics to count its slices of the three frames")
 
         cluster.kill(1)
         dead = scraped_when(url, n1_is("dead"), "n0's metrics to show n1 dead")
