@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 # Messages handled per `process` call, so that a flood cannot starve heartbeats and timeouts.
 MAX_DRAIN_PER_PROCESS = 2000
 MAX_APP_MESSAGES = 10000
+# Drops that a healthy cluster makes all the time, counted but logged at DEBUG: with replicated
+# neurons a gather completes on the first copy of each, so every later copy is a late replica.
+ROUTINE_DROPS = frozenset({LATE_REPLICA})
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)   # plain ints: pyzmq's enum arithmetic costs
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -365,7 +368,8 @@ class Mesh:
 
     def _drop(self, reason: str, now_s: float, n: int = 1, detail: str = "") -> None:
         self.counters[reason] += n
-        self._ratelog.log(f"drop:{reason}", logging.WARNING, now_s, "%s: dropped %d message(s) as %s (%s)",
+        level = logging.DEBUG if reason in ROUTINE_DROPS else logging.WARNING
+        self._ratelog.log(f"drop:{reason}", level, now_s, "%s: dropped %d message(s) as %s (%s)",
                           self.self_id, n, reason, detail[:200])
 
     # ------------------------------------------------------------ sending

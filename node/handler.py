@@ -350,10 +350,14 @@ class Handler:
         ready = self.engine_ready and not stalled
         if ready != self.mesh.ready:
             self.mesh.ready = ready
-            if self.engine_ready:
-                log.warning("engine %s", f"stalled: no answer for {(now - self.engine_quiet_since_s) * 1000:.0f} ms "
-                            "with work pending; peers will not count on this node" if stalled else "answers again")
-                self.counters["engine_stalls"] += int(stalled)
+            if stalled:
+                log.warning("engine stalled: no answer for %.0f ms with work pending; peers will not count on "
+                            "this node", (now - self.engine_quiet_since_s) * 1000)
+                self.counters["engine_stalls"] += 1
+            elif self.counters["engine_stalls"]:
+                log.warning("engine answers again")
+            else:   # its first READY: not news worth a warning
+                log.info("engine ready: peers count on this node")
 
     # ------------------------------------------------------------ peers
     def _on_peer_message(self, msg, now: float) -> None:
