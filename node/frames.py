@@ -53,6 +53,11 @@ READY_PHASES = (Phase.QUEUED, Phase.GATHERED)
 # Frames a node keeps in flight from one origin (its own included). A client asking for more
 # is told the node is busy; a peer sending more is dropped and counted.
 MAX_FRAMES_PER_ORIGIN = 32
+# A peer may hold more of an origin's frames than the origin itself: those the origin finished
+# since its last heartbeat, which the peer prunes at the next one. It admits this many times the
+# origin's window, so that the origin's own limit is the one that binds, and a busy peer is
+# never the one that drops a frame (the origin would zero-fill it).
+PEER_WINDOW_FACTOR = 2
 # Input bytes held for frames the engine has not started, over all origins: a burst of large
 # inputs is refused rather than pinned in memory.
 MAX_QUEUED_INPUT_BYTES = 64 * 1024 * 1024
@@ -127,9 +132,9 @@ class FrameBook:
         self.recent: Deque[Tuple[float, float]] = collections.deque(maxlen=RECENT_FRAMES)
 
     # ------------------------------------------------------------ admission
-    def _room(self, origin: str, nbytes: int) -> Optional[str]:
-        if self._per_origin[origin] >= self.max_per_origin:
-            return f"{self._per_origin[origin]} frames of {origin} in flight (at most {self.max_per_origin})"
+    def _room(self, origin: str, nbytes: int, max_frames: int) -> Optional[str]:
+        if self._per_origin[origin] >= max_frames:
+            return f"{self._per_origin[origin]} frames of {origin} in flight (at most {max_frames})"
         if self._queued_bytes + nbytes > self.max_queued_input_bytes:
             return (f"{(self._queued_bytes + nbytes) / 2**20:.0f} MiB of inputs would be queued "
                     f"(at most {self.max_queued_input_bytes / 2**20:.0f} MiB)")
@@ -145,7 +150,7 @@ class FrameBook:
     def admit_local(self, frame: int, t_ms: int, array: Any, nbytes: int, client: bytes,
                     request: Mapping[str, Any], now_s: float) -> Optional[str]:
         """A client's frame, held until `start`; returns why it cannot be taken, or None."""
-        full = self._room(self.self_id, nbytes)
+        full = self._room(self.self_id, nbytes, self.max_per_origin)
         if full:
             return f"node busy: {full}"
         self._add(Frame(frame, self.self_id, t_ms, array, nbytes, now_s, client=client, request=dict(request),
@@ -180,7 +185,7 @@ class FrameBook:
             progress, inputs = origin_report
             if inputs.get(origin, -1) >= frame and frame not in progress:
                 return DROP_FINISHED
-        if self._room(origin, nbytes):
+        if self._room(origin, nbytes, PEER_WINDOW_FACTOR * self.max_per_origin):
             return DROP_OVERFLOW
         self._add(Frame(frame, origin, t_ms, array, nbytes, now_s, participants=frozenset(participants)))
         return None

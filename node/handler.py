@@ -122,6 +122,7 @@ class Handler:
         self.engine_busy_s = 0.0        # the engine's compute time, all items together
         self.engine_telemetry: Dict[str, object] = {"device": config.compute, "dtype": config.dtype}
         self.stalled_from_s: Optional[float] = None
+        self._pruned_by: Dict[str, object] = {}   # origin -> the heartbeat report last pruned by
         self.power = Power()
         self._telemetry: Tuple[float, Dict[str, int], Optional[float], Dict[str, object]] = (float("-inf"), {}, None, {})
         self.gpu = Gpu(self.power)
@@ -271,6 +272,7 @@ class Handler:
             stalled_from, self.stalled_from_s = self.stalled_from_s, None
             self._expired(self.book.expire(now, stalled_from))
         self._expired(self.book.expire(now))
+        self._prune_finished()
         if self.serving:
             for f in self.book.held():
                 if self.refusal:
@@ -282,6 +284,20 @@ class Handler:
             # A new immutable snapshot for the metrics thread; scrapes never read the live state.
             self._next_metrics_s = now + METRICS_REFRESH_S
             self.metrics_server.publish(self.metrics.snapshot(self.status(now), now, os.getpid(), os.getppid()))
+
+    def _prune_finished(self) -> None:
+        """Drop the peers' frames that their origin has finished (its latest heartbeat no longer
+        lists them): with replicas an origin completes a stage on the first copy of each neuron,
+        so a node behind the others is left with frames nobody waits for. Computing them wastes
+        its core; holding them fills its window for that origin, so that it would drop the
+        origin's next inputs, and the origin would zero-fill a live peer. Once per heartbeat."""
+        membership = self.mesh.membership
+        for origin in self.mesh.peer_ids:
+            report = membership.report(origin)
+            if report is None or self._pruned_by.get(origin) is report:
+                continue
+            self._pruned_by[origin] = report
+            self._expired(self.book.prune_origin(origin, report.progress, report.inputs))
 
     def _start_local(self, f: Frame, now: float) -> None:
         participants = self.participants_now(now)

@@ -141,11 +141,15 @@ def test_peer_input_the_origin_already_finished_is_dropped(progress, inputs, exp
     assert peer(b, "n1", 4, report=(progress, inputs)) == expected
 
 
-def test_peer_inputs_beyond_the_per_origin_cap_overflow():
+def test_peer_inputs_beyond_the_peer_window_overflow():
+    """A peer admits PEER_WINDOW_FACTOR times the origin's window (it may still hold frames the
+    origin finished since its last heartbeat), and no more."""
     b = book()
-    for seq in range(3):
+    window = fr.PEER_WINDOW_FACTOR * b.max_per_origin
+    assert window > b.max_per_origin
+    for seq in range(window):
         assert peer(b, "n1", seq) is None
-    assert peer(b, "n1", 3) == fr.DROP_OVERFLOW
+    assert peer(b, "n1", window) == fr.DROP_OVERFLOW
     assert peer(b, "n2", 0) is None  # another origin has its own room
 
 
@@ -159,10 +163,11 @@ def test_peer_input_beyond_the_queued_byte_cap_overflows():
 def test_dropped_peer_input_is_reported_received_but_not_held():
     # what lets the origin's gathers release this node as "absent" instead of waiting for it
     b = book()
-    for seq in range(3):
+    window = fr.PEER_WINDOW_FACTOR * b.max_per_origin
+    for seq in range(window):
         peer(b, "n1", seq)
-    peer(b, "n1", 3)
-    assert b.inputs()["n1"] >= fid("n1", 3) and fid("n1", 3) not in b.progress()
+    assert peer(b, "n1", window) == fr.DROP_OVERFLOW
+    assert b.inputs()["n1"] >= fid("n1", window) and fid("n1", window) not in b.progress()
 
 
 def test_restarted_origin_numbers_its_frames_afresh():
@@ -565,7 +570,8 @@ def test_any_sequence_of_events_keeps_the_books_straight(events, data):
             apply_event(b, event, now, pick, sequence)
         # the admission caps hold, and the book's own accounting matches what it holds
         per_origin = collections.Counter(f.origin for f in b.frames.values())
-        assert all(n <= b.max_per_origin for n in per_origin.values())
+        assert per_origin["n0"] <= b.max_per_origin
+        assert all(n <= fr.PEER_WINDOW_FACTOR * b.max_per_origin for n in per_origin.values())
         assert all(b._per_origin[o] == per_origin[o] for o in set(per_origin) | set(b._per_origin))
         held_bytes = sum(f.input_bytes for f in b.frames.values() if f.phase in (Phase.HELD, Phase.QUEUED))
         assert b._queued_bytes == held_bytes <= b.max_queued_input_bytes
