@@ -111,7 +111,11 @@ class Handler:
         # the sequence starts at the wall clock in ms, above what an earlier incarnation used
         # unless it averaged over 1000 frames a second. (It wraps every 2^40 ms, 34.8 years.)
         self.sequence = itertools.count(int(time.time() * 1000))
-        self.started_s = time.monotonic()
+        # The start-up grace counts from the engine's first READY: until then the heartbeats tell the
+        # peers not to count on this node, so no peer could have answered "I hear you, ready".
+        # (Counted from construction, a slow engine start used the whole grace up, and frames
+        # queued by clients ran on this node alone.)
+        self.ready_since_s: Optional[float] = None
         self.serving = False
         self.refusal = ""            # why every peer refuses us (set while that holds)
         self.engine_outstanding = 0
@@ -241,7 +245,8 @@ class Handler:
         if not self.serving:
             connected = m.connected(now)
             settled = all(p in connected or s == PeerState.REFUSED for p, s in states.items())
-            if settled or now - self.started_s >= self.config.startup_grace_s:
+            graced = self.ready_since_s is not None and now - self.ready_since_s >= self.config.startup_grace_s
+            if settled or graced:
                 self.serving = True
                 log.info("serving clients: %s", "every peer heard" if settled else
                          f"after {self.config.startup_grace_s * 1000:.0f} ms of start-up grace, without "
@@ -373,6 +378,7 @@ class Handler:
             elif self.counters["engine_stalls"]:
                 log.warning("engine answers again")
             else:   # its first READY: not news worth a warning
+                self.ready_since_s = now
                 log.info("engine ready: peers count on this node")
 
     # ------------------------------------------------------------ peers

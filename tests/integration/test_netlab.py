@@ -146,8 +146,14 @@ def test_a_one_way_link_costs_at_most_one_sync_timeout_and_kills_nobody(lab_clus
     records, fault_s, heal_s, healed_s, views = stream_around(
         cluster, digits, lambda: (lab.one_way(0, 3), time.sleep(4.0)), lab.heal)
     assert max(latencies(records)) <= sync_ms * 1.5, max(latencies(records))
-    settled = [r for r in records if fault_s + 1.0 < r["sent_s"] < heal_s]
+    # Frames admitted before n0 learnt of the cut counted on n3 and waited out the sync timeout;
+    # later frames queued behind them. Once the last of them was answered and the queue it left
+    # had a second to drain, frames run without n3 at normal latency.
+    waited = [r["answered_s"] for r in records if fault_s <= r["sent_s"] < heal_s and "n3" in r["meta"]["participants"]]
+    released_s = max(waited, default=fault_s)
+    assert released_s - fault_s <= (cluster.config.peer_timeout_ms + 1.5 * sync_ms) / 1000, released_s - fault_s
+    settled = [r for r in records if released_s + 1.0 < r["sent_s"] < heal_s]
     assert settled and all("n3" not in r["meta"]["participants"] for r in settled)
-    assert max(latencies(settled)) < sync_ms / 2
+    assert max(latencies(settled)) < sync_ms / 2, latencies(settled)
     assert not [e for v in views for e in v["events"] if e["kind"] == "died"]
     check_heal(records, healed_s, views, cluster, expected)

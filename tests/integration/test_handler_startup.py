@@ -1,0 +1,61 @@
+"""A starting node serves clients only once its peers could have heard it ready (node/handler.py,
+_check_serving): the start-up grace counts from the engine's first READY, not from the handler's
+start. Counted from the start, an engine that took longer than the grace to load (a slow board,
+a busy CI machine) left no grace at all, and frames that clients had queued ran on this node
+alone (seen in CI: participants ['n3'] after a restart)."""
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import node_helpers as nh  # noqa: E402
+
+from robustdice.node import ipc  # noqa: E402
+from robustdice.node.config import load_node_config  # noqa: E402
+from robustdice.node.handler import Handler  # noqa: E402
+from robustdice.node.localcluster import LocalCluster  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(60)]
+
+
+def run_for(handler, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        handler.step(time.monotonic())
+        time.sleep(0.002)   # the handler's loop would block in poll; nothing to wait for here
+
+
+def test_the_start_up_grace_counts_from_the_engines_first_ready(digits_plan, tmp_path):
+    with LocalCluster(digits_plan, tmp_path / "cluster") as cluster:   # keys and peers.yaml; no peer runs
+        config = load_node_config(cluster.peers_path, "n1")
+        grace_s = config.startup_grace_s
+        endpoint = f"ipc://{tmp_path}/engine.sock"
+        handler = Handler(config, endpoint)
+        handler.start()
+        context = zmq.Context()
+        engine = context.socket(zmq.DEALER)
+        engine.linger = 0
+        try:
+            # The engine is still loading for longer than the whole grace: no peer can count on
+            # this node yet, so it must not serve.
+            run_for(handler, 1.5 * grace_s)
+            assert not handler.serving and not handler.engine_ready
+
+            engine.connect(endpoint)
+            engine.send(ipc.READY)
+            nh.wait_for(lambda: handler.step(time.monotonic()) or handler.mesh.ready, 5, "the engine's READY",
+                        interval_s=0.001)
+            ready_s = time.monotonic()
+            assert not handler.serving, "served at once: the grace had run out before the engine was ready"
+            nh.wait_for(lambda: handler.step(time.monotonic()) or handler.serving, 5 * grace_s, "serving",
+                        interval_s=0.001)
+            # No peer answered, so only the grace let it serve, and the whole grace was waited.
+            assert time.monotonic() - ready_s >= 0.9 * grace_s
+            assert handler.status(time.monotonic())["serving"]
+        finally:
+            engine.close(0)
+            context.term()
+            handler.close()
