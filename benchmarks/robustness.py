@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -108,6 +108,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
     rows = []
     nmr_bytes = None
     plans = {}
+    per_image = {}   # (method, fill) -> {k: each image's share of correct answers}, for versus_random
     for name, method, fill, ratio, tuned in configurations(model, finetune_here, fills, sweep, methods):
         out = root / model / name.replace("/", "_").replace("@", "_at_")
         if tuned:
@@ -125,11 +126,14 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
                     request = PartitionRequest(model=model, devices=DEVICES, method=method, out=where, fill=fill,
                                                show_progress=False, seed=seed, **budget)
                     partition(request, scores=scores if method in ("robust", "random", "robust+cdc") else None)
-                    results.append(evaluate_plan(where, None, limit))
+                    paired = ratio == BUDGET_RATIO and method in ("robust", "random")
+                    results.append(evaluate_plan(where, None, limit, per_image=paired))
             except PartitionerError as exc:  # a sweep budget below what the method needs at least
                 log(f"  {name}: skipped ({exc})")
                 continue
             plans[(method, fill, ratio)] = out
+            if "correct_by_set" in results[0]:
+                per_image[(method, fill)] = by_k_per_image(results)
             result = over_seeds(results)
         if tuned:
             result = evaluate_plan(out, None, limit)
@@ -151,7 +155,19 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
            "data": result["data"], "nmr_per_device_mb": nmr_bytes / 1e6, "rows": rows,
            "targets": TARGETS.get(model), "limit": limit, "finetune_epochs": finetune_epochs,
            "random_seeds": random_seeds, "elapsed_s": round(time.perf_counter() - started, 1)}
-    out["versus_random"] = versus_random(out)
+    out["versus_random"] = versus_random(out, per_image)
+    return out
+
+
+def by_k_per_image(results: List[dict]) -> dict:
+    """k -> per image, the share of its answers that were right over every set of k failed
+    devices and every draw in `results` (one plan, or random's seeds)."""
+    out = {}
+    for k in sorted({len(f) for r in results for f in r["correct_by_set"]} - {0}):
+        columns = [c for r in results for f, c in r["correct_by_set"].items() if len(f) == k]
+        out[str(k)] = np.mean(np.stack(columns).astype(np.float64), axis=0)
+    for r in results:
+        del r["correct_by_set"]   # not JSON, and no longer needed
     return out
 
 
@@ -173,14 +189,17 @@ def over_seeds(results: List[dict]) -> dict:
     return out
 
 
-def versus_random(result: dict) -> dict:
+def versus_random(result: dict, per_image: Optional[dict] = None) -> dict:
     """Per fill and k failed, robust minus random at the budget, with a verdict that allows for
     noise: "wins"/"loses" only beyond two standard errors, otherwise "within noise".
 
-    The error adds, for each of the two means, the binomial error of an accuracy over the model's
-    `samples` images (sqrt(p(1-p)/n); conservative, since every failed set is measured on the same
-    images) and, for random, the spread of its draws (the std of the seed means over sqrt(seeds)).
-    A 0.2-point difference on digits' 360 images is about a quarter of one standard error.
+    Paired (when `per_image` has both rows, as in a full run): both plans answer the same
+    images, so the error is that of the mean of the per-image differences (each image's share
+    of right answers over the failed sets, random's averaged over its draws), plus the spread of
+    random's draws (the std of the seed means over sqrt(seeds)): a plan drawn at random is
+    itself a random variable. Without it (--replot of stored figures): the binomial error of
+    each mean over the `samples` images (sqrt(p(1-p)/n)), which ignores the pairing and so
+    overstates the error.
     """
     n = max(int(result["samples"]), 1)
     rows = {(r["method"], r["fill"]): r for r in result["rows"]
@@ -197,10 +216,17 @@ def versus_random(result: dict) -> dict:
             a, r = b["mean"], random["by_failed"][k]
             seeds = r.get("seed_means") or [r["mean"]]
             seed_var = (float(np.var(seeds, ddof=1)) / len(seeds)) if len(seeds) > 1 else 0.0
-            se = math.sqrt(a * (1 - a) / n + r["mean"] * (1 - r["mean"]) / n + seed_var)
+            pair = per_image and per_image.get(("robust", fill)) and per_image.get(("random", fill))
+            if pair:
+                d = per_image[("robust", fill)][k] - per_image[("random", fill)][k]
+                image_var = float(np.var(d, ddof=1)) / len(d) if len(d) > 1 else 0.0
+            else:
+                image_var = a * (1 - a) / n + r["mean"] * (1 - r["mean"]) / n
+            se = math.sqrt(image_var + seed_var)
             diff = a - r["mean"]
             verdict = "wins" if diff > 2 * se else "loses" if diff < -2 * se else "within noise"
-            per_k[k] = {"difference": diff, "standard_error": se, "verdict": verdict}
+            per_k[k] = {"difference": diff, "standard_error": se, "verdict": verdict,
+                        "error": "paired" if pair else "binomial"}
         out[fill] = per_k
     return out
 
@@ -208,6 +234,7 @@ def versus_random(result: dict) -> dict:
 def format_versus(versus: dict) -> List[str]:
     return [f"  robust - random ({fill}): " + " | ".join(
         f"{k}: {100 * v['difference']:+.1f} +- {100 * v['standard_error']:.1f} {v['verdict']}" for k, v in per_k.items())
+        + f" ({next(iter(per_k.values()), {}).get('error', 'binomial')} error)"
         for fill, per_k in versus.items()]
 
 
@@ -244,14 +271,17 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--replot", action="store_true",
-                        help="only redraw the PNGs from --out and recompute robust against random")
+                        help="only redraw the PNGs from --out (and judge robust against random where "
+                             "the JSON has no paired verdict)")
     args = parser.parse_args(argv)
     if args.replot:
         import json
         data = json.loads(args.out.read_text())
         for model, result in data["models"].items():
             print(f"wrote {plot(result, args.out.parent)}")
-            result["versus_random"] = versus_random(result)
+            stored = result.get("versus_random") or {}
+            if not any(v.get("error") == "paired" for per_k in stored.values() for v in per_k.values()):
+                result["versus_random"] = versus_random(result)   # a full run's paired figures stay
             print("\n".join([f"{model}:"] + format_versus(result["versus_random"])))
         write_result(data, args.out, False)
         return 0

@@ -29,8 +29,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def evaluate_plan(directory, data_dir=None, limit: Optional[int] = None, progress: bool = False,
-                  dtype: str = "float32") -> Dict:
+                  dtype: str = "float32", per_image: bool = False) -> Dict:
     """Accuracy with no failure and, per k, mean/min/max over every set of k failed devices.
+
+    `per_image`: the result also holds `correct_by_set`, failed set -> a boolean numpy array,
+    one entry per image (not JSON), for paired comparisons of two plans on the same images.
 
     On unlabelled images (see data.evaluation_set) the measure is agreement: the share of
     images whose top-1 is the plan's own top-1 with no failure (in float32, whatever `dtype`).
@@ -55,12 +58,16 @@ def evaluate_plan(directory, data_dir=None, limit: Optional[int] = None, progres
             labels = reference32
     sets = [f for k in range(plan.devices) for f in itertools.combinations(range(plan.devices), k)]
     accuracy: Dict[tuple, float] = {}
+    correct: Dict[tuple, object] = {}
     for failed in tqdm(sets, desc=f"evaluate {plan.method} ({plan.fill.rule} fill)", unit="set",
                        disable=not progress, leave=False):
         predicted = _predict(cluster, images, failed)
         if labels is None:  # the first set is the empty one: its predictions are the reference
             labels = predicted
-        accuracy[failed] = float((predicted == labels).float().mean())
+        hits = predicted == labels
+        accuracy[failed] = float(hits.float().mean())
+        if per_image:
+            correct[failed] = hits.numpy()
     by_failed = {}
     for k in range(plan.devices):
         values = [a for f, a in accuracy.items() if len(f) == k]
@@ -68,6 +75,8 @@ def evaluate_plan(directory, data_dir=None, limit: Optional[int] = None, progres
                              "sets": len(values)}
     extra = {} if reference32 is None else {
         "float32_no_failure": float((reference32 == labels).float().mean())}
+    if per_image:
+        extra["correct_by_set"] = correct
     return {
         "plan": str(directory),
         "model": plan.model,

@@ -56,3 +56,35 @@ def test_a_spread_of_random_draws_widens_the_error(robustness):
     a, b = robustness.versus_random(steady)["zero"]["2"], robustness.versus_random(spread)["zero"]["2"]
     assert a["verdict"] == "wins" and b["verdict"] == "within noise"
     assert b["standard_error"] > 4 * a["standard_error"]
+
+
+def test_paired_images_judge_a_small_steady_gain(robustness):
+    """On the same 2000 images, robust right on 40 more of them and never worse: 2 points, which
+    the unpaired error (about 1.3) cannot call and the paired one (about 0.3) can."""
+    import numpy as np
+    n = 2000
+    random_hits = np.zeros(n)
+    random_hits[: n // 2] = 1.0
+    robust_hits = random_hits.copy()
+    robust_hits[n // 2: n // 2 + 40] = 1.0
+    per_image = {("robust", "zero"): {k: robust_hits for k in "123"},
+                 ("random", "zero"): {k: random_hits for k in "123"}}
+    p_robust, p_random = robust_hits.mean(), random_hits.mean()
+    result = {"samples": n, "rows": [row("robust", "zero", [1.0] + [p_robust] * 3),
+                                     row("random", "zero", [1.0] + [p_random] * 3)]}
+    unpaired = robustness.versus_random(result)["zero"]["1"]
+    paired = robustness.versus_random(result, per_image)["zero"]["1"]
+    assert unpaired["verdict"] == "within noise" and unpaired["error"] == "binomial"
+    assert paired["verdict"] == "wins" and paired["error"] == "paired"
+    assert paired["difference"] == pytest.approx(0.02)
+    assert paired["standard_error"] == pytest.approx(np.std(robust_hits - random_hits, ddof=1) / np.sqrt(n))
+
+
+def test_per_image_shares_average_sets_and_draws(robustness):
+    import numpy as np
+    a = {(0,): np.array([True, False]), (1,): np.array([True, True]), (0, 1): np.array([False, False]),
+         (): np.array([True, True])}
+    b = {(0,): np.array([False, False]), (1,): np.array([True, False]), (0, 1): np.array([True, False]),
+         (): np.array([True, True])}
+    shares = robustness.by_k_per_image([{"correct_by_set": a}, {"correct_by_set": b}])
+    assert shares["1"].tolist() == [0.75, 0.25] and shares["2"].tolist() == [0.5, 0.0]
