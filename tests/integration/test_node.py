@@ -226,10 +226,15 @@ def test_a_restarted_node_answers_no_frame_before_it_has_heard_its_peers(digits_
                 msg = client.receive(1.0)
                 if isinstance(msg, wire.Result):
                     replies[msg.meta["request"]["id"]] = msg.meta
-    assert len(replies) == len(ids)
-    for meta in replies.values():
-        assert "error" not in meta, meta
-        assert meta["participants"] == cluster.ids and meta["zero_filled_fraction"] == 0.0, meta
+        assert len(replies) == len(ids)
+        bad = [m for m in replies.values()
+               if "error" in m or m["participants"] != cluster.ids or m["zero_filled_fraction"] != 0.0]
+        # Seen twice in a loaded full-suite run and never alone: keep what the nodes saw, so that
+        # the next failure says whether a peer was released (and why) or the machine stalled.
+        assert not bad, (len(bad), {k: bad[0].get(k) for k in ("error", "participants", "counted_on",
+                                                                "failed_by_stage", "latency_ms")},
+                         [(v.get("node"), [(e["kind"], e["peer"], e.get("detail")) for e in v.get("events", [])][-8:],
+                           v.get("counters")) for v in cluster.status(timeout_s=10.0)])
 
 
 def test_sd_notify_ready_watchdog_and_stopping_reach_systemd(digits_plan, tmp_path):
