@@ -106,8 +106,9 @@ def test_status_cli_json_shows_every_node(digits_cluster):
     for node in cluster.ids:  # one frame from each node: every node computes all four
         with NodeClient(cluster.config, node, cluster.key_path) as client:
             assert "error" not in client.submit(x, timeout_s=60.0).meta
-    cluster.wait_until(lambda views: all(v.get("frames_done", 0) >= 4 for v in views), 30,
-                       "every node to count the 4 frames done")
+    # Settled: done, or dropped at the origin's heartbeat after it finished on the replicas' copies.
+    cluster.wait_until(lambda views: all(v.get("frames_done", 0) + v.get("frames_pruned", 0) >= 4 for v in views),
+                       30, "every node to settle the 4 frames")
     out = subprocess.run(nh.robustdice_cli() + ["status", "--peers", str(cluster.peers_path), "--json"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -117,7 +118,7 @@ def test_status_cli_json_shows_every_node(digits_cluster):
         assert not v.get("unreachable"), v
         assert set(v["members"]) == set(cluster.ids) - {v["node"]}
         assert all(m["state"] == "alive" for m in v["members"].values()), v["members"]
-        assert v["frames_done"] >= 4
+        assert v["frames_done"] + v["frames_pruned"] >= 4
         assert v["frame_errors"] == 0
         assert v["zero_filled_fraction"] == 0.0
         assert isinstance(v["counters"], dict)
