@@ -209,6 +209,8 @@ def versus_random(result: dict, per_image: Optional[dict] = None) -> dict:
         random = rows.get(("random", fill))
         if method != "robust" or random is None:
             continue
+        images = per_image or {}
+        pair = ("robust", fill) in images and ("random", fill) in images
         per_k = {}
         for k, b in sorted(robust["by_failed"].items()):
             if k == "0":
@@ -216,9 +218,8 @@ def versus_random(result: dict, per_image: Optional[dict] = None) -> dict:
             a, r = b["mean"], random["by_failed"][k]
             seeds = r.get("seed_means") or [r["mean"]]
             seed_var = (float(np.var(seeds, ddof=1)) / len(seeds)) if len(seeds) > 1 else 0.0
-            pair = per_image and per_image.get(("robust", fill)) and per_image.get(("random", fill))
             if pair:
-                d = per_image[("robust", fill)][k] - per_image[("random", fill)][k]
+                d = images[("robust", fill)][k] - images[("random", fill)][k]
                 image_var = float(np.var(d, ddof=1)) / len(d) if len(d) > 1 else 0.0
             else:
                 image_var = a * (1 - a) / n + r["mean"] * (1 - r["mean"]) / n
