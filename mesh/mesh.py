@@ -90,7 +90,7 @@ class Mesh:
         self.book = GatherBook(self_id, config.sync_timeout_ms, max_stage=max_stage)
         self.counters: "collections.Counter[str]" = collections.Counter()
         self.progress_source: Optional[ProgressSource] = None
-        self.ready = True
+        self._ready = True
         self._given_context = context
         self.context: Optional[zmq.Context] = None
         self._pull = self._monitor = None
@@ -179,6 +179,21 @@ class Mesh:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def ready(self) -> bool:
+        """What our heartbeats say: whether our engine computes, so that peers may count on us."""
+        return self._ready
+
+    @ready.setter
+    def ready(self, ready: bool) -> None:
+        """A change is announced at once, not at the next heartbeat slot: a node that sends an input
+        right after its engine became ready must not reach a peer whose latest report from it
+        still says "not ready" (the peer would release it as stalled from its own frame). ZeroMQ
+        keeps order per connection, so this heartbeat arrives before anything sent after it."""
+        changed, self._ready = ready != self._ready, ready
+        if changed and self._push and not self._closed:
+            self._send_heartbeats(time.monotonic())
 
     @property
     def pull_socket(self) -> zmq.Socket:

@@ -246,7 +246,11 @@ class Handler:
             connected = m.connected(now)
             settled = all(p in connected or s == PeerState.REFUSED for p, s in states.items())
             graced = self.ready_since_s is not None and now - self.ready_since_s >= self.config.startup_grace_s
-            if settled or graced:
+            # Never before our own engine is ready (and has said so): a frame started earlier
+            # would reach peers whose latest report from us says "not ready", and they would
+            # release us from it as stalled (seen in loaded runs: a restarted node's first
+            # frames answered by 1-2 nodes).
+            if self.ready_since_s is not None and (settled or graced):
                 self.serving = True
                 log.info("serving clients: %s", "every peer heard" if settled else
                          f"after {self.config.startup_grace_s * 1000:.0f} ms of start-up grace, without "

@@ -108,6 +108,31 @@ def test_heartbeats_carry_progress_hears_and_readiness(pair):
     assert b.status()["peers"]["a"]["connected"] is True
 
 
+def test_readiness_is_announced_before_anything_sent_after_it(pair):
+    """A node that becomes ready and sends an input at once: the peer must already read "ready"
+    in its report of the node when the input arrives, or its gathers of that frame release the
+    node as stalled (seen in loaded runs: a restarted node's first frames answered by 1-2 nodes).
+    Announced only at the next heartbeat slot, the input overtook it."""
+    a, b, _ = pair
+    a.ready = False
+    pump([a, b], lambda: b.membership.report("a") is not None and not b.membership.report("a").ready)
+    for i in range(5):   # several tries, each at a different point of the heartbeat interval
+        a.ready = True
+        a.send("b", wire.Input(wire.frame_id(0, 100 + i), "a", np.zeros(4, np.uint8), {}, participants=("a", "b")))
+        seen = []
+
+        def arrived():
+            for m in b.take_messages():
+                seen.append(b.membership.report("a").ready)   # what b's gathers would judge by now
+            return bool(seen)
+
+        pump([a, b], arrived)
+        assert seen == [True], f"try {i}: the input arrived before a's heartbeat said it was ready"
+        a.ready = False
+        pump([a, b], lambda: not b.membership.report("a").ready)
+        time.sleep(0.013 * (i + 1))   # move on within the 100 ms heartbeat interval
+
+
 def test_a_peer_past_the_stage_is_not_waited_for(pair):
     """A heartbeat says b sent (frame, stage) already, yet nothing came: ZeroMQ keeps order per
     connection, so the slice was lost; a's gather goes on at once instead of waiting out the
