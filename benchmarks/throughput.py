@@ -15,6 +15,10 @@ node (node/client.py closed_loop). Figures, per model:
   compute_bound_fps       cores / (all engines' compute per frame), the engines' compute taken
                           from the nodes' status (engine_busy_ms) over the 4-origin runs: what
                           the cluster could do if nothing but the convolutions cost time
+  cpu_ms_per_frame_*      CPU time (user + system) of all handlers and of all engines per
+                          answered frame, over the runs of each label: the cost the node's own
+                          machinery adds (handler) beside the computing (engine); unlike the
+                          wall-clock figures it hardly moves when other jobs share the machine
   slice_bytes_per_frame   bytes of slices all nodes sent per frame (the mesh's slice_bytes_sent),
                           in the --dtype the cluster computes and sends (float16 halves it)
   zero_filled, errors     over every run (must be 0 with nothing failed)
@@ -68,6 +72,28 @@ def engine_busy_ms(cluster) -> float:
     return sum(v.get("engine_busy_ms", 0.0) for v in cluster.status(timeout_s=10.0) if not v.get("unreachable"))
 
 
+def cpu_seconds(cluster) -> dict:
+    """CPU time (user + system) so far of every node's handler and engine processes, summed by
+    role: what a frame costs the machine, which time-sharing with other jobs barely changes
+    (wall-clock figures on this shared machine do)."""
+    import psutil
+    out = {"handler": 0.0, "engine": 0.0}
+    for proc in cluster.procs.values():
+        try:
+            children = psutil.Process(proc.pid).children()
+        except psutil.NoSuchProcess:
+            continue
+        for child in children:
+            try:
+                cmdline, times = " ".join(child.cmdline()), child.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            role = "handler" if "robustdice.node.handler" in cmdline else "engine" if "robustdice.node.engine" in cmdline else None
+            if role:
+                out[role] += times.user + times.system
+    return out
+
+
 def slice_bytes(cluster) -> int:
     return sum(v["counters"].get("slice_bytes_sent", 0) for v in cluster.status(timeout_s=10.0)
                if not v.get("unreachable"))
@@ -111,6 +137,8 @@ def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float
         for label, nodes in (("1_origin", cluster.ids[:1]), ("4_origins", cluster.ids)):
             fps = {}
             busy_ms = answered = 0.0
+            cpu_before = cpu_seconds(cluster)
+            answered_all = 0
             for w in windows:
                 before = engine_busy_ms(cluster)
                 records, seconds = run_clients(cluster, nodes, images, frames // len(nodes) * 2 if len(nodes) > 1
@@ -118,11 +146,16 @@ def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float
                 tally(records)
                 done = sum(1 for r in records if r["meta"] and "error" not in r["meta"])
                 fps[str(w)] = done / seconds
+                answered_all += done
                 if len(nodes) > 1:
                     busy_ms += engine_busy_ms(cluster) - before
                     answered += done
                 print(f"{model}: {label}, {w} in flight: {fps[str(w)]:.1f} frames/s", file=sys.stderr)
             out[f"fps_{label}"] = {"by_in_flight": fps, "max": max(fps.values())}
+            cpu_after = cpu_seconds(cluster)
+            # Every node's processes together, per answered frame, over this label's windows.
+            out[f"cpu_ms_per_frame_{label}"] = {role: 1000.0 * (cpu_after[role] - cpu_before[role]) / max(1, answered_all)
+                                                for role in cpu_after}
         per_frame_ms = busy_ms / max(answered, 1)
         out["engine_compute_ms_per_frame_all_devices"] = per_frame_ms
         out["compute_bound_fps"] = 1000.0 * out["cores"] / per_frame_ms if per_frame_ms else None
@@ -151,6 +184,9 @@ def main(argv=None) -> int:
                   f"{r['fps_1_origin']['max']:.1f} frames/s with 1 origin, {r['fps_4_origins']['max']:.1f} with 4; "
                   f"compute bound {r['compute_bound_fps'] or 0:.1f}; zero-filled {r['zero_filled_frames']}, "
                   f"errors {r['errors']}")
+            cpu = r["cpu_ms_per_frame_4_origins"]
+            print(f"{model}: CPU per frame with 4 origins, all nodes: handlers {cpu['handler']:.1f} ms, "
+                  f"engines {cpu['engine']:.1f} ms")
     digits = result["models"].get("digits_cnn")
     if digits:
         result["digits_speedup_vs_54_fps"] = max(digits["fps_1_origin"]["max"], digits["fps_4_origins"]["max"]) / 54.0

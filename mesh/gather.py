@@ -143,6 +143,9 @@ class _Gather:
         self.deadlines = {h: deadline_s for h in holders}
         self.covered = np.zeros(n_ids, dtype=bool)
         self.covered[local_ids] = True
+        # Kept up to date where `covered` changes (once per slice), not recomputed at each of
+        # the many completion checks (a poll re-judges a gather at every deadline and report).
+        self.all_covered = bool(self.covered.all())
         self.pieces: List[Piece] = []
         self.answered: Set[str] = set()
         self.released: Dict[str, str] = {}
@@ -173,6 +176,7 @@ class _Gather:
         if ids.size:
             self.contributors.add(sender)
             self.covered[ids] = True
+            self.all_covered = bool(self.covered.all())
         self.pieces.append(Piece(sender, ids, array, degraded))
         return None
 
@@ -180,7 +184,7 @@ class _Gather:
         return [h for h in self.holders if h not in self.answered and h not in self.released]
 
     def complete(self) -> bool:
-        return bool(self.covered.all()) or not self.waiting()
+        return self.all_covered or not self.waiting()
 
     def result(self, now_s: float) -> GatherResult:
         return GatherResult(self.key[0], self.key[1], tuple(self.pieces), dict(self.released),
@@ -337,7 +341,7 @@ class GatherBook:
             gather = self._active.get(key)
             if gather is None:
                 continue
-            if not gather.covered.all():
+            if not gather.all_covered:
                 for h in gather.waiting():
                     reason, deadline = holder_verdict(key[0], key[1], gather.origin, *lookup(h),
                                                       gather.deadlines[h], self.sync_timeout_s, now_s, holder=h,
