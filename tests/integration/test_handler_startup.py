@@ -2,7 +2,8 @@
 _check_serving): the start-up grace counts from the engine's first READY, not from the handler's
 start. Counted from the start, an engine that took longer than the grace to load (a slow board,
 a busy CI machine) left no grace at all, and frames that clients had queued ran on this node
-alone (seen in CI: participants ['n3'] after a restart)."""
+alone (seen in CI: participants ['n3'] after a restart). And with every peer heard, it still
+waits for its own engine: its peers would release it, as stalled, from any frame started before."""
 import sys
 import time
 from pathlib import Path
@@ -58,4 +59,51 @@ def test_the_start_up_grace_counts_from_the_engines_first_ready(digits_plan, tmp
         finally:
             engine.close(0)
             context.term()
+            handler.close()
+
+
+def test_a_node_whose_peers_all_answer_serves_only_once_its_own_engine_is_ready(digits_plan, tmp_path):
+    """Every peer heard and ready, our engine still loading: not serving. A frame started then
+    would reach peers whose latest report from us says "not ready", and they would release us
+    from it as stalled (seen in loaded runs: a restarted node's first frames were answered by
+    one or two nodes)."""
+    from robustdice.mesh import Mesh, load_peers
+    with LocalCluster(digits_plan, tmp_path / "cluster") as cluster:   # keys and peers.yaml; no node runs
+        config = load_node_config(cluster.peers_path, "n1")
+        endpoint = f"ipc://{tmp_path}/engine.sock"
+        handler = Handler(config, endpoint)
+        handler.start()
+        peers = load_peers(cluster.peers_path)
+        others = [Mesh(peers, p, handler.plan.plan_hash).start() for p in ("n0", "n2", "n3")]
+        context = zmq.Context()
+        engine = context.socket(zmq.DEALER)
+        engine.linger = 0
+
+        def step_all() -> None:
+            now = time.monotonic()
+            handler.step(now)
+            for m in others:
+                m.process(now)
+
+        try:
+            connected = lambda: step_all() or handler.mesh.membership.connected(time.monotonic()) == {"n0", "n2", "n3"}
+            nh.wait_for(connected, 10, "n1 to hear every peer ready, hearing it", interval_s=0.002)
+            # Longer than the grace and several heartbeats: the old rule served here at once.
+            deadline = time.monotonic() + 1.5 * config.startup_grace_s
+            while time.monotonic() < deadline:
+                step_all()
+                assert not handler.serving, "served with every peer heard but its own engine not ready"
+                time.sleep(0.002)
+            engine.connect(endpoint)
+            engine.send(ipc.READY)
+            nh.wait_for(lambda: step_all() or handler.serving, 5, "serving once the engine is ready",
+                        interval_s=0.002)
+            # The peers learn it (the mesh test checks that this comes ahead of any frame).
+            nh.wait_for(lambda: step_all() or all(m.membership.report("n1").ready for m in others), 5,
+                        "every peer to read n1 as ready", interval_s=0.002)
+        finally:
+            engine.close(0)
+            context.term()
+            for m in others:
+                m.close()
             handler.close()
