@@ -37,7 +37,7 @@ class FrameRecord:
     phase: Optional[str] = None
 
     REPORTED = ("index", "sample", "label", "prediction", "latency_ms", "zero_filled_fraction", "phase",
-                "participants", "submitted_wall_s")
+                "participants", "submitted_wall_s", "error")
 
     def answer(self, meta: Mapping[str, Any], wall_s: float) -> None:
         self.answered_wall_s = wall_s

@@ -57,7 +57,7 @@ def test_stream_with_kill_and_restart_equals_simulation(digits_plan):
         ids = cluster.ids
     frames = report["frames"]
     assert report["frames_submitted"] == N_FRAMES
-    assert report["frames_answered"] == N_FRAMES, [f["index"] for f in frames if f["prediction"] is None]
+    assert report["frames_answered"] == N_FRAMES, [(f["index"], f["error"]) for f in frames if f["prediction"] is None]
     assert report["frames_failed"] == 0
     by_phase = {p: [f for f in frames if f["phase"] == p] for p in ("before", "detecting", "failed", "rejoining",
                                                                      "rejoined")}
