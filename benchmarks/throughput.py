@@ -138,7 +138,6 @@ def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float
             fps = {}
             busy_ms = answered = 0.0
             cpu_before = cpu_seconds(cluster)
-            answered_all = 0
             for w in windows:
                 before = engine_busy_ms(cluster)
                 records, seconds = run_clients(cluster, nodes, images, frames // len(nodes) * 2 if len(nodes) > 1
@@ -146,15 +145,14 @@ def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float
                 tally(records)
                 done = sum(1 for r in records if r["meta"] and "error" not in r["meta"])
                 fps[str(w)] = done / seconds
-                answered_all += done
+                answered += done
                 if len(nodes) > 1:
                     busy_ms += engine_busy_ms(cluster) - before
-                    answered += done
                 print(f"{model}: {label}, {w} in flight: {fps[str(w)]:.1f} frames/s", file=sys.stderr)
             out[f"fps_{label}"] = {"by_in_flight": fps, "max": max(fps.values())}
             cpu_after = cpu_seconds(cluster)
             # Every node's processes together, per answered frame, over this label's windows.
-            out[f"cpu_ms_per_frame_{label}"] = {role: 1000.0 * (cpu_after[role] - cpu_before[role]) / max(1, answered_all)
+            out[f"cpu_ms_per_frame_{label}"] = {role: 1000.0 * (cpu_after[role] - cpu_before[role]) / max(1, answered)
                                                 for role in cpu_after}
         per_frame_ms = busy_ms / max(answered, 1)
         out["engine_compute_ms_per_frame_all_devices"] = per_frame_ms

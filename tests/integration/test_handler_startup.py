@@ -22,10 +22,12 @@ from robustdice.node.localcluster import LocalCluster  # noqa: E402
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(60)]
 
 
-def run_for(handler, seconds):
+def run_for(step, seconds, check=lambda: None):
+    """Let `seconds` pass with nothing to wait for, calling `step` and then `check` on each pass."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        handler.step(time.monotonic())
+        step()
+        check()
         time.sleep(0.002)   # the handler's loop would block in poll; nothing to wait for here
 
 
@@ -42,7 +44,7 @@ def test_the_start_up_grace_counts_from_the_engines_first_ready(digits_plan, tmp
         try:
             # The engine is still loading for longer than the whole grace: no peer can count on
             # this node yet, so it must not serve.
-            run_for(handler, 1.5 * grace_s)
+            run_for(lambda: handler.step(time.monotonic()), 1.5 * grace_s)
             assert not handler.serving and not handler.engine_ready
 
             engine.connect(endpoint)
@@ -89,11 +91,10 @@ def test_a_node_whose_peers_all_answer_serves_only_once_its_own_engine_is_ready(
             connected = lambda: step_all() or handler.mesh.membership.connected(time.monotonic()) == {"n0", "n2", "n3"}
             nh.wait_for(connected, 10, "n1 to hear every peer ready, hearing it", interval_s=0.002)
             # Longer than the grace and several heartbeats: the old rule served here at once.
-            deadline = time.monotonic() + 1.5 * config.startup_grace_s
-            while time.monotonic() < deadline:
-                step_all()
+            def not_serving() -> None:
                 assert not handler.serving, "served with every peer heard but its own engine not ready"
-                time.sleep(0.002)
+
+            run_for(step_all, 1.5 * config.startup_grace_s, not_serving)
             engine.connect(endpoint)
             engine.send(ipc.READY)
             nh.wait_for(lambda: step_all() or handler.serving, 5, "serving once the engine is ready",
