@@ -19,9 +19,11 @@ work the same way and no cycle of waits can form between nodes. Nothing here wai
 network: a frame whose gather is pending simply is not ready.
 
 Frames have an age. A frame is expired (a local one answered with an error, a peer's one
-dropped) when it is older than `frame_timeout_s`, when this node was itself stalled for a
-peer timeout after it arrived (its peers have gone on without us), or when its origin's
-heartbeat no longer lists it (the origin has finished it). Expired frames are never waited on.
+dropped) when it is older than `frame_timeout_s`, or when its origin's heartbeat no longer
+lists it (the origin has finished it). Expired frames are never waited on. When this node was
+itself stalled for a peer timeout, its peers went on without it: the peers' frames it held are
+dropped, and its own frames are run again from their inputs under new ids (`after_stall`,
+`rerun`), because the client still waits for them and the input is still here.
 
 What a frame rests on is tracked as `degraded`: for each stage at which some holder was
 missing here or anywhere upstream (the slices say so), the missing devices and the most
@@ -74,7 +76,7 @@ class Frame:
     frame: int
     origin: str
     t_ms: int                          # the origin's admission time: the order key, with the id
-    input: Any                         # the input array until the engine takes it
+    input: Any                         # until the engine takes it (a local frame's until answered: it may rerun)
     input_bytes: int
     received_s: float
     participants: FrozenSet[str] = frozenset()
@@ -303,24 +305,55 @@ class FrameBook:
             self._per_origin[f.origin] -= 1
 
     # ------------------------------------------------------------ expiry
-    def expire(self, now_s: float, stalled_from_s: Optional[float] = None) -> List[Frame]:
-        """Expire frames older than the frame timeout, or (given `stalled_from_s`) received before
-        this node's own stall began. Returns them; the handler drops their engine state and gathers."""
+    def expire(self, now_s: float) -> List[Frame]:
+        """Expire frames older than the frame timeout. Returns them; the handler drops their engine
+        state and gathers."""
         out = []
         for f in list(self.frames.values()):
-            if f.phase == Phase.DONE:
-                continue
             age_s = now_s - f.received_s
-            if stalled_from_s is not None and f.received_s <= stalled_from_s:
-                why = (f"expired: this node was not running for {(now_s - stalled_from_s) * 1000:.0f} ms, "
-                       "its peers went on without it")
-            elif age_s > self.frame_timeout_s:
-                why = f"expired after {age_s * 1000:.0f} ms (frame timeout {self.frame_timeout_s * 1000:.0f} ms)"
-            else:
+            if f.phase == Phase.DONE or age_s <= self.frame_timeout_s:
                 continue
             self.counters["frames_expired"] += 1
-            out.append(self._expire(f, why))
+            out.append(self._expire(f, f"expired after {age_s * 1000:.0f} ms "
+                                       f"(frame timeout {self.frame_timeout_s * 1000:.0f} ms)"))
         return out
+
+    def after_stall(self, stalled_from_s: float, now_s: float) -> Tuple[List[Frame], List[Frame]]:
+        """This node was not running from `stalled_from_s` for a peer timeout or more: its peers
+        released it from every frame in flight then. Returns (expired, to_rerun):
+        - the peers' frames received before the stall are expired: their origins went on without
+          this node, and a node back from a stall must not wait on inputs finished long ago;
+        - its own frames already sent out are to be run again (`rerun`): no peer sends it those
+          slices any more, but the client still waits and the input is here. Held frames went
+          nowhere yet and simply wait."""
+        expired, to_rerun = [], []
+        for f in list(self.frames.values()):
+            if f.phase in (Phase.DONE, Phase.HELD) or f.received_s > stalled_from_s:
+                continue
+            if f.local:
+                to_rerun.append(f)
+                continue
+            self.counters["frames_expired"] += 1
+            expired.append(self._expire(f, f"expired: this node was not running for "
+                                           f"{(now_s - stalled_from_s) * 1000:.0f} ms, its peers went on without it"))
+        return expired, to_rerun
+
+    def rerun(self, f: Frame, new_frame: int) -> None:
+        """A local frame starts over from its input as `new_frame`, held until the handler starts
+        it with fresh participants. It keeps its admission time (`t_ms`, so its place in every
+        node's order), its age (the frame timeout still bounds it) and its place in the answer
+        order. Peers forget the old id when the heartbeats stop listing it. The handler has
+        abandoned the old id's gathers and told the engine to drop its state."""
+        if f.input is None or not f.local:
+            raise ValueError(f"frame {f.frame}: only a local frame that still has its input can run again")
+        del self.frames[f.frame]
+        self._answer_order[self._answer_order.index(f.frame)] = new_frame
+        if f.phase != Phase.QUEUED:   # the engine had taken it: its input counts as queued again
+            self._queued_bytes += f.input_bytes
+        f.frame, f.phase, f.participants, f.excluded = new_frame, Phase.HELD, frozenset(), frozenset()
+        f.stage, f.stages_sent, f.gathered, f.engine_state, f.degraded = 0, 0, None, False, {}
+        self.frames[new_frame] = f
+        self.counters["frames_rerun"] += 1
 
     def _expire(self, f: Frame, why: str) -> Frame:
         state = f.engine_state
@@ -371,6 +404,7 @@ class FrameBook:
         lat = sorted(r[0] for r in self.recent)
         return {"frames_done": self.counters["frames_done"], "frame_errors": self.counters["frame_errors"],
                 "frames_expired": self.counters["frames_expired"], "frames_pruned": self.counters["frames_pruned"],
+                "frames_rerun": self.counters["frames_rerun"],
                 "frames_in_flight": self.in_flight(), "frames_queued": self.queued(),
                 "latency_ms_p50": lat[len(lat) // 2] if lat else None,
                 "latency_ms_p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,

@@ -126,6 +126,7 @@ class Handler:
         self.engine_busy_s = 0.0        # the engine's compute time, all items together
         self.engine_telemetry: Dict[str, object] = {"device": config.compute, "dtype": config.dtype}
         self.stalled_from_s: Optional[float] = None
+        self.awaiting_since_s = float("-inf")   # when serving stopped to hear the peers again (a stall)
         self._pruned_by: Dict[str, object] = {}   # origin -> the heartbeat report last pruned by
         self.power = Power()
         self._telemetry: Tuple[float, Dict[str, int], Optional[float], Dict[str, object]] = (float("-inf"), {}, None, {})
@@ -219,8 +220,27 @@ class Handler:
             log.info("peer %s %s%s", event.peer_id, event.kind.value, " (restarted)" if event.restarted else "")
 
     def _on_stall(self, start_s: float, end_s: float) -> None:
-        """This node was not running for a peer timeout or more: its peers went on without it."""
+        """This node was not running for a peer timeout or more: its peers went on without it.
+        Called from within the mesh's pass, before this pass reads the clients: no frame starts
+        on the peers' stale reports from here on (see `_after_stall`)."""
         self.stalled_from_s = start_s
+        if self.serving:
+            self.serving, self.awaiting_since_s = False, end_s
+
+    def _after_stall(self, stalled_from: float, now: float) -> None:
+        """Back from a stall (a frozen board, a long pause): the peers released this node from every
+        frame in flight and may still count it dead. Their frames are dropped; this node's own are
+        run again under new ids, and nothing starts until the peers hear it again (or a start-up
+        grace), as at start-up: frames started now would run alone on the peers' stale reports."""
+        expired, to_rerun = self.book.after_stall(stalled_from, now)
+        self._expired(expired)
+        for f in to_rerun:
+            self.mesh.abandon(f.frame)
+            if f.engine_state:
+                self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.DROP, "frame": f.frame}, [])]))
+            self.book.rerun(f, wire.frame_id(self.device, next(self.sequence)))
+        log.warning("back from a stall of %.0f ms: %d own frames run again, %d peers' frames dropped; serving "
+                    "again once the peers hear this node", (now - stalled_from) * 1000, len(to_rerun), len(expired))
 
     def participants_now(self, now: float) -> List[str]:
         """Who a frame submitted now would run on (membership.py: pairwise connected)."""
@@ -245,7 +265,8 @@ class Handler:
         if not self.serving:
             connected = m.connected(now)
             settled = all(p in connected or s == PeerState.REFUSED for p, s in states.items())
-            graced = self.ready_since_s is not None and now - self.ready_since_s >= self.config.startup_grace_s
+            graced = (self.ready_since_s is not None
+                      and now - max(self.ready_since_s, self.awaiting_since_s) >= self.config.startup_grace_s)
             # Never before our own engine is ready (and has said so): a frame started earlier
             # would reach peers whose latest report from us says "not ready", and they would
             # release us from it as stalled (seen in loaded runs: a restarted node's first
@@ -279,7 +300,7 @@ class Handler:
                                 "wall_s": time.time()})
         if self.stalled_from_s is not None:
             stalled_from, self.stalled_from_s = self.stalled_from_s, None
-            self._expired(self.book.expire(now, stalled_from))
+            self._after_stall(stalled_from, now)
         self._expired(self.book.expire(now))
         self._prune_finished()
         if self.serving:
@@ -337,7 +358,8 @@ class Handler:
                 alone = f.participants == frozenset({self.me.id})
                 items.append(({"kind": ipc.INPUT, "frame": f.frame, "alone": alone, **ipc.describe(f.input)},
                               [f.input]))
-                f.input = None   # the engine has it now
+                if not f.local:
+                    f.input = None   # the engine has it now; a local frame keeps it to run again after a stall
             else:
                 items.append(self._gathered_item(f, f.gathered))
                 f.gathered = None
@@ -588,7 +610,8 @@ class Handler:
         if self.refusal:
             line = f"REFUSED: {self.refusal}"
         elif not self.serving:
-            line = "starting: waiting to hear the peers"
+            line = ("back from a stall: waiting to hear the peers again" if self.awaiting_since_s > float("-inf")
+                    else "starting: waiting to hear the peers")
         else:
             m = self.mesh.membership
             line = (f"serving device {self.device} of plan {self.plan.plan_hash[:12]}; "

@@ -46,8 +46,9 @@ NOT_DROPS = {
 FRAME_COUNTERS = {
     "frames_done": "frames this node's engine finished (its own clients' and its peers')",
     "frame_errors": "frames that failed in this node's engine",
-    "frames_expired": "frames expired here (too old, or received before this node's own stall)",
+    "frames_expired": "frames expired here (too old, or peers' frames received before this node's own stall)",
     "frames_pruned": "peers' frames dropped because their origin had finished them",
+    "frames_rerun": "own frames run again under a new id because this node stalled while they were out",
 }
 
 

@@ -129,3 +129,39 @@ def test_a_node_killed_mid_stream_every_frame_answered_then_the_failed_simulatio
                 assert meta["prediction"] == [failed[r["sample"]]], (c.node, r["sample"])
                 assert cluster.ids[victim] not in meta["participants"]
     assert checked >= 30, checked
+
+
+def test_an_origin_stalled_past_the_peer_timeout_answers_every_frame(digits_plan, digits_split):
+    """n0's handler stops (SIGSTOP) with frames in flight until n1 declares it dead, then goes
+    on: a board that froze (swap, a long GC pause, throttling). Its peers went on without it
+    meanwhile, so it cannot finish those frames; it runs them again, under new ids, instead of
+    answering them with an error. Every frame is answered, and every answer with nothing
+    zero-filled is the no-failure prediction."""
+    images, _ = digits_split
+    expected = predictions(digits_plan, [])["predictions"]
+    with LocalCluster(digits_plan) as cluster:
+        nh.start_cluster(cluster)
+        client = ClosedLoopClient(cluster, "n0", images, 60)
+        client.start()
+        nh.wait_for(lambda: len(client.answers) >= 15, 60, "15 answers before the stall")
+        handler = nh.node_children(cluster, 0)["handler"]
+        handler.suspend()
+        try:
+            cluster.wait_until(lambda views: any(v.get("node") == "n1" and v["members"]["n0"]["state"] == "dead"
+                                                 for v in views), 30, "n1 to declare the stopped n0 dead")
+        finally:
+            handler.resume()
+        client.join(120)
+        (n0,) = [v for v in cluster.status(timeout_s=10.0) if v.get("node") == "n0"]
+    assert client.error is None, client.error
+    assert len(client.answers) == 60, len(client.answers)
+    errors = [r["meta"] for r in client.answers if "error" in r["meta"]]
+    assert not errors, errors[:3]
+    assert n0["counters"]["self_stalls"] >= 1, n0["counters"]
+    assert n0["frames_rerun"] >= 1, n0
+    exact = [r for r in client.answers if r["meta"]["zero_filled_fraction"] == 0.0]
+    print(f"stalled origin: {n0['frames_rerun']} frames run again, {len(client.answers) - len(exact)} of "
+          f"{len(client.answers)} answers zero-filled, worst latency "
+          f"{max(r['meta']['latency_ms'] for r in client.answers):.0f} ms")
+    assert len(exact) >= 40, len(exact)
+    assert all(r["meta"]["prediction"] == [expected[r["sample"]]] for r in exact)

@@ -351,14 +351,52 @@ def test_held_frame_expires_too():
     assert f.phase == Phase.DONE and "error" in f.answer and b.held() == []
 
 
-def test_frames_received_before_our_own_stall_expire():
+def test_peers_frames_received_before_our_own_stall_expire():
     # issue 10: a node back from a stall waited on inputs its peers had finished long ago.
     b = book()
     peer(b, "n1", 0, now_s=1.0)
     peer(b, "n2", 0, now_s=3.0)
-    (f,) = b.expire(3.5, stalled_from_s=2.0)
-    assert f.frame == fid("n1", 0)
-    assert fid("n2", 0) in b.frames
+    (f,), rerun = b.after_stall(2.0, 3.5)
+    assert f.frame == fid("n1", 0) and rerun == []
+    assert fid("n2", 0) in b.frames and b.counters["frames_expired"] == 1
+
+
+def test_own_frames_sent_out_before_a_stall_run_again_under_new_ids():
+    # A stalled origin's peers went on without it; the client still waits, the input is here.
+    b = book(max_per_origin=4)
+    gathering_frame = local(b, 0, now_s=1.0)
+    queued = local(b, 1, now_s=1.0)                                 # sent out, the engine not at it yet
+    assert b.next_work().frame == gathering_frame
+    b.on_slice(gathering_frame, 1, None)
+    held = fid("n0", 2)
+    assert b.admit_local(held, 2, "x2", 100, b"client", {}, 1.0) is None
+    after = local(b, 3, now_s=3.0)
+    expired, rerun = b.after_stall(2.0, 3.5)
+    assert expired == [] and sorted(f.frame for f in rerun) == [gathering_frame, queued]
+    old_keys = {f.frame: (f.t_ms, f.received_s) for f in rerun}
+    for new_seq, f in zip((10, 11), rerun):
+        old = f.frame
+        b.rerun(f, fid("n0", new_seq))
+        assert old not in b.frames and b.frames[fid("n0", new_seq)] is f
+        assert (f.t_ms, f.received_s) == old_keys[old]              # its place in the order, its age
+        assert f.phase == Phase.HELD and f.participants == frozenset() and f.stages_sent == 0
+        assert not f.engine_state and f.gathered is None and f.degraded == {} and f.input is not None
+    assert b.counters["frames_rerun"] == 2 and b.counters["frames_expired"] == 0
+    assert b._queued_bytes == 400                                    # four inputs held or queued again
+    assert set(b.progress()) == {after}                              # peers stop hearing of the old ids
+    assert {f.frame for f in b.held()} == {held, fid("n0", 10), fid("n0", 11)}
+    for f in b.held():
+        b.start(f.frame, ALL)
+    order = [b.next_work().frame for _ in range(4)]
+    assert order == [fid("n0", 10), fid("n0", 11), held, after]      # oldest first by t_ms, as before
+    assert list(b._answer_order) == [fid("n0", 10), fid("n0", 11), held, after]   # the clients' order
+
+
+def test_only_a_local_frame_with_its_input_runs_again():
+    b = book()
+    peer(b, "n1", 0, now_s=1.0)
+    with pytest.raises(ValueError, match="only a local frame"):
+        b.rerun(b.frames[fid("n1", 0)], fid("n0", 5))
 
 
 def test_expired_frame_tells_whether_the_engine_holds_its_state():
@@ -565,7 +603,10 @@ def test_any_sequence_of_events_keeps_the_books_straight(events, data):
     for event in events:
         if event[0] == "expire":
             now += event[1]
-            b.expire(now, now - 0.5 if event[2] else None)
+            b.expire(now)
+            if event[2]:   # back from a stall: the handler runs the local frames returned again
+                for f in b.after_stall(now - 0.5, now)[1]:
+                    b.rerun(f, wire.frame_id(0, next(sequence)))
         else:
             apply_event(b, event, now, pick, sequence)
         # the admission caps hold, and the book's own accounting matches what it holds
@@ -574,7 +615,11 @@ def test_any_sequence_of_events_keeps_the_books_straight(events, data):
         assert all(n <= fr.PEER_WINDOW_FACTOR * b.max_per_origin for n in per_origin.values())
         assert all(b._per_origin[o] == per_origin[o] for o in set(per_origin) | set(b._per_origin))
         held_bytes = sum(f.input_bytes for f in b.frames.values() if f.phase in (Phase.HELD, Phase.QUEUED))
-        assert b._queued_bytes == held_bytes <= b.max_queued_input_bytes
+        # The cap binds admissions; frames run again after a stall had their inputs held all along.
+        rerun_bytes = sum(f.input_bytes for f in b.frames.values() if f.local and f.phase == Phase.HELD)
+        assert b._queued_bytes == held_bytes <= b.max_queued_input_bytes + rerun_bytes
+        # every local frame keeps its place in the clients' answer order, under its current id
+        assert all(f.frame in b._answer_order for f in b.frames.values() if f.local)
         for f in b.frames.values():  # only local frames wait, done, for their answer; they all have one
             assert (f.answer is not None) == (f.phase == Phase.DONE) and (f.local or f.phase != Phase.DONE)
         assert set(b.progress()) == {f.frame for f in b.frames.values() if f.phase not in (Phase.HELD, Phase.DONE)}
