@@ -21,7 +21,9 @@ node (node/client.py closed_loop). Figures, per model:
                           wall-clock figures it hardly moves when other jobs share the machine
   slice_bytes_per_frame   bytes of slices all nodes sent per frame (the mesh's slice_bytes_sent),
                           in the --dtype the cluster computes and sends (float16 halves it)
-  zero_filled, errors     over every run (must be 0 with nothing failed)
+  zero_filled, errors     over every run (must be 0 with nothing failed); when not, bad_answers
+                          holds the first 5 such answers and node_warnings each node's last
+                          30 log lines (WARNING and above), also printed to stderr
 The last stdout line is the JSON object (with --json).
 """
 from __future__ import annotations
@@ -110,6 +112,7 @@ def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float
     out = {"model": model, "devices": DEVICES, "replication": summary["replication_factor"], "threads_per_node": 1,
            "cores": os.cpu_count(), "dtype": dtype}
     zero_filled = errors = 0
+    bad_answers = []   # the first few answers zero-filled or failed with nothing failed: what they said
 
     def tally(records):
         nonlocal zero_filled, errors
@@ -117,6 +120,9 @@ def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float
             meta = r["meta"] or {"error": "no answer"}
             errors += "error" in meta
             zero_filled += bool(meta.get("zero_filled_fraction"))
+            if ("error" in meta or meta.get("zero_filled_fraction")) and len(bad_answers) < 5:
+                bad_answers.append({k: meta.get(k) for k in ("error", "node", "latency_ms", "participants",
+                                                            "failed_by_stage", "zero_filled_fraction") if k in meta})
 
     with LocalCluster(summary["plan"], threads=1, log_level="WARNING", dtype=dtype) as cluster:
         for d in range(DEVICES):
@@ -157,6 +163,13 @@ def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float
         per_frame_ms = busy_ms / max(answered, 1)
         out["engine_compute_ms_per_frame_all_devices"] = per_frame_ms
         out["compute_bound_fps"] = 1000.0 * out["cores"] / per_frame_ms if per_frame_ms else None
+        if bad_answers:
+            # With nothing failed these are defects: keep the nodes' own account (they log at
+            # WARNING here) before the cluster's folder is deleted.
+            out["bad_answers"] = bad_answers
+            out["node_warnings"] = {cluster.ids[d]: cluster.tail(d, 30).splitlines() for d in range(DEVICES)}
+            for node, lines in out["node_warnings"].items():
+                print("\n".join(f"{node}: {line}" for line in lines), file=sys.stderr)
     out["zero_filled_frames"], out["errors"] = zero_filled, errors
     return out
 
