@@ -60,8 +60,9 @@ MAX_FRAMES_PER_ORIGIN = 32
 # origin's window, so that the origin's own limit is the one that binds, and a busy peer is
 # never the one that drops a frame (the origin would zero-fill it).
 PEER_WINDOW_FACTOR = 2
-# Input bytes held for frames the engine has not started, over all origins: a burst of large
-# inputs is refused rather than pinned in memory.
+# Input bytes this node holds, over all origins: peers' inputs until the engine starts them, and
+# its own clients' inputs until they are answered (kept to run again after a stall). A burst of
+# large inputs is refused rather than pinned in memory.
 MAX_QUEUED_INPUT_BYTES = 64 * 1024 * 1024
 RECENT_FRAMES = 200          # frames the status statistics are taken over
 
@@ -138,7 +139,7 @@ class FrameBook:
         if self._per_origin[origin] >= max_frames:
             return f"{self._per_origin[origin]} frames of {origin} in flight (at most {max_frames})"
         if self._queued_bytes + nbytes > self.max_queued_input_bytes:
-            return (f"{(self._queued_bytes + nbytes) / 2**20:.0f} MiB of inputs would be queued "
+            return (f"{(self._queued_bytes + nbytes) / 2**20:.0f} MiB of inputs would be held "
                     f"(at most {self.max_queued_input_bytes / 2**20:.0f} MiB)")
         return None
 
@@ -204,7 +205,7 @@ class FrameBook:
             f = self.frames.get(key[1])
             if f is None or f.key != key or f.phase not in READY_PHASES:
                 continue
-            if f.phase == Phase.QUEUED:
+            if f.phase == Phase.QUEUED and not f.local:   # a local input is kept until answered
                 self._queued_bytes -= f.input_bytes
             f.phase = Phase.RUNNING
             f.engine_state = True
@@ -272,6 +273,8 @@ class FrameBook:
             return None
         for stage, count in zero.items():
             self._note_zero(f, stage, count)
+        if f.local:
+            self._queued_bytes -= f.input_bytes
         f.logits, f.compute_ms, f.engine_state, f.input = logits, compute_ms, False, None
         f.phase = Phase.DONE
         self.counters["frames_done"] += 1
@@ -291,7 +294,7 @@ class FrameBook:
         return self._fail(f, message)
 
     def _fail(self, f: Frame, message: str) -> Frame:
-        if f.phase == Phase.QUEUED or f.phase == Phase.HELD:
+        if f.phase in (Phase.QUEUED, Phase.HELD) or (f.local and f.phase != Phase.DONE):
             self._queued_bytes -= f.input_bytes
         f.phase, f.input, f.gathered = Phase.DONE, None, None
         if f.local:
@@ -330,7 +333,7 @@ class FrameBook:
         for f in list(self.frames.values()):
             if f.phase in (Phase.DONE, Phase.HELD) or f.received_s > stalled_from_s:
                 continue
-            if f.local:
+            if f.local and f.input is not None:
                 to_rerun.append(f)
                 continue
             self.counters["frames_expired"] += 1
@@ -348,8 +351,6 @@ class FrameBook:
             raise ValueError(f"frame {f.frame}: only a local frame that still has its input can run again")
         del self.frames[f.frame]
         self._answer_order[self._answer_order.index(f.frame)] = new_frame
-        if f.phase != Phase.QUEUED:   # the engine had taken it: its input counts as queued again
-            self._queued_bytes += f.input_bytes
         f.frame, f.phase, f.participants, f.excluded = new_frame, Phase.HELD, frozenset(), frozenset()
         f.stage, f.stages_sent, f.gathered, f.engine_state, f.degraded = 0, 0, None, False, {}
         self.frames[new_frame] = f

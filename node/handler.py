@@ -224,8 +224,9 @@ class Handler:
         Called from within the mesh's pass, before this pass reads the clients: no frame starts
         on the peers' stale reports from here on (see `_after_stall`)."""
         self.stalled_from_s = start_s
-        if self.serving:
-            self.serving, self.awaiting_since_s = False, end_s
+        # Also when not serving yet: the start-up grace counts again from here, or a node stalled
+        # during its start-up would serve at once on the peers' stale reports.
+        self.serving, self.awaiting_since_s = False, end_s
 
     def _after_stall(self, stalled_from: float, now: float) -> None:
         """Back from a stall (a frozen board, a long pause): the peers released this node from every

@@ -159,6 +159,9 @@ def test_an_origin_stalled_past_the_peer_timeout_answers_every_frame(digits_plan
     assert not errors, errors[:3]
     assert n0["counters"]["self_stalls"] >= 1, n0["counters"]
     assert n0["frames_rerun"] >= 1, n0
+    # Nothing ran alone on the peers' stale reports: the node served again once they heard it.
+    alone = [r["meta"] for r in client.answers if r["meta"]["counted_on"] == ["n0"]]
+    assert not alone, alone[:3]
     exact = [r for r in client.answers if r["meta"]["zero_filled_fraction"] == 0.0]
     print(f"stalled origin: {n0['frames_rerun']} frames run again, {len(client.answers) - len(exact)} of "
           f"{len(client.answers)} answers zero-filled, worst latency "

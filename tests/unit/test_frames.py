@@ -90,11 +90,25 @@ def test_local_frame_beyond_the_queued_byte_cap_is_refused_as_busy():
     assert b.admit_local(fid("n0", 1), 1, "x", 400, b"c", {}, 0.0) is None
 
 
-def test_started_input_frees_its_bytes_for_new_admissions():
+def test_a_peers_started_input_frees_its_bytes_for_new_admissions():
     b = book(max_per_origin=10)
-    local(b, 0, nbytes=1000)
-    assert peer(b, "n1", 0, nbytes=1) == fr.DROP_OVERFLOW
+    peer(b, "n1", 0, nbytes=1000)
+    assert peer(b, "n2", 0, nbytes=1) == fr.DROP_OVERFLOW
     b.next_work()
+    assert peer(b, "n2", 1, nbytes=1000) is None
+
+
+@pytest.mark.parametrize("ending", ["done", "error"])
+def test_a_local_input_counts_until_its_frame_is_answered(ending):
+    # The node keeps it to run the frame again after a stall: memory it holds, under the cap.
+    b = book(max_per_origin=10)
+    frame = local(b, 0, nbytes=1000)
+    b.next_work()
+    assert peer(b, "n1", 0, nbytes=1) == fr.DROP_OVERFLOW
+    if ending == "done":
+        b.on_done(frame, "logits", {}, 1.0, 1.0, answer_fn)
+    else:
+        b.on_error(frame, "engine: boom")
     assert peer(b, "n1", 1, nbytes=1000) is None
 
 
@@ -382,7 +396,7 @@ def test_own_frames_sent_out_before_a_stall_run_again_under_new_ids():
         assert f.phase == Phase.HELD and f.participants == frozenset() and f.stages_sent == 0
         assert not f.engine_state and f.gathered is None and f.degraded == {} and f.input is not None
     assert b.counters["frames_rerun"] == 2 and b.counters["frames_expired"] == 0
-    assert b._queued_bytes == 400                                    # four inputs held or queued again
+    assert b._queued_bytes == 400                                    # the four local inputs, held all along
     assert set(b.progress()) == {after}                              # peers stop hearing of the old ids
     assert {f.frame for f in b.held()} == {held, fid("n0", 10), fid("n0", 11)}
     for f in b.held():
@@ -576,6 +590,8 @@ def apply_event(b, event, now, pick, sequence):
         ready = [f.key for f in b.frames.values() if f.phase in fr.READY_PHASES]
         f = b.next_work()
         assert (f is None) == (not ready) and (f is None or f.key == min(ready))  # oldest first
+        if f is not None and not f.local:
+            f.input = None   # as the handler does: the engine has it; a local frame keeps its own
     elif kind == "slice" and in_phase(Phase.RUNNING):
         b.on_slice(pick(in_phase(Phase.RUNNING)).frame, event[1], event[2])
     elif kind == "gathered" and in_phase(Phase.GATHERING):
@@ -603,10 +619,10 @@ def test_any_sequence_of_events_keeps_the_books_straight(events, data):
     for event in events:
         if event[0] == "expire":
             now += event[1]
-            b.expire(now)
             if event[2]:   # back from a stall: the handler runs the local frames returned again
                 for f in b.after_stall(now - 0.5, now)[1]:
                     b.rerun(f, wire.frame_id(0, next(sequence)))
+            b.expire(now)
         else:
             apply_event(b, event, now, pick, sequence)
         # the admission caps hold, and the book's own accounting matches what it holds
@@ -614,10 +630,10 @@ def test_any_sequence_of_events_keeps_the_books_straight(events, data):
         assert per_origin["n0"] <= b.max_per_origin
         assert all(n <= fr.PEER_WINDOW_FACTOR * b.max_per_origin for n in per_origin.values())
         assert all(b._per_origin[o] == per_origin[o] for o in set(per_origin) | set(b._per_origin))
-        held_bytes = sum(f.input_bytes for f in b.frames.values() if f.phase in (Phase.HELD, Phase.QUEUED))
-        # The cap binds admissions; frames run again after a stall had their inputs held all along.
-        rerun_bytes = sum(f.input_bytes for f in b.frames.values() if f.local and f.phase == Phase.HELD)
-        assert b._queued_bytes == held_bytes <= b.max_queued_input_bytes + rerun_bytes
+        # inputs held: peers' until the engine takes them, local ones until answered (to run again)
+        held_bytes = sum(f.input_bytes for f in b.frames.values()
+                         if f.phase in (Phase.HELD, Phase.QUEUED) or (f.local and f.phase != Phase.DONE))
+        assert b._queued_bytes == held_bytes <= b.max_queued_input_bytes
         # every local frame keeps its place in the clients' answer order, under its current id
         assert all(f.frame in b._answer_order for f in b.frames.values() if f.local)
         for f in b.frames.values():  # only local frames wait, done, for their answer; they all have one
