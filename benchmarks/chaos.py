@@ -1,7 +1,7 @@
 """Chaos on a real network: 4 nodes in 4 network namespaces (node/netlab.py), one fault at a
 time, and what it costs the frames of a camera-like stream (issue 10).
 
-    python benchmarks/chaos.py --json [--scenarios stop,linkdown,split,loss,cut,oneway,restart,refused]
+    python benchmarks/chaos.py --json [--scenarios stop,stallorigin,linkdown,split,loss,cut,oneway,restart,refused]
                                [--rate 20] [--loss-seconds 60] [--cut-seconds 14]
                                [--out benchmarks/results/chaos.json]
 
@@ -9,6 +9,8 @@ Needs root, iproute2 and nftables. digits_cnn (robust) over 4 devices; the clien
 n0 (to n3 for restart and refused) at --rate frames per second, open loop, from the root
 namespace. Each scenario gets a fresh lab and cluster: 3 s before, the fault, 6 s after.
   stop      SIGSTOP n3 for 2 s              linkdown  n3's cable out for 3 s
+  stallorigin  SIGSTOP n0, the camera's own node, for 2 s (a frozen board: its peers go on
+            without it; it runs its frames in flight again and answers them all)
   split     n0,n1 | n2,n3 for 3 s           loss      5 % loss between n0 and n1, both ways
   cut       n3's cable out for --cut-seconds (TCP connections die; they must heal within 1 s)
   oneway    n0 -> n3 packets dropped (n3 hears nothing from n0, n0 hears n3) for 4 s
@@ -20,12 +22,15 @@ node again (reintegrated_after_ms) and how many frames after that were still zer
 deaths (false ones for loss and oneway); answers that claim less zero-fill than some node had
 for that frame ("divergent", stricter: a participant's rows nobody used count too) and answers that claim to be
 whole yet differ from the no-failure model ("silent", the check); for cut, when each side heard the other again; for restart, the
-frames n3 answered alone; for refused, the errors naming the plan mismatch.
+frames n3 answered alone; for refused, the errors naming the plan mismatch; for stallorigin, the
+frames n0 ran again. Every scenario lists its error answers by message (error_messages).
 The last stdout line is the JSON object (with --json).
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import re
 import sys
 import tempfile
 import time
@@ -40,7 +45,7 @@ from robustdice.partitioner.runtime import Cluster
 from _results import write_result
 
 BEFORE_S, AFTER_S = 3.0, 6.0
-SCENARIOS = ("stop", "linkdown", "split", "loss", "cut", "oneway", "restart", "refused")
+SCENARIOS = ("stop", "stallorigin", "linkdown", "split", "loss", "cut", "oneway", "restart", "refused")
 
 
 def pct(values, q):
@@ -72,10 +77,11 @@ def run_scenario(name, plan, other_plan, images, expected, args):
         time.sleep(BEFORE_S)  # the stream's "before": a camera runs on its own clock
         fault_s = time.time()
         heal_s = None
-        if name == "stop":
-            cluster.pause(3)
+        if name in ("stop", "stallorigin"):
+            victim = 3 if name == "stop" else 0
+            cluster.pause(victim)
             time.sleep(2.0)
-            cluster.resume(3)
+            cluster.resume(victim)
         elif name in ("linkdown", "cut"):
             lab.link(3, up=False)
             time.sleep(3.0 if name == "linkdown" else args.cut_seconds)
@@ -108,6 +114,10 @@ def run_scenario(name, plan, other_plan, images, expected, args):
     recs = stream.records
     out = {"frames": len(recs), "answered": sum(r["meta"] is not None for r in recs),
            "errors": sum(bool(r["meta"] and "error" in r["meta"]) for r in recs)}
+    # What the errors said, digits folded so that one cause is one line.
+    messages = collections.Counter(re.sub(r"\d+", "N", r["meta"]["error"])[:120]
+                                   for r in recs if r["meta"] and "error" in r["meta"])
+    out["error_messages"] = dict(messages.most_common(5))
     before = [r for r in recs if r["sent_s"] < fault_s]
     during = [r for r in recs if fault_s <= r["sent_s"] < heal_s]
     after = [r for r in recs if r["sent_s"] >= heal_s]
@@ -152,6 +162,9 @@ def run_scenario(name, plan, other_plan, images, expected, args):
                     and e["wall_s"] >= up]
         out["peers_hear_n3_after_ms"] = round(1000 * max(peers_hear), 1) if len(peers_hear) >= 3 else None
         out["n3_hears_peers_after_ms"] = round(1000 * max(n3_hears), 1) if len(n3_hears) >= 3 else None
+    if name == "stallorigin":
+        n0 = next((v for v in views if v.get("node") == "n0"), {})
+        out["frames_rerun"] = n0.get("frames_rerun")
     if name == "restart":
         out["answered_alone_by_n3"] = sum(1 for r in after if r["meta"] and r["meta"].get("participants") == ["n3"])
     if name == "refused":
