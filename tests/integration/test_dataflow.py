@@ -81,6 +81,14 @@ def test_four_origins_no_failure_nothing_zero_filled_and_exact(digits_plan, digi
     if latencies:  # figures for the record (-rP)
         print(f"4 origins x 4 in flight: {len(latencies)} answers, latency p50 {np.median(latencies):.1f} ms, "
               f"max {max(latencies):.1f} ms (limit {sync_ms / 2:.0f})")
+    # pytest cuts assertion messages: a failing run prints whole what the bad answers and the
+    # nodes said (a stall of a node past the peer timeout, say, shows in its peers' logs)
+    bad = [(c.node, {k: r["meta"].get(k) for k in ("error", "latency_ms", "participants", "counted_on",
+                                                    "failed_by_stage", "zero_filled_fraction")})
+           for c in clients for r in c.records
+           if "error" in r["meta"] or r["meta"].get("degraded") or r["meta"].get("participants") != cluster.ids]
+    if bad or any(warned.values()):
+        print("bad answers:", bad[:5], "\nnode warnings:", warned)
     for c in clients:
         assert c.error is None, c.error
         assert len(c.records) == FRAMES_PER_CLIENT and len(c.answers) == FRAMES_PER_CLIENT, (c.node, len(c.answers))
