@@ -236,9 +236,7 @@ class Handler:
         expired, to_rerun = self.book.after_stall(stalled_from, now)
         self._expired(expired)
         for f in to_rerun:
-            self.mesh.abandon(f.frame)
-            if f.engine_state:
-                self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.DROP, "frame": f.frame}, [])]))
+            self._drop_work(f)
             self.book.rerun(f, wire.frame_id(self.device, next(self.sequence)))
         log.warning("back from a stall of %.0f ms: %d own frames run again, %d peers' frames dropped; serving "
                     "again once the peers hear this node", (now - stalled_from) * 1000, len(to_rerun), len(expired))
@@ -382,11 +380,15 @@ class Handler:
                  "from": [self.device_of[p.sender] for p in pieces], "dtype": dtype, "trailing": trailing},
                 [p.array.reshape(-1).view(np.uint8) for p in pieces])
 
+    def _drop_work(self, f: Frame) -> None:
+        """Forget a frame id's gathers here and its state at the engine (it expired, or runs again)."""
+        self.mesh.abandon(f.frame)
+        if f.engine_state:
+            self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.DROP, "frame": f.frame}, [])]))
+
     def _expired(self, frames: List[Frame]) -> None:
         for f in frames:
-            self.mesh.abandon(f.frame)
-            if f.engine_state:
-                self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.DROP, "frame": f.frame}, [])]))
+            self._drop_work(f)
             if f.local:
                 self.ratelog.log("expired", logging.WARNING, time.monotonic(), "frame %d: %s", f.frame,
                                  (f.answer or {}).get("error", "expired"))
