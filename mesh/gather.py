@@ -24,8 +24,10 @@ A busy live peer is therefore never zero-filled, and a peer that finished a fram
 (a node back from a stall or a partition) costs nothing. `sync_timeout` bounds only silence.
 
 Late slices are counted by what they are: a replica that came after the gather had every
-neuron (`late_replica`), a slice from a holder already released (`late`), or a replay of a
-slice already used (`stale`). Early slices (for a gather not begun yet: peers run ahead) are
+neuron (`late_replica`), a slice for a frame its origin had already finished (`finished`: the
+origin completed it on other copies and this node dropped it), a slice from a holder already
+released or for a frame this node gave up (`late`), or a replay of a slice already used
+(`stale`). The first two are routine under load; `late` means some wait ran out. Early slices (for a gather not begun yet: peers run ahead) are
 kept, bounded in count, bytes and age.
 """
 from __future__ import annotations
@@ -47,6 +49,7 @@ Degraded = Tuple[Tuple[int, int, int], ...]
 STALE = "stale"
 LATE = "late"
 LATE_REPLICA = "late_replica"
+FINISHED = "finished"
 BAD_SLICE = "bad_slice"
 NOT_FINITE = "not_finite"
 DUPLICATE = "duplicate"
@@ -235,7 +238,9 @@ class GatherBook:
         self._early_bytes = 0
         # key -> the holders still unanswered when it finished, and whether it had every neuron
         self._finished: "OrderedDict[Key, Tuple[FrozenSet[str], FrozenSet[str]]]" = OrderedDict()
-        self._abandoned: "OrderedDict[int, None]" = OrderedDict()   # frames given up (expired)
+        # Frames given up here -> the drop reason of their later slices: FINISHED when their
+        # origin had finished them, LATE when this node gave up waiting (expired).
+        self._abandoned: "OrderedDict[int, str]" = OrderedDict()
 
     # ------------------------------------------------------------ begin
     def begin(self, frame: int, stage: int, origin: str, local_ids: np.ndarray, holders: Mapping[str, Iterable[int]],
@@ -292,8 +297,9 @@ class GatherBook:
             if reason is None:
                 self._dirty.add(key)
             return reason
-        if frame in self._abandoned:
-            return LATE  # this node gave the frame up: none of its gathers will begin
+        abandoned = self._abandoned.get(frame)
+        if abandoned is not None:
+            return abandoned  # this node dropped the frame: none of its gathers will begin
         finished = self._finished.get(key)
         if finished is not None:
             unanswered, released = finished
@@ -366,8 +372,9 @@ class GatherBook:
             self._finished.popitem(last=False)
         return gather.result(now_s)
 
-    def abandon(self, frame: int) -> int:
-        """Forget every gather and early slice of `frame` (an expired frame); returns gathers dropped."""
+    def abandon(self, frame: int, finished: bool = False) -> int:
+        """Forget every gather and early slice of `frame`; returns gathers dropped. `finished`:
+        its origin had finished it (its later slices drop as FINISHED), not expired here (LATE)."""
         keys = [k for k in self._active if k[0] == frame]
         for key in keys:
             gather = self._active.pop(key)
@@ -376,7 +383,7 @@ class GatherBook:
             self._finished[key] = (frozenset(gather.waiting()), frozenset(gather.holders))
         for early_key in [k for k in self._early if k[0][0] == frame]:
             self._pop_early(early_key)
-        self._abandoned[frame] = None
+        self._abandoned[frame] = FINISHED if finished else LATE
         while len(self._abandoned) > self.finished_memory:
             self._abandoned.popitem(last=False)
         while len(self._finished) > self.finished_memory:

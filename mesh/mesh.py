@@ -47,7 +47,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import wire
 from .config import PeersConfig, bind_endpoint
 from .errors import MeshError, WireError
-from .gather import LATE, LATE_REPLICA, GatherBook, GatherResult, SliceData
+from .gather import FINISHED, LATE, LATE_REPLICA, GatherBook, GatherResult, SliceData
 from .keys import load_own_keys
 from .membership import Membership, MembershipEvent, PeerState, Report
 from .ratelog import RateLimitedLog
@@ -60,8 +60,10 @@ log = logging.getLogger(__name__)
 MAX_DRAIN_PER_PROCESS = 2000
 MAX_APP_MESSAGES = 10000
 # Drops that a healthy cluster makes all the time, counted but logged at DEBUG: with replicated
-# neurons a gather completes on the first copy of each, so every later copy is a late replica.
-ROUTINE_DROPS = frozenset({LATE_REPLICA})
+# neurons a gather completes on the first copy of each, so every later copy is a late replica,
+# and an origin finishes a frame on the first copies while a node behind still has it (which
+# then drops it, and whatever else still comes for it is `finished`).
+ROUTINE_DROPS = frozenset({LATE_REPLICA, FINISHED})
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)   # plain ints: pyzmq's enum arithmetic costs
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -357,7 +359,7 @@ class Mesh:
                     self._drop("bad_frame", now_s, detail=f"slice frame {sl.frame} of no device, from {sender}")
                     continue
                 reason = self.book.add_slice(sender, sl.frame, sl.stage, sl.neuron_ids, sl.array, now_s, sl.degraded)
-                if reason in (LATE, LATE_REPLICA) and sl.degraded:
+                if reason in (LATE, LATE_REPLICA, FINISHED) and sl.degraded:
                     # Not used, but what it rests on is news about the frame: the answer should
                     # rather claim too much zero-fill than too little.
                     self._late_records.append((sl.frame, sl.degraded))
@@ -502,9 +504,10 @@ class Mesh:
         if batch:
             yield batch
 
-    def abandon(self, frame: int) -> None:
-        """Forget the gathers of a frame this node gave up (expired); late slices count as late."""
-        self.book.abandon(frame)
+    def abandon(self, frame: int, finished: bool = False) -> None:
+        """Forget the gathers of a frame this node dropped: its later slices count as `finished`
+        when its origin had finished it (routine), else as `late` (this node gave up on it)."""
+        self.book.abandon(frame, finished)
 
     def take_late_records(self) -> List[Tuple[int, Tuple[Tuple[int, int, int], ...]]]:
         """(frame, degradation record) of slices that came too late to be used."""

@@ -326,7 +326,7 @@ class Handler:
             if report is None or self._pruned_by.get(origin) is report:
                 continue
             self._pruned_by[origin] = report
-            self._expired(self.book.prune_origin(origin, report.progress, report.inputs))
+            self._expired(self.book.prune_origin(origin, report.progress, report.inputs), finished=True)
 
     def _start_local(self, f: Frame, now: float) -> None:
         participants = self.participants_now(now)
@@ -380,15 +380,16 @@ class Handler:
                  "from": [self.device_of[p.sender] for p in pieces], "dtype": dtype, "trailing": trailing},
                 [p.array.reshape(-1).view(np.uint8) for p in pieces])
 
-    def _drop_work(self, f: Frame) -> None:
-        """Forget a frame id's gathers here and its state at the engine (it expired, or runs again)."""
-        self.mesh.abandon(f.frame)
+    def _drop_work(self, f: Frame, finished: bool = False) -> None:
+        """Forget a frame id's gathers here and its state at the engine (it expired, runs again,
+        or its origin finished it: `finished`)."""
+        self.mesh.abandon(f.frame, finished)
         if f.engine_state:
             self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.DROP, "frame": f.frame}, [])]))
 
-    def _expired(self, frames: List[Frame]) -> None:
+    def _expired(self, frames: List[Frame], finished: bool = False) -> None:
         for f in frames:
-            self._drop_work(f)
+            self._drop_work(f, finished)
             if f.local:
                 self.ratelog.log("expired", logging.WARNING, time.monotonic(), "frame %d: %s", f.frame,
                                  (f.answer or {}).get("error", "expired"))

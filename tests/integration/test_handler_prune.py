@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import node_helpers as nh  # noqa: E402
 
 from robustdice.mesh import wire  # noqa: E402
+from robustdice.mesh.gather import FINISHED  # noqa: E402
 from robustdice.node.config import load_node_config  # noqa: E402
 from robustdice.node.frames import MAX_FRAMES_PER_ORIGIN  # noqa: E402
 from robustdice.node.handler import Handler  # noqa: E402
@@ -56,6 +57,10 @@ def test_frames_their_origin_finished_are_dropped_and_free_its_window(digits_pla
             heartbeat(handler, {frames[-2]: 1, frames[-1]: 0}, frames[-1])
             until_held(handler, frames[-2:])
             assert handler.book.counters["frames_pruned"] == window - 2
+            # what still comes for a pruned frame is routine (logged at DEBUG), not a `late` warning
+            ids = np.array(handler.plan.stages[0].holders(2), dtype=np.int32)
+            assert handler.mesh.book.add_slice("n2", frames[0], 0, ids, np.zeros((len(ids), 4, 8, 8), np.float32),
+                                               time.monotonic()) == FINISHED
             # a frame newer than a heartbeat's newest input is not judged by it: n0 finished
             # frames[-2], and `newer` stays although that heartbeat does not list it
             newer = wire.frame_id(0, window + 1)

@@ -418,6 +418,16 @@ def test_abandon_forgets_the_frame_and_its_late_slices_count_as_late():
         book.begin(FRAME, STAGE, ORIGIN, np.array([0, 1]), HOLDERS, N, 6.0)
 
 
+def test_a_frame_its_origin_finished_drops_its_later_slices_as_finished_not_late():
+    """Routine under load (a node behind prunes what its origin finished): not a `late` warning."""
+    book = book_with()
+    assert book.abandon(FRAME, finished=True) == 1
+    assert answer(book, "a") == g.FINISHED
+    assert answer(book, "b", stage=STAGE + 1) == g.FINISHED and book.early_count == 0
+    book.abandon(FRAME + 1)  # expired here: still `late`
+    assert answer(book, "a", frame=FRAME + 1) == g.LATE
+
+
 def test_slices_of_an_abandoned_frames_later_stages_are_not_buffered():
     book = book_with()
     book.abandon(FRAME)
@@ -517,6 +527,6 @@ def test_begin_rejects_holder_ids_outside_the_stage():
 
 
 def test_drop_reasons_are_distinct_counter_names():
-    reasons = [g.STALE, g.LATE, g.LATE_REPLICA, g.BAD_SLICE, g.NOT_FINITE, g.DUPLICATE, g.EARLY_EVICTED,
+    reasons = [g.STALE, g.LATE, g.LATE_REPLICA, g.FINISHED, g.BAD_SLICE, g.NOT_FINITE, g.DUPLICATE, g.EARLY_EVICTED,
                g.EARLY_EXPIRED, g.BAD_STAGE]
     assert len(set(reasons)) == len(reasons)
