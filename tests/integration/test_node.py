@@ -4,6 +4,7 @@ Each node is the real supervisor (engine + handler children) with one torch thre
 """
 import enum
 import json
+import os
 import re
 import signal
 import subprocess
@@ -94,10 +95,13 @@ def test_no_failure_alexnet_three_nodes_matches_plain_model(tmp_path_factory):
 @pytest.mark.slow
 def test_engine_runs_below_the_handler_cpu_priority(digits_cluster):
     """Compute must not delay the mesh: on a shared core the handler goes first."""
-    from robustdice.node.engine import ENGINE_NICE
+    from robustdice.node.engine import ENGINE_NICE, ENGINE_POLICY
     for d in range(len(digits_cluster.ids)):
         children = nh.node_children(digits_cluster, d)
         assert children["engine"].nice() - children["handler"].nice() == ENGINE_NICE
+        # a waking engine must not preempt the handler; the handler keeps the default policy
+        assert os.sched_getscheduler(children["engine"].pid) == ENGINE_POLICY
+        assert os.sched_getscheduler(children["handler"].pid) == os.SCHED_OTHER
 
 
 def test_status_cli_json_shows_every_node(digits_cluster):
