@@ -3,13 +3,15 @@
 The node package composes the others (partitioner and mesh know nothing of each other), so the
 dispatcher lives here. A subcommand module exposes `register(subparsers)`, which adds its
 parsers and sets `func` on each: `func(args) -> int` is the exit status.
-Errors derived from a package's error base print one line and exit 2; nothing else is caught,
-so a bug still shows its traceback.
+Errors derived from a package's error base print one line and exit 2; a reader that closed the
+pipe (`robustdice status --json | head -1`) ends the command quietly with 141, as SIGPIPE would;
+nothing else is caught, so a bug still shows its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -55,6 +57,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # What is still buffered would fail again at exit ("Exception ignored ..."): point
+        # stdout at /dev/null so that the interpreter's last flush has somewhere to go.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

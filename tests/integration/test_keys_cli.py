@@ -3,6 +3,7 @@
 Clients (`--clients`, default `client`) go under `clients:`, never under `peers:`: a client listed
 as a peer would make peers.yaml one device longer than the plan, and every node would refuse it.
 """
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,16 @@ def test_default_client_and_names_listed_twice(tmp_path):
 
     out = keys("--out", tmp_path / "c", "--ids", "n0", "--clients", "")
     assert out.returncode == 0 and "clients" not in yaml.safe_load(out.stdout)
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    """`robustdice keys ... | head -0`: the reader is gone before the first line is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(nh.robustdice_cli() + ["keys", "--out", str(tmp_path / "keys"), "--ids", "n0,n1"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
