@@ -1,0 +1,40 @@
+"""benchmarks/_results.py: every results file says when, at which commit and on how much of the
+machine it was measured."""
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def results():
+    spec = importlib.util.spec_from_file_location("bench_results", BENCH / "_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_written_file_keeps_the_result_and_its_conditions(results, tmp_path, capsys):
+    sum(i for i in range(200_000))   # some CPU time between the module's start and the write
+    out = results.write_result({"fps": 12.5}, tmp_path / "sub" / "x.json", echo_json=True)
+    written = json.loads(out.read_text())
+    assert written["fps"] == 12.5
+    m = written["measured"]
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=BENCH.parent, capture_output=True,
+                          text=True).stdout.strip()
+    assert m["commit"].split("-")[0] == head
+    assert m["cores"] >= 1 and m["python_mops"] > 0 and m["run_s"] >= 0
+    assert 0.0 <= m["cpu_stolen_pct"] <= 100.0 and 0.0 <= m["cpu_idle_pct"] <= 100.0
+    assert m["utc"].endswith("+00:00")
+    # --json: the same object is the last stdout line
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == written
+
+
+def test_a_result_is_not_changed_in_place(results, tmp_path):
+    result = {"fps": 1.0}
+    results.write_result(result, tmp_path / "y.json", echo_json=False)
+    assert result == {"fps": 1.0}
