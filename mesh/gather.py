@@ -27,8 +27,8 @@ Late slices are counted by what they are: a replica that came after the gather h
 neuron (`late_replica`), a slice for a frame its origin had already finished (`finished`: the
 origin completed it on other copies and this node dropped it), a slice from a holder already
 released or for a frame this node gave up (`late`), or a replay of a slice already used
-(`stale`). The first two are routine under load; `late` means some wait ran out. Early slices (for a gather not begun yet: peers run ahead) are
-kept, bounded in count, bytes and age.
+(`stale`). The first two are routine under load; `late` means some wait ran out. Early
+slices (for a gather not begun yet: peers run ahead) are kept, bounded in count, bytes and age.
 """
 from __future__ import annotations
 
