@@ -5,8 +5,9 @@
         [--out benchmarks/results/robustness.json]
 
 Setting: N = 4 devices, every set of k = 0..3 failed devices, each plan simulated exactly
-(Cluster.simulate, what the nodes are tested against). Per model, scored once (s1+s2+s3; s3
-exact where its ablations are cheap, its second-order estimate elsewhere):
+(Cluster.simulate, what the nodes are tested against). Per model, scored once per stand-in
+(s1+s2+s3; s3 exact where its ablations are cheap, its second-order estimate elsewhere; s3
+ablates to zero for the zero fill, to the mean output for mean and mean+bn):
   lop, cdc                      with each fill (zero, mean, mean+bn)
   nmr                           zero fill (nothing is ever lost)
   robust t=0.1                  the paper's method at the default threshold, each fill
@@ -46,7 +47,7 @@ from robustdice.partitioner.finetune import finetune, training_data
 from robustdice.partitioner.errors import PartitionerError
 from robustdice.partitioner.models import build_model
 from robustdice.partitioner.partition import (DEFAULT_SCORES, PartitionRequest, default_calib_size,
-                                              partition)
+                                              partition, stand_ins)
 from robustdice.partitioner.scores import compute_scores
 from robustdice.partitioner.stages import trace_stages
 
@@ -99,7 +100,17 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
     started = time.perf_counter()
     staged = trace_stages(build_model(model, "DEFAULT"))
     calib = calibration_batch(model, n=default_calib_size(model), seed=0)
-    scores = compute_scores(staged, calib, list(DEFAULT_SCORES), show_progress=False, s3_mode="auto")
+    # s3 ablates a neuron to what its plan's fill puts there (partition.stand_ins): zero, or
+    # its mean for both mean and mean+bn, so two scorings serve the three fills.
+    scored = {}
+
+    def scores_for(fill: str):
+        key = "zero" if fill == "zero" else "mean"
+        if key not in scored:
+            like = PartitionRequest(model=model, devices=DEVICES, method="robust", out=root, fill=fill)
+            scored[key] = compute_scores(staged, calib, list(DEFAULT_SCORES), show_progress=False, s3_mode="auto",
+                                         fill_values=stand_ins(staged, like))
+        return scored[key]
     try:
         training_data(model)
         finetune_here = allow_finetune
@@ -125,7 +136,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
                     where = out if seed == 0 else out.with_name(f"{out.name}_seed{seed}")
                     request = PartitionRequest(model=model, devices=DEVICES, method=method, out=where, fill=fill,
                                                show_progress=False, seed=seed, **budget)
-                    partition(request, scores=scores if method in ("robust", "random", "robust+cdc") else None)
+                    partition(request, scores=scores_for(fill) if method in ("robust", "random", "robust+cdc") else None)
                     paired = ratio == BUDGET_RATIO and method in ("robust", "random")
                     results.append(evaluate_plan(where, None, limit, per_image=paired))
             except PartitionerError as exc:  # a sweep budget below what the method needs at least

@@ -204,12 +204,35 @@ def partition(request: PartitionRequest, scores: Optional[Mapping[str, np.ndarra
             calib = calibration_batch(request.model, request.calib, n=size, seed=request.seed, spec=spec)
         stage_thresholds(staged, request)  # fail on a bad thresholds file before the long scoring
         scores = compute_scores(staged, calib, list(request.scores), show_progress=request.show_progress,
-                                s3_mode=request.s3_mode)
+                                s3_mode=request.s3_mode, fill_values=stand_ins(staged, request))
     if request.replication is not None or request.budget_mb is not None:
         from .budget import thresholds_for_budget
         request = thresholds_for_budget(staged, request, scores)  # fixes per-layer thresholds
     stages = plan_stages(staged, request, scores)
     return write_plan(model, staged, stages, request)
+
+
+def stand_ins(staged: StagedModel, request: PartitionRequest):
+    """What s3 puts in place of an ablated neuron: what the plan's fill will put there.
+
+    Under --fill mean (and mean+bn) a lost neuron is replaced by its mean output, so a neuron
+    whose output hardly varies costs nothing to lose, however large that output; s3 measured by
+    zeroing would call it important and spend copies on it. None (zeroing, as the paper does)
+    for --fill zero or when s3 is not among the scores. The same calibration images as _fill.
+    """
+    from .fill import mean_outputs
+
+    if request.fill == "zero" or "s3" not in request.scores:
+        return None
+    return mean_outputs(staged, fill_calibration(request))
+
+
+def fill_calibration(request: PartitionRequest):
+    """The calibration images of the fill values and per-set statistics (and of stand_ins)."""
+    from .data import calibration_batch
+
+    size = request.fill_calib_size or default_fill_calib_size(request.model)
+    return calibration_batch(request.model, request.calib, n=size, seed=request.seed + 1, spec=request.input_spec())
 
 
 def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request: PartitionRequest) -> Dict[str, object]:
@@ -257,15 +280,13 @@ def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request:
 
 def _fill(staged: StagedModel, stages: Sequence[StagePlan], request: PartitionRequest):
     """The plan's fill spec and the shards' fill tensors (fill.py), from calibration data."""
-    from .data import calibration_batch
     from .fill import compute_fill, failed_sets
 
     if request.fill == "zero":
         return compute_fill(staged, stages, None, "zero", request.devices)
     from tqdm import tqdm
 
-    size = request.fill_calib_size or default_fill_calib_size(request.model)
-    calib = calibration_batch(request.model, request.calib, n=size, seed=request.seed + 1)
+    calib = fill_calibration(request)
     total = len(failed_sets(request.devices)) if request.fill == "mean+bn" else 0
     with tqdm(total=total, desc="recalibrate BatchNorm per failed set", unit="set",
               disable=not request.show_progress or not total, leave=False) as bar:

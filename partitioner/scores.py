@@ -11,9 +11,12 @@ s2  Taylor connection sensitivity over a calibration batch: Σ_w |∂y/∂w · w
     weight and made absolute per connection.
 s3  Jensen–Shannon divergence (base 2, in [0, 1]) between the model's output distribution and
     the output distribution with neuron n removed, averaged over the calibration batch.
-    "Removed" means its output is zeroed exactly where a failed device's neuron is zero-filled:
-    after the stage's channel-local followers. So s3 measures what losing that neuron costs,
-    and a neuron whose filter and bias are zero (with ReLU-like followers) scores 0.
+    "Removed" means its output is replaced exactly where a failed device's neuron is filled:
+    after the stage's channel-local followers, by what the plan's fill puts there (zero, as in
+    the paper, or under --fill mean and mean+bn its mean output; see partition.stand_ins). So s3
+    measures what losing that neuron costs under the plan's own rule: a neuron whose filter and
+    bias are zero (with ReLU-like followers) scores 0, and under mean fill so does one whose
+    output never varies, however large.
     Cost: the graph runs once and records every intermediate value; each ablation then runs
     only the part of the graph after the stage, from the cached values, with many ablations
     batched together along the batch dimension.
@@ -138,10 +141,12 @@ def _batch_dependent(graph: fx.Graph) -> set:
 
 def s3_scores(model: StagedModel, calib: torch.Tensor,
               progress: Optional[Callable[[int], None]] = None,
-              only: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
-    """JSD of the output when each neuron's stage output is zeroed; see the module docstring.
+              only: Optional[Sequence[int]] = None,
+              fill_values: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, np.ndarray]:
+    """JSD of the output when each neuron's stage output is lost; see the module docstring.
 
-    `only`: the indices of the stages to score (default all).
+    `only`: the indices of the stages to score (default all). `fill_values`: per stage, what
+    stands in for a lost neuron (fill.mean_outputs); None zeroes it, as the paper does.
     """
     graph = model.skeleton.graph
     nodes = list(graph.nodes)
@@ -183,8 +188,9 @@ def s3_scores(model: StagedModel, calib: torch.Tensor,
                     initial[a] = value if (a in live or a is node) else None
                 ablated = stage_out.repeat((m,) + (1,) * (stage_out.dim() - 1))
                 view = ablated.reshape((m, batch) + tuple(stage_out.shape[1:]))
+                stand_in = fill_values[stage.index] if fill_values is not None else None
                 for k, neuron in enumerate(ids):
-                    view[k].select(cd, neuron).zero_()
+                    view[k].select(cd, neuron).fill_(0.0 if stand_in is None else float(stand_in[neuron]))
                 initial[node] = ablated
                 logits = _WholeStages(model, keep_values=False).run(initial_env=initial)
                 q = F.softmax(logits.reshape(m, batch, -1).double(), dim=2)
@@ -203,11 +209,13 @@ EXACT_S3_MAX_MACS = 2e11
 
 
 def s3_quadratic_scores(model: StagedModel, calib: torch.Tensor,
-                        top_classes: int = QUADRATIC_TOP_CLASSES) -> Dict[str, np.ndarray]:
+                        top_classes: int = QUADRATIC_TOP_CLASSES,
+                        fill_values: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, np.ndarray]:
     """s3 to second order: no ablation runs, a few backward passes instead.
 
     Zeroing neuron c (output a_c) changes every log-probability by, to first order,
-    Δ log p_y = -<∂ log p_y / ∂a_c, a_c>, and for small changes
+    Δ log p_y = -<∂ log p_y / ∂a_c, a_c> (-<∂ log p_y / ∂a_c, a_c - m_c> when `fill_values`
+    puts its mean m_c in its place), and for small changes
     JSD(p, q) ≈ (1/8) Σ_y (q_y - p_y)² / p_y = (1/8) Σ_y p_y (Δ log p_y)² nats.
     One backward pass per rank r of the top classes gives, for every image and every neuron of
     every stage at once, Δ log p of that image's r-th class; the sum over the top classes,
@@ -235,7 +243,12 @@ def s3_quadratic_scores(model: StagedModel, calib: torch.Tensor,
                     continue
                 cd = stage.channel_dim % a.dim()
                 dims = [d for d in range(a.dim()) if d not in (0, cd)]
-                change = (g * a.detach()).double()
+                lost = a.detach()
+                if fill_values is not None:
+                    shape = [1] * a.dim()
+                    shape[cd] = -1
+                    lost = lost - fill_values[i].to(a.dtype).reshape(shape)
+                change = (g * lost).double()
                 change = change.sum(dim=dims) if dims else change   # (batch, neurons)
                 if cd != 1 and change.dim() == 2 and change.shape[1] != stage.n_neurons:
                     change = change.t()
@@ -263,11 +276,12 @@ def exact_s3_macs(model: StagedModel, calib: torch.Tensor) -> List[float]:
 
 
 def compute_scores(model: StagedModel, calib: Optional[torch.Tensor], names: Sequence[str],
-                   show_progress: bool = True, s3_mode: str = "exact") -> Dict[str, np.ndarray]:
+                   show_progress: bool = True, s3_mode: str = "exact",
+                   fill_values: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, np.ndarray]:
     """Raw scores per stage name, shape (neurons, len(names)), columns in `names` order.
 
     s3_mode: "exact" ablations, "quadratic" (s3_quadratic_scores), or "auto": exact unless it
-    would cost more than EXACT_S3_MAX_MACS.
+    would cost more than EXACT_S3_MAX_MACS. fill_values: see s3_scores.
     """
     from tqdm import tqdm
 
@@ -284,9 +298,10 @@ def compute_scores(model: StagedModel, calib: Optional[torch.Tensor], names: Seq
         if len(exact) < len(model.stages):
             log.info("s3: exact ablations for %d of %d stages, the quadratic estimate for the others",
                      len(exact), len(model.stages))
-        columns["s3"] = s3_quadratic_scores(model, calib) if len(exact) < len(model.stages) else {}
+        columns["s3"] = s3_quadratic_scores(model, calib, fill_values=fill_values) \
+            if len(exact) < len(model.stages) else {}
         total = sum(model.stages[i].n_neurons for i in exact)
         with tqdm(total=total, desc="s3 ablations", unit="neuron", disable=not show_progress or not total,
                   leave=False) as bar:
-            columns["s3"].update(s3_scores(model, calib, progress=bar.update, only=exact))
+            columns["s3"].update(s3_scores(model, calib, progress=bar.update, only=exact, fill_values=fill_values))
     return {s.name: np.stack([columns[c][s.name] for c in names], axis=1) for s in model.stages}

@@ -240,3 +240,29 @@ def test_a_version_2_plan_still_loads_as_zero_fill(plans, tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(data))
     plan = load_plan(tmp_path)
     assert plan.fill == FillSpec() and plan.version == 2 and plan.compute_hash() == data["plan_hash"]
+
+
+def test_partition_scores_s3_against_the_value_its_fill_puts_in_place(monkeypatch, tmp_path):
+    """Under --fill mean a lost neuron becomes its mean, so s3 ablates to that mean (the values
+    the shards carry), and under --fill zero to zero, as the paper does."""
+    from robustdice.partitioner import scores as scores_mod
+    seen = {}
+    real = scores_mod.compute_scores
+
+    def spy(*args, **kwargs):
+        seen[current] = kwargs.get("fill_values")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(scores_mod, "compute_scores", spy)
+    for current in ("zero", "mean"):
+        partition(PartitionRequest(model="digits_cnn", devices=N, method="robust", out=tmp_path / current,
+                                   fill=current, scores=("s1", "s3"), calib_size=32, fill_calib_size=64,
+                                   show_progress=False))
+    assert seen["zero"] is None
+    staged = trace_stages(build_model("digits_cnn", "DEFAULT"))
+    expected = mean_outputs(staged, calibration_batch("digits_cnn", n=64, seed=1))
+    assert len(seen["mean"]) == len(expected)
+    for got, want in zip(seen["mean"], expected):
+        torch.testing.assert_close(got, want)
+    shard = torch.load(shard_path(tmp_path / "mean", 0), weights_only=True)
+    name = staged.stages[0].name
+    torch.testing.assert_close(shard["stages"][name]["fill"], expected[0])

@@ -135,6 +135,57 @@ def test_s3_is_zero_for_a_dead_neuron_and_positive_otherwise():
     assert (s3 <= 1.0).all()
 
 
+def _constant_neuron_model():
+    """ConvHead whose conv neuron 1 outputs 0.7 everywhere: zeroing it changes the output,
+    putting its mean back changes nothing."""
+    model = _seeded(ConvHead)
+    with torch.no_grad():
+        model.conv.weight[1].zero_()
+        model.conv.bias[1] = 0.7
+    return model, torch.randn(6, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("estimate", ["exact", "quadratic"])
+def test_s3_ablates_to_the_fill_value_it_is_given(estimate):
+    from robustdice.partitioner.fill import mean_outputs
+    from robustdice.partitioner.scores import s3_quadratic_scores
+    model, x = _constant_neuron_model()
+    staged = trace_stages(model)
+    score = s3_scores if estimate == "exact" else s3_quadratic_scores
+    name = staged.stages[0].name
+    zeroed = score(staged, x)[name]
+    means = mean_outputs(staged, x)
+    assert means[0][1].item() == pytest.approx(0.7)
+    filled = score(staged, x, fill_values=means)[name]
+    assert zeroed[1] > 1e-4                     # zero is far from what the next layer expects
+    assert abs(filled[1]) < 1e-12               # its mean is exactly what it always outputs
+    assert filled[0] > 1e-6 and filled[2] > 1e-6  # neurons that vary still cost something
+
+
+def test_s3_with_fill_values_equals_brute_force_replacement():
+    from robustdice.partitioner.fill import mean_outputs
+    model = _seeded(Residual)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    staged = trace_stages(model)
+    means = mean_outputs(staged, x)
+    got = s3_scores(staged, x, fill_values=means)
+    with torch.no_grad():
+        base = model(x)
+        for i, stage in enumerate(staged.stages):
+            expected = []
+            for neuron in range(stage.n_neurons):
+                def fill(_m, _inp, out, n=neuron, dim=stage.channel_dim, value=float(means[i][neuron])):
+                    out = out.clone()
+                    out.select(dim, n).fill_(value)
+                    return out
+                handle = _last_module(model, stage).register_forward_hook(fill)
+                try:
+                    expected.append(_jsd_bits_reference(base, model(x)).mean())
+                finally:
+                    handle.remove()
+            np.testing.assert_allclose(got[stage.name], expected, rtol=1e-6, atol=1e-10)
+
+
 def _last_module(model, stage):
     """The module whose output is the stage's output: its last follower, else the layer."""
     name = stage.followers[-1].name if stage.followers else stage.name
