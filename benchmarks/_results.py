@@ -2,8 +2,8 @@
 
 The scripts run as `python benchmarks/NAME.py`, so this folder is on sys.path.
 
-Every result carries `measured`: when, at which commit, and how much of this machine the run
-had. A shared virtual machine's speed swings from run to run (here 0 % to 44 % of the CPU time
+Every result carries `measured`: when, at which commit (HEAD when the run started, with
+"-dirty" if tracked files differed from it), and how much of this machine the run had. A shared virtual machine's speed swings from run to run (here 0 % to 44 % of the CPU time
 was stolen by other guests on different days), so a figure is only comparable with figures
 taken under similar conditions. `cpu_stolen_pct` and `cpu_idle_pct` cover the whole run: from
 the import of this module (the script's start) to the write. `python_mops` is this machine's
@@ -34,10 +34,6 @@ def _cpu_times() -> Optional[List[int]]:
     return [int(v) for v in fields[1:9]] if fields and fields[0] == "cpu" else None
 
 
-_START_TIMES = _cpu_times()
-_START_S = time.monotonic()
-
-
 def _commit() -> Optional[str]:
     """HEAD's short hash, with "-dirty" when tracked files differ from it; None outside git."""
     root = Path(__file__).resolve().parent.parent
@@ -51,6 +47,13 @@ def _commit() -> Optional[str]:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+_START_TIMES = _cpu_times()
+_START_S = time.monotonic()
+# The code a run measures is the code it loaded at its start: a commit made while a long run
+# goes on (robustness.py runs for hours) must not be credited with its figures.
+START_COMMIT = _commit()
 
 
 def _cpu_model() -> str:
@@ -78,7 +81,7 @@ def python_mops(iterations: int = 2_000_000) -> float:
 def measured() -> Dict:
     """When and where this run was measured, and the share of the CPU it had."""
     out: Dict = {"utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "commit": _commit(), "cores": os.cpu_count(), "cpu_model": _cpu_model(),
+                 "commit": START_COMMIT, "cores": os.cpu_count(), "cpu_model": _cpu_model(),
                  "run_s": round(time.monotonic() - _START_S, 1), "python_mops": python_mops()}
     end = _cpu_times()
     if _START_TIMES is not None and end is not None:

@@ -51,7 +51,7 @@ from robustdice.partitioner.partition import (DEFAULT_SCORES, PartitionRequest, 
 from robustdice.partitioner.scores import compute_scores
 from robustdice.partitioner.stages import trace_stages
 
-from _results import write_result
+from _results import START_COMMIT, write_result
 
 DEVICES = 4
 BUDGET_RATIO = 0.5
@@ -165,7 +165,8 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
     out = {"model": model, "devices": DEVICES, "samples": result["samples"], "metric": result["metric"],
            "data": result["data"], "nmr_per_device_mb": nmr_bytes / 1e6, "rows": rows,
            "targets": TARGETS.get(model), "limit": limit, "finetune_epochs": finetune_epochs,
-           "random_seeds": random_seeds, "elapsed_s": round(time.perf_counter() - started, 1)}
+           "random_seeds": random_seeds, "elapsed_s": round(time.perf_counter() - started, 1),
+           "commit": START_COMMIT}   # --update keeps other models' entries: each says what code ran
     out["versus_random"] = versus_random(out, per_image)
     return out
 

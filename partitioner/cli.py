@@ -62,7 +62,8 @@ def register(sub) -> None:
                         "(default: off)")
     p.add_argument("--fill", default="zero", choices=("zero", "mean", "mean+bn"),
                    help="what stands in for a lost neuron: zero (the paper), mean (its expected output), "
-                        "mean+bn (also BatchNorm statistics recalibrated for each failed set) (default zero)")
+                        "mean+bn (also BatchNorm statistics recalibrated for each failed set); s3 scores each "
+                        "neuron's loss under this rule (default zero)")
     p.add_argument("--s3", default="auto", choices=("auto", "exact", "quadratic"),
                    help="s3 by exact ablations, by its second-order estimate (a few backward passes), or "
                         "auto: exact for the stages where ablations are cheap, the estimate elsewhere (default auto)")

@@ -38,3 +38,11 @@ def test_a_result_is_not_changed_in_place(results, tmp_path):
     result = {"fps": 1.0}
     results.write_result(result, tmp_path / "y.json", echo_json=False)
     assert result == {"fps": 1.0}
+
+
+def test_the_commit_is_the_one_the_run_started_at(results, tmp_path, monkeypatch):
+    # a commit made while a long benchmark runs is not the code it measured
+    monkeypatch.setattr(results, "_commit", lambda: "committed-during-the-run")
+    out = results.write_result({}, tmp_path / "z.json", echo_json=False)
+    commit = json.loads(out.read_text())["measured"]["commit"]
+    assert commit == results.START_COMMIT and commit != "committed-during-the-run"
