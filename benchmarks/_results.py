@@ -3,9 +3,10 @@
 The scripts run as `python benchmarks/NAME.py`, so this folder is on sys.path.
 
 Every result carries `measured`: when, at which commit (HEAD when the run started, with
-"-dirty" if tracked files differed from it), and how much of this machine the run had. A shared virtual machine's speed swings from run to run (here 0 % to 44 % of the CPU time
-was stolen by other guests on different days), so a figure is only comparable with figures
-taken under similar conditions. `cpu_stolen_pct` and `cpu_idle_pct` cover the whole run: from
+"-dirty" if tracked files differed from it), and how much of this machine the run had. A
+shared virtual machine's speed swings from run to run (here 0 % to 44 % of the CPU time was
+stolen by other guests on different days), so a figure is only comparable with figures taken
+under similar conditions. `cpu_stolen_pct` and `cpu_idle_pct` cover the whole run: from
 the import of this module (the script's start) to the write. `python_mops` is this machine's
 speed at the write: millions of iterations per second of a plain Python loop (`s += i`), which
 moves with the host's clock and its neighbours even when nothing is stolen (1.0 to 1.7 s for

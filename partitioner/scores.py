@@ -176,6 +176,7 @@ def s3_scores(model: StagedModel, calib: torch.Tensor,
             n = stage.n_neurons
             chunk = 1 if untileable else int(max(1, min(n, ABLATION_BUDGET_ELEMENTS // max(1, per_image * batch))))
             cd = stage.channel_dim % stage_out.dim()
+            stand_in = fill_values[stage.index] if fill_values is not None else None
             scores = np.zeros(n)
             for start in range(0, n, chunk):
                 ids = list(range(start, min(n, start + chunk)))
@@ -188,7 +189,6 @@ def s3_scores(model: StagedModel, calib: torch.Tensor,
                     initial[a] = value if (a in live or a is node) else None
                 ablated = stage_out.repeat((m,) + (1,) * (stage_out.dim() - 1))
                 view = ablated.reshape((m, batch) + tuple(stage_out.shape[1:]))
-                stand_in = fill_values[stage.index] if fill_values is not None else None
                 for k, neuron in enumerate(ids):
                     view[k].select(cd, neuron).fill_(0.0 if stand_in is None else float(stand_in[neuron]))
                 initial[node] = ablated
