@@ -1,7 +1,7 @@
 """Robustness benchmark: accuracy kept under failures, per method, fill rule and fine-tuning.
 
     python benchmarks/robustness.py [--models digits_cnn,fashion_vgg,efficientnet_lite0]
-        [--limit K] [--finetune-epochs E] [--no-finetune] [--json]
+        [--limit K] [--finetune-epochs E] [--no-finetune] [--budget-ratio R] [--json]
         [--out benchmarks/results/robustness.json]
 
 Setting: N = 4 devices, every set of k = 0..3 failed devices, each plan simulated exactly
@@ -11,8 +11,9 @@ ablates to zero for the zero fill, to the mean output for mean and mean+bn):
   lop, cdc                      with each fill (zero, mean, mean+bn)
   nmr                           zero fill (nothing is ever lost)
   robust t=0.1                  the paper's method at the default threshold, each fill
-  robust, random, robust+cdc    at a per-device budget of BUDGET_RATIO x NMR's per-device
-                                parameters (thresholds per layer, budget.py), each fill;
+  robust, random, robust+cdc    at a per-device budget of R x NMR's per-device parameters
+                                (--budget-ratio, default 0.5; thresholds per layer, budget.py),
+                                each fill;
                                 random's row is the mean over --random-seeds draws (its
                                 seed_means list each draw's), min and max over all of them
   fine-tuned (models whose training data is here): robust and robust+cdc at the budget,
@@ -68,20 +69,22 @@ TARGETS = {"fashion_vgg": (0.95, 0.85, 0.60), "digits_cnn": (0.95, 0.85, None),
            "efficientnet_lite0": (0.90, None, None)}
 
 
-def configurations(model: str, finetune_here: bool, fills=FILLS, sweep=True, methods=("robust", "random", "robust+cdc")):
+def configurations(model: str, finetune_here: bool, fills=FILLS, sweep=True, methods=("robust", "random", "robust+cdc"),
+                   budget_ratio: float = BUDGET_RATIO):
     """(name, method, fill, budget ratio or None, fine-tuned) of every row of the table."""
     rows = [("nmr/zero", "nmr", "zero", None, False)]   # first: the others' memory is measured against it
     rows += [(f"lop/{f}", "lop", f, None, False) for f in fills]
     rows += [(f"cdc/{f}", "cdc", f, None, False) for f in fills]
     rows += [(f"robust-t0.1/{f}", "robust", f, None, False) for f in fills]
     for method in methods:
-        rows += [(f"{method}@{BUDGET_RATIO:g}/{f}", method, f, BUDGET_RATIO, False) for f in fills]
+        rows += [(f"{method}@{budget_ratio:g}/{f}", method, f, budget_ratio, False) for f in fills]
     if finetune_here:
-        rows += [(f"{m}@{BUDGET_RATIO:g}/mean+bn/finetuned", m, "mean+bn", BUDGET_RATIO, True)
+        rows += [(f"{m}@{budget_ratio:g}/mean+bn/finetuned", m, "mean+bn", budget_ratio, True)
                  for m in ("robust", "robust+cdc")]
     # Budget sweep for the Pareto plot (not in the table): other budgets, the mean+bn fill.
     for method in ("robust", "robust+cdc") if sweep else ():
-        rows += [(f"{method}@{r:g}/mean+bn", method, "mean+bn", r, False) for r in SWEEP_RATIOS]
+        rows += [(f"{method}@{r:g}/mean+bn", method, "mean+bn", r, False) for r in SWEEP_RATIOS
+                 if r != budget_ratio]
     return rows
 
 
@@ -96,7 +99,8 @@ def per_model(text, cast):
 
 
 def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bool, log, fills=FILLS,
-              sweep=True, methods=("robust", "random", "robust+cdc"), random_seeds: int = RANDOM_SEEDS) -> dict:
+              sweep=True, methods=("robust", "random", "robust+cdc"), random_seeds: int = RANDOM_SEEDS,
+              budget_ratio: float = BUDGET_RATIO) -> dict:
     started = time.perf_counter()
     staged = trace_stages(build_model(model, "DEFAULT"))
     calib = calibration_batch(model, n=default_calib_size(model), seed=0)
@@ -120,7 +124,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
     nmr_bytes = None
     plans = {}
     per_image = {}   # (method, fill) -> {k: each image's share of correct answers}, for versus_random
-    for name, method, fill, ratio, tuned in configurations(model, finetune_here, fills, sweep, methods):
+    for name, method, fill, ratio, tuned in configurations(model, finetune_here, fills, sweep, methods, budget_ratio):
         out = root / model / name.replace("/", "_").replace("@", "_at_")
         if tuned:
             base = plans[(method, fill, ratio)]
@@ -137,7 +141,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
                     request = PartitionRequest(model=model, devices=DEVICES, method=method, out=where, fill=fill,
                                                show_progress=False, seed=seed, **budget)
                     partition(request, scores=scores_for(fill) if method in ("robust", "random", "robust+cdc") else None)
-                    paired = ratio == BUDGET_RATIO and method in ("robust", "random")
+                    paired = ratio == budget_ratio and method in ("robust", "random")
                     results.append(evaluate_plan(where, None, limit, per_image=paired))
             except PartitionerError as exc:  # a sweep budget below what the method needs at least
                 log(f"  {name}: skipped ({exc})")
@@ -154,7 +158,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
         if ratio is not None and not tuned:
             label = f"{method} (budget)"
         row = point(result, nmr_bytes, name=name, finetuned=tuned, budget_ratio=ratio, label=label,
-                    in_table=ratio in (None, BUDGET_RATIO))
+                    in_table=ratio in (None, budget_ratio))
         base_acc = row["by_failed"]["0"]["mean"]
         row["retention"] = {k: (b["mean"] / base_acc if base_acc else None) for k, b in row["by_failed"].items()}
         if tuned:
@@ -165,7 +169,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
     out = {"model": model, "devices": DEVICES, "samples": result["samples"], "metric": result["metric"],
            "data": result["data"], "nmr_per_device_mb": nmr_bytes / 1e6, "rows": rows,
            "targets": TARGETS.get(model), "limit": limit, "finetune_epochs": finetune_epochs,
-           "random_seeds": random_seeds, "elapsed_s": round(time.perf_counter() - started, 1),
+           "random_seeds": random_seeds, "budget_ratio": budget_ratio, "elapsed_s": round(time.perf_counter() - started, 1),
            "commit": START_COMMIT}   # --update keeps other models' entries: each says what code ran
     out["versus_random"] = versus_random(out, per_image)
     return out
@@ -214,8 +218,9 @@ def versus_random(result: dict, per_image: Optional[dict] = None) -> dict:
     overstates the error.
     """
     n = max(int(result["samples"]), 1)
+    ratio = result.get("budget_ratio", BUDGET_RATIO)   # entries written before --budget-ratio: 0.5
     rows = {(r["method"], r["fill"]): r for r in result["rows"]
-            if r.get("budget_ratio") == BUDGET_RATIO and not r.get("finetuned")}
+            if r.get("budget_ratio") == ratio and not r.get("finetuned")}
     out = {}
     for (method, fill), robust in sorted(rows.items()):
         random = rows.get(("random", fill))
@@ -266,6 +271,27 @@ def plot(result: dict, folder: Path) -> Path:
     return plot_pareto(sweep, Path(folder) / f"robustness_{result['model']}.png")
 
 
+def budget_ratio_arg(text: str) -> float:
+    """--budget-ratio: a share of NMR's per-device memory, above 0 and at most 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]: a share of NMR's per-device memory")
+    return value
+
+
+def check_update(out: Path, budget_ratio: float) -> None:
+    """--update keeps other models' entries: they must be judged at the same budget."""
+    import json
+    if out.exists():
+        stored = json.loads(out.read_text()).get("budget_ratio", BUDGET_RATIO)
+        if stored != budget_ratio:
+            raise SystemExit(f"--update: {out} holds results at --budget-ratio {stored:g}, not {budget_ratio:g}; "
+                             f"write to another --out")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
@@ -275,6 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fills", default=",".join(FILLS), help="fill rules of the table")
     parser.add_argument("--methods", default="robust,random,robust+cdc", help="methods at the budget")
     parser.add_argument("--no-sweep", action="store_true", help="no extra budgets for the Pareto plot")
+    parser.add_argument("--budget-ratio", type=budget_ratio_arg, default=BUDGET_RATIO,
+                        help=f"the table's budget as a share of NMR's per-device memory (default {BUDGET_RATIO:g})")
     parser.add_argument("--random-seeds", type=positive_int, default=RANDOM_SEEDS,
                         help=f"draws of the random method averaged in its rows (default {RANDOM_SEEDS})")
     parser.add_argument("--no-finetune", action="store_true")
@@ -298,6 +326,8 @@ def main(argv=None) -> int:
             print("\n".join([f"{model}:"] + format_versus(result["versus_random"])))
         write_result(data, args.out, False)
         return 0
+    if args.update:
+        check_update(args.out, args.budget_ratio)   # before hours of work, not after
     torch.set_num_threads(THREADS)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
 
@@ -315,7 +345,7 @@ def main(argv=None) -> int:
                                        fills=tuple(f for f in args.fills.split(",") if f),
                                        sweep=not args.no_sweep,
                                        methods=tuple(m for m in args.methods.split(",") if m),
-                                       random_seeds=args.random_seeds)
+                                       random_seeds=args.random_seeds, budget_ratio=args.budget_ratio)
             results[model]["pareto_png"] = plot(results[model], args.out.parent).name
     for model, r in results.items():
         print(f"\n{model} over {DEVICES} devices: {r['metric']} on {r['data']}, mean (min-max) per k failed")
@@ -326,7 +356,7 @@ def main(argv=None) -> int:
     if args.update and args.out.exists():
         import json
         results = {**json.loads(args.out.read_text()).get("models", {}), **results}
-    write_result({"devices": DEVICES, "budget_ratio": BUDGET_RATIO, "threads": THREADS, "models": results},
+    write_result({"devices": DEVICES, "budget_ratio": args.budget_ratio, "threads": THREADS, "models": results},
                  args.out, args.json)
     return 0
 

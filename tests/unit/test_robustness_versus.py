@@ -88,3 +88,49 @@ def test_per_image_shares_average_sets_and_draws(robustness):
          (): np.array([True, True])}
     shares = robustness.by_k_per_image([{"correct_by_set": a}, {"correct_by_set": b}])
     assert shares["1"].tolist() == [0.75, 0.25] and shares["2"].tolist() == [0.5, 0.0]
+
+
+def test_verdicts_are_taken_at_the_runs_own_budget(robustness):
+    """A run at --budget-ratio 0.35 is judged on its 0.35 rows; the 0.5 rows beside them are not."""
+    at = lambda r, ratio: r | {"budget_ratio": ratio}
+    result = {"samples": 2000, "budget_ratio": 0.35, "rows": [
+        at(row("robust", "zero", [0.95, 0.90, 0.80, 0.40]), 0.35),
+        at(row("random", "zero", [0.95, 0.80, 0.70, 0.30]), 0.35),
+        row("robust", "zero", [0.95, 0.80, 0.70, 0.30]),
+        row("random", "zero", [0.95, 0.95, 0.90, 0.60]),
+    ]}
+    v = robustness.versus_random(result)["zero"]
+    assert [v[k]["verdict"] for k in "123"] == ["wins"] * 3
+    assert v["1"]["difference"] == pytest.approx(0.10)
+    legacy = dict(result)
+    del legacy["budget_ratio"]   # entries written before --budget-ratio were at 0.5
+    assert [robustness.versus_random(legacy)["zero"][k]["verdict"] for k in "123"] == ["loses"] * 3
+
+
+def test_the_table_budget_names_its_rows_and_leaves_the_sweep(robustness):
+    rows = robustness.configurations("fashion_vgg", True, budget_ratio=0.35)
+    table = [r for r in rows if r[3] == 0.35]
+    assert {r[0] for r in table if not r[4]} == {f"{m}@0.35/{f}" for m in ("robust", "random", "robust+cdc")
+                                                 for f in robustness.FILLS} | {"robust@0.35/mean+bn",
+                                                                               "robust+cdc@0.35/mean+bn"}
+    assert {r[0] for r in table if r[4]} == {"robust@0.35/mean+bn/finetuned", "robust+cdc@0.35/mean+bn/finetuned"}
+    names = [r[0] for r in rows]
+    assert len(names) == len(set(names))          # the sweep's 0.35 is the table's, not a second row
+    assert "robust@0.65/mean+bn" in names and not any("@0.5/" in n for n in names)
+
+
+def test_a_budget_outside_0_1_is_refused_by_name(robustness, capsys):
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(SystemExit):
+            robustness.main(["--budget-ratio", bad, "--replot"])
+        assert "--budget-ratio" in capsys.readouterr().err
+
+
+def test_update_refuses_a_file_at_another_budget(robustness, tmp_path):
+    import json
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"budget_ratio": 0.5, "models": {}}))
+    with pytest.raises(SystemExit, match="budget-ratio 0.5, not 0.35"):
+        robustness.main(["--models", "digits_cnn", "--budget-ratio", "0.35", "--update", "--out", str(out)])
+    robustness.check_update(out, 0.5)   # the same budget passes
+    robustness.check_update(tmp_path / "absent.json", 0.35)
