@@ -94,10 +94,12 @@ def measured() -> Dict:
     return out
 
 
-def write_result(result: Dict, out, echo_json: bool) -> Path:
+def write_result(result: Dict, out, echo_json: bool, measured_now: bool = True) -> Path:
     """Write `result` to `out` (creating its folder), with `measured` added; with `echo_json`
-    print it as the last line."""
-    result = {**result, "measured": measured()}
+    print it as the last line. `measured_now=False` keeps the `measured` that `result` carries
+    (a file rewritten from stored figures was measured when they were)."""
+    if measured_now or "measured" not in result:
+        result = {**result, "measured": measured()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -263,12 +263,15 @@ def format_row(row: dict) -> str:
             f"rep {row['replication']:.2f} | " + " | ".join(cells))
 
 
-def plot(result: dict, folder: Path) -> Path:
-    """The Pareto PNG of one model: the mean+bn rows (and nmr) by per-device memory."""
+def plot(result: dict, out: Path) -> Path:
+    """The Pareto PNG of one model: the mean+bn rows (and nmr) by per-device memory.
+
+    Named after the JSON it belongs to (robustness.json -> robustness_<model>.png), so that a
+    run written to another --out does not redraw the default file's plots."""
     sweep = {"model": result["model"], "devices": DEVICES, "fill": "mean+bn",
              "nmr_per_device_mb": result["nmr_per_device_mb"],
              "points": [r for r in result["rows"] if r["fill"] == "mean+bn" or r["method"] == "nmr"]}
-    return plot_pareto(sweep, Path(folder) / f"robustness_{result['model']}.png")
+    return plot_pareto(sweep, Path(out).parent / f"{Path(out).stem}_{result['model']}.png")
 
 
 def budget_ratio_arg(text: str) -> float:
@@ -319,12 +322,14 @@ def main(argv=None) -> int:
         import json
         data = json.loads(args.out.read_text())
         for model, result in data["models"].items():
-            print(f"wrote {plot(result, args.out.parent)}")
+            png = plot(result, args.out)
+            result["pareto_png"] = png.name
+            print(f"wrote {png}")
             stored = result.get("versus_random") or {}
             if not any(v.get("error") == "paired" for per_k in stored.values() for v in per_k.values()):
                 result["versus_random"] = versus_random(result)   # a full run's paired figures stay
             print("\n".join([f"{model}:"] + format_versus(result["versus_random"])))
-        write_result(data, args.out, False)
+        write_result(data, args.out, False, measured_now=False)   # a redraw measures nothing
         return 0
     if args.update:
         check_update(args.out, args.budget_ratio)   # before hours of work, not after
@@ -346,7 +351,7 @@ def main(argv=None) -> int:
                                        sweep=not args.no_sweep,
                                        methods=tuple(m for m in args.methods.split(",") if m),
                                        random_seeds=args.random_seeds, budget_ratio=args.budget_ratio)
-            results[model]["pareto_png"] = plot(results[model], args.out.parent).name
+            results[model]["pareto_png"] = plot(results[model], args.out).name
     for model, r in results.items():
         print(f"\n{model} over {DEVICES} devices: {r['metric']} on {r['data']}, mean (min-max) per k failed")
         for row in r["rows"]:

@@ -46,3 +46,11 @@ def test_the_commit_is_the_one_the_run_started_at(results, tmp_path, monkeypatch
     out = results.write_result({}, tmp_path / "z.json", echo_json=False)
     commit = json.loads(out.read_text())["measured"]["commit"]
     assert commit == results.START_COMMIT and commit != "committed-during-the-run"
+
+
+def test_a_rewrite_from_stored_figures_keeps_when_they_were_measured(results, tmp_path):
+    stored = {"fps": 2.0, "measured": {"utc": "2026-01-01T00:00:00+00:00", "commit": "abc"}}
+    out = results.write_result(stored, tmp_path / "w.json", echo_json=False, measured_now=False)
+    assert json.loads(out.read_text())["measured"] == stored["measured"]
+    fresh = results.write_result({"fps": 2.0}, tmp_path / "v.json", echo_json=False, measured_now=False)
+    assert json.loads(fresh.read_text())["measured"]["commit"] == results.START_COMMIT   # none stored: now

@@ -134,3 +134,22 @@ def test_update_refuses_a_file_at_another_budget(robustness, tmp_path):
         robustness.main(["--models", "digits_cnn", "--budget-ratio", "0.35", "--update", "--out", str(out)])
     robustness.check_update(out, 0.5)   # the same budget passes
     robustness.check_update(tmp_path / "absent.json", 0.35)
+
+
+def test_replot_names_plots_after_its_file_and_keeps_the_measurement(robustness, tmp_path):
+    import json
+    nmr = row("nmr", "zero", [0.95] * 4) | {"budget_ratio": None, "per_device_mb": 1.0, "memory_ratio": 1.0,
+                                             "replication": 4.0, "label": "nmr", "name": "nmr/zero"}
+    robust = row("robust", "mean+bn", [0.95, 0.9, 0.8, 0.5]) | {"per_device_mb": 0.5, "memory_ratio": 0.5,
+                                                                 "replication": 2.0, "label": "robust (budget)",
+                                                                 "name": "robust@0.5/mean+bn"}
+    measured = {"utc": "2026-01-01T00:00:00+00:00", "commit": "abc"}
+    out = tmp_path / "robustness_at_0.5.json"
+    out.write_text(json.dumps({"budget_ratio": 0.5, "measured": measured, "models": {"digits_cnn": {
+        "model": "digits_cnn", "samples": 360, "nmr_per_device_mb": 1.0, "rows": [nmr, robust]}}}))
+    assert robustness.main(["--replot", "--out", str(out)]) == 0
+    assert (tmp_path / "robustness_at_0.5_digits_cnn.png").stat().st_size > 0
+    assert not (tmp_path / "robustness_digits_cnn.png").exists()   # the default file's plot is not redrawn
+    written = json.loads(out.read_text())
+    assert written["measured"] == measured
+    assert written["models"]["digits_cnn"]["pareto_png"] == "robustness_at_0.5_digits_cnn.png"
