@@ -30,6 +30,7 @@ a standard error and a verdict ("wins"/"loses" beyond two standard errors, else 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -287,7 +288,6 @@ def budget_ratio_arg(text: str) -> float:
 
 def check_update(out: Path, budget_ratio: float) -> None:
     """--update keeps other models' entries: they must be judged at the same budget."""
-    import json
     if out.exists():
         stored = json.loads(out.read_text()).get("budget_ratio", BUDGET_RATIO)
         if stored != budget_ratio:
@@ -319,7 +319,6 @@ def main(argv=None) -> int:
                              "the JSON has no paired verdict)")
     args = parser.parse_args(argv)
     if args.replot:
-        import json
         data = json.loads(args.out.read_text())
         for model, result in data["models"].items():
             png = plot(result, args.out)
@@ -359,7 +358,6 @@ def main(argv=None) -> int:
                 print("  " + format_row(row))
         print("\n".join(format_versus(r["versus_random"])))
     if args.update and args.out.exists():
-        import json
         results = {**json.loads(args.out.read_text()).get("models", {}), **results}
     write_result({"devices": DEVICES, "budget_ratio": args.budget_ratio, "threads": THREADS, "models": results},
                  args.out, args.json)
