@@ -11,11 +11,11 @@ ablates to zero for the zero fill, to the mean output for mean and mean+bn):
   lop, cdc                      with each fill (zero, mean, mean+bn)
   nmr                           zero fill (nothing is ever lost)
   robust t=0.1                  the paper's method at the default threshold, each fill
-  robust, random, robust+cdc    at a per-device budget of R x NMR's per-device parameters
-                                (--budget-ratio, default 0.5; thresholds per layer, budget.py),
-                                each fill;
-                                random's row is the mean over --random-seeds draws (its
-                                seed_means list each draw's), min and max over all of them
+  robust, random, uniform,      at a per-device budget of R x NMR's per-device parameters
+  robust+cdc                    (--budget-ratio, default 0.5; thresholds per layer, budget.py;
+                                uniform: the same rows per neuron in every layer), each fill;
+                                random's and uniform's rows are the mean over --random-seeds
+                                draws (seed_means lists each draw's), min and max over all
   fine-tuned (models whose training data is here): robust and robust+cdc at the budget,
                                 mean+bn fill, `finetune` under the plan's own failure masks
 Figures: per-device parameters (the fullest device) and their ratio to NMR's, replication
@@ -25,7 +25,8 @@ Fashion-MNIST test images) or, for efficientnet_lite0, top-1 agreement with its 
 prediction on scikit-image's photos and crops (unlabelled). Retention = accuracy / accuracy
 with no failure. Also writes a Pareto PNG per model (per-device memory against the mean at 1
 and 2 failed) next to the JSON. Per fill and k, `versus_random` holds robust minus random with
-a standard error and a verdict ("wins"/"loses" beyond two standard errors, else "within noise").
+a standard error and a verdict ("wins"/"loses" beyond two standard errors, else "within noise");
+`versus_uniform` the same for robust and robust+cdc against uniform.
 """
 from __future__ import annotations
 
@@ -60,9 +61,11 @@ BUDGET_RATIO = 0.5
 SWEEP_RATIOS = (0.35, 0.65)
 FILLS = ("zero", "mean", "mean+bn")
 THREADS = 2
-# random is one draw of a distribution: its row is the mean over this many seeds (shuffles), so
+# random and uniform are draws of a distribution: their rows are the mean over this many seeds, so
 # that "robust beats random" compares with the expected random plan, not a lucky or unlucky one.
 RANDOM_SEEDS = 3
+DRAWN_METHODS = ("random", "uniform")
+BUDGET_METHODS = ("robust", "random", "uniform", "robust+cdc")
 DEFAULT_MODELS = ("digits_cnn", "fashion_vgg", "efficientnet_lite0")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "robustness.json"
 # The issue's targets: retention at k = 1, 2, 3 failed (None: no target at that k).
@@ -70,7 +73,7 @@ TARGETS = {"fashion_vgg": (0.95, 0.85, 0.60), "digits_cnn": (0.95, 0.85, None),
            "efficientnet_lite0": (0.90, None, None)}
 
 
-def configurations(model: str, finetune_here: bool, fills=FILLS, sweep=True, methods=("robust", "random", "robust+cdc"),
+def configurations(model: str, finetune_here: bool, fills=FILLS, sweep=True, methods=BUDGET_METHODS,
                    budget_ratio: float = BUDGET_RATIO):
     """(name, method, fill, budget ratio or None, fine-tuned) of every row of the table."""
     rows = [("nmr/zero", "nmr", "zero", None, False)]   # first: the others' memory is measured against it
@@ -100,7 +103,7 @@ def per_model(text, cast):
 
 
 def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bool, log, fills=FILLS,
-              sweep=True, methods=("robust", "random", "robust+cdc"), random_seeds: int = RANDOM_SEEDS,
+              sweep=True, methods=BUDGET_METHODS, random_seeds: int = RANDOM_SEEDS,
               budget_ratio: float = BUDGET_RATIO) -> dict:
     started = time.perf_counter()
     staged = trace_stages(build_model(model, "DEFAULT"))
@@ -134,7 +137,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
                 f"{100 * summary['test_accuracy_after']:.2f}%")
         else:
             budget = {} if ratio is None else {"budget_mb": ratio * nmr_bytes / 1e6}
-            seeds = range(random_seeds) if method == "random" else (0,)
+            seeds = range(random_seeds) if method in DRAWN_METHODS else (0,)
             results = []
             try:
                 for seed in seeds:
@@ -142,7 +145,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
                     request = PartitionRequest(model=model, devices=DEVICES, method=method, out=where, fill=fill,
                                                show_progress=False, seed=seed, **budget)
                     partition(request, scores=scores_for(fill) if method in ("robust", "random", "robust+cdc") else None)
-                    paired = ratio == budget_ratio and method in ("robust", "random")
+                    paired = ratio == budget_ratio and method in BUDGET_METHODS
                     results.append(evaluate_plan(where, None, limit, per_image=paired))
             except PartitionerError as exc:  # a sweep budget below what the method needs at least
                 log(f"  {name}: skipped ({exc})")
@@ -173,6 +176,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
            "random_seeds": random_seeds, "budget_ratio": budget_ratio, "elapsed_s": round(time.perf_counter() - started, 1),
            "commit": START_COMMIT}   # --update keeps other models' entries: each says what code ran
     out["versus_random"] = versus_random(out, per_image)
+    out["versus_uniform"] = versus_uniform(out, per_image)
     return out
 
 
@@ -207,28 +211,42 @@ def over_seeds(results: List[dict]) -> dict:
 
 
 def versus_random(result: dict, per_image: Optional[dict] = None) -> dict:
-    """Per fill and k failed, robust minus random at the budget, with a verdict that allows for
-    noise: "wins"/"loses" only beyond two standard errors, otherwise "within noise".
+    """Per fill and k failed, robust minus random at the budget (see versus)."""
+    return versus(result, per_image, "robust", "random")
+
+
+def versus_uniform(result: dict, per_image: Optional[dict] = None) -> dict:
+    """{method: per fill and k failed, method minus uniform} for robust and robust+cdc, where the
+    result has both rows. uniform doubles nearly every neuron at half of NMR's memory, so it is
+    close to exact at 1 failed; robust spends the same memory on 2 and 3 failed."""
+    methods = {r["method"] for r in result["rows"]}
+    return {m: versus(result, per_image, m, "uniform") for m in ("robust", "robust+cdc")
+            if m in methods and "uniform" in methods}
+
+
+def versus(result: dict, per_image: Optional[dict], method: str, baseline: str) -> dict:
+    """Per fill and k failed, `method` minus `baseline` at the budget, with a verdict that allows
+    for noise: "wins"/"loses" only beyond two standard errors, otherwise "within noise".
 
     Paired (when `per_image` has both rows, as in a full run): both plans answer the same
     images, so the error is that of the mean of the per-image differences (each image's share
-    of right answers over the failed sets, random's averaged over its draws), plus the spread of
-    random's draws (the std of the seed means over sqrt(seeds)): a plan drawn at random is
-    itself a random variable. Without it (--replot of stored figures): the binomial error of
-    each mean over the `samples` images (sqrt(p(1-p)/n)), which ignores the pairing and so
-    overstates the error.
+    of right answers over the failed sets, a drawn baseline's averaged over its draws), plus the
+    spread of the baseline's draws (the std of the seed means over sqrt(seeds)): a plan drawn at
+    random is itself a random variable. Without it (--replot of stored figures): the binomial
+    error of each mean over the `samples` images (sqrt(p(1-p)/n)), which ignores the pairing and
+    so overstates the error.
     """
     n = max(int(result["samples"]), 1)
     ratio = result.get("budget_ratio", BUDGET_RATIO)   # entries written before --budget-ratio: 0.5
     rows = {(r["method"], r["fill"]): r for r in result["rows"]
             if r.get("budget_ratio") == ratio and not r.get("finetuned")}
     out = {}
-    for (method, fill), robust in sorted(rows.items()):
-        random = rows.get(("random", fill))
-        if method != "robust" or random is None:
+    for (name, fill), robust in sorted(rows.items()):
+        random = rows.get((baseline, fill))
+        if name != method or random is None:
             continue
         images = per_image or {}
-        pair = ("robust", fill) in images and ("random", fill) in images
+        pair = (method, fill) in images and (baseline, fill) in images
         per_k = {}
         for k, b in sorted(robust["by_failed"].items()):
             if k == "0":
@@ -237,7 +255,7 @@ def versus_random(result: dict, per_image: Optional[dict] = None) -> dict:
             seeds = r.get("seed_means") or [r["mean"]]
             seed_var = (float(np.var(seeds, ddof=1)) / len(seeds)) if len(seeds) > 1 else 0.0
             if pair:
-                d = images[("robust", fill)][k] - images[("random", fill)][k]
+                d = images[(method, fill)][k] - images[(baseline, fill)][k]
                 image_var = float(np.var(d, ddof=1)) / len(d) if len(d) > 1 else 0.0
             else:
                 image_var = a * (1 - a) / n + r["mean"] * (1 - r["mean"]) / n
@@ -250,8 +268,8 @@ def versus_random(result: dict, per_image: Optional[dict] = None) -> dict:
     return out
 
 
-def format_versus(versus: dict) -> List[str]:
-    return [f"  robust - random ({fill}): " + " | ".join(
+def format_versus(versus: dict, label: str = "robust - random") -> List[str]:
+    return [f"  {label} ({fill}): " + " | ".join(
         f"{k}: {100 * v['difference']:+.1f} +- {100 * v['standard_error']:.1f} {v['verdict']}" for k, v in per_k.items())
         + f" ({next(iter(per_k.values()), {}).get('error', 'binomial')} error)"
         for fill, per_k in versus.items()]
@@ -302,12 +320,12 @@ def main(argv=None) -> int:
                         "fashion_vgg=2000,efficientnet_lite0=40")
     parser.add_argument("--finetune-epochs", help="epochs of finetune: E or per model (default: finetune's own)")
     parser.add_argument("--fills", default=",".join(FILLS), help="fill rules of the table")
-    parser.add_argument("--methods", default="robust,random,robust+cdc", help="methods at the budget")
+    parser.add_argument("--methods", default=",".join(BUDGET_METHODS), help="methods at the budget")
     parser.add_argument("--no-sweep", action="store_true", help="no extra budgets for the Pareto plot")
     parser.add_argument("--budget-ratio", type=budget_ratio_arg, default=BUDGET_RATIO,
                         help=f"the table's budget as a share of NMR's per-device memory (default {BUDGET_RATIO:g})")
     parser.add_argument("--random-seeds", type=positive_int, default=RANDOM_SEEDS,
-                        help=f"draws of the random method averaged in its rows (default {RANDOM_SEEDS})")
+                        help=f"draws of random and uniform averaged in their rows (default {RANDOM_SEEDS})")
     parser.add_argument("--no-finetune", action="store_true")
     parser.add_argument("--workdir", type=Path, help="keep the plans here (default: a temporary folder)")
     parser.add_argument("--update", action="store_true",
@@ -357,6 +375,8 @@ def main(argv=None) -> int:
             if row["in_table"]:
                 print("  " + format_row(row))
         print("\n".join(format_versus(r["versus_random"])))
+        for method, v in r.get("versus_uniform", {}).items():
+            print("\n".join(format_versus(v, f"{method} - uniform")))
     if args.update and args.out.exists():
         results = {**json.loads(args.out.read_text()).get("models", {}), **results}
     write_result({"devices": DEVICES, "budget_ratio": args.budget_ratio, "threads": THREADS, "models": results},

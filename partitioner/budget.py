@@ -20,6 +20,7 @@ Pure: numpy in, thresholds out. `layer_options` builds each layer's candidate pl
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
@@ -188,17 +189,30 @@ def importance_for_budget(raw: np.ndarray, normalised: np.ndarray, score_names: 
     return norm / total if total > 0 else np.full(len(norm), 1.0 / max(len(norm), 1))
 
 
-def thresholds_for_budget(staged, request, scores):
-    """The request with per-layer thresholds chosen for its --replication or --budget-mb.
+@dataclass(frozen=True)
+class Costs:
+    """What a request's budget buys, per stage: the cost of a data row and of a parity row."""
 
-    Costs per device: a data row's bytes (its weight row, bias and, where the followers run on
+    rows: List[float]
+    parity_rows: List[float]
+    budget: float            # what the stages may spend, after what every device holds anyway
+    fixed: float             # what every device holds whatever the plan (0 when counting copies)
+    by_copies: bool
+    total_neurons: int
+    what: str                # the option that set the budget, for error messages
+
+    def least(self, cheapest: float) -> str:
+        """The smallest budget that buys `cheapest`, in the option's own unit."""
+        return (f"{cheapest / self.total_neurons:.4g}" if self.by_copies
+                else f"{(cheapest + self.fixed) / 1e6:.4g} MB")
+
+
+def budget_costs(staged, request) -> Costs:
+    """Costs per device: a data row's bytes (its weight row, bias and, where the followers run on
     the slice, their BatchNorm parameters and recalibrated statistics), a parity row's bytes,
     and what every device holds whatever the thresholds (the skeleton's parameters, full
-    followers of robust+cdc, fill values).
+    followers of robust+cdc, fill values). With --replication, every row costs one copy.
     """
-    import dataclasses
-
-    from .cluster import normalise_scores
     from .fill import failed_sets
     from .stages import param_bytes, parity_params, slice_params
 
@@ -210,14 +224,12 @@ def thresholds_for_budget(staged, request, scores):
     least = 2 if request.method == "robust+cdc" else 1
     recal_sets = (len([f for f in failed_sets(n) if 0 not in f and len(f) >= least])
                   if request.fill == "mean+bn" else 0)
-    options = []
+    rows, parity_rows = [], []
     fixed = 0.0 if by_copies else float(param_bytes(staged.shared_state()))
     total_neurons = 0
     for stage in staged.stages:
         c = stage.n_neurons
         total_neurons += c
-        feats = normalise_scores(scores[stage.name])
-        imp = importance_for_budget(scores[stage.name], feats, request.scores)
         if by_copies:
             row, prow = 1.0, 1.0
         else:
@@ -232,22 +244,74 @@ def thresholds_for_budget(staged, request, scores):
             fixed += fill_bytes
             if after:
                 fixed += 4 * c * bn * (4 + 2 * recal_sets)
+        rows.append(row)
+        parity_rows.append(prow)
+    if by_copies:
+        budget, what = request.replication * total_neurons, f"--replication {request.replication}"
+    else:
+        budget, what = request.budget_mb * 1e6 - fixed, f"--budget-mb {request.budget_mb}"
+    return Costs(rows, parity_rows, budget, fixed, by_copies, total_neurons, what)
+
+
+def thresholds_for_budget(staged, request, scores):
+    """The request with per-layer thresholds chosen for its --replication or --budget-mb
+    (costs: budget_costs)."""
+    import dataclasses
+
+    from .cluster import normalise_scores
+
+    costs = budget_costs(staged, request)
+    options = []
+    for stage, row, prow in zip(staged.stages, costs.rows, costs.parity_rows):
+        feats = normalise_scores(scores[stage.name])
+        imp = importance_for_budget(scores[stage.name], feats, request.scores)
         # random takes robust's thresholds, so that it holds the same rows of every layer and
         # differs only in which neurons they are: blind to importance, even between layers.
         method = "robust" if request.method == "random" else request.method
-        options.append(layer_options(feats, imp, n, method, row, prow, seed=request.seed + stage.index))
-    if by_copies:
-        budget = request.replication * total_neurons
-        what = f"--replication {request.replication}"
-    else:
-        budget = request.budget_mb * 1e6 - fixed
-        what = f"--budget-mb {request.budget_mb}"
+        options.append(layer_options(feats, imp, request.devices, method, row, prow,
+                                     seed=request.seed + stage.index))
     try:
-        selection = choose(options, budget)
+        selection = choose(options, costs.budget)
     except PartitionerError:
         cheapest = sum(min(o.cost for o in opts) for opts in options)
-        least = (cheapest / total_neurons) if by_copies else (cheapest + fixed) / 1e6
-        raise PartitionerError(f"{what} is below the cheapest {request.method} plan of {request.model} "
-                               f"({least:.4g}{'' if by_copies else ' MB'})") from None
+        raise PartitionerError(f"{costs.what} is below the cheapest {request.method} plan of {request.model} "
+                               f"({costs.least(cheapest)})") from None
     thresholds = {s.name: options[l][j].threshold for l, (s, j) in enumerate(zip(staged.stages, selection))}
     return dataclasses.replace(request, thresholds=thresholds, threshold=None, replication=None, budget_mb=None)
+
+
+def uniform_group_counts(staged, request) -> Dict[str, int]:
+    """`--method uniform`: per layer, how many groups (rows per device) of cluster.uniform_groups.
+
+    Every layer gets the same share of groups per neuron, rho in [1/N, 1] (each layer rounded
+    down, and never below one row per N neurons), the largest rho whose plan fits the budget:
+    the replication the memory allows, spread evenly over the layers. The same costs as the
+    thresholds of robust and random, so that all three are compared at the same memory.
+    """
+    costs = budget_costs(staged, request)
+    n = request.devices
+    sizes = [stage.n_neurons for stage in staged.stages]
+
+    def counts(rho: float) -> List[int]:
+        return [min(c, max(-(-c // n), int(math.floor(rho * c + 1e-9)))) for c in sizes]
+
+    # A group is one row on every device: per device, a row's bytes; counting copies, N copies.
+    per_group = n if costs.by_copies else 1
+
+    def cost(rho: float) -> float:
+        return per_group * sum(g * row for g, row in zip(counts(rho), costs.rows))
+
+    if cost(0.0) > costs.budget * (1 + 1e-9):
+        raise PartitionerError(f"{costs.what} is below the cheapest {request.method} plan of {request.model} "
+                               f"({costs.least(cost(0.0))})")
+    lo, hi = 0.0, 1.0
+    if cost(hi) <= costs.budget * (1 + 1e-9):
+        lo = hi
+    else:
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if cost(mid) <= costs.budget * (1 + 1e-9):
+                lo = mid
+            else:
+                hi = mid
+    return {stage.name: g for stage, g in zip(staged.stages, counts(lo))}

@@ -47,18 +47,23 @@ def register(sub) -> None:
                         "with per-channel values split by '/', e.g. mean=0.5,std=0.25/0.25/0.25 (default: the "
                         "factory's robustdice_input, else mean=0,std=1,resize=stretch)")
     p.add_argument("--devices", "-n", type=positive_int, required=True, help="number of devices N")
-    p.add_argument("--method", default="robust", choices=("robust", "lop", "nmr", "cdc", "random", "robust+cdc"),
+    p.add_argument("--method", default="robust", choices=("robust", "lop", "nmr", "cdc", "random", "robust+cdc",
+                                                          "uniform"),
                    help="robust: RobustDiCE Algorithm 1; lop: equal split; nmr: full "
                         "replication; cdc: equal split over N-1 devices plus a parity device; "
                         "random: robust's replication with importance-blind groups; robust+cdc: "
-                        "robust plus parity rows over its single copies, so one failure is exact (default robust)")
+                        "robust plus parity rows over its single copies, so one failure is exact; "
+                        "uniform: what --budget-mb or --replication buys, spread evenly over the layers "
+                        "and given to neurons drawn at random (default robust)")
     t = p.add_mutually_exclusive_group()
     t.add_argument("--threshold", type=_threshold, help="one clustering threshold t for every layer (default 0.1)")
     t.add_argument("--thresholds", type=Path, help="YAML mapping fx layer names (and 'default') to t")
     t.add_argument("--replication", type=_threshold,
-                   help="choose per-layer thresholds for this many neuron copies per neuron, 1..N (default: off)")
+                   help="size the plan (per-layer thresholds; uniform: rows per layer) for this many neuron copies "
+                        "per neuron, 1..N (default: off)")
     t.add_argument("--budget-mb", type=_threshold,
-                   help="choose per-layer thresholds for this many MB (1e6 bytes) of parameters per device "
+                   help="size the plan (per-layer thresholds; uniform: rows per layer) for this many MB (1e6 bytes) "
+                        "of parameters per device "
                         "(default: off)")
     p.add_argument("--fill", default="zero", choices=("zero", "mean", "mean+bn"),
                    help="what stands in for a lost neuron: zero (the paper), mean (its expected output), "
@@ -125,7 +130,8 @@ def register(sub) -> None:
     x.add_argument("--memory-ratios", default="0.3,0.4,0.5,0.6,0.75",
                    help="budgets as fractions of NMR's per-device memory (default 0.3,0.4,0.5,0.6,0.75)")
     x.add_argument("--methods", default="robust,robust+cdc,random",
-                   help="methods swept over the budgets (default robust,robust+cdc,random)")
+                   help="methods swept over the budgets, of robust, robust+cdc, random and uniform "
+                        "(default robust,robust+cdc,random)")
     x.add_argument("--data", type=Path, help="evaluation data (as for evaluate)")
     x.add_argument("--limit", type=positive_int, help="evaluate on at most this many images")
     x.add_argument("--calib", type=Path, help="calibration images for s2/s3 and the fill (as for partition)")

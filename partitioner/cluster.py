@@ -11,7 +11,9 @@ RobustDiCE, paper Algorithm 1:
   Step 3 (lines 21–28) `replicate_and_deal`: pad each group with replicas up to a multiple of N,
     then deal it round-robin, so every device holds the same number of each group's neurons.
 Baselines: `lop_assignment` (equal contiguous split), `nmr_assignment` (everything
-everywhere), `cdc_layout` (contiguous split over N−1 data devices plus one parity device).
+everywhere), `cdc_layout` (contiguous split over N−1 data devices plus one parity device), and
+two controls blind to importance: `shuffled_groups` (robust's group sizes, random members) and
+`uniform_groups` (the same replication in every layer, random members).
 """
 from __future__ import annotations
 
@@ -160,6 +162,28 @@ def shuffled_groups(groups: Sequence[Sequence[int]], seed: int) -> List[List[int
     for g in groups:
         out.append(order[start: start + len(g)])
         start += len(g)
+    return out
+
+
+def uniform_groups(n_neurons: int, n_groups: int, n_devices: int, seed: int) -> List[List[int]]:
+    """`--method uniform`: n_groups groups of near-equal size over a random permutation.
+
+    replicate_and_deal gives each group one row on every device, so a layer costs n_groups rows
+    per device and holds N * n_groups copies: every neuron gets N // size copies or one more,
+    whichever neurons the draw puts together. The replication a budget allows, spread evenly and
+    blind to importance: what a plan without scores would do with the same memory.
+    """
+    least = -(-n_neurons // n_devices)
+    if not least <= n_groups <= n_neurons:
+        raise ValueError(f"{n_neurons} neurons on {n_devices} devices need {least}..{n_neurons} groups, "
+                         f"got {n_groups}")
+    order = [int(n) for n in np.random.default_rng(seed).permutation(n_neurons)]
+    size, bigger = divmod(n_neurons, n_groups)
+    out, start = [], 0
+    for g in range(n_groups):
+        end = start + size + (1 if g < bigger else 0)
+        out.append(order[start:end])
+        start = end
     return out
 
 

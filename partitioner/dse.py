@@ -1,10 +1,11 @@
 """`robustdice dse`: per-device memory against accuracy under failures, for every method.
 
-The model is scored once; then robust, robust+cdc and random are partitioned at a ladder of
-per-device memory budgets (fractions of NMR's per-device memory, thresholds chosen per layer by
-budget.py), lop, cdc and nmr once each, every plan with the same fill rule, and each plan is
-evaluated under every set of failed devices. The plot shows per-device memory against the mean
-accuracy at 1 and at 2 failed devices; the JSON holds every figure.
+The model is scored once; then robust, robust+cdc and random (and uniform, on request) are
+partitioned at a ladder of per-device memory budgets (fractions of NMR's per-device memory,
+thresholds chosen per layer by budget.py), lop, cdc and nmr once each, every plan with the
+same fill rule, and each plan is evaluated under every set of failed devices. The plot shows
+per-device memory against the mean accuracy at 1 and at 2 failed devices; the JSON holds every
+figure.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Dict, List, Optional, Sequence
 
 from .errors import PartitionerError
 
-SWEPT_METHODS = ("robust", "robust+cdc", "random")
+SWEPT_METHODS = ("robust", "robust+cdc", "random", "uniform")
+DEFAULT_SWEPT = ("robust", "robust+cdc", "random")   # uniform on request: --methods ...,uniform
 FIXED_METHODS = ("lop", "cdc", "nmr")
 DEFAULT_MEMORY_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.75)
 
@@ -31,7 +33,7 @@ def point(result: Dict, nmr_bytes: float, **extra) -> Dict:
 
 
 def sweep(model: str, devices: int, out, weights: str = "DEFAULT", fill: str = "mean+bn",
-          memory_ratios: Sequence[float] = DEFAULT_MEMORY_RATIOS, methods: Sequence[str] = SWEPT_METHODS,
+          memory_ratios: Sequence[float] = DEFAULT_MEMORY_RATIOS, methods: Sequence[str] = DEFAULT_SWEPT,
           data=None, limit: Optional[int] = None, seed: int = 0, calib=None, calib_size: Optional[int] = None,
           progress: bool = True, log=print) -> Dict:
     """Partition and evaluate every point; returns the JSON-ready result (see the module docstring)."""

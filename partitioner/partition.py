@@ -12,7 +12,7 @@ import yaml
 
 from .cluster import (cdc_layout, cluster_neurons, lop_assignment, nmr_assignment, normalise_scores,
                       replicate_and_deal)
-from .cluster import rotated_parity, shuffled_groups
+from .cluster import rotated_parity, shuffled_groups, uniform_groups
 from .errors import PartitionerError
 from .plan import METHODS, ParityPlan, Plan, StagePlan, assignment_summary, save_plan, sha256_file
 from .plan import FILLS
@@ -37,6 +37,9 @@ def default_calib_size(model: str) -> int:
 
 # Methods that cluster neurons by importance scores (random clusters them, then shuffles).
 SCORED_METHODS = ("robust", "random", "robust+cdc")
+# Methods that --replication and --budget-mb can size: the scored ones choose thresholds, uniform
+# how many rows per device each layer gets.
+BUDGETED_METHODS = SCORED_METHODS + ("uniform",)
 
 
 def default_fill_calib_size(model: str) -> int:
@@ -100,9 +103,16 @@ class PartitionRequest:
         budgets = [b for b in (self.replication, self.budget_mb, self.threshold, self.thresholds) if b is not None]
         if len(budgets) > 1:
             raise PartitionerError("give one of --threshold, --thresholds, --replication and --budget-mb")
-        if (self.replication is not None or self.budget_mb is not None) and self.method not in SCORED_METHODS:
-            raise PartitionerError(f"--replication and --budget-mb choose thresholds: they need --method "
-                                   f"{', '.join(SCORED_METHODS)}, not {self.method}")
+        if (self.replication is not None or self.budget_mb is not None) and self.method not in BUDGETED_METHODS:
+            raise PartitionerError(f"--replication and --budget-mb size a plan: they need --method "
+                                   f"{', '.join(BUDGETED_METHODS)}, not {self.method}")
+        if self.method == "uniform":
+            if self.threshold is not None or self.thresholds is not None:
+                raise PartitionerError("--method uniform does not cluster: give --budget-mb or --replication, "
+                                       "not --threshold or --thresholds")
+            if self.replication is None and self.budget_mb is None:
+                raise PartitionerError("--method uniform spreads what a budget buys: give --budget-mb or "
+                                       "--replication")
         if self.replication is not None and not (1.0 <= self.replication <= self.devices):
             raise PartitionerError(f"--replication must lie in 1..{self.devices} (copies per neuron), "
                                    f"got {self.replication}")
@@ -148,7 +158,9 @@ def stage_thresholds(staged: StagedModel, request: PartitionRequest) -> Dict[str
 
 
 def plan_stages(staged: StagedModel, request: PartitionRequest,
-                scores: Optional[Mapping[str, np.ndarray]]) -> List[StagePlan]:
+                scores: Optional[Mapping[str, np.ndarray]],
+                group_counts: Optional[Mapping[str, int]] = None) -> List[StagePlan]:
+    """group_counts: --method uniform's rows per device of each layer (budget.uniform_group_counts)."""
     n = request.devices
     thresholds = stage_thresholds(staged, request) if request.method in SCORED_METHODS else {}
     out = []
@@ -167,6 +179,10 @@ def plan_stages(staged: StagedModel, request: PartitionRequest,
                 rp = rotated_parity(assignment, c)
                 if rp.members:
                     parity = ParityPlan(rp.devices[0], rp.members, rp.devices)
+        elif request.method == "uniform":
+            clusters = uniform_groups(c, group_counts[stage.name], n, request.seed + stage.index)
+            assignment = replicate_and_deal(clusters, n)
+            groups = len(clusters)
         elif request.method == "lop":
             assignment = lop_assignment(c, n)
         elif request.method == "nmr":
@@ -205,10 +221,14 @@ def partition(request: PartitionRequest, scores: Optional[Mapping[str, np.ndarra
         stage_thresholds(staged, request)  # fail on a bad thresholds file before the long scoring
         scores = compute_scores(staged, calib, list(request.scores), show_progress=request.show_progress,
                                 s3_mode=request.s3_mode, fill_values=stand_ins(staged, request))
-    if request.replication is not None or request.budget_mb is not None:
+    group_counts = None
+    if request.method == "uniform":
+        from .budget import uniform_group_counts
+        group_counts = uniform_group_counts(staged, request)
+    elif request.replication is not None or request.budget_mb is not None:
         from .budget import thresholds_for_budget
         request = thresholds_for_budget(staged, request, scores)  # fixes per-layer thresholds
-    stages = plan_stages(staged, request, scores)
+    stages = plan_stages(staged, request, scores, group_counts)
     return write_plan(model, staged, stages, request)
 
 

@@ -30,6 +30,9 @@ METHODS = ("robust", "lop", "nmr", "cdc")
 # control that shows what the scores earn); `robust+cdc` adds parity rows to robust's single
 # copies, so that any one lost device is recovered exactly.
 METHODS += ("random", "robust+cdc")
+# `uniform` (the same replication in every layer, copies to neurons drawn at random) is the plan a
+# budget buys without any scores: the second control, blind to importance between layers too.
+METHODS += ("uniform",)
 # How a neuron that no surviving device delivers is filled (after its stage's followers):
 #   zero     the paper's zero-fill;
 #   mean     its expected output on calibration data, one value per neuron;

@@ -275,6 +275,38 @@ def test_budget_errors_name_the_option(tmp_path):
                            "--replication", "lop")
 
 
+def test_uniform_spends_a_budget_evenly_and_pairs_every_neuron_at_replication_2(tmp_path):
+    """--method uniform: what the budget buys, the same share in every layer, blind to scores."""
+    paired = ok_json("partition", "--model", "digits_cnn", "--devices", 4, "--method", "uniform",
+                     "--replication", "2", "--out", tmp_path / "pairs", "--json")
+    assert paired["replication_factor"] == pytest.approx(2.0)
+    plan = json.loads((tmp_path / "pairs" / "plan.json").read_text())
+    assert plan["method"] == "uniform" and plan["scores"] == []
+    assert [st["groups"] for st in plan["stages"]] == [st["neurons"] // 2 for st in plan["stages"]]
+    r = ok_json("evaluate", "--plan", tmp_path / "pairs", "--json")
+    # every neuron on two devices: one failure loses nothing, two lose whatever the pair held
+    assert r["by_failed"]["1"]["min"] == r["accuracy_no_failure"] > 0.95
+    assert r["by_failed"]["2"]["min"] < r["accuracy_no_failure"]
+
+    budget_mb = 0.6 * paired["full_param_bytes"] / 1e6
+    args = ["partition", "--model", "digits_cnn", "--devices", 4, "--budget-mb", budget_mb, "--json"]
+    uniform = ok_json(*args, "--method", "uniform", "--out", tmp_path / "u")
+    robust = ok_json(*args, "--method", "robust", "--scores", "s1", "--out", tmp_path / "r")
+    for summary in (uniform, robust):
+        assert max(summary["per_device_param_bytes"]) <= budget_mb * 1e6
+    # the budget is spent to within one row of each layer (digits_cnn's five rows: 4328 bytes)
+    assert max(uniform["per_device_param_bytes"]) > budget_mb * 1e6 - 4328
+    assert uniform["replication_factor"] > paired["replication_factor"]
+    again = ok_json(*args, "--method", "uniform", "--out", tmp_path / "u2", "--seed", "1")
+    assert again["per_device_param_bytes"] == uniform["per_device_param_bytes"]
+    assert again["plan_hash"] != uniform["plan_hash"]        # other neurons drawn, the same memory
+
+    _assert_one_line_error(robustdice(*_partition_args(tmp_path, "--method", "uniform")),
+                           "--method uniform", "--budget-mb")
+    _assert_one_line_error(robustdice(*_partition_args(tmp_path, "--method", "uniform", "--threshold", "0.2")),
+                           "--method uniform", "--threshold")
+
+
 def test_dse_writes_json_and_a_pareto_png(tmp_path):
     out = tmp_path / "dse"
     result = ok_json("dse", "--model", "digits_cnn", "--memory-ratios", "0.5", "--methods", "robust+cdc",

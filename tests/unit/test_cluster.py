@@ -189,3 +189,28 @@ def test_shuffled_groups_keep_sizes_and_order_and_change_members():
     assert _is_partition(shuffled, 50)
     assert shuffled != groups
     assert shuffled_groups(groups, seed=3) == shuffled
+
+
+def test_uniform_groups_spread_copies_evenly_over_random_neurons():
+    from robustdice.partitioner.cluster import replicate_and_deal, uniform_groups
+    n, devices = 30, 4
+    for n_groups in (8, 11, 15, 22, 30):
+        groups = uniform_groups(n, n_groups, devices, seed=5)
+        assert sorted(m for g in groups for m in g) == list(range(n))
+        assert len(groups) == n_groups and max(map(len, groups)) - min(map(len, groups)) <= 1
+        assignment = replicate_and_deal(groups, devices)
+        assert [len(a) for a in assignment] == [n_groups] * devices   # one row per group on every device
+        copies = np.bincount([m for a in assignment for m in a], minlength=n)
+        assert copies.sum() == devices * n_groups      # replication N * groups / neurons, exactly
+        for g in groups:   # a group's N slots shared out evenly: N // size copies, or one more
+            assert all(devices // len(g) <= copies[m] <= devices // len(g) + 1 for m in g)
+        assert all(len(set(a)) == len(a) for a in assignment)        # never two copies on one device
+    # 15 groups of 2: every neuron on exactly 2 devices, whichever neurons the seed pairs
+    pairs = replicate_and_deal(uniform_groups(n, 15, devices, seed=1), devices)
+    assert set(np.bincount([m for a in pairs for m in a]).tolist()) == {2}
+    assert uniform_groups(n, 15, devices, seed=1) != uniform_groups(n, 15, devices, seed=2)
+    assert uniform_groups(n, 15, devices, seed=1) == uniform_groups(n, 15, devices, seed=1)
+    assert uniform_groups(n, 15, devices, seed=1) != [[2 * i, 2 * i + 1] for i in range(15)]
+    for bad in (7, 31):   # fewer groups than ceil(30 / 4) would need groups above N; more than neurons
+        with pytest.raises(ValueError, match="8..30 groups"):
+            uniform_groups(n, bad, devices, seed=0)

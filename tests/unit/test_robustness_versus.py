@@ -110,7 +110,7 @@ def test_verdicts_are_taken_at_the_runs_own_budget(robustness):
 def test_the_table_budget_names_its_rows_and_leaves_the_sweep(robustness):
     rows = robustness.configurations("fashion_vgg", True, budget_ratio=0.35)
     table = [r for r in rows if r[3] == 0.35]
-    assert {r[0] for r in table if not r[4]} == {f"{m}@0.35/{f}" for m in ("robust", "random", "robust+cdc")
+    assert {r[0] for r in table if not r[4]} == {f"{m}@0.35/{f}" for m in ("robust", "random", "uniform", "robust+cdc")
                                                  for f in robustness.FILLS}
     assert {r[0] for r in table if r[4]} == {"robust@0.35/mean+bn/finetuned", "robust+cdc@0.35/mean+bn/finetuned"}
     names = [r[0] for r in rows]
@@ -152,3 +152,25 @@ def test_replot_names_plots_after_its_file_and_keeps_the_measurement(robustness,
     written = json.loads(out.read_text())
     assert written["measured"] == measured
     assert written["models"]["digits_cnn"]["pareto_png"] == "robustness_at_0.5_digits_cnn.png"
+
+
+def test_robust_and_the_hybrid_are_judged_against_uniform_too(robustness):
+    """uniform doubles nearly every neuron: near-exact at 1 failed, poor at 2 and 3. Each method is
+    set against uniform's own row, never against random's."""
+    result = {"samples": 2000, "rows": [
+        row("robust", "zero", [0.95, 0.925, 0.88, 0.48]),
+        row("robust+cdc", "zero", [0.95, 0.95, 0.80, 0.40]),
+        row("uniform", "zero", [0.95, 0.949, 0.67, 0.13], {"2": [0.66, 0.67, 0.68]}),
+        row("random", "zero", [0.95, 0.20, 0.20, 0.20]),
+    ]}
+    v = robustness.versus_uniform(result)
+    assert sorted(v) == ["robust", "robust+cdc"]
+    assert [v["robust"]["zero"][k]["verdict"] for k in "123"] == ["loses", "wins", "wins"]
+    assert v["robust"]["zero"]["1"]["difference"] == pytest.approx(-0.024)
+    assert [v["robust+cdc"]["zero"][k]["verdict"] for k in "123"] == ["within noise", "wins", "wins"]
+    assert v["robust+cdc"]["zero"]["2"]["difference"] == pytest.approx(0.13)
+    assert robustness.versus_random(result)["zero"]["1"]["verdict"] == "wins"   # random's row, not uniform's
+    no_uniform = {"samples": 2000, "rows": [r for r in result["rows"] if r["method"] != "uniform"]}
+    assert robustness.versus_uniform(no_uniform) == {}
+    lines = robustness.format_versus(v["robust+cdc"], "robust+cdc - uniform")
+    assert lines[0].startswith("  robust+cdc - uniform (zero): 1: +0.1")
