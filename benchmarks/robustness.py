@@ -1,7 +1,7 @@
 """Robustness benchmark: accuracy kept under failures, per method, fill rule and fine-tuning.
 
     python benchmarks/robustness.py [--models digits_cnn,fashion_vgg,efficientnet_lite0]
-        [--limit K] [--finetune-epochs E] [--no-finetune] [--budget-ratio R] [--failure-prob P] [--json]
+        [--limit K] [--finetune-epochs E] [--no-finetune] [--budget-ratio R] [--json]
         [--out benchmarks/results/robustness.json]
 
 Setting: N = 4 devices, every set of k = 0..3 failed devices, each plan simulated exactly
@@ -104,7 +104,7 @@ def per_model(text, cast):
 
 def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bool, log, fills=FILLS,
               sweep=True, methods=BUDGET_METHODS, random_seeds: int = RANDOM_SEEDS,
-              budget_ratio: float = BUDGET_RATIO, failure_prob: Optional[float] = None) -> dict:
+              budget_ratio: float = BUDGET_RATIO) -> dict:
     started = time.perf_counter()
     staged = trace_stages(build_model(model, "DEFAULT"))
     calib = calibration_batch(model, n=default_calib_size(model), seed=0)
@@ -137,8 +137,6 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
                 f"{100 * summary['test_accuracy_after']:.2f}%")
         else:
             budget = {} if ratio is None else {"budget_mb": ratio * nmr_bytes / 1e6}
-            if ratio is not None and failure_prob is not None and method != "uniform":
-                budget["failure_prob"] = failure_prob   # uniform has no loss to weigh
             seeds = range(random_seeds) if method in DRAWN_METHODS else (0,)
             results = []
             try:
@@ -175,8 +173,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
     out = {"model": model, "devices": DEVICES, "samples": result["samples"], "metric": result["metric"],
            "data": result["data"], "nmr_per_device_mb": nmr_bytes / 1e6, "rows": rows,
            "targets": TARGETS.get(model), "limit": limit, "finetune_epochs": finetune_epochs,
-           "random_seeds": random_seeds, "budget_ratio": budget_ratio, "failure_prob": failure_prob,
-           "elapsed_s": round(time.perf_counter() - started, 1),
+           "random_seeds": random_seeds, "budget_ratio": budget_ratio, "elapsed_s": round(time.perf_counter() - started, 1),
            "commit": START_COMMIT}   # --update keeps other models' entries: each says what code ran
     out["versus_random"] = versus_random(out, per_image)
     out["versus_uniform"] = versus_uniform(out, per_image)
@@ -307,29 +304,13 @@ def budget_ratio_arg(text: str) -> float:
     return value
 
 
-def failure_prob_arg(text: str) -> float:
-    """--failure-prob: a probability strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not strictly between 0 and 1")
-    return value
-
-
-def check_update(out: Path, budget_ratio: float, failure_prob: Optional[float] = None) -> None:
-    """--update keeps other models' entries: they must be judged at the same budget, spent for
-    the same failures."""
+def check_update(out: Path, budget_ratio: float) -> None:
+    """--update keeps other models' entries: they must be judged at the same budget."""
     if out.exists():
-        data = json.loads(out.read_text())
-        stored = data.get("budget_ratio", BUDGET_RATIO)
+        stored = json.loads(out.read_text()).get("budget_ratio", BUDGET_RATIO)
         if stored != budget_ratio:
             raise SystemExit(f"--update: {out} holds results at --budget-ratio {stored:g}, not {budget_ratio:g}; "
                              f"write to another --out")
-        if data.get("failure_prob") != failure_prob:
-            raise SystemExit(f"--update: {out} holds results at --failure-prob {data.get('failure_prob')}, "
-                             f"not {failure_prob}; write to another --out")
 
 
 def main(argv=None) -> int:
@@ -343,9 +324,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sweep", action="store_true", help="no extra budgets for the Pareto plot")
     parser.add_argument("--budget-ratio", type=budget_ratio_arg, default=BUDGET_RATIO,
                         help=f"the table's budget as a share of NMR's per-device memory (default {BUDGET_RATIO:g})")
-    parser.add_argument("--failure-prob", type=failure_prob_arg,
-                        help="spend the table's budget (robust, random, robust+cdc) for devices failing "
-                             "independently with this probability (partition --failure-prob; default: every k alike)")
     parser.add_argument("--random-seeds", type=positive_int, default=RANDOM_SEEDS,
                         help=f"draws of random and uniform averaged in their rows (default {RANDOM_SEEDS})")
     parser.add_argument("--no-finetune", action="store_true")
@@ -371,7 +349,7 @@ def main(argv=None) -> int:
         write_result(data, args.out, False, measured_now=False)   # a redraw measures nothing
         return 0
     if args.update:
-        check_update(args.out, args.budget_ratio, args.failure_prob)   # before hours of work, not after
+        check_update(args.out, args.budget_ratio)   # before hours of work, not after
     torch.set_num_threads(THREADS)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
 
@@ -389,8 +367,7 @@ def main(argv=None) -> int:
                                        fills=tuple(f for f in args.fills.split(",") if f),
                                        sweep=not args.no_sweep,
                                        methods=tuple(m for m in args.methods.split(",") if m),
-                                       random_seeds=args.random_seeds, budget_ratio=args.budget_ratio,
-                                       failure_prob=args.failure_prob)
+                                       random_seeds=args.random_seeds, budget_ratio=args.budget_ratio)
             results[model]["pareto_png"] = plot(results[model], args.out).name
     for model, r in results.items():
         print(f"\n{model} over {DEVICES} devices: {r['metric']} on {r['data']}, mean (min-max) per k failed")
@@ -402,8 +379,7 @@ def main(argv=None) -> int:
             print("\n".join(format_versus(v, f"{method} - uniform")))
     if args.update and args.out.exists():
         results = {**json.loads(args.out.read_text()).get("models", {}), **results}
-    write_result({"devices": DEVICES, "budget_ratio": args.budget_ratio, "failure_prob": args.failure_prob,
-                  "threads": THREADS, "models": results},
+    write_result({"devices": DEVICES, "budget_ratio": args.budget_ratio, "threads": THREADS, "models": results},
                  args.out, args.json)
     return 0
 

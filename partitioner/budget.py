@@ -5,12 +5,9 @@ efficientnet_lite0 1.04x), nor between the layers of one model. Given a budget, 
 per-device bytes (`--budget-mb`) or neuron copies per neuron (`--replication`), this picks a t
 per layer that minimises the expected importance lost under failures:
 
-    loss_l(t) = sum over k = 1..N-1 of w_k times the mean, over every set F of k failed
-                devices, of the importance of the neurons of layer l that F loses under t's
-                plan (after parity recovery for robust+cdc).
-
-w_k = 1 by default: each k weighs the same. With `--failure-prob p` (devices failing
-independently), w_k is the probability of k failures, and the loss is the expected one.
+    loss_l(t) = sum over k = 1..N-1 of the mean, over every set F of k failed devices, of
+                the importance of the neurons of layer l that F loses under t's plan
+                (after parity recovery for robust+cdc).
 
 The importance of a neuron is its s3 score when the plan has it (the Jensen-Shannon divergence
 of the output when that neuron is zeroed: comparable across layers), otherwise its normalised
@@ -25,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -74,23 +71,9 @@ def _groups_for_thresholds(features: np.ndarray, thresholds: Sequence[float]) ->
     return out
 
 
-def failure_weights(n_devices: int, failure_prob=None) -> List[float]:
-    """The weight of k = 1..N-1 failed devices in the expected loss.
-
-    None: every k weighs the same (the mean over the sets of each k, summed). A probability p:
-    each device fails independently with probability p, so k failed happen with probability
-    C(N, k) p^k (1 - p)^(N - k); a small p puts nearly all the weight on one failure.
-    """
-    if failure_prob is None:
-        return [1.0] * (n_devices - 1)
-    p = float(failure_prob)
-    return [math.comb(n_devices, k) * p ** k * (1 - p) ** (n_devices - k) for k in range(1, n_devices)]
-
-
 def expected_loss(assignment: Assignment, n_neurons: int, importance: np.ndarray,
-                  parity_members=(), parity_devices=(), k_weights: Optional[Sequence[float]] = None) -> float:
-    """Σ_k w_k × the mean over |F| = k of the importance F loses (the same rule as
-    StagePlan.lost); w_k = 1 unless `k_weights` (failure_weights) says otherwise."""
+                  parity_members=(), parity_devices=()) -> float:
+    """Σ_k mean over |F| = k of the importance F loses (the same rule as StagePlan.lost)."""
     n_devices = len(assignment)
     holds = np.zeros((n_devices, n_neurons), dtype=bool)
     for d, ids in enumerate(assignment):
@@ -113,19 +96,17 @@ def expected_loss(assignment: Assignment, n_neurons: int, importance: np.ndarray
                             recovered.append(gone[0])
                 lost[recovered] = False
             acc += float(importance[lost].sum())
-        total += (1.0 if k_weights is None else k_weights[k - 1]) * acc / len(sets)
+        total += acc / len(sets)
     return total
 
 
 def layer_options(features: np.ndarray, importance: np.ndarray, n_devices: int, method: str,
                   row_cost: float, parity_row_cost: float, seed: int = 0,
-                  thresholds: Sequence[float] = CANDIDATE_THRESHOLDS,
-                  k_weights: Optional[Sequence[float]] = None) -> List[Option]:
+                  thresholds: Sequence[float] = CANDIDATE_THRESHOLDS) -> List[Option]:
     """Every candidate threshold's plan of one layer, with its cost and expected loss.
 
     row_cost: the cost of one data row on a device (its bytes, or 1 to count copies);
-    parity_row_cost the same for a parity row; k_weights: see expected_loss. Options that cost
-    the same keep the best.
+    parity_row_cost the same for a parity row. Options that cost the same keep the best.
     """
     n = len(importance)
     best: Dict[tuple, Option] = {}
@@ -143,7 +124,7 @@ def layer_options(features: np.ndarray, importance: np.ndarray, n_devices: int, 
             per_device = [len(a) * row_cost + sum(1 for dv in devices if dv == d) * parity_row_cost
                           for d, a in enumerate(assignment)]
             cost = float(max(per_device))
-        loss = expected_loss(assignment, n, importance, members, devices, k_weights)
+        loss = expected_loss(assignment, n, importance, members, devices)
         key = (round(cost, 6),)
         if key not in best or loss < best[key].loss:
             best[key] = Option(float(t), assignment, members, devices, cost, loss)
@@ -280,7 +261,6 @@ def thresholds_for_budget(staged, request, scores):
     from .cluster import normalise_scores
 
     costs = budget_costs(staged, request)
-    k_weights = failure_weights(request.devices, request.failure_prob)
     options = []
     for stage, row, prow in zip(staged.stages, costs.rows, costs.parity_rows):
         feats = normalise_scores(scores[stage.name])
@@ -289,7 +269,7 @@ def thresholds_for_budget(staged, request, scores):
         # differs only in which neurons they are: blind to importance, even between layers.
         method = "robust" if request.method == "random" else request.method
         options.append(layer_options(feats, imp, request.devices, method, row, prow,
-                                     seed=request.seed + stage.index, k_weights=k_weights))
+                                     seed=request.seed + stage.index))
     try:
         selection = choose(options, costs.budget)
     except PartitionerError:

@@ -74,10 +74,6 @@ def register(sub) -> None:
                         "auto: exact for the stages where ablations are cheap, the estimate elsewhere (default auto)")
     p.add_argument("--fill-calib-size", type=positive_int,
                    help="calibration images for --fill mean / mean+bn (default 1024 digits, 2048 fashion, 32 others)")
-    p.add_argument("--failure-prob", type=_threshold, metavar="P",
-                   help="with --replication or --budget-mb: weigh k failed devices by their probability when "
-                        "each device fails independently with probability P, 0 < P < 1; a small P favours "
-                        "one failure (default: every k = 1..N-1 weighs the same)")
     p.add_argument("--scores", default="s1,s2,s3", help="importance scores to use, e.g. s1,s3 (default s1,s2,s3)")
     p.add_argument("--weights", default="DEFAULT",
                    help="DEFAULT: pretrained (digits_cnn: the shipped weights; your own model: what its "
@@ -162,7 +158,7 @@ def cmd_partition(args) -> int:
         input_shape=None if args.input_shape is None else parse_shape(args.input_shape),
         preprocess=args.preprocess,
         fill=args.fill, replication=args.replication, budget_mb=args.budget_mb,
-        fill_calib_size=args.fill_calib_size, s3_mode=args.s3, failure_prob=args.failure_prob,
+        fill_calib_size=args.fill_calib_size, s3_mode=args.s3,
     )
     summary = partition(request)
     if args.json:

@@ -70,7 +70,6 @@ class PartitionRequest:
     budget_mb: Optional[float] = None       # --budget-mb: parameters per device, MB (1e6 bytes)
     fill_calib_size: Optional[int] = None
     s3_mode: str = "auto"                   # --s3: exact ablations, quadratic estimate, or per stage
-    failure_prob: Optional[float] = None    # --failure-prob: weigh k failed by its probability
 
     def check(self) -> None:
         if self.devices < 1:
@@ -119,12 +118,6 @@ class PartitionRequest:
                                    f"got {self.replication}")
         if self.budget_mb is not None and not (self.budget_mb > 0 and math.isfinite(self.budget_mb)):
             raise PartitionerError(f"--budget-mb must be a positive number, got {self.budget_mb}")
-        if self.failure_prob is not None:
-            if not 0 < self.failure_prob < 1:
-                raise PartitionerError(f"--failure-prob must lie strictly between 0 and 1, got {self.failure_prob}")
-            if (self.replication is None and self.budget_mb is None) or self.method not in SCORED_METHODS:
-                raise PartitionerError("--failure-prob weighs failures where a budget chooses thresholds: it "
-                                       f"needs --replication or --budget-mb and --method {', '.join(SCORED_METHODS)}")
         if self.fill_calib_size is not None and self.fill_calib_size < 2:
             raise PartitionerError(f"--fill-calib-size must be >= 2, got {self.fill_calib_size}")
 

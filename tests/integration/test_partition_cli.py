@@ -273,10 +273,6 @@ def test_budget_errors_name_the_option(tmp_path):
                            "--replication", "1..2")
     _assert_one_line_error(robustdice(*_partition_args(tmp_path, "--method", "lop", "--replication", "1.5")),
                            "--replication", "lop")
-    _assert_one_line_error(robustdice(*_partition_args(tmp_path, "--failure-prob", "0.1")),
-                           "--failure-prob", "--budget-mb")
-    _assert_one_line_error(robustdice(*_partition_args(tmp_path, "--replication", "1.5", "--failure-prob", "1")),
-                           "--failure-prob", "between 0 and 1")
 
 
 def test_uniform_spends_a_budget_evenly_and_pairs_every_neuron_at_replication_2(tmp_path):

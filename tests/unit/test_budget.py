@@ -90,39 +90,3 @@ def test_choose_refuses_a_budget_below_the_cheapest_plan():
 def test_candidate_thresholds_start_at_zero_and_end_above_any_diameter():
     assert CANDIDATE_THRESHOLDS[0] == 0.0
     assert CANDIDATE_THRESHOLDS[-1] > np.sqrt(3)  # three scores in [0, 1]: diameter <= √3
-
-
-def test_failure_weights_are_binomial_and_default_to_equal():
-    from robustdice.partitioner.budget import failure_weights
-    assert failure_weights(4) == [1.0, 1.0, 1.0]
-    p = 0.1
-    assert failure_weights(4, p) == pytest.approx([4 * p * 0.9 ** 3, 6 * p ** 2 * 0.9 ** 2, 4 * p ** 3 * 0.9])
-    lop = lop_assignment(8, 4)
-    imp = np.arange(1.0, 9.0)
-    assert expected_loss(lop, 8, imp, k_weights=[1.0, 0.0, 0.0]) == pytest.approx(imp.sum() / 4)
-    assert expected_loss(lop, 8, imp, k_weights=[0.0, 0.0, 2.0]) == pytest.approx(2 * imp.sum() * 3 / 4)
-
-
-def test_a_small_failure_prob_buys_one_failure_at_the_cost_of_three():
-    """The same budget, spent for independent failures at p = 0.02 (one failure dominates) and with
-    every k alike: each choice is the better one by its own measure, and they differ."""
-    from robustdice.partitioner.budget import failure_weights
-    rng = np.random.default_rng(4)
-    layers = [rng.random((16, 2)) for _ in range(3)]
-    imps = [np.linalg.norm(f, axis=1) * w for f, w in zip(layers, (1.0, 3.0, 0.5))]
-    ts = CANDIDATE_THRESHOLDS[::3]
-    first, alike = failure_weights(4, 0.02), failure_weights(4)
-
-    def pick(weights):
-        options = [layer_options(f, imp, 4, "robust", 1.0, 1.0, thresholds=ts, k_weights=weights)
-                   for f, imp in zip(layers, imps)]
-        return [options[l][j] for l, j in enumerate(choose(options, budget=2.0 * 48))]
-
-    def loss(selection, weights):
-        return sum(expected_loss(o.assignment, 16, imp, k_weights=weights) for o, imp in zip(selection, imps))
-
-    for_one, for_all = pick(first), pick(alike)
-    assert sum(o.cost for o in for_one) <= 96 and sum(o.cost for o in for_all) <= 96
-    at_one = [1.0, 0.0, 0.0]
-    assert loss(for_one, at_one) < loss(for_all, at_one)
-    assert loss(for_all, alike) < loss(for_one, alike)
