@@ -283,8 +283,10 @@ def thresholds_for_budget(staged, request, scores):
 def uniform_group_counts(staged, request) -> Dict[str, int]:
     """`--method uniform`: per layer, how many groups (rows per device) of cluster.uniform_groups.
 
-    Every layer gets the same share of groups per neuron, rho in [1/N, 1] (each layer rounded
-    down, and never below one row per N neurons), the largest rho whose plan fits the budget:
+    Every layer gets the same share of groups per neuron, rho in [1/N, 1] (each layer rounded to
+    the nearest, never below one row per N neurons: rounding down would cost a small layer, a
+    classifier's 10 outputs, up to a whole row's worth of copies), the largest rho whose plan fits
+    the budget:
     the replication the memory allows, spread evenly over the layers. The same costs as the
     thresholds of robust and random, so that all three are compared at the same memory.
     """
@@ -293,7 +295,7 @@ def uniform_group_counts(staged, request) -> Dict[str, int]:
     sizes = [stage.n_neurons for stage in staged.stages]
 
     def counts(rho: float) -> List[int]:
-        return [min(c, max(-(-c // n), int(math.floor(rho * c + 1e-9)))) for c in sizes]
+        return [min(c, max(-(-c // n), int(math.floor(rho * c + 0.5)))) for c in sizes]
 
     # A group is one row on every device: per device, a row's bytes; counting copies, N copies.
     per_group = n if costs.by_copies else 1
