@@ -127,7 +127,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
     rows = []
     nmr_bytes = None
     plans = {}
-    per_image = {}   # (method, fill) -> {k: each image's share of correct answers}, for versus_random
+    per_image = {}   # (method, fill) -> {k: each image's share of correct answers}, for versus_*
     for name, method, fill, ratio, tuned in configurations(model, finetune_here, fills, sweep, methods, budget_ratio):
         out = root / model / name.replace("/", "_").replace("@", "_at_")
         if tuned:
@@ -241,17 +241,17 @@ def versus(result: dict, per_image: Optional[dict], method: str, baseline: str) 
     rows = {(r["method"], r["fill"]): r for r in result["rows"]
             if r.get("budget_ratio") == ratio and not r.get("finetuned")}
     out = {}
-    for (name, fill), robust in sorted(rows.items()):
-        random = rows.get((baseline, fill))
-        if name != method or random is None:
+    for (name, fill), mine in sorted(rows.items()):
+        base = rows.get((baseline, fill))
+        if name != method or base is None:
             continue
         images = per_image or {}
         pair = (method, fill) in images and (baseline, fill) in images
         per_k = {}
-        for k, b in sorted(robust["by_failed"].items()):
+        for k, b in sorted(mine["by_failed"].items()):
             if k == "0":
                 continue
-            a, r = b["mean"], random["by_failed"][k]
+            a, r = b["mean"], base["by_failed"][k]
             seeds = r.get("seed_means") or [r["mean"]]
             seed_var = (float(np.var(seeds, ddof=1)) / len(seeds)) if len(seeds) > 1 else 0.0
             if pair:
@@ -346,6 +346,8 @@ def main(argv=None) -> int:
             if not any(v.get("error") == "paired" for per_k in stored.values() for v in per_k.values()):
                 result["versus_random"] = versus_random(result)   # a full run's paired figures stay
             print("\n".join([f"{model}:"] + format_versus(result["versus_random"])))
+            for method, v in result.get("versus_uniform", {}).items():   # stored as measured
+                print("\n".join(format_versus(v, f"{method} - uniform")))
         write_result(data, args.out, False, measured_now=False)   # a redraw measures nothing
         return 0
     if args.update:
