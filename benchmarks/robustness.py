@@ -49,8 +49,8 @@ from robustdice.partitioner.evaluate import evaluate_plan
 from robustdice.partitioner.finetune import finetune, training_data
 from robustdice.partitioner.errors import PartitionerError
 from robustdice.partitioner.models import build_model
-from robustdice.partitioner.partition import (DEFAULT_SCORES, PartitionRequest, default_calib_size,
-                                              partition, stand_ins)
+from robustdice.partitioner.partition import (DEFAULT_SCORES, SCORED_METHODS, PartitionRequest,
+                                              default_calib_size, partition, stand_ins)
 from robustdice.partitioner.scores import compute_scores
 from robustdice.partitioner.stages import trace_stages
 
@@ -144,7 +144,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
                     where = out if seed == 0 else out.with_name(f"{out.name}_seed{seed}")
                     request = PartitionRequest(model=model, devices=DEVICES, method=method, out=where, fill=fill,
                                                show_progress=False, seed=seed, **budget)
-                    partition(request, scores=scores_for(fill) if method in ("robust", "random", "robust+cdc") else None)
+                    partition(request, scores=scores_for(fill) if method in SCORED_METHODS else None)
                     paired = ratio == budget_ratio and method in BUDGET_METHODS
                     results.append(evaluate_plan(where, None, limit, per_image=paired))
             except PartitionerError as exc:  # a sweep budget below what the method needs at least
@@ -275,6 +275,14 @@ def format_versus(versus: dict, label: str = "robust - random") -> List[str]:
         for fill, per_k in versus.items()]
 
 
+def verdict_lines(result: dict) -> List[str]:
+    """The printed verdicts of one model: robust against random, then each method against uniform."""
+    lines = format_versus(result["versus_random"])
+    for method, v in result.get("versus_uniform", {}).items():
+        lines += format_versus(v, f"{method} - uniform")
+    return lines
+
+
 def format_row(row: dict) -> str:
     cells = [f"{k}: {100 * b['mean']:5.1f} ({100 * b['min']:.1f}-{100 * b['max']:.1f})"
              for k, b in sorted(row["by_failed"].items())]
@@ -345,9 +353,7 @@ def main(argv=None) -> int:
             stored = result.get("versus_random") or {}
             if not any(v.get("error") == "paired" for per_k in stored.values() for v in per_k.values()):
                 result["versus_random"] = versus_random(result)   # a full run's paired figures stay
-            print("\n".join([f"{model}:"] + format_versus(result["versus_random"])))
-            for method, v in result.get("versus_uniform", {}).items():   # stored as measured
-                print("\n".join(format_versus(v, f"{method} - uniform")))
+            print("\n".join([f"{model}:"] + verdict_lines(result)))   # versus_uniform: stored as measured
         write_result(data, args.out, False, measured_now=False)   # a redraw measures nothing
         return 0
     if args.update:
@@ -376,9 +382,7 @@ def main(argv=None) -> int:
         for row in r["rows"]:
             if row["in_table"]:
                 print("  " + format_row(row))
-        print("\n".join(format_versus(r["versus_random"])))
-        for method, v in r.get("versus_uniform", {}).items():
-            print("\n".join(format_versus(v, f"{method} - uniform")))
+        print("\n".join(verdict_lines(r)))
     if args.update and args.out.exists():
         results = {**json.loads(args.out.read_text()).get("models", {}), **results}
     write_result({"devices": DEVICES, "budget_ratio": args.budget_ratio, "threads": THREADS, "models": results},

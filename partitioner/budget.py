@@ -15,7 +15,10 @@ score norm scaled so that every layer weighs the same. Choosing one option per l
 multiple-choice knapsack; a Lagrangian relaxation (bisection on the price of a byte) finds the
 frontier and a greedy pass spends what is left.
 
-Pure: numpy in, thresholds out. `layer_options` builds each layer's candidate plans.
+`layer_options` builds each layer's candidate plans and `choose` picks among them (pure: numpy
+in, choices out). `budget_costs` prices a row of each stage; `uniform_group_counts` spends the
+same prices evenly over the layers for `--method uniform`, so that every method is held to the
+same memory.
 """
 from __future__ import annotations
 
