@@ -283,6 +283,13 @@ def thresholds_for_budget(staged, request, scores):
     return dataclasses.replace(request, thresholds=thresholds, threshold=None, replication=None, budget_mb=None)
 
 
+def uniform_counts(sizes: Sequence[int], rho: float, n_devices: int) -> List[int]:
+    """Groups per layer at a share rho of groups per neuron: rho * size rounded to the nearest,
+    never below ceil(size / N) (each device must hold one row per N neurons at least) nor above
+    size (one group per neuron: every neuron on every device)."""
+    return [min(c, max(-(-c // n_devices), int(math.floor(rho * c + 0.5)))) for c in sizes]
+
+
 def uniform_group_counts(staged, request) -> Dict[str, int]:
     """`--method uniform`: per layer, how many groups (rows per device) of cluster.uniform_groups.
 
@@ -298,7 +305,7 @@ def uniform_group_counts(staged, request) -> Dict[str, int]:
     sizes = [stage.n_neurons for stage in staged.stages]
 
     def counts(rho: float) -> List[int]:
-        return [min(c, max(-(-c // n), int(math.floor(rho * c + 0.5)))) for c in sizes]
+        return uniform_counts(sizes, rho, n)
 
     # A group is one row on every device: per device, a row's bytes; counting copies, N copies.
     per_group = n if costs.by_copies else 1

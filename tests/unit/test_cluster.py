@@ -214,3 +214,18 @@ def test_uniform_groups_spread_copies_evenly_over_random_neurons():
     for bad in (7, 31):   # fewer groups than ceil(30 / 4) would need groups above N; more than neurons
         with pytest.raises(ValueError, match="8..30 groups"):
             uniform_groups(n, bad, devices, seed=0)
+
+
+def test_uniform_counts_round_each_layer_to_the_nearest_within_its_bounds():
+    """A small layer must not lose a whole row of copies to rounding: at rho 0.45 a classifier's 10
+    outputs get 5 groups (pairs: every output on 2 devices), where rounding down gave 4 and left
+    some outputs on one device only."""
+    from robustdice.partitioner.budget import uniform_counts
+    from robustdice.partitioner.cluster import replicate_and_deal, uniform_groups
+    assert uniform_counts([10, 64, 128], 0.45, 4) == [5, 29, 58]     # 4.5, 28.8, 57.6 to the nearest
+    assert uniform_counts([10, 64], 0.44, 4) == [4, 28]
+    assert uniform_counts([10, 64, 7], 0.0, 4) == [3, 16, 2]         # never below ceil(size / N)
+    assert uniform_counts([10, 64], 1.7, 4) == [10, 64]              # never above one group per neuron
+    groups = uniform_groups(10, uniform_counts([10], 0.45, 4)[0], 4, seed=0)
+    copies = np.bincount([m for a in replicate_and_deal(groups, 4) for m in a], minlength=10)
+    assert copies.min() == 2
