@@ -131,7 +131,10 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
     for name, method, fill, ratio, tuned in configurations(model, finetune_here, fills, sweep, methods, budget_ratio):
         out = root / model / name.replace("/", "_").replace("@", "_at_")
         if tuned:
-            base = plans[(method, fill, ratio)]
+            base = plans.get((method, fill, ratio))
+            if base is None:   # its plan was not made: skipped above, or not among --methods
+                log(f"  {name}: skipped (no {method}@{ratio:g}/{fill} plan to fine-tune)")
+                continue
             summary = finetune(base, out, epochs=finetune_epochs, progress=False)
             log(f"  fine-tuned {name}: no-failure test accuracy {100 * summary['test_accuracy_before']:.2f}% -> "
                 f"{100 * summary['test_accuracy_after']:.2f}%")

@@ -174,3 +174,20 @@ def test_robust_and_the_hybrid_are_judged_against_uniform_too(robustness):
     assert robustness.versus_uniform(no_uniform) == {}
     lines = robustness.format_versus(v["robust+cdc"], "robust+cdc - uniform")
     assert lines[0].startswith("  robust+cdc - uniform (zero): 1: +0.1")
+
+
+def test_a_plan_that_does_not_fit_the_budget_skips_its_fine_tuning_too(robustness, tmp_path, capsys):
+    """At 0.35 of NMR's memory robust+cdc's cheapest digits_cnn plan under mean+bn does not fit:
+    its row and its fine-tuned row are skipped and said so, and the run still writes its table.
+    (The run once fell over with a KeyError on the fine-tuning of the plan it had skipped.)"""
+    import json
+    out = tmp_path / "r.json"
+    assert robustness.main(["--models", "digits_cnn", "--budget-ratio", "0.35", "--fills", "mean+bn",
+                            "--methods", "robust+cdc", "--no-sweep", "--finetune-epochs", "1", "--limit", "40",
+                            "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "robust+cdc@0.35/mean+bn: skipped (--budget-mb" in err
+    assert "robust+cdc@0.35/mean+bn/finetuned: skipped (no robust+cdc@0.35/mean+bn plan" in err
+    assert "robust@0.35/mean+bn/finetuned: skipped (no robust@0.35/mean+bn plan" in err   # not among --methods
+    names = [r["name"] for r in json.loads(out.read_text())["models"]["digits_cnn"]["rows"]]
+    assert "nmr/zero" in names and not any("0.35" in n for n in names)
