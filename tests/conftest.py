@@ -41,3 +41,29 @@ def leak_check():
         time.sleep(0.05)  # polling a condition with a deadline, not synchronising on sleep
     assert fds <= fds_before, f"file descriptors leaked: {fds_before} before, {fds} after: {os.listdir('/proc/self/fd')}"
     assert sockets <= sockets_before, f"inet sockets leaked: {sockets_before} before, {sockets} after"
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """load_benchmark("robustness") -> benchmarks/robustness.py as a module. The scripts run as
+    `python benchmarks/NAME.py` and import their neighbours (_results, robustness) by bare name,
+    so their folder is on sys.path while one loads."""
+    import importlib.util
+    import sys
+    loaded = {}
+
+    def load(name: str):
+        if name not in loaded:
+            sys.path.insert(0, BENCHMARKS)
+            try:
+                spec = importlib.util.spec_from_file_location(f"{name}_bench", os.path.join(BENCHMARKS, f"{name}.py"))
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                loaded[name] = module
+            finally:
+                sys.path.remove(BENCHMARKS)
+        return loaded[name]
+    return load

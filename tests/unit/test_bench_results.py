@@ -1,6 +1,5 @@
 """benchmarks/_results.py: every results file says when, at which commit and on how much of the
 machine it was measured."""
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -11,11 +10,8 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def results():
-    spec = importlib.util.spec_from_file_location("bench_results", BENCH / "_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def results(load_benchmark):
+    return load_benchmark("_results")
 
 
 def test_the_written_file_keeps_the_result_and_its_conditions(results, tmp_path, capsys):

@@ -1,25 +1,12 @@
 """benchmarks/membership.py: plans with robust's groups' sizes whose members are chosen by s3
 rank. The plans must differ from robust only in which neurons get the copies."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def membership():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("membership_bench", BENCH / "membership.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+def membership(load_benchmark):
+    return load_benchmark("membership")
 
 
 def test_ranked_members_put_the_highest_scores_in_the_smallest_groups(membership):

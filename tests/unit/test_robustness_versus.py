@@ -1,24 +1,11 @@
 """benchmarks/robustness.py's verdict on robust against random: a difference counts only beyond
 two standard errors (the images' binomial error and the spread of random's draws)."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def robustness():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("robustness_bench", BENCH / "robustness.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+def robustness(load_benchmark):
+    return load_benchmark("robustness")
 
 
 def row(method, fill, means, seed_means=None):
