@@ -250,9 +250,9 @@ def budget_costs(staged, request) -> Costs:
         rows.append(row)
         parity_rows.append(prow)
     if by_copies:
-        budget, what = request.replication * total_neurons, f"--replication {request.replication}"
+        budget, what = request.replication * total_neurons, f"--replication {request.replication:g}"
     else:
-        budget, what = request.budget_mb * 1e6 - fixed, f"--budget-mb {request.budget_mb}"
+        budget, what = request.budget_mb * 1e6 - fixed, f"--budget-mb {request.budget_mb:g}"
     return Costs(rows, parity_rows, budget, fixed, by_copies, total_neurons, what)
 
 

@@ -1,5 +1,7 @@
 """benchmarks/robustness.py's verdict on robust against random: a difference counts only beyond
 two standard errors (the images' binomial error and the spread of random's draws)."""
+import re
+
 import pytest
 
 
@@ -174,6 +176,7 @@ def test_a_plan_that_does_not_fit_the_budget_skips_its_fine_tuning_too(robustnes
                             "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "robust+cdc@0.35/mean+bn: skipped (--budget-mb" in err
+    assert re.search(r"--budget-mb 0\.\d{1,6} is below the cheapest robust\+cdc plan of digits_cnn \(0\.\d+ MB\)", err)
     assert "robust+cdc@0.35/mean+bn/finetuned: skipped (no robust+cdc@0.35/mean+bn plan" in err
     assert "robust@0.35/mean+bn/finetuned: skipped (no robust@0.35/mean+bn plan" in err   # not among --methods
     names = [r["name"] for r in json.loads(out.read_text())["models"]["digits_cnn"]["rows"]]
