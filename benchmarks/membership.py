@@ -75,6 +75,7 @@ def ranked_members(groups: Sequence[Sequence[int]], importance: np.ndarray, wors
 def refilled_plan(model, staged, scores, robust_dir: Path, out: Path, fill: str, worst: bool) -> dict:
     """robust's plan in `robust_dir` with every layer's members chosen by s3 rank (ranked_members)."""
     thresholds = {s.name: s.threshold for s in load_plan(robust_dir).stages}
+    # Its plan.json says "random": robust's thresholds and sizes, members not robust's clusters.
     request = PartitionRequest(model=model, devices=DEVICES, method="random", out=out, fill=fill,
                                thresholds=thresholds, show_progress=False)
     stages = []
