@@ -43,9 +43,8 @@ from robustdice.partitioner.data import calibration_batch
 from robustdice.partitioner.evaluate import evaluate_plan
 from robustdice.partitioner.models import build_model
 from robustdice.partitioner.partition import (DEFAULT_SCORES, PartitionRequest, default_calib_size, partition,
-                                              plan_stages, stand_ins, write_plan)
+                                              plan_stages, request_scores, write_plan)
 from robustdice.partitioner.plan import load_plan
-from robustdice.partitioner.scores import compute_scores
 from robustdice.partitioner.stages import trace_stages
 
 from _results import START_COMMIT, write_result
@@ -92,9 +91,8 @@ def run(model: str, fill: str, root: Path, ratio: float, limit, seeds: int, log)
     calib = calibration_batch(model, n=default_calib_size(model), seed=0)
     partition(PartitionRequest(model=model, devices=DEVICES, method="nmr", out=root / "nmr", show_progress=False))
     nmr_bytes = float(max(evaluate_plan(root / "nmr", None, 1)["per_device_param_bytes"]))
-    like = PartitionRequest(model=model, devices=DEVICES, method="robust", out=root, fill=fill)
-    scores = compute_scores(staged, calib, list(DEFAULT_SCORES), show_progress=False, s3_mode="auto",
-                            fill_values=stand_ins(staged, like))
+    scores = request_scores(staged, calib, PartitionRequest(model=model, devices=DEVICES, method="robust", out=root,
+                                                            fill=fill, show_progress=False))
     budget_mb = ratio * nmr_bytes / 1e6
     rows, per_image = [], {}
     for name in ("robust",) + ORDERED + ("random",):

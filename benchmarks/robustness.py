@@ -49,9 +49,8 @@ from robustdice.partitioner.evaluate import evaluate_plan
 from robustdice.partitioner.finetune import finetune, training_data
 from robustdice.partitioner.errors import PartitionerError
 from robustdice.partitioner.models import build_model
-from robustdice.partitioner.partition import (DEFAULT_SCORES, SCORED_METHODS, PartitionRequest,
-                                              default_calib_size, partition, stand_ins)
-from robustdice.partitioner.scores import compute_scores
+from robustdice.partitioner.partition import (SCORED_METHODS, PartitionRequest, default_calib_size, partition,
+                                              request_scores)
 from robustdice.partitioner.stages import trace_stages
 
 from _results import START_COMMIT, write_result
@@ -115,9 +114,9 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
     def scores_for(fill: str):
         key = "zero" if fill == "zero" else "mean"
         if key not in scored:
-            like = PartitionRequest(model=model, devices=DEVICES, method="robust", out=root, fill=fill)
-            scored[key] = compute_scores(staged, calib, list(DEFAULT_SCORES), show_progress=False, s3_mode="auto",
-                                         fill_values=stand_ins(staged, like))
+            like = PartitionRequest(model=model, devices=DEVICES, method="robust", out=root, fill=fill,
+                                    show_progress=False)
+            scored[key] = request_scores(staged, calib, like)
         return scored[key]
     try:
         training_data(model)

@@ -293,25 +293,21 @@ def uniform_counts(sizes: Sequence[int], rho: float, n_devices: int) -> List[int
 def uniform_group_counts(staged, request) -> Dict[str, int]:
     """`--method uniform`: per layer, how many groups (rows per device) of cluster.uniform_groups.
 
-    Every layer gets the same share of groups per neuron, rho in [1/N, 1] (each layer rounded to
-    the nearest, never below one row per N neurons: rounding down would cost a small layer, a
-    classifier's 10 outputs, up to a whole row's worth of copies), the largest rho whose plan fits
-    the budget:
-    the replication the memory allows, spread evenly over the layers. The same costs as the
-    thresholds of robust and random, so that all three are compared at the same memory.
+    Every layer gets the same share of groups per neuron, rho in [1/N, 1] (uniform_counts: to the
+    nearest, since rounding down would cost a small layer, a classifier's 10 outputs, up to a
+    whole row's worth of copies), the largest rho whose plan fits the budget: the replication the
+    memory allows, spread evenly over the layers. The same costs as the thresholds of robust and
+    random, so that all three are compared at the same memory.
     """
     costs = budget_costs(staged, request)
     n = request.devices
     sizes = [stage.n_neurons for stage in staged.stages]
 
-    def counts(rho: float) -> List[int]:
-        return uniform_counts(sizes, rho, n)
-
     # A group is one row on every device: per device, a row's bytes; counting copies, N copies.
     per_group = n if costs.by_copies else 1
 
     def cost(rho: float) -> float:
-        return per_group * sum(g * row for g, row in zip(counts(rho), costs.rows))
+        return per_group * sum(g * row for g, row in zip(uniform_counts(sizes, rho, n), costs.rows))
 
     if cost(0.0) > costs.budget * (1 + 1e-9):
         raise PartitionerError(f"{costs.what} is below the cheapest {request.method} plan of {request.model} "
@@ -326,4 +322,4 @@ def uniform_group_counts(staged, request) -> Dict[str, int]:
                 lo = mid
             else:
                 hi = mid
-    return {stage.name: g for stage, g in zip(staged.stages, counts(lo))}
+    return {stage.name: g for stage, g in zip(staged.stages, uniform_counts(sizes, lo, n))}

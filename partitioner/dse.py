@@ -40,8 +40,7 @@ def sweep(model: str, devices: int, out, weights: str = "DEFAULT", fill: str = "
     from .data import calibration_batch
     from .evaluate import evaluate_plan
     from .models import build_model
-    from .partition import DEFAULT_SCORES, PartitionRequest, default_calib_size, partition, stand_ins
-    from .scores import compute_scores
+    from .partition import PartitionRequest, default_calib_size, partition, request_scores
     from .stages import trace_stages
 
     bad = [m for m in methods if m not in SWEPT_METHODS]
@@ -54,9 +53,8 @@ def sweep(model: str, devices: int, out, weights: str = "DEFAULT", fill: str = "
     staged = trace_stages(model_obj)
     calib_batch = calibration_batch(model, calib, n=calib_size or default_calib_size(model), seed=seed)
     like = PartitionRequest(model=model, devices=devices, method="robust", out=out, weights=weights, seed=seed,
-                            calib=calib, fill=fill)
-    scores = compute_scores(staged, calib_batch, list(DEFAULT_SCORES), show_progress=progress, s3_mode="auto",
-                            fill_values=stand_ins(staged, like))
+                            calib=calib, fill=fill, show_progress=progress)
+    scores = request_scores(staged, calib_batch, like)
 
     def run(method: str, name: str, **budget) -> Dict:
         request = PartitionRequest(model=model, devices=devices, method=method, out=out / "plans" / name,

@@ -207,7 +207,6 @@ def partition(request: PartitionRequest, scores: Optional[Mapping[str, np.ndarra
     """
     from .data import calibration_batch
     from .models import build_model
-    from .scores import compute_scores
 
     request.check()
     spec = request.input_spec()  # before building: a missing --input-shape fails fast
@@ -219,8 +218,7 @@ def partition(request: PartitionRequest, scores: Optional[Mapping[str, np.ndarra
             size = request.calib_size or default_calib_size(request.model)
             calib = calibration_batch(request.model, request.calib, n=size, seed=request.seed, spec=spec)
         stage_thresholds(staged, request)  # fail on a bad thresholds file before the long scoring
-        scores = compute_scores(staged, calib, list(request.scores), show_progress=request.show_progress,
-                                s3_mode=request.s3_mode, fill_values=stand_ins(staged, request))
+        scores = request_scores(staged, calib, request)
     group_counts = None
     if request.method == "uniform":
         from .budget import uniform_group_counts
@@ -230,6 +228,16 @@ def partition(request: PartitionRequest, scores: Optional[Mapping[str, np.ndarra
         request = thresholds_for_budget(staged, request, scores)  # fixes per-layer thresholds
     stages = plan_stages(staged, request, scores, group_counts)
     return write_plan(model, staged, stages, request)
+
+
+def request_scores(staged: StagedModel, calib, request: PartitionRequest) -> Dict[str, np.ndarray]:
+    """request.scores of every stage on `calib`, s3 ablating to what request.fill puts in place
+    (stand_ins): how partition scores, and what the DSE and the benchmarks score once for many
+    partitions of one model."""
+    from .scores import compute_scores
+
+    return compute_scores(staged, calib, list(request.scores), show_progress=request.show_progress,
+                          s3_mode=request.s3_mode, fill_values=stand_ins(staged, request))
 
 
 def stand_ins(staged: StagedModel, request: PartitionRequest):
