@@ -105,6 +105,7 @@ def run_scenario(name, plan, other_plan, images, expected, args):
         elif name == "refused":
             cluster.kill(3)
             time.sleep(1.0)
+            cluster.sign(other_plan)  # signed, so that the peers (not the node itself) refuse it
             cluster.start_node(3, extra=["--plan", str(other_plan)])
         heal_s = time.time()
         time.sleep(AFTER_S)

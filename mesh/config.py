@@ -5,6 +5,8 @@ the bad value, e.g. ``peers[2].port: 70000 is not a port (1-65535)``.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import logging
 import socket
@@ -84,6 +86,9 @@ class PeersConfig:
     clients: Tuple[ClientKey, ...] = ()
     base_dir: Path = field(default=Path("."), compare=False)
     version: int = CONFIG_VERSION
+    # The operator's Ed25519 public key (base64): a node runs only plans it signed. Required
+    # unless insecure: true (node/config.py), since a plan decides what every board computes.
+    operator_public_key: Optional[str] = None
 
     def peer(self, node_id: str) -> PeerConfig:
         for p in self.peers:
@@ -111,6 +116,8 @@ class PeersConfig:
                    max_message_bytes=self.max_message_bytes)
         if self.secret_key_file is not None:
             out["secret_key_file"] = self.secret_key_file
+        if self.operator_public_key is not None:
+            out["operator_public_key"] = self.operator_public_key
         if self.clients:
             out["clients"] = [{"name": c.name, "public_key": c.public_key} for c in self.clients]
         out["peers"] = [{k: v for k, v in (("id", p.id), ("host", p.host), ("port", p.port),
@@ -125,7 +132,7 @@ class PeersConfig:
 
 _TOP_KEYS = {"version", "plan", "heartbeat_interval_ms", "peer_timeout_ms", "sync_timeout_ms", "frame_timeout_ms",
              "device", "dtype", "insecure",
-             "secret_key_file", "max_message_bytes", "clients", "peers"}
+             "secret_key_file", "operator_public_key", "max_message_bytes", "clients", "peers"}
 _PEER_KEYS = {"id", "host", "port", "public_key", "client_port", "metrics_port"}
 _CLIENT_KEYS = {"name", "public_key"}
 
@@ -199,6 +206,9 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
         secret = _str("secret_key_file", secret)
     elif not insecure:
         raise ConfigError("secret_key_file: missing (required unless insecure: true)")
+    operator_key = data.get("operator_public_key")
+    if operator_key is not None:
+        operator_key = _operator_key(operator_key)
 
     clients = []
     raw_clients = data.get("clients") or []
@@ -250,8 +260,20 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ConfigError(f"peers[*].public_key: {dup!r} is listed for more than one peer")
     config = PeersConfig(tuple(peers), plan, heartbeat_ms, timeout_ms, sync_ms, frame_ms, device, dtype, insecure,
-                         secret, max_bytes, tuple(clients), base_dir, version)
+                         secret, max_bytes, tuple(clients), base_dir, version, operator_key)
     return config
+
+
+def _operator_key(value: Any) -> str:
+    """A base64 Ed25519 public key (32 bytes), as `robustdice sign --new-key` prints it."""
+    text = _str("operator_public_key", value).strip()
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"operator_public_key: {text[:60]!r} is not base64") from None
+    if len(raw) != 32:
+        raise ConfigError(f"operator_public_key: decodes to {len(raw)} bytes, not the 32 of an Ed25519 public key")
+    return text
 
 
 def load_peers(path) -> PeersConfig:

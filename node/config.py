@@ -6,6 +6,7 @@ is a NodeError, ConfigError or PlanError that names the file and the field.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from robustdice.mesh.config import PeerConfig, PeersConfig, load_peers, resolve_
 from robustdice.partitioner.plan import Plan, load_plan
 
 from .errors import NodeError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,19 @@ class NodeConfig:
         return self.peers.sync_timeout_ms / 1000.0
 
 
+def plan_trust_key(peers: PeersConfig) -> Optional[str]:
+    """The operator key a node checks plans against; None (unsigned plans run) only with
+    `insecure: true`. A plan decides what every board computes, so CURVE without a signed plan
+    would authenticate the peers while trusting whoever can write the plan folder."""
+    if peers.operator_public_key is not None:
+        return peers.operator_public_key
+    if peers.insecure:
+        log.warning("peers.yaml: no operator_public_key and insecure: true; plan signatures are not checked")
+        return None
+    raise NodeError("peers.yaml: operator_public_key: missing; a node runs only plans signed by the operator "
+                    "(`robustdice sign --new-key DIR` makes the key) unless insecure: true")
+
+
 def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *, check_key: bool = True,
                      device: Optional[str] = None, dtype: Optional[str] = None) -> NodeConfig:
     """`device`/`dtype` (the command line) win over $ROBUSTDICE_DEVICE/$ROBUSTDICE_DTYPE (the
@@ -69,7 +85,7 @@ def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *
     directory = Path(plan_dir) if plan_dir else peers.plan
     if directory is None:
         raise NodeError("no plan: give --plan DIR or set 'plan:' in peers.yaml")
-    plan = load_plan(directory)
+    plan = load_plan(directory, plan_trust_key(peers))
     if plan.devices != len(peers.peers):
         raise NodeError(f"plan {directory} is for {plan.devices} devices but {peers_path} lists "
                         f"{len(peers.peers)} peers")

@@ -59,7 +59,8 @@ def resolve_device(name: str) -> str:
 
 
 class Engine:
-    def __init__(self, plan_dir: str, device: int, compute_device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, plan_dir: str, device: int, compute_device: str = "cpu", dtype: str = "float32",
+                 operator_public_key: Optional[str] = None) -> None:
         import torch
 
         from robustdice.partitioner.plan import load_plan
@@ -67,7 +68,8 @@ class Engine:
                                                     place_model)
 
         self.torch = torch
-        self.plan = load_plan(plan_dir)
+        # Checked again here, not only by the supervisor: this process reads plan.json itself.
+        self.plan = load_plan(plan_dir, operator_public_key)
         self.device = device
         self.others = frozenset(range(self.plan.devices)) - {device}   # all missing, for `alone` frames
         self.compute = torch.device(compute_device)
@@ -84,6 +86,17 @@ class Engine:
         self.own: Dict[int, object] = {}           # frame -> its current slice, contiguous
         self.compute_ms: Dict[int, float] = {}
         self._telemetry_s = 0.0
+
+    def check_forward(self) -> tuple:
+        """One input of zeros through every stage, the peers' rows absent (as a node alone would
+        run it): the shape of the logits. `robustdice-node --check` calls it, so that a plan the
+        engine cannot run fails the check, not the running node."""
+        # Two images, so that a graph that mixes the batch with the features fails here too.
+        x = self.torch.zeros((2, *self.plan.input_shape), dtype=self.dtype, device=self.compute)
+        _, (logits,) = self._alone(-1, x, time.perf_counter())
+        if logits.ndim < 1 or logits.shape[0] != 2:
+            raise RuntimeError(f"2 images give logits of shape {list(logits.shape)}: the batch is lost")
+        return tuple(logits.shape)
 
     def to_host(self, t):
         """A device tensor on the host, once: a pinned buffer, non_blocking, one synchronisation."""
@@ -243,6 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--compute", choices=DEVICES, default="auto")
         p.add_argument("--dtype", choices=DTYPES, default="float32")
+        p.add_argument("--operator-public-key", help="run the plan only if this operator key signed it")
 
     args = child_main("engine", argv, arguments)
     stopping = {"flag": False}
@@ -267,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RuntimeError as exc:
         log.error("%s", exc)
         return 2
-    engine = Engine(args.plan, args.device, compute, args.dtype)
+    engine = Engine(args.plan, args.device, compute, args.dtype, args.operator_public_key)
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.linger = 0

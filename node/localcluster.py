@@ -74,6 +74,13 @@ class LocalCluster:
         from robustdice.mesh.keys import make_keypairs
         keys_dir = self.workdir / "keys"
         publics = {} if insecure else make_keypairs(keys_dir, self.ids + ["client"])
+        operator_public_key = None
+        self.operator_key = None
+        if not insecure:
+            # The lab is its own operator: a key of its own signs the plan(s) its nodes run.
+            from robustdice.partitioner.signing import make_operator_key
+            _, self.operator_key, operator_public_key = make_operator_key(keys_dir / "operator")
+            self.sign(self.plan_dir)
         per_node = 3 if self.metrics else 2
         if self.hosts is None:
             ports = free_ports(per_node * len(self.ids))
@@ -88,10 +95,18 @@ class LocalCluster:
             peers=peers, plan=self.plan_dir, heartbeat_interval_ms=heartbeat_ms, peer_timeout_ms=timeout_ms,
             sync_timeout_ms=sync_ms, dtype=self.dtype, insecure=insecure,
             secret_key_file=None if insecure else str(keys_dir / "{id}.key_secret"),
-            clients=() if insecure else (ClientKey("client", publics["client"]),), base_dir=self.workdir)
+            clients=() if insecure else (ClientKey("client", publics["client"]),), base_dir=self.workdir,
+            operator_public_key=operator_public_key)
         self.config = config
         self.key_path = None if insecure else keys_dir / "client.key_secret"
         return write_peers(self.workdir / "peers.yaml", config)
+
+    def sign(self, plan_dir) -> None:
+        """Sign `plan_dir` with this cluster's operator key, so that its nodes run it (a node given
+        another plan by --plan checks it too); nothing to do for an insecure cluster."""
+        if self.operator_key is not None:
+            from robustdice.partitioner.signing import sign_plan
+            sign_plan(plan_dir, self.operator_key)
 
     # ------------------------------------------------------------ processes
     def start_node(self, device: int, extra: Sequence[str] = (), env: Optional[Dict[str, str]] = None

@@ -172,18 +172,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = load_node_config(args.peers, args.id, args.plan, device=args.device, dtype=args.dtype)
         if args.check:
-            from robustdice.partitioner.runtime import load_shard
-            load_shard(config.plan, config.plan_dir, config.device)  # digest, plan hash, device
+            logits_shape = check_plan(config)
     except (NodeError, MeshError, PartitionerError) as exc:
         print(f"robustdice-node: error: {exc}", file=sys.stderr)
         return 2
     if args.check:
         me, plan = config.me, config.plan
         print(f"ok: node {me.id} is device {config.device} of {plan.devices} in plan {plan.plan_hash[:12]} "
-              f"({plan.model}, {plan.method}); mesh {me.endpoint}, clients {me.client_endpoint}, "
+              f"({plan.model}, {plan.method}, {'signed by the operator' if config.peers.operator_public_key else 'UNSIGNED'}); "
+              f"a forward of zeros gives logits {list(logits_shape)}; mesh {me.endpoint}, clients {me.client_endpoint}, "
               f"{'INSECURE (no CURVE)' if config.peers.insecure else 'CURVE key checked'}")
         return 0
     return run(config, args)
+
+
+def check_plan(config) -> tuple:
+    """Load the plan exactly as the engine will (signature, graph, skeleton, this device's shard)
+    and run one input of zeros through it on the CPU; the logits' shape. Raises NodeError."""
+    from robustdice.partitioner.errors import PartitionerError
+
+    from .engine import Engine
+    try:
+        engine = Engine(str(config.plan_dir), config.device, "cpu", "float32", config.peers.operator_public_key)
+        return engine.check_forward()
+    except PartitionerError:
+        raise
+    except Exception as exc:  # a graph that builds but cannot run: torch raises many kinds
+        raise NodeError(f"plan {config.plan_dir}: a forward of zeros on device {config.device} fails: "
+                        f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
 
 
 def run(config, args) -> int:
@@ -205,6 +221,8 @@ def run(config, args) -> int:
                    "--dtype", config.dtype] + common
     if args.threads:
         engine_argv += ["--threads", str(args.threads)]
+    if config.peers.operator_public_key is not None:
+        engine_argv += ["--operator-public-key", config.peers.operator_public_key]
     handler_argv = [sys.executable, "-m", "robustdice.node.handler", "--peers", str(config.peers_path),
                     "--id", config.me.id, "--plan", str(config.plan_dir), "--ipc", endpoint,
                     "--device", config.compute, "--dtype", config.dtype] + common

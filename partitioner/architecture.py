@@ -18,18 +18,25 @@ Values inside args are JSON, tagged where JSON has no type: {"node": name}, {"tu
 {"slice": [start, stop, step]}, {"dtype": "float32"}, {"device": "cpu"}, {"float": "inf"}.
 
 No weights are stored here (they travel in the shards) and nothing is unpickled or executed:
-a node may only call torch functions that take tensors (torch.overrides' list), torchvision's
-ops, a few tensor creation functions, tensor methods and arithmetic operators, so a crafted
-plan cannot reach files, processes or imports. `build` under `torch.device("meta")` allocates nothing.
+`build` never generates source from the stored graph (torch.fx's codegen would), it validates
+each node and returns a StoredModel that interprets them. A node may only call torch functions
+that take tensors (torch.overrides' list), torchvision's ops, a few tensor creation functions,
+tensor methods on tensors and arithmetic operators, and every name (node, input, keyword,
+module path) must be an identifier or a dotted path of them, so a crafted plan cannot reach
+files, processes or imports. `build` under `torch.device("meta")` allocates nothing.
 """
 from __future__ import annotations
 
 import builtins
+import copy
 import inspect
+import keyword
 import math
 import operator
 import os
+import re
 import traceback
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -50,7 +57,7 @@ _OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"
               "invert", "and_", "or_", "xor", "lshift", "rshift", "eq", "ne", "lt", "le", "gt", "ge",
               "getitem", "iadd", "isub", "imul", "itruediv", "ifloordiv")
 # Tensor methods that leave torch (numpy, lists, storages) or take Python callables.
-_DENIED_METHODS = frozenset({"numpy", "tolist", "storage", "untyped_storage", "share_memory_", "pin_memory",
+_DENIED_METHODS = frozenset({"grad_fn", "numpy", "tolist", "storage", "untyped_storage", "share_memory_", "pin_memory",
                              "register_hook", "register_post_accumulate_grad_hook", "backward",
                              "apply_", "map_", "map2_"})
 # Containers are never fx leaves; DataParallel wraps devices, not layers.
@@ -222,9 +229,12 @@ def _module_args(module: nn.Module, path: str) -> Dict[str, Any]:
     return args
 
 
-def encode(gm: fx.GraphModule) -> Dict[str, Any]:
-    """The JSON form of a traced model (see the module docstring). Raises ModelError naming the
-    layer of anything a board could not rebuild from torch alone."""
+def encode(gm: nn.Module) -> Dict[str, Any]:
+    """The JSON form of a traced model (see the module docstring); a StoredModel gives back the
+    graph it was built from. Raises ModelError naming the layer of anything a board could not
+    rebuild from torch alone."""
+    if isinstance(gm, StoredModel):
+        return copy.deepcopy(gm._data)
     modules: Dict[str, Any] = {}
     tensors: Dict[str, Any] = {}
     nodes: List[Dict[str, Any]] = []
@@ -263,20 +273,120 @@ def encode(gm: fx.GraphModule) -> Dict[str, Any]:
 
 
 # --- building -----------------------------------------------------------------------------------
+# A stored graph is never turned into Python source: `build` validates every node against the
+# closed vocabulary above and returns a StoredModel whose forward *interprets* the validated
+# steps. Every name is checked as well (identifiers and dotted module paths), so that the graph
+# torch.fx traces from a StoredModel (stages.py) holds no string that came from the file unchecked.
 
-def _decode_value(value: Any, where: str, env: Mapping[str, fx.Node]) -> Any:
+_PATH_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+
+
+def _identifier(value: Any) -> bool:
+    return isinstance(value, str) and value.isidentifier() and not keyword.iskeyword(value)
+
+
+def _module_path(value: Any) -> bool:
+    """A dotted module path as torch.fx names it (`features.0.conv`): identifiers and indices."""
+    return isinstance(value, str) and all(_PATH_PART.fullmatch(p) for p in value.split(".")) \
+        and not keyword.iskeyword(value.split(".")[-1])
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """An argument that is the value of an earlier node."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class _Step:
+    name: str
+    op: str        # placeholder | call_function | call_method | call_module | get_attr | output
+    target: Any    # the function itself; a method name; a module or tensor path
+    args: tuple
+    kwargs: Dict[str, Any]
+
+
+def _resolve(value: Any, env: Mapping[str, Any]) -> Any:
+    if isinstance(value, _Ref):
+        return env[value.name]
+    if isinstance(value, list):
+        return [_resolve(v, env) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_resolve(v, env) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolve(v, env) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_resolve(value.start, env), _resolve(value.stop, env), _resolve(value.step, env))
+    return value
+
+
+def _tensor_like(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, fx.Proxy))
+
+
+class StoredModel(nn.Module):
+    """A model built from a plan's stored graph: torch.nn layers, tensors and validated steps.
+
+    `forward` walks the steps, calling only the functions, tensor methods and layers that
+    `build` looked up in the allowlists; no code is generated or executed from the plan. torch.fx
+    traces it like any model (each layer is a leaf), which is how stages.py cuts it.
+    """
+
+    def __init__(self, name: str, steps: List[_Step], data: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.model_name = name
+        self._steps = tuple(steps)
+        self._data = copy.deepcopy(dict(data))  # what `encode` gives back: the plan's graph itself
+
+    def _fetch(self, path: str) -> Any:
+        obj: Any = self
+        for part in path.split("."):
+            obj = getattr(obj, part)  # nn.Module.__getattr__: torch.fx sees parameters and buffers
+        return obj
+
+    def forward(self, x):
+        env: Dict[str, Any] = {}
+        for step in self._steps:
+            args = _resolve(step.args, env)
+            kwargs = _resolve(step.kwargs, env)
+            if step.op == "placeholder":
+                value = x
+            elif step.op == "output":
+                return args[0]
+            elif step.op == "call_module":
+                value = self._fetch(step.target)(*args, **kwargs)
+            elif step.op == "get_attr":
+                value = self._fetch(step.target)
+            elif step.op == "call_method":
+                if not args or not _tensor_like(args[0]):
+                    raise PlanError(f"node '{step.name}': method {step.target!r} called on a "
+                                    f"{type(args[0]).__name__ if args else 'missing'} value, not a tensor")
+                value = getattr(args[0], step.target)(*args[1:], **kwargs)
+            else:  # call_function
+                if step.target is builtins.getattr and not _tensor_like(args[0]):
+                    raise PlanError(f"node '{step.name}': getattr of a {type(args[0]).__name__}, not a tensor")
+                value = step.target(*args, **kwargs)
+            env[step.name] = value
+        raise PlanError("the stored graph has no output node")
+
+
+def _decode_value(value: Any, where: str, env: Mapping[str, Any]) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, list):
         return [_decode_value(v, where, env) for v in value]
     if isinstance(value, dict) and len(value) == 1:
         (tag, body), = value.items()
-        if tag == "node" and body in env:
+        if tag == "node" and isinstance(body, str) and body in env:
             return env[body]
         if tag == "tuple" and isinstance(body, list):
             return tuple(_decode_value(v, where, env) for v in body)
         if tag == "dict" and isinstance(body, dict):
-            return {k: _decode_value(v, where, env) for k, v in body.items()}
+            bad = next((k for k in body if not _identifier(k)), None)
+            if bad is not None:
+                raise PlanError(f"{where}: key {bad!r:.80} is not a Python identifier")
+            return {k: _decode_value(v, f"{where}.{k}", env) for k, v in body.items()}
         if tag == "slice" and isinstance(body, list) and len(body) == 3:
             return slice(*(_decode_value(v, where, env) for v in body))
         if tag == "ellipsis" and body is True:
@@ -302,7 +412,7 @@ def _construct(class_name: str, args: Any, where: str, error=PlanError) -> nn.Mo
         raise error(f"{where}.class: {class_name!r} is not a torch.nn layer")
     if not isinstance(args, dict):
         raise error(f"{where}.args: {args!r:.80} is not an object")
-    kwargs = {k: _decode_value(v, f"{where}.args.{k}", {}) for k, v in args.items()}
+    kwargs = _decode_value({"dict": args}, f"{where}.args", {})
     try:
         return cls(**kwargs)
     except Exception as exc:  # an argument this torch does not take, or a bad value
@@ -310,26 +420,29 @@ def _construct(class_name: str, args: Any, where: str, error=PlanError) -> nn.Mo
                     f"{type(exc).__name__}: {exc}") from None
 
 
-def _install(root: nn.Module, path: str, where: str) -> Tuple[nn.Module, str]:
+def _install(root: nn.Module, path: Any, where: str) -> Tuple[nn.Module, str]:
     """The parent module of dotted `path` (created as plain containers) and the last name."""
+    if not _module_path(path):
+        raise PlanError(f"{where}: {path!r:.80} is not a module path (dotted identifiers)")
     *parents, last = path.split(".")
     owner = root
     for name in parents:
         child = owner._modules.get(name)
         if child is None:
-            if not name or hasattr(owner, name):
+            if hasattr(owner, name):
                 raise PlanError(f"{where}: {path!r} is not a module path")
             child = nn.Module()
             owner.add_module(name, child)
         owner = child
-    if not last or "." in last or hasattr(owner, last):
+    if hasattr(owner, last):
         raise PlanError(f"{where}: {path!r} is not a new module path")
     return owner, last
 
 
-def build(data: Any, where: str = "architecture") -> fx.GraphModule:
-    """A GraphModule from `encode`'s JSON (on torch's current default device, uninitialised
-    where weights will be loaded). Raises PlanError naming the field of anything malformed."""
+def build(data: Any, where: str = "architecture") -> StoredModel:
+    """A StoredModel from `encode`'s JSON (on torch's current default device, uninitialised
+    where weights will be loaded). Raises PlanError naming the field of anything malformed;
+    nothing read from `data` is executed."""
     if not isinstance(data, dict):
         raise PlanError(f"plan field {where}: expected an object")
     if data.get("format") != FORMAT or data.get("version") != VERSION:
@@ -340,14 +453,24 @@ def build(data: Any, where: str = "architecture") -> fx.GraphModule:
         if not isinstance(value, kind):
             raise PlanError(f"plan field {where}.{key}: expected {'an object' if kind is dict else 'a list'}")
     name = data.get("name", "StoredModel")  # the user's class name, for messages
-    if not isinstance(name, str) or not name.isidentifier():
-        raise PlanError(f"plan field {where}.name: {name!r} is not a class name")
-    root = nn.Module()
+    if not _identifier(name):
+        raise PlanError(f"plan field {where}.name: {name!r:.80} is not a class name")
+    steps: List[_Step] = []
+    env: Dict[str, _Ref] = {}
+    for i, entry in enumerate(nodes):
+        step = _build_step(entry, f"plan field {where}.nodes[{i}]", env, modules, tensors)
+        env[step.name] = _Ref(step.name)
+        steps.append(step)
+    ops = [s.op for s in steps]
+    if ops.count("placeholder") != 1 or ops.count("output") != 1 or ops[-1] != "output":
+        raise PlanError(f"plan field {where}.nodes: expected one input (placeholder) and one output node, "
+                        f"the output last; found {ops.count('placeholder')} and {ops.count('output')}")
+    model = StoredModel(name, steps, data)
     for path, spec in modules.items():
         w = f"plan field {where}.modules.{path}"
         if not isinstance(spec, dict):
             raise PlanError(f"{w}: expected an object")
-        owner, last = _install(root, path, w)
+        owner, last = _install(model, path, w)
         owner.add_module(last, _construct(spec.get("class"), spec.get("args", {}), w))
     for path, spec in tensors.items():
         w = f"plan field {where}.tensors.{path}"
@@ -358,7 +481,7 @@ def build(data: Any, where: str = "architecture") -> fx.GraphModule:
             raise PlanError(f"{w}.shape: {shape!r} is not a list of sizes")
         if not isinstance(dtype, torch.dtype):
             raise PlanError(f"{w}.dtype: {spec.get('dtype')!r} is not a torch dtype")
-        owner, last = _install(root, path, w)
+        owner, last = _install(model, path, w)
         t = torch.empty(shape, dtype=dtype)
         if kind == "parameter":
             owner.register_parameter(last, nn.Parameter(t, requires_grad=False))
@@ -366,43 +489,42 @@ def build(data: Any, where: str = "architecture") -> fx.GraphModule:
             owner.register_buffer(last, t)
         else:
             raise PlanError(f"{w}.kind: {kind!r} is not parameter or buffer")
-    graph = fx.Graph()
-    env: Dict[str, fx.Node] = {}
-    for i, entry in enumerate(nodes):
-        graph_node = _build_node(graph, entry, f"plan field {where}.nodes[{i}]", env, modules, tensors)
-        env[entry["name"]] = graph_node
-    try:
-        graph.lint()
-        return fx.GraphModule(root, graph, name).eval()
-    except Exception as exc:  # lint and codegen name what is inconsistent
-        raise PlanError(f"plan field {where}.nodes: not a valid graph: {type(exc).__name__}: {exc}") from None
+    return model.eval()
 
 
-def _build_node(graph: fx.Graph, entry: Any, w: str, env: Dict[str, fx.Node],
-                modules: Mapping[str, Any], tensors: Mapping[str, Any]) -> fx.Node:
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or entry["name"] in env:
-        raise PlanError(f"{w}: expected an object with a new 'name'")
+def _build_step(entry: Any, w: str, env: Mapping[str, _Ref], modules: Mapping[str, Any],
+                tensors: Mapping[str, Any]) -> _Step:
+    if not isinstance(entry, dict) or not _identifier(entry.get("name")) or entry["name"] in env:
+        raise PlanError(f"{w}.name: {entry.get('name') if isinstance(entry, dict) else entry!r:.80} "
+                        f"is not a new Python identifier")
     op, target = entry.get("op"), entry.get("target")
     args = _decode_value(entry.get("args", []), f"{w}.args", env)
     kwargs = _decode_value({"dict": entry.get("kwargs", {})}, f"{w}.kwargs", env)
+    if not isinstance(args, list):
+        raise PlanError(f"{w}.args: expected a list")
     if op == "call_function":
         fn = _functions().get(target) if isinstance(target, str) else None
         if fn is None:
-            raise PlanError(f"{w}.target: {target!r} is not a torch function a plan may call")
+            raise PlanError(f"{w}.target: {target!r:.80} is not a torch function a plan may call")
         if fn is builtins.getattr and not (len(args) == 2 and _public_tensor_attribute(args[1])):
             raise PlanError(f"{w}.args: getattr of {args[1:]!r:.60} is not a tensor attribute")
         target = fn
     elif op == "call_method":
         if not _public_tensor_attribute(target):
-            raise PlanError(f"{w}.target: {target!r} is not a tensor method a plan may call")
+            raise PlanError(f"{w}.target: {target!r:.80} is not a tensor method a plan may call")
     elif op == "call_module":
         if target not in modules:
-            raise PlanError(f"{w}.target: {target!r} is not in the architecture's modules")
+            raise PlanError(f"{w}.target: {target!r:.80} is not in the architecture's modules")
     elif op == "get_attr":
         if target not in tensors:
-            raise PlanError(f"{w}.target: {target!r} is not in the architecture's tensors")
-    elif op not in ("placeholder", "output") or not isinstance(target, str):
-        raise PlanError(f"{w}.op: {op!r} is not a torch.fx operation")
-    if not isinstance(args, list):
-        raise PlanError(f"{w}.args: expected a list")
-    return graph.create_node(op, target, tuple(args), kwargs, name=entry["name"])
+            raise PlanError(f"{w}.target: {target!r:.80} is not in the architecture's tensors")
+    elif op == "placeholder":
+        # A placeholder's args are its default value: the model takes its one input, nothing else.
+        if not _identifier(target) or args or kwargs:
+            raise PlanError(f"{w}.target: {target!r:.80} is not an input name (an identifier, no default)")
+    elif op == "output":
+        if len(args) != 1 or kwargs:
+            raise PlanError(f"{w}.args: an output node returns one value")
+    else:
+        raise PlanError(f"{w}.op: {op!r:.80} is not a torch.fx operation")
+    return _Step(entry["name"], op, target, tuple(args), kwargs)

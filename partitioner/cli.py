@@ -1,4 +1,4 @@
-"""Subcommands of the offline half: `partition`, `verify`, `evaluate`.
+"""Subcommands of the offline half: `partition`, `sign`, `verify`, `evaluate`, `finetune`, `dse`.
 
 Registered into the `robustdice` console script by robustdice.node.cli. torch is imported only
 when a subcommand runs, so that `robustdice --help` and the mesh's commands start fast.
@@ -82,9 +82,23 @@ def register(sub) -> None:
     p.add_argument("--calib", type=Path, help="image folder for s2/s3 (default: the model's own data)")
     p.add_argument("--calib-size", type=positive_int, help="calibration images (default 16; digits_cnn 256)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--sign-key", type=Path, metavar="FILE",
+                   help="sign the plan with this operator key (operator.key_secret, made by "
+                        "`robustdice sign --new-key DIR`); boards run only plans their peers.yaml's "
+                        "operator_public_key signed (default: unsigned)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_partition)
+
+    s = sub.add_parser("sign", help="make an operator key, or sign a plan with it",
+                       description="Boards run only plans signed by the operator key that peers.yaml names "
+                                   "(operator_public_key). --new-key DIR makes DIR/operator.key (public) and "
+                                   "DIR/operator.key_secret (0600); --plan DIR --key FILE signs DIR/plan.json "
+                                   "and, through its digests, every shard (writes DIR/plan.sig).")
+    s.add_argument("--new-key", type=Path, metavar="DIR", help="make an operator key pair in DIR (made 0700)")
+    s.add_argument("--plan", type=Path, help="plan folder to sign")
+    s.add_argument("--key", type=Path, metavar="FILE", help="operator.key_secret to sign with")
+    s.set_defaults(func=cmd_sign)
 
     v = sub.add_parser("verify", help="check a plan's no-failure simulation against the plain model")
     v.add_argument("--plan", type=Path, action="append", required=True, help="plan folder (repeatable)")
@@ -115,6 +129,8 @@ def register(sub) -> None:
     f.add_argument("--lr", type=_threshold, help="AdamW learning rate (default 1e-3 digits, 5e-4 fashion)")
     f.add_argument("--fill", choices=("zero", "mean", "mean+bn"), help="fill rule of the new plan (default: the plan's)")
     f.add_argument("--seed", type=int, default=0, help="seed of the failure draws and batch order (default 0)")
+    f.add_argument("--sign-key", type=Path, metavar="FILE", help="sign the new plan with this operator key "
+                   "(as for partition; default: unsigned)")
     f.add_argument("--json", action="store_true", help="print the summary as JSON")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_finetune)
@@ -148,6 +164,9 @@ def cmd_partition(args) -> int:
     from .scores import parse_scores
     from .usermodel import parse_shape
 
+    if args.sign_key is not None:
+        from .signing import load_secret_key
+        load_secret_key(args.sign_key)  # a bad key fails now, not after the partition's work
     request = PartitionRequest(
         model=args.model, devices=args.devices, method=args.method, out=args.out,
         threshold=args.threshold,
@@ -161,6 +180,9 @@ def cmd_partition(args) -> int:
         fill_calib_size=args.fill_calib_size, s3_mode=args.s3,
     )
     summary = partition(request)
+    if args.sign_key is not None:
+        from .signing import sign_plan
+        summary["signature"] = str(sign_plan(args.out, args.sign_key))
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -169,6 +191,25 @@ def cmd_partition(args) -> int:
           f"plan {summary['plan_hash'][:12]} in {summary['plan']}")
     print(f"  replication factor {summary['replication_factor']:.2f}; "
           f"parameters per device (MB): {' '.join(mb)} of {summary['full_param_bytes'] / 1e6:.2f} in full")
+    print(f"  signed: {summary['signature']}" if "signature" in summary else
+          "  unsigned: boards with an operator_public_key refuse it (robustdice sign --plan DIR --key FILE)")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from .errors import PartitionerError
+    from .signing import make_operator_key, sign_plan
+
+    if (args.new_key is None) == (args.plan is None):
+        raise PartitionerError("give either --new-key DIR, or --plan DIR with --key FILE")
+    if args.new_key is not None:
+        public_file, secret_file, public = make_operator_key(args.new_key)
+        print(f"wrote {public_file} and {secret_file} (keep it on this machine; boards need only the public key)")
+        print(f"peers.yaml:\noperator_public_key: {public}")
+        return 0
+    if args.key is None:
+        raise PartitionerError("--plan needs --key FILE (operator.key_secret)")
+    print(f"signed {sign_plan(args.plan, args.key)}")
     return 0
 
 
@@ -234,8 +275,14 @@ def cmd_evaluate(args) -> int:
 def cmd_finetune(args) -> int:
     from .finetune import finetune
 
+    if args.sign_key is not None:
+        from .signing import load_secret_key
+        load_secret_key(args.sign_key)
     summary = finetune(args.plan, args.out, epochs=args.epochs, lr=args.lr, seed=args.seed, fill=args.fill,
                        progress=not args.no_progress and not args.json and sys.stderr.isatty())
+    if args.sign_key is not None:
+        from .signing import sign_plan
+        summary["signature"] = str(sign_plan(args.out, args.sign_key))
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -305,6 +305,11 @@ def plan_from_json(data: Any) -> Plan:
     )
     if plan.compute_hash() != plan.plan_hash:
         raise PlanError("plan.json is corrupt or was edited: its plan_hash does not match its content")
+    if plan.architecture is None and ":" in plan.model:
+        # An import path is for the machine that partitions (it has the user's code); a board
+        # builds a user's model from the stored graph only, and never imports what a file names.
+        raise PlanError(f"plan field model: {plan.model!r} is an import path and the plan has no architecture; "
+                        f"a board runs only the built-in models or a plan's stored graph")
     return plan
 
 
@@ -326,19 +331,26 @@ def plan_dir(path: Path) -> Path:
     return path.parent if path.name == PLAN_FILE else path
 
 
-def load_plan(path) -> Plan:
-    """Read and check DIR/plan.json (or the file itself). Raises PlanError with the reason."""
+def load_plan(path, operator_public_key: Optional[str] = None) -> Plan:
+    """Read and check DIR/plan.json (or the file itself). Raises PlanError with the reason.
+
+    With `operator_public_key` (base64 Ed25519, a board's peers.yaml) the plan must carry that
+    operator's signature (signing.py), checked over the very bytes that are then parsed.
+    """
     file = plan_dir(path) / PLAN_FILE
     try:
-        text = file.read_text()
+        body = file.read_bytes()
     except FileNotFoundError:
         raise PlanError(f"no plan at {file}") from None
     except OSError as exc:
         raise PlanError(f"cannot read {file}: {exc.strerror}") from None
+    if operator_public_key is not None:
+        from .signing import verify_plan_bytes
+        verify_plan_bytes(body, file.parent, operator_public_key)
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{file} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{file} is not valid JSON: {exc}") from None
     return plan_from_json(data)
 
 

@@ -124,7 +124,10 @@ def load_shard(plan: Plan, directory, device: int) -> Dict[str, object]:
     record = plan.shards.get(str(device))
     if not path.exists():
         raise PlanError(f"shard for device {device} is missing: {path}")
-    if record and record.get("sha256") and sha256_file(path) != record["sha256"]:
+    # The digest is required: a signed plan.json vouches for the shards through it alone.
+    if not isinstance(record, Mapping) or not isinstance(record.get("sha256"), str):
+        raise PlanError(f"plan field shards.{device}.sha256 is missing: the plan cannot vouch for {path}")
+    if sha256_file(path) != record["sha256"]:
         raise PlanError(f"shard {path} does not match the plan (corrupt, or from another plan)")
     try:
         shard = torch.load(path, map_location="cpu", weights_only=True)

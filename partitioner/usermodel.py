@@ -59,7 +59,7 @@ def load_factory(path: str):
     return obj
 
 
-def build(path: str, weights: Any = "DEFAULT", seed: int = 0) -> torch.fx.GraphModule:
+def build(path: str, weights: Any = "DEFAULT", seed: int = 0) -> architecture.StoredModel:
     """The user's model as the boards will run it: traced, stored, rebuilt, weights loaded."""
     from .models import _load_file, _load_state  # models dispatches here: imported late
 

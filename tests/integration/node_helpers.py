@@ -79,7 +79,9 @@ def start_cluster(cluster: LocalCluster, devices: Optional[Sequence[int]] = None
 
 
 def start_node_with_plan(cluster: LocalCluster, device: int, plan_dir: Path, env=None) -> subprocess.Popen:
-    """Like LocalCluster.start_node, but with `--plan` overriding peers.yaml's plan."""
+    """Like LocalCluster.start_node, but with `--plan` overriding peers.yaml's plan (signed by
+    the cluster's operator key, as a real deploy's would be)."""
+    cluster.sign(plan_dir)
     return cluster.start_node(device, extra=["--plan", str(plan_dir)], env=env)
 
 
