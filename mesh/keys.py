@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import stat
 from pathlib import Path
 from typing import Dict, Iterable, Tuple
 
@@ -12,11 +14,17 @@ from .errors import ConfigError, MeshError
 
 
 def make_keypairs(out_dir, ids: Iterable[str]) -> Dict[str, str]:
-    """Write `<id>.key` and `<id>.key_secret` (mode 600) per id; returns {id: public key (Z85)}."""
+    """Write `<id>.key` and `<id>.key_secret` (mode 600) per id in `out_dir` (mode 700, like
+    ~/.ssh); returns {id: public key (Z85)}."""
     if not zmq.has("curve"):
         raise MeshError("this libzmq has no CURVE support; cannot make keys")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # mkdir's mode passes through the umask and leaves an existing folder as it was: a folder
+    # of ours left open by an earlier run is closed here too. Someone else's folder is theirs to
+    # set (a root-owned keys folder on a board is 0750 so that the service user can enter it).
+    if out.stat().st_uid == os.geteuid():
+        os.chmod(out, 0o700)
     publics = {}
     for node_id in ids:
         if not node_id or "/" in node_id or node_id.startswith("."):
@@ -38,7 +46,15 @@ def make_keypairs(out_dir, ids: Iterable[str]) -> Dict[str, str]:
 
 
 def load_secret(path) -> Tuple[bytes, bytes]:
-    """(public, secret) Z85 keys from a `.key_secret` file."""
+    """(public, secret) Z85 keys from a `.key_secret` file, refused (as ssh refuses an identity
+    file) when group or others may read or change it."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as exc:
+        raise ConfigError(f"secret_key_file: cannot load {path}: {exc}") from None
+    if mode & 0o077:
+        raise ConfigError(f"secret_key_file: {path} is open to group or others (mode {mode:04o}); "
+                          f"a secret key must be its owner's alone: chmod 600 {shlex.quote(str(path))}")
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:

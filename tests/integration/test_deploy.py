@@ -6,12 +6,20 @@ The play runs without building the package (the boards use this venv) and withou
 board, the shared peers.yaml, the unit, and `robustdice-node --check` on the board's files.
 Board n0 also gets an extra wheel (robustdice_extra_packages), made here and installed into this
 venv, from which the fixture removes it again.
+
+Run as root (as here), the service user is `nobody` (the play creates its user only under /),
+so that the owners it sets can be told apart: root's code and config, the service user's key
+and state directory (docs/security-board.md).
 """
 import base64
+import grp
 import hashlib
 import os
+import pwd
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import zipfile
@@ -35,6 +43,11 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PLAYBOOK = shutil.which("ansible-playbook", path=str(BIN)) or shutil.which("ansible-playbook")
 PROBE = "rd_deploy_probe"  # the extra package: a name nothing else uses
+# Who should own what on a board. Run as root, the service user is one that root is not; run as
+# anyone else, the play can only give everything to that user.
+ADMIN = pwd.getpwuid(os.geteuid())
+SERVICE = pwd.getpwnam("nobody") if os.geteuid() == 0 else ADMIN
+SERVICE_GROUP = grp.getgrgid(SERVICE.pw_gid)
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(PLAYBOOK is None, reason="ansible-core is not installed (test extra, Python >= 3.11)")]
@@ -44,7 +57,8 @@ def play(inventory: Path):
     proc = subprocess.run(
         [PLAYBOOK, "-i", str(inventory), str(REPO / "deploy" / "site.yml"),
          "-e", "robustdice_install_package=false", "-e", f"robustdice_venv={sys.prefix}",
-         "-e", f"ansible_python_interpreter={sys.executable}"],
+         "-e", f"ansible_python_interpreter={sys.executable}",
+         "-e", f"robustdice_user={SERVICE.pw_name}", "-e", f"robustdice_group={SERVICE_GROUP.gr_name}"],
         capture_output=True, text=True, timeout=240, env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     return {line.split(":")[0].strip(): line for line in proc.stdout.splitlines() if "ok=" in line and "changed=" in line}
@@ -107,6 +121,70 @@ def test_play_lays_out_each_board_and_is_idempotent(deployed):
         sysctl = boards / node / "etc" / "sysctl.d" / "60-robustdice.conf"
         assert "net.ipv4.neigh.default.retrans_time_ms = 250" in sysctl.read_text()
     assert (boards / "n0" / "etc/robustdice/peers.yaml").read_text() == (boards / "n1" / "etc/robustdice/peers.yaml").read_text()
+
+
+def board_layout(node: str, device: int):
+    """{path under the board's root: (owner uid, group gid, mode)} for everything the play writes."""
+    admin, service = (ADMIN.pw_uid, ADMIN.pw_gid), (SERVICE.pw_uid, SERVICE_GROUP.gr_gid)
+    layout = {
+        "opt/robustdice": (*admin, 0o755),
+        "etc/robustdice": (*admin, 0o755),
+        "etc/robustdice/peers.yaml": (*admin, 0o644),
+        "etc/robustdice/plan": (*admin, 0o755),
+        "etc/robustdice/plan/plan.json": (*admin, 0o644),
+        "etc/robustdice/plan/shards": (*admin, 0o755),
+        f"etc/robustdice/plan/shards/{device}.pt": (*admin, 0o644),
+        # root's, listable by the service group only; the key itself the service user's alone
+        "etc/robustdice/keys": (ADMIN.pw_uid, SERVICE_GROUP.gr_gid, 0o750),
+        f"etc/robustdice/keys/{node}.key_secret": (*service, 0o600),
+        "var/lib/robustdice": (*service, 0o700),
+        "etc/systemd/system/robustdice-node.service": (*admin, 0o644),
+        "etc/systemd/system/robustdice-node.service.d": (*admin, 0o755),
+        "etc/systemd/system/robustdice-node.service.d/10-deploy.conf": (*admin, 0o644),
+        "etc/sysctl.d/60-robustdice.conf": (*admin, 0o644),
+    }
+    if node == "n0":
+        layout["opt/robustdice/wheels"] = (*admin, 0o755)
+        layout[f"opt/robustdice/wheels/{PROBE}-0.1-py3-none-any.whl"] = (*admin, 0o644)
+    return layout
+
+
+def test_owners_and_modes_on_each_board(deployed):
+    """Code, config, plan and peers.yaml (the public keys) are root's and read-only to the
+    service user; it owns only its secret key (0600) and its state directory (0700)."""
+    _, boards, _, _ = deployed
+    for device, node in enumerate(("n0", "n1")):
+        root = boards / node
+        for rel, (uid, gid, mode) in board_layout(node, device).items():
+            st = (root / rel).lstat()
+            found = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+            assert found == (uid, gid, mode), f"{node}:/{rel}: (uid, gid, mode) {found}, expected {(uid, gid, mode)}"
+        # Nothing else in the tree is the service user's, and nothing is writable by group or others.
+        service_owned = {f"etc/robustdice/keys/{node}.key_secret", "var/lib/robustdice"}
+        for path in [root, *root.rglob("*")]:
+            if path.is_symlink():  # a link's own mode is always 0777 and means nothing
+                continue
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            if SERVICE.pw_uid != ADMIN.pw_uid:
+                assert (st.st_uid == SERVICE.pw_uid) == (rel in service_owned), f"{node}:/{rel} owner {st.st_uid}"
+            assert not stat.S_IMODE(st.st_mode) & 0o022, f"{node}:/{rel} is {stat.S_IMODE(st.st_mode):04o}"
+        dropin = (root / "etc/systemd/system/robustdice-node.service.d/10-deploy.conf").read_text()
+        assert f"User={SERVICE.pw_name}\n" in dropin and f"Group={SERVICE_GROUP.gr_name}\n" in dropin, dropin
+        assert "MemoryMax=75%\n" in dropin, dropin
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_deployed_unit_with_its_drop_in_stays_sandboxed(deployed):
+    """The drop-in's user, groups and devices keep the exposure within issue 25's bound (3.0)."""
+    _, boards, _, _ = deployed
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", f"--root={boards / 'n0'}",
+                             "robustdice-node.service"], capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for robustdice-node\.service: (\d+\.\d+)", result.stdout)
+    if found is None and "offline" in result.stderr:
+        pytest.skip(f"this systemd-analyze has no --offline (systemd >= 250 has): {result.stderr.strip()}")
+    assert found, result.stdout[-2000:] + result.stderr
+    assert float(found.group(1)) <= 3.0, result.stdout
 
 
 def test_extra_packages_are_copied_and_installed(deployed):

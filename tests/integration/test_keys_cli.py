@@ -4,6 +4,7 @@ Clients (`--clients`, default `client`) go under `clients:`, never under `peers:
 as a peer would make peers.yaml one device longer than the plan, and every node would refuse it.
 """
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,22 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
         os.close(write_end)
     assert proc.returncode == 141, proc.stderr
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+
+
+def test_keys_folder_is_the_owners_alone(tmp_path):
+    """Like ~/.ssh: `robustdice keys` makes its folder 0700, and closes one that was left open."""
+    def run_under_umask_022(folder, ids):
+        return subprocess.run(["/bin/sh", "-c", 'umask 022 && exec "$@"', "sh"]
+                              + nh.robustdice_cli() + ["keys", "--out", str(folder), "--ids", ids, "--clients", ""],
+                              capture_output=True, text=True, timeout=60)
+
+    out = run_under_umask_022(tmp_path / "new", "n0")
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "new" / "n0.key_secret").stat().st_mode) == 0o600
+
+    (tmp_path / "open").mkdir(mode=0o755)
+    out = run_under_umask_022(tmp_path / "open", "n0")
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE((tmp_path / "open").stat().st_mode) == 0o700
+

@@ -1,5 +1,7 @@
-"""The systemd unit lints clean and runs the node the way the supervisor expects."""
+"""The systemd unit lints clean, runs the node the way the supervisor expects, and sandboxes it
+(docs/security-board.md) without taking away what a Jetson needs."""
 import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -8,6 +10,10 @@ from pathlib import Path
 import pytest
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "robustdice-node.service"
+# Issue 25: at most this by `systemd-analyze security` (0 safe .. 10 exposed; 8.5 before it).
+EXPOSURE_BOUND = 3.0
+# What CUDA opens on a Jetson (JetPack 4 and 5; the deploy adds JetPack 6's /dev/nvgpu/*).
+JETSON_GPU_NODES = {"/dev/nvmap", "/dev/nvhost-ctrl", "/dev/nvhost-ctrl-gpu", "/dev/nvhost-gpu", "/dev/nvhost-as-gpu"}
 
 
 def _service_section():
@@ -15,6 +21,21 @@ def _service_section():
     parser.optionxform = str
     parser.read(UNIT)
     return parser["Service"]
+
+
+def _service_lines():
+    """[Service] as (key, value) pairs in order: keys such as DeviceAllow= repeat."""
+    pairs, section = [], None
+    for line in UNIT.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]":
+            key, _, value = line.partition("=")
+            pairs.append((key.strip(), value.strip()))
+    return pairs
 
 
 def test_unit_asks_for_readiness_watchdog_and_restart():
@@ -39,3 +60,36 @@ def test_systemd_analyze_verify(tmp_path):
     problems = [line for line in result.stderr.splitlines()
                 if "robustdice-node.service" in line and "Documentation" not in line]
     assert result.returncode == 0 and not problems, result.stderr
+
+
+def test_sandbox_keeps_what_a_jetson_needs():
+    pairs = _service_lines()
+    values = {}
+    for key, value in pairs:
+        values.setdefault(key, []).append(value)
+    assert values["DevicePolicy"] == ["closed"]
+    allowed = {value.split()[0] for value in values["DeviceAllow"] if "rw" in value.split()[1:]}
+    assert JETSON_GPU_NODES <= allowed, JETSON_GPU_NODES - allowed
+    assert "yes" not in values.get("PrivateDevices", [])  # it would hide the GPU nodes
+    assert "yes" not in values.get("PrivateNetwork", [])  # the mesh is TCP
+    assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(" ".join(values["RestrictAddressFamilies"]).split())
+    assert values["ProtectSystem"] == ["strict"] and values["RuntimeDirectory"] == ["robustdice"]
+    assert values["StateDirectory"] == ["robustdice"] and values["StateDirectoryMode"] == ["0700"]
+    assert len(values["MemoryMax"]) == 1 and values["MemoryMax"][0] not in ("", "infinity")
+    assert values["CapabilityBoundingSet"] == [""]
+
+
+def _security_exposure(unit: Path):
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    if "offline" in result.stderr and ("unrecognized" in result.stderr or "unknown" in result.stderr):
+        pytest.skip(f"this systemd-analyze has no --offline (systemd >= 250 has): {result.stderr.strip()}")
+    found = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout[-2000:] + result.stderr
+    return float(found.group(1)), result.stdout
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_security_exposure_is_bounded():
+    exposure, report = _security_exposure(UNIT)
+    assert exposure <= EXPOSURE_BOUND, report
