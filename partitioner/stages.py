@@ -43,6 +43,11 @@ STAGE_MODULES: Dict[type, str] = {
 #   "batchnorm": per-channel affine with running stats; its parameters are sliced with the neurons.
 #   "pointwise": elementwise, parameterless (in eval mode dropout is the identity).
 #   "spatial":   acts per channel over H, W (pooling): only after a conv, whose channel dim is 1.
+#   "depthwise": a depthwise Conv2d (groups = in = out channels): output channel c reads input
+#                channel c only, so the device that holds neuron c of the stage computes it too,
+#                with no gather between (see `_classify_follower`; its filters are sliced like a
+#                BatchNorm's parameters). EfficientNet-Lite0's expand → depthwise pairs become one
+#                stage: 34 gathers per frame instead of 50.
 FOLLOWER_MODULES: Dict[type, Tuple[str, frozenset]] = {
     nn.BatchNorm2d: ("batchnorm", frozenset({"conv"})),
     nn.BatchNorm1d: ("batchnorm", frozenset({"linear"})),
@@ -87,6 +92,7 @@ FOLLOWER_METHODS: Dict[str, Tuple[str, frozenset]] = {
 FULL_TENSOR_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+DEPTHWISE_KEYS = ("weight", "bias")
 
 
 @dataclass
@@ -236,6 +242,8 @@ def _classify_follower(node: fx.Node, modules: Mapping[str, nn.Module], kind: st
         return None
     if node.op == "call_module":
         mod = modules[node.target]
+        if kind == "conv" and is_depthwise(mod):
+            return Follower(str(node.target), "depthwise", mod)
         entry = FOLLOWER_MODULES.get(type(mod))
         if entry is None or kind not in entry[1]:
             return None
@@ -258,6 +266,12 @@ def _classify_follower(node: fx.Node, modules: Mapping[str, nn.Module], kind: st
     return None
 
 
+def is_depthwise(mod: nn.Module) -> bool:
+    """A Conv2d whose every output channel reads only the input channel of the same index."""
+    return (type(mod) is nn.Conv2d and mod.groups == mod.in_channels == mod.out_channels
+            and mod.padding_mode == "zeros")
+
+
 def trace_stages(model: nn.Module) -> StagedModel:
     """Cut `model` into stages. Raises ModelError naming the layer it cannot handle."""
     model = model.eval()
@@ -270,8 +284,9 @@ def trace_stages(model: nn.Module) -> StagedModel:
     dispatch = _Dispatch()
     stages: List[Stage] = []
 
+    fused = set()   # nodes already taken into an earlier stage (depthwise followers)
     for node in list(graph.nodes):
-        if node.op != "call_module":
+        if node.op != "call_module" or node in fused:
             continue
         mod = modules[node.target]
         kind = STAGE_MODULES.get(type(mod))
@@ -296,6 +311,7 @@ def trace_stages(model: nn.Module) -> StagedModel:
                 break
             followers.append(f)
             chain.append(nxt)
+            fused.add(nxt)
         index = len(stages)
         call_name = f"_stage_{index}"
         gm.add_submodule(call_name, StageCall(index, str(node.target), dispatch))
@@ -344,13 +360,15 @@ def slice_params(stage: Stage, neurons: Sequence[int], with_followers: bool = Tr
 
 
 def follower_params(stage: Stage, idx: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-    """BatchNorm followers' tensors, sliced to `idx` (None: all channels)."""
+    """BatchNorm and depthwise followers' tensors, sliced to `idx` (None: all channels)."""
     out: Dict[str, torch.Tensor] = {}
     for j, f in enumerate(stage.followers):
-        if f.behaviour != "batchnorm":
-            continue
-        for key in BN_KEYS:
-            t = getattr(f.fn, key).detach()
+        keys = BN_KEYS if f.behaviour == "batchnorm" else DEPTHWISE_KEYS if f.behaviour == "depthwise" else ()
+        for key in keys:
+            t = getattr(f.fn, key)
+            if t is None:  # a depthwise conv without bias
+                continue
+            t = t.detach()
             out[f"f{j}.{key}"] = (t if idx is None else t[idx]).clone()
     return out
 
@@ -425,6 +443,14 @@ def apply_followers(stage: Stage, params: Mapping[str, torch.Tensor], y: torch.T
                 continue
             y = F.batch_norm(y, params[f"f{j}.running_mean"], params[f"f{j}.running_var"],
                              params[f"f{j}.weight"], params[f"f{j}.bias"], False, 0.0, f.fn.eps)
+        elif f.behaviour == "depthwise":
+            mod = f.fn
+            if y.shape[1] == 0:
+                h, w = _conv_out_hw(mod, y.shape[-2:])
+                y = y.new_zeros((y.shape[0], 0, h, w))
+                continue
+            y = F.conv2d(y, params[f"f{j}.weight"], params.get(f"f{j}.bias"), mod.stride, mod.padding,
+                         mod.dilation, y.shape[1])
         elif y.shape[stage.channel_dim] == 0 and f.behaviour == "spatial":
             # pooling an empty channel set: compute the output size on a 1-channel stand-in
             shape = f.fn(y.new_zeros(y.shape[:1] + (1,) + y.shape[2:]), *f.args, **f.kwargs).shape

@@ -15,7 +15,7 @@ from robustdice.partitioner.cluster import cdc_layout
 from robustdice.partitioner.errors import PlanError
 from robustdice.partitioner.models import build_model
 from robustdice.partitioner.partition import PartitionRequest, partition
-from robustdice.partitioner.plan import ParityPlan, StagePlan, load_plan, plan_from_json
+from robustdice.partitioner.plan import ParityPlan, StagePlan, load_plan, plan_from_json, sha256_file
 from robustdice.partitioner.runtime import (
     Cluster, finish_stage, follower_params, load_shard, recover_parity, shard_path)
 from robustdice.partitioner.stages import apply_followers, compute_linear, slice_params, trace_stages
@@ -60,12 +60,23 @@ def _copy_plan(src, dst):
     return dst
 
 
-def _forget_shard_digests(folder):
-    """The shards table is outside the hash: without its digests, the shard's own checks act."""
+def _restamp_shard_digests(folder):
+    """The shards table is outside the hash: with digests recomputed for the files there (what
+    anyone who can write an unsigned plan folder can do), the shard's own checks act."""
     data = _read(folder)
-    for record in data["shards"].values():
-        record.pop("sha256")
+    for device, record in data["shards"].items():
+        record["sha256"] = sha256_file(shard_path(folder, int(device)))
     _write(folder, data)
+
+
+def test_a_shard_without_its_digest_is_refused(plans, tmp_path):
+    """A signature vouches for the shards through their digests: none, no trust."""
+    folder = _copy_plan(plans("lop", 2), tmp_path / "p")
+    data = _read(folder)
+    data["shards"]["0"].pop("sha256")
+    _write(folder, data)
+    with pytest.raises(PlanError, match=r"plan field shards\.0\.sha256 is missing"):
+        load_shard(load_plan(folder), folder, 0)
 
 
 # --- plan.json ---------------------------------------------------------------------------------
@@ -140,7 +151,7 @@ def test_shard_from_another_plan_is_refused(plans, tmp_path):
     load_shard(plan, folder, 1)  # the untouched one loads
     with pytest.raises(PlanError, match="does not match the plan"):
         load_shard(plan, folder, 0)
-    _forget_shard_digests(folder)  # then the shard's embedded plan hash catches it
+    _restamp_shard_digests(folder)  # then the shard's embedded plan hash catches it
     with pytest.raises(PlanError, match="belongs to plan"):
         load_shard(load_plan(folder), folder, 0)
 
@@ -150,7 +161,7 @@ def test_shard_copied_to_the_wrong_device_is_refused(plans, tmp_path):
     shutil.copy(shard_path(folder, 0), shard_path(folder, 1))
     with pytest.raises(PlanError, match="does not match the plan"):
         load_shard(load_plan(folder), folder, 1)
-    _forget_shard_digests(folder)
+    _restamp_shard_digests(folder)
     with pytest.raises(PlanError, match="is for device 0, not 1"):
         load_shard(load_plan(folder), folder, 1)
     with pytest.raises(PlanError):
@@ -165,7 +176,7 @@ def test_corrupt_or_missing_shard_is_refused(plans, tmp_path):
     path.write_bytes(bytes(blob[: len(blob) - 100]))
     with pytest.raises(PlanError, match="does not match the plan"):
         load_shard(load_plan(folder), folder, 1)
-    _forget_shard_digests(folder)
+    _restamp_shard_digests(folder)
     with pytest.raises(PlanError, match="cannot be read"):
         load_shard(load_plan(folder), folder, 1)
     path.unlink()

@@ -228,6 +228,29 @@ def test_depthwise_conv_and_linear_on_channels_last():
     assert "norm.weight" in staged.shared_state()  # LayerNorm runs whole, on every device
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_depthwise_conv_after_a_conv_runs_in_its_stage(bias):
+    """expand → BN → ReLU6 → depthwise (strided) → BN → ReLU6 → project: two stages, not three,
+    and every device's slice of the fused stage equals the plain chain's channels."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU6(),
+                          nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=bias), nn.BatchNorm2d(6),
+                          nn.ReLU6(), nn.Conv2d(6, 4, 1))
+    staged = _check_sliced_equals_plain(model, torch.randn(2, 3, 9, 9))
+    assert [s.name for s in staged.stages] == ["0", "6"]
+    assert staged.stages[0].follower_names == ["1", "2", "3", "4", "5"]
+    assert [f.behaviour for f in staged.stages[0].followers][2] == "depthwise"
+    # A device holding no neuron of the stage still gets the strided output's shape.
+    stage, x = staged.stages[0], torch.randn(2, 3, 9, 9)
+    empty = apply_followers(stage, slice_params(stage, []), compute_linear(stage, slice_params(stage, []), x))
+    assert empty.shape == (2, 0, 5, 5)
+
+
+def test_a_depthwise_conv_with_a_depth_multiplier_stays_a_stage():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1, groups=4))
+    staged = _check_sliced_equals_plain(model, torch.randn(2, 3, 6, 6))
+    assert [s.name for s in staged.stages] == ["0", "2"]
+
+
 @pytest.mark.parametrize("layer,name", [
     (nn.ConvTranspose2d(4, 4, 3, padding=1), "ConvTranspose2d"),
     (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), "padding_mode"),

@@ -273,8 +273,9 @@ def test_the_plan_records_the_model_its_weights_and_its_input(own_plan):
     assert plan.weights_digest == weights_digest(model)  # the file's weights, not the factory's init
     assert plan.input == InputSpec(SHAPE, (0.5,) * 3, (0.25,) * 3, "crop")
     assert plan.architecture == architecture.encode(architecture.trace(model, "own"))
-    assert [s.name for s in plan.stages] == ["stem.0", "body.0.conv", "body.0.depthwise", "body.1.conv",
-                                             "body.1.depthwise", "head"]
+    # Each depthwise conv runs in the stage of the conv before it (stages.py: no gather between).
+    assert [s.name for s in plan.stages] == ["stem.0", "body.0.conv", "body.1.conv", "head"]
+    assert plan.stages[1].followers == ("body.0.bn", "relu", "body.0.depthwise")
     assert verify_plan(out)["allclose"]
 
 
