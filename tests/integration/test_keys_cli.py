@@ -4,6 +4,7 @@ Clients (`--clients`, default `client`) go under `clients:`, never under `peers:
 as a peer would make peers.yaml one device longer than the plan, and every node would refuse it.
 """
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import node_helpers as nh  # noqa: E402
 
 from robustdice.mesh.config import load_peers  # noqa: E402
 from robustdice.mesh.keys import load_secret  # noqa: E402
+from robustdice.partitioner.signing import make_operator_key, sign_plan  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,7 +40,12 @@ def test_fragment_is_a_valid_peers_yaml_for_the_plan(tmp_path_factory, tmp_path)
 
     for peer in fragment["peers"]:
         peer["host"] = "127.0.0.1"
-    fragment["plan"] = str(plan)
+    # Boards run only plans the operator signed: sign a copy (the shared plan stays as it was).
+    signed = tmp_path / "plan"
+    shutil.copytree(plan, signed)
+    _, operator_secret, fragment["operator_public_key"] = make_operator_key(tmp_path / "operator")
+    sign_plan(signed, operator_secret)
+    fragment["plan"] = str(signed)
     peers = tmp_path / "peers.yaml"
     peers.write_text(yaml.safe_dump(fragment))
     config = load_peers(peers)
