@@ -57,12 +57,8 @@ SECTIONS = (
     Section("Every method",
             "Each row is one plan. robust@R, random@R and robust+cdc@R are sized to R times NMR's "
             "per-device memory (`partitioner/budget.py`); robust-t0.1 is robust at the default "
-            "threshold. efficientnet_lite0's mean+bn rows are in the next table, whose s3 scores a "
-            "loss under the mean+bn stand-in.",
-            (Rows("robustness.json", "digits_cnn"), Rows("robustness.json", "fashion_vgg"),
-             Rows("robustness.json", "efficientnet_lite0", fills=("zero",)))),
-    Section("efficientnet_lite0 under mean+bn", "",
-            (Rows("robustness_efficientnet_lite0_meanbn.json", "efficientnet_lite0"),)),
+            "threshold.",
+            (Rows("robustness.json", "digits_cnn"), Rows("robustness.json", "fashion_vgg"))),
     Section("fashion_vgg on all of its test images",
             "The configurations above, evaluated on the whole Fashion-MNIST test split.",
             (Rows("robustness_fashion_vgg_10k.json", "fashion_vgg", rows="budget"),
@@ -80,8 +76,7 @@ SECTIONS = (
             "uniform spends the same memory on the same number of copies of every neuron of every "
             "layer, blind to importance.",
             (Rows("robustness_uniform.json", "digits_cnn", rows="budget"),
-             Rows("robustness_uniform.json", "fashion_vgg", rows="budget"),
-             Rows("robustness_uniform_lite0.json", "efficientnet_lite0", rows="budget"))),
+             Rows("robustness_uniform.json", "fashion_vgg", rows="budget"))),
 )
 MEMBERSHIP_FILES = ("membership.json", "membership_digits_cnn.json")
 MEMBERSHIP_PLANS = (("robust", "robust"), ("best", "best by s3"), ("worst", "worst by s3"), ("random", "random"))
