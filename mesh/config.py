@@ -82,6 +82,8 @@ class PeersConfig:
     dtype: str = "float32"
     insecure: bool = False
     secret_key_file: Optional[str] = None
+    # The largest message a node takes. Unless peers.yaml sets it (`max_message_bytes_given`),
+    # a node derives its own from its plan once its engine says how large the slices are.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     clients: Tuple[ClientKey, ...] = ()
     base_dir: Path = field(default=Path("."), compare=False)
@@ -89,6 +91,7 @@ class PeersConfig:
     # The operator's Ed25519 public key (base64): a node runs only plans it signed. Required
     # unless insecure: true (node/config.py), since a plan decides what every board computes.
     operator_public_key: Optional[str] = None
+    max_message_bytes_given: bool = field(default=False, compare=False)
 
     def peer(self, node_id: str) -> PeerConfig:
         for p in self.peers:
@@ -112,8 +115,9 @@ class PeersConfig:
             out["plan"] = str(self.plan)
         out.update(heartbeat_interval_ms=self.heartbeat_interval_ms, peer_timeout_ms=self.peer_timeout_ms,
                    sync_timeout_ms=self.sync_timeout_ms, frame_timeout_ms=self.frame_timeout_ms,
-                   device=self.device, dtype=self.dtype, insecure=self.insecure,
-                   max_message_bytes=self.max_message_bytes)
+                   device=self.device, dtype=self.dtype, insecure=self.insecure)
+        if self.max_message_bytes_given:
+            out["max_message_bytes"] = self.max_message_bytes
         if self.secret_key_file is not None:
             out["secret_key_file"] = self.secret_key_file
         if self.operator_public_key is not None:
@@ -196,6 +200,7 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
     insecure = data.get("insecure", False)
     if not isinstance(insecure, bool):
         raise ConfigError(f"insecure: {insecure!r} is not true or false")
+    max_bytes_given = data.get("max_message_bytes") is not None
     max_bytes = _int("max_message_bytes", data.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES), 1024)
     plan = data.get("plan")
     if plan is not None:
@@ -260,7 +265,7 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ConfigError(f"peers[*].public_key: {dup!r} is listed for more than one peer")
     config = PeersConfig(tuple(peers), plan, heartbeat_ms, timeout_ms, sync_ms, frame_ms, device, dtype, insecure,
-                         secret, max_bytes, tuple(clients), base_dir, version, operator_key)
+                         secret, max_bytes, tuple(clients), base_dir, version, operator_key, max_bytes_given)
     return config
 
 

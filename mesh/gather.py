@@ -27,8 +27,25 @@ Late slices are counted by what they are: a replica that came after the gather h
 neuron (`late_replica`), a slice for a frame its origin had already finished (`finished`: the
 origin completed it on other copies and this node dropped it), a slice from a holder already
 released or for a frame this node gave up (`late`), or a replay of a slice already used
-(`stale`). The first two are routine under load; `late` means some wait ran out. Early
-slices (for a gather not begun yet: peers run ahead) are kept, bounded in count, bytes and age.
+(`stale`). The first two are routine under load; `late` means some wait ran out.
+
+Early slices (for a gather not begun yet: peers run ahead) are kept, bounded in count, bytes and
+age, and per sender, so that one peer's flood evicts its own slices, never another's. Frame ids
+are predictable, so a slice for a frame this node has not admitted yet (`admit`: its input came,
+or it started it) proves nothing: it is kept for one sync timeout only (the skew between a
+peer's slice and the origin's input on another connection), and dropped when the frame is
+admitted without its sender among the participants (`not_participant`).
+
+Claims against deliveries. A heartbeat costs nothing to send and may lie: a peer that says it
+is ready and hears everyone but never computes would otherwise cost every frame a sync timeout
+(it "never got the input") or the frame timeout (it says it is busy with the frame). So a busy
+claim moves a holder's deadline only as far as a sync timeout past the last slice it delivered
+here (or past the gather's start): a live busy peer keeps delivering the slices of older frames.
+A holder released by that timeout is *suspected* (`suspects`): no gather waits for it, those in
+progress and those of new frames stop waiting at once (`suspected`), for 5 sync timeouts,
+doubling while it stays silent, until a slice of a real frame from it arrives (or it rejoins
+after being dead: `rejoined`). It stays a participant: an honest peer whose input was lost (a
+reset connection looks the same) clears itself with the next slice it sends, late or not.
 """
 from __future__ import annotations
 
@@ -56,6 +73,8 @@ DUPLICATE = "duplicate"
 EARLY_EVICTED = "early_evicted"
 EARLY_EXPIRED = "early_expired"
 BAD_STAGE = "bad_stage"
+NOT_PARTICIPANT = "not_participant"
+UNADMITTED_EXPIRED = "unadmitted_expired"
 
 # Why a holder was not waited for any longer (GatherResult.released values).
 RELEASED_DEAD = "dead"
@@ -64,15 +83,20 @@ RELEASED_LOST = "lost"
 RELEASED_ABSENT = "absent"
 RELEASED_TIMEOUT = "timeout"
 RELEASED_UNREACHABLE = "unreachable"
+RELEASED_SUSPECTED = "suspected"
 # Releases that hold for the rest of the frame: the holder will not take part in its later
 # stages either (a lost slice is the one release that concerns one stage only).
 FOR_THE_FRAME = frozenset({RELEASED_DEAD, RELEASED_STALLED, RELEASED_ABSENT, RELEASED_TIMEOUT,
-                           RELEASED_UNREACHABLE})
+                           RELEASED_UNREACHABLE, RELEASED_SUSPECTED})
 
 DEFAULT_MAX_EARLY_SLICES = 1024
 DEFAULT_MAX_EARLY_BYTES = 32 * 1024 * 1024
 DEFAULT_EARLY_TTL_S = 10.0
 DEFAULT_FINISHED_MEMORY = 4096
+# How long a holder released at the sync timeout stays suspected, in sync timeouts; doubled at
+# each release while it delivers nothing, up to SUSPECT_MAX_FACTOR times that.
+SUSPECT_SYNC_TIMEOUTS = 5
+SUSPECT_MAX_FACTOR = 16
 
 
 @dataclass(frozen=True)
@@ -107,12 +131,16 @@ class GatherResult:
 def holder_verdict(frame: int, stage: int, origin: str, state: PeerState, report: Optional[Report],
                    deadline_s: float, sync_timeout_s: float, now_s: float,
                    holder: Optional[str] = None, self_id: Optional[str] = None,
-                   started_s: Optional[float] = None) -> Tuple[Optional[str], float]:
+                   started_s: Optional[float] = None,
+                   delivered_s: Optional[float] = None) -> Tuple[Optional[str], float]:
     """(release reason or None to keep waiting, the holder's deadline) — see the module doc.
 
     "It cannot hear the origin" is judged only by the origin itself (`self_id == origin`), and
     only from a report sent after the gather began (`started_s`): an older one, or another
     node's copy of one, may merely predate the holder hearing the origin.
+
+    `delivered_s`: when the holder last delivered a slice here (or the gather began, if later);
+    a busy claim moves the deadline no further than a sync timeout past it. None: no bound.
     """
     if state == PeerState.UNREACHABLE:
         return RELEASED_UNREACHABLE, deadline_s   # we cannot hear it: its slices cannot reach us either
@@ -125,7 +153,8 @@ def holder_verdict(frame: int, stage: int, origin: str, state: PeerState, report
         if sent is not None:
             if sent > stage:
                 return RELEASED_LOST, deadline_s
-            deadline_s = max(deadline_s, report.received_s + sync_timeout_s)
+            claimed_s = report.received_s if delivered_s is None else min(report.received_s, delivered_s)
+            deadline_s = max(deadline_s, claimed_s + sync_timeout_s)
         elif report.inputs.get(origin, -1) >= frame:
             return RELEASED_ABSENT, deadline_s
         elif (origin == self_id and holder != origin and started_s is not None
@@ -200,7 +229,7 @@ class _Gather:
 _FINITE_TEMPORARY_MAX = 1 << 16
 
 
-def _finite(array: np.ndarray) -> bool:
+def finite(array: np.ndarray) -> bool:
     """No NaN or Inf in a float payload. Large payloads: one pass with no temporary (a NaN or Inf
     makes the sum non-finite; a sum overflowing from finite float32 values needs values no
     network carries)."""
@@ -213,6 +242,59 @@ def _finite(array: np.ndarray) -> bool:
 
 
 PeerLookup = Callable[[str], Tuple[PeerState, Optional[Report]]]
+EarlyKey = Tuple[Key, str]                                        # (frame, stage), sender
+EarlyEntry = Tuple[np.ndarray, np.ndarray, Degraded, float]       # ids, array, degraded, kept since
+
+
+class _Window:
+    """Slices kept for gathers not begun, oldest first, bounded in age and per sender (a share of
+    the book's bounds), so that one sender's flood evicts only its own; the book bounds the total."""
+
+    def __init__(self, max_slices: int, max_bytes: int, ttl_s: float, senders: int):
+        self.ttl_s = ttl_s
+        self.sender_slices = max(1, -(-max_slices // senders))
+        self.sender_bytes = -(-max_bytes // senders)
+        self.entries: "OrderedDict[EarlyKey, EarlyEntry]" = OrderedDict()
+        self.nbytes = 0
+        self._of: Dict[str, "OrderedDict[EarlyKey, int]"] = {}   # sender -> its keys (and sizes), oldest first
+        self._bytes_of: Dict[str, int] = {}
+
+    def add(self, early_key: EarlyKey, entry: EarlyEntry) -> int:
+        """Keep a slice; returns how many (it included) were evicted to stay within bounds."""
+        sender, size = early_key[1], entry[0].nbytes + entry[1].nbytes
+        self.entries[early_key] = entry
+        self._of.setdefault(sender, OrderedDict())[early_key] = size
+        self._bytes_of[sender] = self._bytes_of.get(sender, 0) + size
+        self.nbytes += size
+        evicted = 0
+        while sender in self._of and (len(self._of[sender]) > self.sender_slices
+                                      or self._bytes_of[sender] > self.sender_bytes):
+            self.pop(next(iter(self._of[sender])))
+            evicted += 1
+        return evicted
+
+    def pop(self, early_key: EarlyKey) -> EarlyEntry:
+        entry = self.entries.pop(early_key)
+        sender = early_key[1]
+        size = self._of[sender].pop(early_key)
+        self._bytes_of[sender] -= size
+        self.nbytes -= size
+        if not self._of[sender]:
+            del self._of[sender], self._bytes_of[sender]
+        return entry
+
+    def of_frame(self, frame: int) -> List[EarlyKey]:
+        return [k for k in self.entries if k[0][0] == frame]
+
+    def expire(self, now_s: float) -> int:
+        n = 0
+        while self.entries:
+            early_key, entry = next(iter(self.entries.items()))
+            if now_s - entry[3] < self.ttl_s:
+                break
+            self.pop(early_key)
+            n += 1
+        return n
 
 
 class GatherBook:
@@ -220,7 +302,10 @@ class GatherBook:
 
     def __init__(self, self_id: str, sync_timeout_ms: float, *, max_stage: Optional[int] = None,
                  max_early_slices: int = DEFAULT_MAX_EARLY_SLICES, max_early_bytes: int = DEFAULT_MAX_EARLY_BYTES,
-                 early_ttl_s: float = DEFAULT_EARLY_TTL_S, finished_memory: int = DEFAULT_FINISHED_MEMORY):
+                 early_ttl_s: float = DEFAULT_EARLY_TTL_S, finished_memory: int = DEFAULT_FINISHED_MEMORY,
+                 senders: int = 1, unadmitted_ttl_s: Optional[float] = None):
+        """`senders`: how many peers share the early windows (each gets its share of the bounds);
+        `unadmitted_ttl_s`: how long a slice for a frame not admitted is kept (a sync timeout)."""
         self.self_id = self_id
         self.sync_timeout_s = sync_timeout_ms / 1000.0
         self.max_stage = max_stage
@@ -232,10 +317,19 @@ class GatherBook:
         self._waiting_on: Dict[str, Set[Key]] = {}
         self._dirty: Set[Key] = set()
         self._deadlines: List[Tuple[float, Key]] = []   # a heap; stale entries are skipped
-        # (key, sender) -> (ids, array, degraded, arrived_s), oldest first so that overflow and
-        # expiry take the oldest.
-        self._early: "OrderedDict[Tuple[Key, str], Tuple[np.ndarray, np.ndarray, Degraded, float]]" = OrderedDict()
-        self._early_bytes = 0
+        # Early slices of admitted frames (kept since admission or arrival) and of frames not
+        # admitted yet (kept since arrival, one sync timeout).
+        self._early = _Window(max_early_slices, max_early_bytes, early_ttl_s, senders)
+        self._unadmitted = _Window(max_early_slices, max_early_bytes,
+                                   self.sync_timeout_s if unadmitted_ttl_s is None else unadmitted_ttl_s, senders)
+        # Frames admitted here -> their participants (None: not told, any sender may hold rows).
+        self._admitted: "OrderedDict[int, Optional[FrozenSet[str]]]" = OrderedDict()
+        # Deliveries and suspicion: when each peer last delivered a slice of a real frame here;
+        # suspected peers -> until when, and how often caught since their last delivery.
+        self._delivered: Dict[str, float] = {}
+        self._suspected: Dict[str, float] = {}
+        self._strikes: Dict[str, int] = {}
+        self._caught: List[str] = []
         # key -> the holders still unanswered when it finished, and whether it had every neuron
         self._finished: "OrderedDict[Key, Tuple[FrozenSet[str], FrozenSet[str]]]" = OrderedDict()
         # Frames given up here -> the drop reason of their later slices: FINISHED when their
@@ -271,13 +365,39 @@ class GatherBook:
             self._waiting_on.setdefault(h, set()).add(key)
         self._dirty.add(key)
         heapq.heappush(self._deadlines, (now_s + self.sync_timeout_s, key))
+        if key[0] not in self._admitted:   # a mesh used without `admit`: beginning admits
+            self._remember_admitted(key[0], None)
         rejected = []
-        for early_key in [k for k in self._early if k[0] == key]:
-            e_ids, e_array, e_degraded, _ = self._pop_early(early_key)
-            reason = gather.add(early_key[1], e_ids, e_array, e_degraded)
-            if reason is not None:
-                rejected.append((early_key[1], reason))
+        for window in (self._early, self._unadmitted):
+            for early_key in [k for k in window.of_frame(key[0]) if k[0] == key]:
+                e_ids, e_array, e_degraded, kept_s = window.pop(early_key)
+                reason = gather.add(early_key[1], e_ids, e_array, e_degraded)
+                if reason is not None:
+                    rejected.append((early_key[1], reason))
+                else:
+                    self._delivery(early_key[1], kept_s)
         return rejected
+
+    def admit(self, frame: int, participants: Iterable[str], now_s: float) -> List[Tuple[str, str]]:
+        """This node took `frame` (its input came, or it started it) with these participants;
+        returns (sender, reason) for the early slices dropped: those of non-participants."""
+        frame = int(frame)
+        members = frozenset(participants)
+        self._remember_admitted(frame, members)
+        dropped = []
+        for early_key in self._unadmitted.of_frame(frame):
+            entry = self._unadmitted.pop(early_key)
+            if early_key[1] not in members:
+                dropped.append((early_key[1], NOT_PARTICIPANT))
+            elif self._early.add(early_key, entry[:3] + (now_s,)):
+                dropped.append((early_key[1], EARLY_EVICTED))
+        return dropped
+
+    def _remember_admitted(self, frame: int, members: Optional[FrozenSet[str]]) -> None:
+        self._admitted[frame] = members
+        self._admitted.move_to_end(frame)
+        while len(self._admitted) > self.finished_memory:
+            self._admitted.popitem(last=False)
 
     # ------------------------------------------------------------ slices
     def add_slice(self, sender: str, frame: int, stage: int, neuron_ids: np.ndarray, array: np.ndarray,
@@ -288,7 +408,7 @@ class GatherBook:
         """
         if self.max_stage is not None and stage >= self.max_stage:
             return BAD_STAGE
-        if not _finite(array):
+        if not finite(array):
             return NOT_FINITE
         key = (frame, stage)
         gather = self._active.get(key)
@@ -296,6 +416,7 @@ class GatherBook:
             reason = gather.add(sender, neuron_ids, array, degraded)
             if reason is None:
                 self._dirty.add(key)
+                self._delivery(sender, now_s)
             return reason
         abandoned = self._abandoned.get(frame)
         if abandoned is not None:
@@ -303,34 +424,73 @@ class GatherBook:
         finished = self._finished.get(key)
         if finished is not None:
             unanswered, released = finished
-            if sender in released:
-                return LATE
-            return LATE_REPLICA if sender in unanswered else STALE
-        if (key, sender) in self._early:
+            if sender not in released and sender not in unanswered:
+                return STALE
+            # A first copy that came late: the sender computes (and a replay of it is stale).
+            self._finished[key] = (unanswered - {sender}, released - {sender})
+            self._delivery(sender, now_s)
+            return LATE if sender in released else LATE_REPLICA
+        early_key = (key, sender)
+        if early_key in self._early.entries or early_key in self._unadmitted.entries:
             return DUPLICATE
-        self._early[(key, sender)] = (neuron_ids, array, tuple(degraded), now_s)
-        self._early_bytes += array.nbytes + neuron_ids.nbytes
-        evicted = None
-        while len(self._early) > self.max_early_slices or self._early_bytes > self.max_early_bytes:
-            self._pop_early(next(iter(self._early)))
-            evicted = EARLY_EVICTED
-        return evicted
+        if frame in self._admitted:
+            members = self._admitted[frame]
+            if members is not None and sender not in members:
+                return NOT_PARTICIPANT
+            window = self._early
+        else:
+            window = self._unadmitted
+        evicted = window.add(early_key, (neuron_ids, array, tuple(degraded), now_s)) + self._trim()
+        return EARLY_EVICTED if evicted else None
 
-    def _pop_early(self, early_key):
-        entry = self._early.pop(early_key)
-        self._early_bytes -= entry[1].nbytes + entry[0].nbytes
-        return entry
+    def _trim(self) -> int:
+        """Evict the oldest early slices beyond the book's bounds, those of frames not admitted
+        first; returns how many."""
+        n = 0
+        for window in (self._unadmitted, self._early):
+            while window.entries and (self.early_count > self.max_early_slices
+                                      or self.early_bytes > self.max_early_bytes):
+                window.pop(next(iter(window.entries)))
+                n += 1
+        return n
 
     def expire_early(self, now_s: float) -> int:
-        """Drop early slices older than the TTL (their gather never began here); returns how many."""
-        n = 0
-        while self._early:
-            early_key, entry = next(iter(self._early.items()))
-            if now_s - entry[3] < self.early_ttl_s:
-                break
-            self._pop_early(early_key)
-            n += 1
-        return n
+        """Drop early slices of admitted frames older than the TTL (their gather never began here);
+        returns how many."""
+        return self._early.expire(now_s)
+
+    def expire_unadmitted(self, now_s: float) -> int:
+        """Drop slices of frames never admitted here within the unadmitted TTL; returns how many."""
+        return self._unadmitted.expire(now_s)
+
+    # ------------------------------------------------------------ deliveries and suspicion
+    def _delivery(self, sender: str, now_s: float) -> None:
+        self._delivered[sender] = max(self._delivered.get(sender, now_s), now_s)
+        self._strikes.pop(sender, None)
+        if self._suspected.pop(sender, None) is not None:
+            self._dirty.update(self._waiting_on.get(sender, ()))
+
+    def _suspect(self, peer: str, now_s: float) -> None:
+        strikes = self._strikes.get(peer, 0) + 1
+        self._strikes[peer] = strikes
+        factor = min(SUSPECT_MAX_FACTOR, 2 ** (strikes - 1))
+        self._suspected[peer] = now_s + SUSPECT_SYNC_TIMEOUTS * self.sync_timeout_s * factor
+        self._caught.append(peer)
+        self._dirty.update(self._waiting_on.get(peer, ()))   # its other gathers stop waiting too
+
+    def rejoined(self, peer: str) -> None:
+        """`peer` was dead and is back (a restart, a partition healed): no longer suspected; a
+        peer that is caught again is suspected for longer (its strikes stay until it delivers)."""
+        self._suspected.pop(peer, None)
+
+    def suspects(self, now_s: float) -> FrozenSet[str]:
+        """Peers that claimed work and delivered nothing for a sync timeout: not waited for."""
+        return frozenset(p for p, until_s in self._suspected.items() if now_s < until_s)
+
+    def take_caught(self) -> List[str]:
+        """Peers suspected since the last call (a peer may appear more than once)."""
+        out, self._caught = self._caught, []
+        return out
 
     # ------------------------------------------------------------ completion
     def peer_changed(self, peer_id: str) -> None:
@@ -349,9 +509,16 @@ class GatherBook:
                 continue
             if not gather.all_covered:
                 for h in gather.waiting():
+                    if now_s < self._suspected.get(h, now_s):
+                        gather.released[h] = RELEASED_SUSPECTED
+                        continue
                     reason, deadline = holder_verdict(key[0], key[1], gather.origin, *lookup(h),
                                                       gather.deadlines[h], self.sync_timeout_s, now_s, holder=h,
-                                                      self_id=self.self_id, started_s=gather.started_s)
+                                                      self_id=self.self_id, started_s=gather.started_s,
+                                                      delivered_s=max(gather.started_s,
+                                                                      self._delivered.get(h, gather.started_s)))
+                    if reason == RELEASED_TIMEOUT:
+                        self._suspect(h, now_s)
                     if reason is not None:
                         gather.released[h] = reason
                     elif deadline != gather.deadlines[h]:
@@ -381,8 +548,9 @@ class GatherBook:
             for h in gather.holders:
                 self._waiting_on.get(h, set()).discard(key)
             self._finished[key] = (frozenset(gather.waiting()), frozenset(gather.holders))
-        for early_key in [k for k in self._early if k[0][0] == frame]:
-            self._pop_early(early_key)
+        for window in (self._early, self._unadmitted):
+            for early_key in window.of_frame(frame):
+                window.pop(early_key)
         self._abandoned[frame] = FINISHED if finished else LATE
         while len(self._abandoned) > self.finished_memory:
             self._abandoned.popitem(last=False)
@@ -404,8 +572,8 @@ class GatherBook:
 
     @property
     def early_count(self) -> int:
-        return len(self._early)
+        return len(self._early.entries) + len(self._unadmitted.entries)
 
     @property
     def early_bytes(self) -> int:
-        return self._early_bytes
+        return self._early.nbytes + self._unadmitted.nbytes

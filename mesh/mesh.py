@@ -31,10 +31,16 @@ intervals (at most once per `peer_timeout_ms`, so that a loop that is always lat
 detects): a peer that really died during our stall is then detected up to 2 intervals later.
 A stall of at least one peer timeout is reported to `on_stall(start_s, end_s)`: the peers have
 declared this node dead meanwhile and gone on without it, so its frames from before are stale.
+
+A pass reads at most MAX_DRAIN_PER_PROCESS messages and for at most MAX_DRAIN_S: a flood of
+messages that are costly to decode (an authenticated peer's, say) is read over many passes, and
+heartbeats, timeouts and gathers get their turn between them. What a peer's messages may hold is
+bounded by this cluster (`wire.Limits`: the peer count, `max_progress` frames, `max_stage`).
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import time
@@ -49,15 +55,18 @@ from .config import PeersConfig, bind_endpoint
 from .errors import MeshError, WireError
 from .gather import FINISHED, LATE, LATE_REPLICA, GatherBook, GatherResult, SliceData
 from .keys import load_own_keys
-from .membership import Membership, MembershipEvent, PeerState, Report
+from .membership import EventKind, Membership, MembershipEvent, PeerState, Report
 from .ratelog import RateLimitedLog
 from .transport import (CLIENT_DOMAIN, MESH_DOMAIN, ZapHandler, ZapPolicy, curve_client, curve_server,
                         link_options, make_pull, make_push, send_parts)
 
 log = logging.getLogger(__name__)
 
-# Messages handled per `process` call, so that a flood cannot starve heartbeats and timeouts.
+# Messages handled per `process` call, and time spent reading them, so that a flood cannot
+# starve heartbeats and timeouts: 3,000 heartbeats at 5 ms each once held one call for 10 s, and
+# the peers declared the node dead. A tenth of the default heartbeat interval.
 MAX_DRAIN_PER_PROCESS = 2000
+MAX_DRAIN_S = 0.01
 MAX_APP_MESSAGES = 10000
 # Drops that a healthy cluster makes all the time, counted but logged at DEBUG: with replicated
 # neurons a gather completes on the first copy of each, so every later copy is a late replica,
@@ -75,7 +84,9 @@ class Mesh:
     def __init__(self, config: PeersConfig, self_id: str, plan_hash: str, *, incarnation: Optional[int] = None,
                  context: Optional[zmq.Context] = None, on_event: Optional[Callable[[MembershipEvent], None]] = None,
                  wire_dtype: str = "float32", max_stage: Optional[int] = None,
-                 on_stall: Optional[Callable[[float, float], None]] = None):
+                 on_stall: Optional[Callable[[float, float], None]] = None, max_progress: Optional[int] = None):
+        """`max_stage`: the plan's stage count; `max_progress`: the most frames a peer's heartbeat
+        may list (what a node can hold); both bound what a peer's message may hold."""
         self.config = config
         self.me = config.peer(self_id)
         self.self_id = self_id
@@ -89,7 +100,10 @@ class Mesh:
         self.membership = Membership(self_id, config.ids, plan_hash, config.peer_timeout_ms,
                                      incarnation=self.incarnation, wire_dtype=wire_dtype,
                                      vouch_margin_ms=1.5 * config.heartbeat_interval_ms)
-        self.book = GatherBook(self_id, config.sync_timeout_ms, max_stage=max_stage)
+        self.book = GatherBook(self_id, config.sync_timeout_ms, max_stage=max_stage,
+                               senders=max(1, len(self.peer_ids)))
+        self.limits = wire.Limits(max_peers=len(config.ids), max_progress=max_progress or wire.MAX_PROGRESS,
+                                  max_stages=max_stage or wire.MAX_PROGRESS)
         self.counters: "collections.Counter[str]" = collections.Counter()
         self.progress_source: Optional[ProgressSource] = None
         self._ready = True
@@ -182,6 +196,15 @@ class Mesh:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def set_max_message_bytes(self, nbytes: int) -> None:
+        """Take and send no message over `nbytes` from now on: decoding and sending check it at
+        once; the sockets' own limit (libzmq drops such a connection unread) holds for the
+        connections made from now on."""
+        self.config = dataclasses.replace(self.config, max_message_bytes=int(nbytes))
+        for sock in [self._pull] + self._client_sockets:
+            if sock is not None:
+                sock.setsockopt(zmq.MAXMSGSIZE, int(nbytes))
+
     @property
     def ready(self) -> bool:
         """What our heartbeats say: whether our engine computes, so that peers may count on us."""
@@ -262,15 +285,34 @@ class Mesh:
             self._send_heartbeats(now_s)
             self._next_heartbeat_s = self._next_heartbeat_slot(now_s)
         for e in events:
+            if e.kind in (EventKind.JOINED, EventKind.REJOINED):
+                self.book.rejoined(e.peer_id)
             self.book.peer_changed(e.peer_id)
         expired = self.book.expire_early(now_s)
         if expired:
             self._drop("early_expired", now_s, expired)
-        self._completed += self.book.poll(now_s, self._lookup)
+        expired = self.book.expire_unadmitted(now_s)
+        if expired:
+            self._drop("unadmitted_expired", now_s, expired, detail="slices of frames that never came")
+        self._poll_book(now_s)
         if self.on_event is not None:
             for e in events:
                 self.on_event(e)
         return events
+
+    def _poll_book(self, now_s: float) -> None:
+        self._completed += self.book.poll(now_s, self._lookup)
+        for peer in self.book.take_caught():
+            self.counters["peers_suspected"] += 1
+            self._ratelog.log(f"suspected:{peer}", logging.WARNING, now_s,
+                              "%s: peer %s claimed work but delivered no slice for a sync timeout (%d ms): "
+                              "not waited for until it does", self.self_id, peer, self.config.sync_timeout_ms)
+
+    def admit(self, frame: int, participants: Iterable[str], now_s: float) -> None:
+        """This node took `frame` (its input came, or it started it): slices for it that came
+        before from a non-participant are dropped, the others kept until its gathers begin."""
+        for sender, reason in self.book.admit(frame, participants, now_s):
+            self._drop(reason, now_s, detail=f"early slice of frame {frame} from {sender}")
 
     def _lookup(self, peer_id: str) -> Tuple[PeerState, Optional[Report]]:
         return self.membership.state(peer_id), self.membership.report(peer_id)
@@ -304,7 +346,10 @@ class Mesh:
     def _drain(self, now_s: float) -> List[MembershipEvent]:
         events: List[MembershipEvent] = []
         self._backlog = False
+        stop_s = time.monotonic() + MAX_DRAIN_S
         for _ in range(MAX_DRAIN_PER_PROCESS):
+            if time.monotonic() > stop_s:
+                break
             # Asking EVENTS first is far cheaper than raising zmq.Again on every idle wakeup.
             if not self._pull.getsockopt(_EVENTS) & _POLLIN:
                 return events
@@ -327,7 +372,7 @@ class Mesh:
 
     def _handle(self, frames, now_s: float) -> List[MembershipEvent]:
         try:
-            msg = wire.decode(frames, self.config.max_message_bytes)
+            msg = wire.decode(frames, self.config.max_message_bytes, self.limits)
         except WireError as exc:
             self._drop(exc.reason, now_s, detail=exc.detail)
             return []
@@ -462,7 +507,7 @@ class Mesh:
         for peer in targets:
             if peer in self._push:
                 self._outbox.setdefault(peer, []).append(piece)
-        self._completed += self.book.poll(now_s, self._lookup)
+        self._poll_book(now_s)
         return len(targets)
 
     def flush(self) -> int:
@@ -533,4 +578,5 @@ class Mesh:
                 "wire_dtype": self.wire_dtype, "ready": self.ready,
                 "peers": self.membership.snapshot(now_s),
                 "counters": dict(self.counters), "gathers_in_progress": len(self.book.active_keys()),
-                "early_slices": self.book.early_count, "early_bytes": self.book.early_bytes}
+                "early_slices": self.book.early_count, "early_bytes": self.book.early_bytes,
+                "suspected": sorted(self.book.suspects(now_s))}

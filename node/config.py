@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 from robustdice.mesh.config import PeerConfig, PeersConfig, load_peers, resolve_self
 from robustdice.partitioner.plan import Plan, load_plan
@@ -55,6 +55,31 @@ class NodeConfig:
         """An engine that holds work and has answered nothing for this long is stalled: peers then
         stop counting on this node (a live handler in front of a hung engine is a zombie)."""
         return self.peers.sync_timeout_ms / 1000.0
+
+
+# The least a node derives for max_message_bytes: a small plan's messages are far smaller, and
+# headers, status replies and a future field must never be what a bound cuts off.
+MIN_MESSAGE_BYTES = 1024 * 1024
+
+
+def plan_message_bytes(plan: Plan, row_elements: Sequence[int], max_batch: int, wire_dtype: str) -> Tuple[int, str]:
+    """(bytes, why): the largest message a node of `plan` sends or takes, for max_message_bytes
+    when peers.yaml does not set it: the largest slice of any device at any stage (its rows x
+    `row_elements` of the stage, the values per neuron and image, x `max_batch` images, in the
+    wire dtype, with its neuron ids), or the largest input (float32), plus a header each, at
+    least MIN_MESSAGE_BYTES."""
+    import numpy as np
+    from robustdice.mesh.wire import MAX_HEADER_BYTES
+
+    itemsize = np.dtype(wire_dtype).itemsize
+    sizes = {"floor": MIN_MESSAGE_BYTES,
+             "input": MAX_HEADER_BYTES + max_batch * 4 * int(np.prod(plan.input_shape))}
+    for stage, elements in zip(plan.stages, row_elements):
+        rows = max(len(stage.holders(d)) for d in range(plan.devices))
+        sizes[f"a slice of {stage.name} ({rows} rows of {elements})"] = (
+            MAX_HEADER_BYTES + rows * (4 + max_batch * int(elements) * itemsize))
+    why = max(sizes, key=sizes.get)
+    return sizes[why], why
 
 
 def plan_trust_key(peers: PeersConfig) -> Optional[str]:

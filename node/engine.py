@@ -10,11 +10,16 @@ the handler decides which item comes next (oldest first, the same order on every
 Assembling a gathered stage is the partitioner's `assemble` (first copy wins, zero-fill the
 rest) and `FrameRun.advance` finishes it (cdc recovery, followers): the same code the
 simulation runs. A frame with no other participant (`alone`) runs every stage here in one go.
+
+A slice of this device with a NaN or an infinity (a peer's rows were finite but huge, and a
+stage overflowed) ends the frame here with an error `not_finite`: it is never sent on, and the
+frame is never answered as a prediction (node/frames.py checks the logits too).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -24,12 +29,15 @@ from typing import Dict, List, Optional
 
 import zmq
 
+from robustdice.mesh.gather import finite
+from robustdice.mesh.ratelog import RateLimitedLog
 from robustdice.mesh.transport import send_parts
 
 from . import ipc
 from .process import child_main, report_ready
 
 log = logging.getLogger("robustdice.engine")
+ratelog = RateLimitedLog(log)
 POLL_MS = 100
 
 
@@ -46,6 +54,10 @@ TELEMETRY_EVERY_S = 1.0
 # both, 0 of 7 runs, at the same frames/s. Lowering one's own priority needs no privilege.
 ENGINE_NICE = 10
 ENGINE_POLICY = getattr(os, "SCHED_BATCH", None)   # Linux only
+
+
+class NotFinite(ValueError):
+    """This device's slice of a stage holds NaN or Inf: the frame cannot be answered."""
 
 
 def resolve_device(name: str) -> str:
@@ -97,6 +109,19 @@ class Engine:
         if logits.ndim < 1 or logits.shape[0] != 2:
             raise RuntimeError(f"2 images give logits of shape {list(logits.shape)}: the batch is lost")
         return tuple(logits.shape)
+
+    def row_elements(self) -> List[int]:
+        """Per stage, the values one neuron's row holds per image (1 for a linear stage, H x W for
+        a convolution): what the handler bounds its messages by (node/config.py,
+        plan_message_bytes). One input of zeros through every stage, as a node alone runs it."""
+        x = self.torch.zeros((1, *self.plan.input_shape), dtype=self.dtype, device=self.compute)
+        run = self.runtime.start(x)
+        out = []
+        while True:
+            out.append(int(math.prod(run.slice.shape[2:])))   # a slice is [rows, batch, ...]
+            full, missing = self.assembler.assemble(run.stage, {self.device: run.slice})
+            if run.advance(full, missing, self.others):
+                return out
 
     def to_host(self, t):
         """A device tensor on the host, once: a pinned buffer, non_blocking, one synchronisation."""
@@ -189,8 +214,10 @@ class Engine:
 
     def _slice_result(self, frame: int, run, zero_before: Optional[int], start: float) -> ipc.Item:
         own = run.slice.contiguous()
-        self.own[frame] = own  # kept to assemble with the peers' rows (on the device)
         array = self.to_host(own).numpy()  # on the CPU this is `own` itself: ZeroMQ sends from it
+        if not finite(array):
+            raise NotFinite(f"frame {frame}: stage {self.plan.stages[run.stage].name} gave NaN or infinite values")
+        self.own[frame] = own  # kept to assemble with the peers' rows (on the device)
         self.compute_ms[frame] += (time.perf_counter() - start) * 1000.0
         return {"kind": ipc.SLICE, "frame": frame, "stage": run.stage, "zero_before": zero_before,
                 "ms": (time.perf_counter() - start) * 1000.0, **ipc.describe(array)}, [array]
@@ -215,7 +242,10 @@ class Engine:
 def serve(engine: Engine, sock: zmq.Socket, stop) -> None:
     """Answer work until `stop()` or a `stop` message."""
     sock.send(ipc.READY)
-    sock.send_multipart(ipc.pack(ipc.RESULTS, [(engine.telemetry(), [])]))  # the device it resolved
+    # The device it resolved, and how large its slices are per neuron and image.
+    with engine.torch.inference_mode():
+        telemetry = dict(engine.telemetry(), row_elements=engine.row_elements())
+    sock.send_multipart(ipc.pack(ipc.RESULTS, [(telemetry, [])]))
     with engine.torch.inference_mode():
         _serve(engine, sock, stop)
 
@@ -235,6 +265,10 @@ def _serve(engine: Engine, sock: zmq.Socket, stop) -> None:
             frame = header.get("frame")
             try:
                 result = engine.handle(header, bufs)
+            except NotFinite as exc:   # a peer's values, not a bug here: no traceback, few lines
+                ratelog.log("not_finite", logging.WARNING, time.monotonic(), "%s; the frame is an error", exc)
+                engine._forget(frame)
+                result = ({"kind": ipc.ERROR, "frame": frame, "message": str(exc)[:500], "reason": ipc.NOT_FINITE}, [])
             except Exception as exc:  # one bad frame must not end the engine: report it and go on
                 log.exception("frame %s failed", frame)
                 engine._forget(frame)

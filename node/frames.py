@@ -25,6 +25,10 @@ itself stalled for a peer timeout, its peers went on without it: the peers' fram
 dropped, and its own frames are run again from their inputs under new ids (`after_stall`,
 `rerun`), because the client still waits for them and the input is still here.
 
+Logits with a NaN or an infinity (a peer's finite but huge values overflow a later stage) are
+an error answer, never a prediction; so is a frame whose engine found its own slice of some stage
+not finite (its error says `not_finite`). Both are counted (`frames_not_finite`).
+
 What a frame rests on is tracked as `degraded`: for each stage at which some holder was
 missing here or anywhere upstream (the slices say so), the missing devices and the most
 neurons zero-filled. The answer reports it, so an answer never claims less zero-fill than
@@ -39,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from robustdice.mesh.gather import finite
 
 
 class Phase(str, enum.Enum):
@@ -133,6 +139,12 @@ class FrameBook:
         self._inputs: Dict[str, int] = {}              # origin -> newest frame id received
         self.counters: "collections.Counter[str]" = collections.Counter()
         self.recent: Deque[Tuple[float, float]] = collections.deque(maxlen=RECENT_FRAMES)
+
+    @property
+    def max_frames_held(self) -> int:
+        """The most frames a node holds at once (and its heartbeats list): its own window and
+        every peer's, each PEER_WINDOW_FACTOR times as wide."""
+        return self.max_per_origin * (1 + PEER_WINDOW_FACTOR * (len(self.node_ids) - 1))
 
     # ------------------------------------------------------------ admission
     def _room(self, origin: str, nbytes: int, max_frames: int) -> Optional[str]:
@@ -278,6 +290,11 @@ class FrameBook:
         f.logits, f.compute_ms, f.engine_state, f.input = logits, compute_ms, False, None
         f.phase = Phase.DONE
         self.counters["frames_done"] += 1
+        if not finite(np.asarray(logits)):
+            self.counters["frames_not_finite"] += 1
+            self.counters["frame_errors"] += 1
+            f.logits = None
+            return self._fail(f, "the logits hold NaN or infinite values (a slice of some stage was out of range)")
         if not f.local:
             self._forget(f)
             return f
@@ -285,11 +302,14 @@ class FrameBook:
         self.recent.append((f.answer["latency_ms"], f.answer["zero_filled_fraction"]))
         return f
 
-    def on_error(self, frame: int, message: str) -> Optional[Frame]:
+    def on_error(self, frame: int, message: str, not_finite: bool = False) -> Optional[Frame]:
+        """The engine failed the frame (`not_finite`: a slice of this node held NaN or Inf)."""
         f = self.frames.get(frame)
         if f is None:
             return None
         self.counters["frame_errors"] += 1
+        if not_finite:
+            self.counters["frames_not_finite"] += 1
         f.engine_state = False
         return self._fail(f, message)
 
@@ -404,6 +424,7 @@ class FrameBook:
     def stats(self) -> Dict[str, Any]:
         lat = sorted(r[0] for r in self.recent)
         return {"frames_done": self.counters["frames_done"], "frame_errors": self.counters["frame_errors"],
+                "frames_not_finite": self.counters["frames_not_finite"],
                 "frames_expired": self.counters["frames_expired"], "frames_pruned": self.counters["frames_pruned"],
                 "frames_rerun": self.counters["frames_rerun"],
                 "frames_in_flight": self.in_flight(), "frames_queued": self.queued(),

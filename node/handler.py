@@ -50,7 +50,7 @@ from robustdice.mesh.ratelog import RateLimitedLog
 from robustdice.mesh.transport import send_parts
 
 from . import ipc
-from .config import NodeConfig, load_node_config
+from .config import NodeConfig, load_node_config, plan_message_bytes
 from .errors import NodeError
 from .frames import Frame, FrameBook
 from .metrics import METRICS_REFRESH_S, MetricsRecorder
@@ -98,8 +98,10 @@ class Handler:
         self.ipc_endpoint = ipc_endpoint
         self.book = FrameBook(self.me.id, self.node_ids, self.stage_names, [s.neurons for s in stages],
                               frame_timeout_s=config.frame_timeout_s)
+        # Twice what a peer can hold: a board one release behind, with other windows, is not dropped.
         self.mesh = Mesh(peers, self.me.id, self.plan.plan_hash, on_event=self._on_event,
-                         max_stage=len(stages), on_stall=self._on_stall, wire_dtype=config.dtype)
+                         max_stage=len(stages), on_stall=self._on_stall, wire_dtype=config.dtype,
+                         max_progress=2 * self.book.max_frames_held)
         self.mesh.progress_source = lambda: (self.book.progress(), self.book.inputs())
         self.events: collections.deque = collections.deque(maxlen=EVENT_HISTORY)
         # (frame, stage, neurons zero-filled) of this node's own stages, for checks that no answer
@@ -331,6 +333,7 @@ class Handler:
     def _start_local(self, f: Frame, now: float) -> None:
         participants = self.participants_now(now)
         self.book.start(f.frame, participants)
+        self.mesh.admit(f.frame, participants, now)
         others = [p for p in participants if p != self.me.id]
         if others:
             self.mesh.broadcast(wire.Input(f.frame, self.me.id, f.input, {}, participants=tuple(participants),
@@ -440,6 +443,8 @@ class Handler:
                                       now, (report.progress, report.inputs) if report else None)
         if reason:
             self._count_drop(reason, now, f"frame {msg.frame} from {origin}")
+        else:
+            self.mesh.admit(msg.frame, msg.participants, now)
 
     def _bad_input(self, x) -> Optional[str]:
         x = np.asarray(x)
@@ -489,7 +494,10 @@ class Handler:
             self.engine_quiet_since_s = now
             for header, bufs in items:
                 if header.get("kind") == "telemetry":   # rides along; not a work item
-                    self.engine_telemetry = {k: v for k, v in header.items() if k not in ("kind", "n")}
+                    if "row_elements" in header:      # the first, right after READY
+                        self._bound_messages(header["row_elements"])
+                    self.engine_telemetry = {k: v for k, v in header.items()
+                                             if k not in ("kind", "n", "row_elements")}
                     continue
                 item_s = header.get("ms", 0.0) / 1000.0
                 self.engine_busy_s += item_s
@@ -501,7 +509,25 @@ class Handler:
                 elif kind == ipc.DONE:
                     self._on_done(header, bufs, now)
                 elif kind == ipc.ERROR:
-                    self.book.on_error(header.get("frame"), f"engine: {header.get('message', 'error')}")
+                    self.book.on_error(header.get("frame"), f"engine: {header.get('message', 'error')}",
+                                       not_finite=header.get("reason") == ipc.NOT_FINITE)
+
+    def _bound_messages(self, row_elements) -> None:
+        """The engine says how large its slices are: unless peers.yaml sets max_message_bytes, the
+        mesh takes and sends no message larger than the plan's largest (node/config.py)."""
+        peers = self.config.peers
+        if peers.max_message_bytes_given:
+            log.info("max_message_bytes %d, as peers.yaml sets it", peers.max_message_bytes)
+            return
+        if (not isinstance(row_elements, list) or len(row_elements) != len(self.stage_names)
+                or not all(isinstance(n, int) and n >= 1 for n in row_elements)):
+            log.error("the engine's row sizes %r do not fit the plan's %d stages: max_message_bytes stays %d",
+                      row_elements, len(self.stage_names), peers.max_message_bytes)
+            return
+        nbytes, why = plan_message_bytes(self.plan, row_elements, MAX_BATCH, self.config.dtype)
+        self.mesh.set_max_message_bytes(nbytes)
+        log.info("max_message_bytes %d (%.1f MiB), from the plan: the largest message is %s, for %d images",
+                 nbytes, nbytes / 2 ** 20, why, MAX_BATCH)
 
     def _on_slice(self, header: dict, bufs, now: float) -> None:
         stage = header["stage"]
@@ -530,8 +556,11 @@ class Handler:
         logits = ipc.array(bufs[0], header["dtype"], header["shape"]).copy()
         zero = {int(k): int(v) for k, v in header.get("zero", {}).items()}
         self.zero_log.extend((frame, stage, n) for stage, n in zero.items() if n)
-        self.book.on_done(frame, logits, zero, float(header.get("compute_ms", 0.0)), now,
-                          lambda f: self._answer_body(f, now))
+        f = self.book.on_done(frame, logits, zero, float(header.get("compute_ms", 0.0)), now,
+                              lambda f: self._answer_body(f, now))
+        if f is not None and f.logits is None:
+            self.ratelog.log("not_finite", logging.WARNING, now, "frame %d: %s", frame,
+                             (f.answer or {}).get("error", "logits not finite"))
 
     def _answer_body(self, f: Frame, now: float) -> dict:
         logits = f.logits
@@ -567,7 +596,7 @@ class Handler:
     def _on_client(self, parts, now: float) -> None:
         identity = bytes(parts[0])
         try:
-            msg = wire.decode(parts[1:], self.config.peers.max_message_bytes)
+            msg = wire.decode(parts[1:], self.mesh.config.max_message_bytes)
         except WireError as exc:
             self.counters[f"client_{exc.reason}"] += 1
             self.ratelog.log(f"client:{exc.reason}", logging.WARNING, now, "dropped a client message as %s (%s)",

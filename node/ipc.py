@@ -12,6 +12,9 @@ several are ready; the engine computes them in order and answers each message wi
 `results` message, one result per input or gathered item.
 
     engine → handler  ready    []                                   (the shard is loaded)
+    engine → handler  results  [{kind: "telemetry", device, dtype, ..., row_elements: [int per stage]}]
+        right after ready, and telemetry rides along on later results; row_elements is the
+        values per neuron and image of each stage's slices (the handler's message bound)
     handler → engine  work     items, each one of:
         {kind: "input", frame, alone, dtype, shape}                 1 frame: the input tensor
             start the frame: compute this device's slice of its first stage; with alone=true
@@ -29,7 +32,8 @@ several are ready; the engine computes them in order and answers each message wi
             zero_before: neurons zero-filled at stage - 1 (null at stage 0)
         {kind: "done", frame, zero: {stage: neurons zero-filled}, compute_ms, dtype, shape}
                                                                     1 frame: the logits
-        {kind: "error", frame, message}                             0 frames: the frame failed here
+        {kind: "error", frame, message, reason?}                    0 frames: the frame failed here;
+            reason "not_finite": this device's slice of a stage held NaN or Inf
     handler → engine  stop     []
 """
 from __future__ import annotations
@@ -44,6 +48,7 @@ from robustdice.mesh.wire import dtype_name
 READY, WORK, RESULTS, STOP = b"ready", b"work", b"results", b"stop"
 INPUT, GATHERED, DROP = "input", "gathered", "drop"
 SLICE, DONE, ERROR = "slice", "done", "error"
+NOT_FINITE = "not_finite"   # the reason of an error for a slice with NaN or Inf
 
 Item = Tuple[Dict[str, Any], Sequence[Any]]   # (header, tensors or received buffers)
 

@@ -42,6 +42,7 @@ NOT_DROPS = {
     "self_stalls": "times this node itself was not running for a peer timeout or more",
     "engine_stalls": "times the engine held work and answered nothing for the stall limit",
     "recv_again": "reads retried because a fresh CURVE connection's first message was not ready",
+    "peers_suspected": "times a peer claimed work but delivered no slice for a sync timeout (left out of new frames)",
 }
 FRAME_COUNTERS = {
     "frames_done": "frames this node's engine finished (its own clients' and its peers')",
@@ -49,6 +50,7 @@ FRAME_COUNTERS = {
     "frames_expired": "frames expired here (too old, or peers' frames received before this node's own stall)",
     "frames_pruned": "peers' frames dropped because their origin had finished them",
     "frames_rerun": "own frames run again under a new id because this node stalled while they were out",
+    "frames_not_finite": "frames whose slice of some stage or logits held NaN or Inf here (answered as errors)",
 }
 
 

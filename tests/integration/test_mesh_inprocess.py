@@ -149,21 +149,55 @@ def test_a_peer_past_the_stage_is_not_waited_for(pair):
 
 
 def test_a_peer_busy_with_the_frame_is_waited_for_past_the_sync_timeout(tmp_path):
-    """A live peer that says it is still on an earlier stage of this frame is busy, not gone:
-    its slice is waited for even after sync_timeout_ms, and used when it comes."""
+    """A live peer that says it is still on an earlier stage of this frame, and meanwhile delivers
+    the slices of older frames, is busy, not gone: its slice is waited for even after
+    sync_timeout_ms, and used when it comes."""
+    config = load_peers(mp.make_config(tmp_path, ["a", "b"], sync_timeout_ms=150))
+    with Mesh(config, "a", "P") as a, Mesh(config, "b", "P") as b:
+        pump([a, b], lambda: linked(a, b))
+        frame = wire.frame_id(0, 100)
+        b.progress_source = lambda: ({frame: 0}, {"a": frame})   # b has the input, sent nothing yet
+        a.begin_gather(frame, 0, SliceData(np.array([0]), np.ones((1, 2), np.float32)), {"b": np.array([1])}, 2)
+        t0 = time.monotonic()
+        older = iter(range(1, 100))
+
+        def b_delivers_older_work():
+            """b computes an older frame's slice every sync timeout / 3; a uses it."""
+            if time.monotonic() - b_delivers_older_work.last_s < 0.05:
+                return False
+            b_delivers_older_work.last_s = time.monotonic()
+            old = wire.frame_id(0, next(older))
+            a.begin_gather(old, 0, SliceData(np.array([0]), np.ones((1, 2), np.float32)), {"b": np.array([1])}, 2)
+            b.begin_gather(old, 0, SliceData(np.array([1]), np.ones((1, 2), np.float32)), {}, 2, send_to=["a"])
+            return time.monotonic() - t0 > 3 * 0.150
+        b_delivers_older_work.last_s = 0.0
+        pump([a, b], b_delivers_older_work)
+        pump([a, b], lambda: a.book.active_keys() == [(frame, 0)])   # the older frames' gathers are done
+        done = [r for r in a.take_completed() if r.frame == frame]
+        assert done == [] and (frame, 0) in a.book.active_keys()
+        b.begin_gather(frame, 0, SliceData(np.array([1]), np.full((1, 2), 5.0, np.float32)), {}, 2, send_to=["a"])
+        pump([a, b], lambda: (done.extend(r for r in a.take_completed() if r.frame == frame), done)[1])
+        assert not done[0].released and done[0].pieces[0].array.tolist() == [[5.0, 5.0]]
+        assert a.status()["suspected"] == [] and a.counters["peers_suspected"] == 0
+
+
+def test_a_peer_that_claims_to_be_busy_but_delivers_nothing_is_released_and_suspected(tmp_path):
+    """issue 25: a peer heartbeating "ready, busy with the frame" that never sends a slice cost
+    each frame the frame timeout (10 s). Now one sync timeout, and new frames do not wait for it."""
     config = load_peers(mp.make_config(tmp_path, ["a", "b"], sync_timeout_ms=150))
     with Mesh(config, "a", "P") as a, Mesh(config, "b", "P") as b:
         pump([a, b], lambda: linked(a, b))
         frame = wire.frame_id(0, 1)
-        b.progress_source = lambda: ({frame: 0}, {"a": frame})   # b has the input, sent nothing yet
+        b.progress_source = lambda: ({frame: 0}, {"a": frame})   # busy with it, forever
         a.begin_gather(frame, 0, SliceData(np.array([0]), np.ones((1, 2), np.float32)), {"b": np.array([1])}, 2)
         t0 = time.monotonic()
-        pump([a, b], lambda: time.monotonic() - t0 > 3 * 0.150)
-        assert a.take_completed() == [] and a.book.active_keys() == [(frame, 0)]
-        b.begin_gather(frame, 0, SliceData(np.array([1]), np.full((1, 2), 5.0, np.float32)), {}, 2, send_to=["a"])
         done = []
         pump([a, b], lambda: (done.extend(a.take_completed()), done)[1])
-        assert not done[0].released and done[0].pieces[0].array.tolist() == [[5.0, 5.0]]
+        assert done[0].released == {"b": "timeout"} and time.monotonic() - t0 < 10 * 0.150
+        assert a.status()["suspected"] == ["b"] and a.counters["peers_suspected"] == 1
+        a.begin_gather(frame + 1, 0, SliceData(np.array([0]), np.ones((1, 2), np.float32)), {"b": np.array([1])}, 2)
+        (second,) = a.take_completed()
+        assert second.released == {"b": "suspected"}
 
 
 def test_own_stall_does_not_make_peers_dead(pair):

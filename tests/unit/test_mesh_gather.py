@@ -166,7 +166,7 @@ def test_a_holder_that_cannot_hear_the_origin_will_never_have_the_frame(hears, e
 
 def test_releases_for_the_whole_frame_are_all_but_a_lost_slice():
     assert g.FOR_THE_FRAME == {g.RELEASED_DEAD, g.RELEASED_STALLED, g.RELEASED_ABSENT, g.RELEASED_TIMEOUT,
-                               g.RELEASED_UNREACHABLE}
+                               g.RELEASED_UNREACHABLE, g.RELEASED_SUSPECTED}
 
 
 def test_holder_busy_with_the_frame_moves_its_deadline_to_report_plus_timeout():
@@ -215,10 +215,14 @@ def test_unreachable_holder_is_released_at_once():
     assert r.released == {"b": "unreachable"} and not r.timed_out
 
 
-def busy_b(received_s, stages_sent):
-    """A gather that a has answered, and b's report saying it is busy with the frame."""
+def busy_b(received_s, stages_sent, delivering=True):
+    """A gather that a has answered, and b's report saying it is busy with the frame; b delivers
+    the slice of an older frame here when it reports (a busy live peer computes older work)."""
     book = book_with()
     answer(book, "a")
+    if delivering:
+        book.begin(FRAME - 1, STAGE, ORIGIN, np.array([0, 1]), {"b": HOLDERS["b"]}, N, 0.0)
+        assert answer(book, "b", received_s, frame=FRAME - 1) is None
     peers = Peers()
     peers.reports["b"] = report(received_s, progress={FRAME: stages_sent})
     book.peer_changed("b")
@@ -227,7 +231,7 @@ def busy_b(received_s, stages_sent):
 
 def test_busy_holder_is_waited_for_past_the_sync_timeout():
     book, peers = busy_b(0.8, STAGE)  # computing this stage of the frame
-    assert book.poll(0.8, peers) == []
+    assert [r.frame for r in book.poll(0.8, peers)] == [FRAME - 1]
     assert book.poll(1.0, peers) == []  # the first deadline passed: still busy, still waited for
     assert book.next_deadline_s() == pytest.approx(1.8)
     assert book.poll(1.79, peers) == []
@@ -237,7 +241,7 @@ def test_busy_holder_is_waited_for_past_the_sync_timeout():
 
 def test_busy_holder_answering_late_is_used():
     book, peers = busy_b(0.9, 0)
-    book.poll(0.9, peers)
+    assert [r.frame for r in book.poll(0.9, peers)] == [FRAME - 1]
     assert book.poll(1.5, peers) == []
     assert answer(book, "b", 1.6) is None
     (r,) = book.poll(1.6, peers)
@@ -492,6 +496,8 @@ def test_early_slice_bigger_than_the_window_is_not_kept():
 def test_early_slices_expire_after_their_ttl():
     # issue 9: early slices never expired; 192 MiB stayed pinned until later traffic pushed it out.
     book = GatherBook("me", T * 1000, early_ttl_s=10.0)
+    book.admit(0, {"me", "a"}, 0.0)
+    book.admit(1, {"me", "b"}, 0.0)
     book.add_slice("a", 0, 0, np.array([0], np.int32), rows([0]), 0.0)
     book.add_slice("b", 1, 0, np.array([0], np.int32), rows([0]), 4.0)
     assert book.expire_early(9.99) == 0 and book.early_count == 2

@@ -24,9 +24,9 @@ from robustdice.mesh.membership import PeerState, Report
 
 DECODE_REASONS = {"garbage", "truncated", "bad_version", "bad_type", "bad_dtype", "bad_shape", "oversized"}
 DROP_REASONS = {g.STALE, g.LATE, g.LATE_REPLICA, g.FINISHED, g.BAD_SLICE, g.NOT_FINITE, g.DUPLICATE, g.EARLY_EVICTED,
-                g.EARLY_EXPIRED, g.BAD_STAGE}
+                g.EARLY_EXPIRED, g.BAD_STAGE, g.NOT_PARTICIPANT}
 RELEASE_REASONS = {g.RELEASED_DEAD, g.RELEASED_STALLED, g.RELEASED_LOST, g.RELEASED_ABSENT, g.RELEASED_TIMEOUT,
-                   g.RELEASED_UNREACHABLE}
+                   g.RELEASED_UNREACHABLE, g.RELEASED_SUSPECTED}
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -320,6 +320,7 @@ OPS = st.one_of(
     st.tuples(st.just("poll"), st.floats(0, 0.6)),
     st.tuples(st.just("peer"), st.sampled_from(SENDERS[1:4]), STATES, REPORTS),
     st.tuples(st.just("abandon"), FRAMES),
+    st.tuples(st.just("admit"), FRAMES, st.sets(st.sampled_from(SENDERS))),
     st.tuples(st.just("expire_early"), st.floats(0, 3)),
 )
 
@@ -388,9 +389,12 @@ def test_gather_book_takes_any_sequence_and_names_every_drop(ops, max_early, max
             for key in [k for k in book.active_keys() if k[0] == op[1]]:
                 finished.add(key)
             book.abandon(op[1])
+        elif op[0] == "admit":
+            assert all(reason in DROP_REASONS for _, reason in book.admit(op[1], op[2], now))
         else:
             now += op[1]
             book.expire_early(now)
+            book.expire_unadmitted(now)
         assert book.early_count <= max_early and 0 <= book.early_bytes <= max_early_bytes
         assert book.early_count or book.early_bytes == 0
         deadline = book.next_deadline_s()
@@ -402,5 +406,5 @@ def test_gather_book_takes_any_sequence_and_names_every_drop(ops, max_early, max
     for r in book.poll(later, peers):
         check_result(r, begun, finished)
     assert book.active_keys() == []
-    assert book.expire_early(later) >= 0 and book.early_count == 0
+    assert book.expire_early(later) >= 0 and book.expire_unadmitted(later) >= 0 and book.early_count == 0
 
