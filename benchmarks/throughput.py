@@ -1,15 +1,22 @@
 """Throughput and latency of 4 loopback nodes, closed loop, nothing failed (the dataflow node).
 
-    python benchmarks/throughput.py --json [--models digits_cnn,alexnet] [--frames 300]
-                                    [--windows 1,2,4,8,16] [--out benchmarks/results/throughput.json]
+    python benchmarks/throughput.py --json [--models digits_cnn,alexnet,efficientnet_lite0]
+                                    [--frames 300] [--windows 1,2,4,8,16]
+                                    [--out benchmarks/results/throughput.json]
 
-Each model is partitioned (robust; alexnet with --weights none and score s1, so that the
-partition takes seconds) over 4 devices and run by LocalCluster with 1 torch thread per node on
-this machine. Clients are threads of this process, each keeping W frames in flight at its own
-node (node/client.py closed_loop). Figures, per model:
+Each model is partitioned (robust; alexnet with --weights none and efficientnet_lite0 with its
+real weights, both with score s1 so that the partition takes seconds) over 4 devices and run by
+LocalCluster with 1 torch thread per node on this machine. Clients are threads of this process,
+each keeping W frames in flight at its own node (node/client.py closed_loop). Figures, per model:
+  plain_forward_ms_p50    one process running the plain model (1 torch thread, batch 1), timed
+                          in blocks that alternate with the cluster's 1-in-flight blocks, so that
+                          both see the same machine; `ratio_to_plain` = cluster p50 / plain p50
   latency_1_in_flight     p50 of the nodes' own latency_ms, 1 origin, 1 frame in flight; and
                           compute_ms p50 (the origin engine's compute for the frame)
   per_stage_overhead_ms   (p50 latency - p50 compute) / stages
+  cpu_ms_per_stage_per_node   CPU time of the handlers and of the engines over the 1-in-flight
+                          blocks, per answered frame, per stage, per node: the machinery's cost
+                          of one stage against the compute it distributes
   fps_1_origin / fps_4_origins   frames answered per second for each in-flight window W, and
                           the best of them ("max"); 4 origins = one client per node
   compute_bound_fps       cores / (all engines' compute per frame), the engines' compute taken
@@ -41,6 +48,11 @@ import numpy as np
 from _results import write_result
 
 DEVICES = 4
+LATENCY_BLOCKS = 5      # alternating blocks of plain forwards and cluster frames
+# Frames per run, as a fraction of --frames: a Lite0 frame costs ~20 digits frames.
+FRAMES_SCALE = {"digits_cnn": 1.0, "alexnet": 0.5, "efficientnet_lite0": 0.2}
+PARTITION_KWARGS = {"digits_cnn": {}, "alexnet": {"weights": "none", "scores": ("s1",)},
+                    "efficientnet_lite0": {"scores": ("s1",)}}
 
 
 def inputs_for(model: str) -> np.ndarray:
@@ -101,14 +113,35 @@ def slice_bytes(cluster) -> int:
                if not v.get("unreachable"))
 
 
+def plain_forward(model: str, weights: str):
+    """A timer of the plain model in this process, batch 1, 1 torch thread: ms per forward."""
+    import torch
+    from robustdice.partitioner.models import build_model
+    net = build_model(model, weights).eval()
+
+    def time_ms(images: np.ndarray, n: int):
+        torch.set_num_threads(1)
+        out = []
+        with torch.inference_mode():
+            for i in range(n):
+                x = torch.from_numpy(images[i % len(images)][None])
+                t0 = time.perf_counter()
+                net(x)
+                out.append((time.perf_counter() - t0) * 1000.0)
+        return out
+    return time_ms
+
+
 def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float32") -> dict:
     from robustdice.node.localcluster import LocalCluster
     from robustdice.partitioner.partition import PartitionRequest, partition
 
-    kwargs = {} if model == "digits_cnn" else {"weights": "none", "scores": ("s1",)}
+    kwargs = PARTITION_KWARGS.get(model, {"weights": "none", "scores": ("s1",)})
+    frames = max(10, int(frames * FRAMES_SCALE.get(model, 1.0)))
     summary = partition(PartitionRequest(model=model, devices=DEVICES, method="robust", out=tmp / model,
                                          show_progress=False, **kwargs))
     images = inputs_for(model)
+    plain = plain_forward(model, kwargs.get("weights", "DEFAULT"))
     out = {"model": model, "devices": DEVICES, "replication": summary["replication_factor"], "threads_per_node": 1,
            "cores": os.cpu_count(), "dtype": dtype}
     zero_filled = errors = 0
@@ -129,17 +162,35 @@ def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float
             cluster.start_node(d)
         cluster.wait_until(cluster.all_alive(), 180.0, "every node to count on every other")
         stages = len(cluster.plan.stages)
-        run_clients(cluster, cluster.ids[:1], images, 20, 1)  # warm-up
+        run_clients(cluster, cluster.ids[:1], images, 10, 1)  # warm-up
+        plain(images, 5)
         bytes_before = slice_bytes(cluster)
-        records, _ = run_clients(cluster, cluster.ids[:1], images, frames, 1)
+        cpu_before = cpu_seconds(cluster)
+        records, plain_ms = [], []
+        per_block = max(4, frames // LATENCY_BLOCKS)
+        for _ in range(LATENCY_BLOCKS):
+            plain_ms += plain(images, per_block)
+            block, _ = run_clients(cluster, cluster.ids[:1], images, per_block, 1)
+            records += block
+        cpu_after = cpu_seconds(cluster)
         tally(records)
+        answered = [r for r in records if r["meta"] and "error" not in r["meta"]]
         out["slice_bytes_per_frame"] = (slice_bytes(cluster) - bytes_before) / max(1, len(records))
-        lat = [r["meta"]["latency_ms"] for r in records if r["meta"] and "error" not in r["meta"]]
-        comp = [r["meta"]["compute_ms"] for r in records if r["meta"] and "error" not in r["meta"]]
+        lat = [r["meta"]["latency_ms"] for r in answered]
+        comp = [r["meta"]["compute_ms"] for r in answered]
         out["stages"] = stages
         out["latency_1_in_flight_ms_p50"] = float(np.median(lat))
         out["compute_ms_p50"] = float(np.median(comp))
+        out["plain_forward_ms_p50"] = float(np.median(plain_ms))
+        out["ratio_to_plain"] = out["latency_1_in_flight_ms_p50"] / out["plain_forward_ms_p50"]
         out["per_stage_overhead_ms"] = (out["latency_1_in_flight_ms_p50"] - out["compute_ms_p50"]) / stages
+        out["cpu_ms_per_stage_per_node"] = {
+            role: 1000.0 * (cpu_after[role] - cpu_before[role]) / max(1, len(answered)) / stages / DEVICES
+            for role in cpu_after}
+        print(f"{model}: {stages} stages; 1 in flight p50 {out['latency_1_in_flight_ms_p50']:.1f} ms against the "
+              f"plain forward's {out['plain_forward_ms_p50']:.2f} ms ({out['ratio_to_plain']:.1f}x); CPU per stage "
+              f"per node: handler {out['cpu_ms_per_stage_per_node']['handler']:.2f} ms, engine "
+              f"{out['cpu_ms_per_stage_per_node']['engine']:.2f} ms", file=sys.stderr)
         for label, nodes in (("1_origin", cluster.ids[:1]), ("4_origins", cluster.ids)):
             fps = {}
             busy_ms = answered = 0.0
@@ -178,8 +229,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the JSON object as the last line")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "throughput.json"))
-    parser.add_argument("--models", default="digits_cnn,alexnet")
-    parser.add_argument("--frames", type=int, default=300, help="frames per run (default 300)")
+    parser.add_argument("--models", default="digits_cnn,alexnet,efficientnet_lite0")
+    parser.add_argument("--frames", type=int, default=300,
+                        help="frames per run (default 300; alexnet takes half, efficientnet_lite0 a fifth)")
     parser.add_argument("--windows", default="1,2,4,8,16", help="frames in flight per client to try")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                         help="what the nodes compute in and send (default float32)")

@@ -251,8 +251,15 @@ class Membership:
         return {p: inc for p, (inc, age_ms) in report.hears.items() if age_ms + since_ms < limit_ms}
 
     def hears_us(self, peer_id: str, now_s: float) -> bool:
+        """`_hears(peer)` holds us at our incarnation; without building the whole map (a node asks
+        this of every peer on every housekeeping pass)."""
         peer = self._peers.get(peer_id)
-        return peer is not None and self._hears(peer, now_s).get(self.self_id) == self.incarnation
+        report = None if peer is None else peer.report
+        if report is None:
+            return False
+        entry = report.hears.get(self.self_id)
+        return (entry is not None and entry[0] == self.incarnation
+                and entry[1] + (now_s - report.received_s) * 1000.0 < self.peer_timeout_s * 1000.0)
 
     def connected(self, now_s: float) -> FrozenSet[str]:
         """Peers we can compute frames with: alive, hearing us, ready, and taking our sends."""

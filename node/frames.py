@@ -118,6 +118,17 @@ def merge_degraded(into: Dict[int, Tuple[int, int]], entries: Iterable[Tuple[int
             into[stage] = (old_mask | mask, max(old_zero, zero))
 
 
+def answer_body(logits: np.ndarray, latency_ms: float, compute_ms: float) -> Dict[str, Any]:
+    """A client's answer from a frame's logits: the top-1 per image, the top 5 with their
+    probabilities (a softmax over the flattened logits), and the times."""
+    flat = logits.reshape(logits.shape[0], -1)
+    shifted = np.exp(flat - flat.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    top5 = [[[int(c), float(p[c])] for c in np.argsort(-p)[:5]] for p in probs]
+    return {"prediction": [int(i) for i in flat.argmax(axis=1)], "top5": top5, "latency_ms": latency_ms,
+            "compute_ms": compute_ms}
+
+
 class FrameBook:
     def __init__(self, self_id: str, node_ids: Sequence[str], stage_names: Sequence[str],
                  stage_neurons: Sequence[int], *, frame_timeout_s: float,
@@ -224,6 +235,21 @@ class FrameBook:
             return f
         return None
 
+    def take_work(self) -> Optional[Tuple[Frame, Any, Any]]:
+        """The oldest ready work, now at the engine: (frame, its input or None, its gather result
+        or None). The book lets go of what the engine now holds: a peer's input (a local frame's
+        is kept until answered, to run again after a stall) and the gather result."""
+        f = self.next_work()
+        if f is None:
+            return None
+        if f.gathered is not None:
+            gathered, f.gathered = f.gathered, None
+            return f, None, gathered
+        x = f.input
+        if not f.local:
+            f.input = None
+        return f, x, None
+
     def on_slice(self, frame: int, stage: int, zero_before: Optional[int]) -> Optional[Frame]:
         """The engine computed its slice of `stage`; `zero_before` is what it zero-filled at stage - 1."""
         f = self.frames.get(frame)
@@ -276,15 +302,20 @@ class FrameBook:
         """The devices whose rows a gather of `f` lacks: not counted on, or given up on."""
         return sorted((set(self.node_ids) - f.participants) | f.excluded | set(released), key=self.device_of.get)
 
-    def on_done(self, frame: int, logits: Any, zero: Mapping[int, int], compute_ms: float, now_s: float,
-                answer_fn) -> Optional[Frame]:
-        """The engine finished the frame. A local frame gets `answer_fn(frame)` as its answer; a
-        peer's frame is forgotten."""
+    def on_done(self, frame: int, logits: Any, zero: Mapping[int, int], compute_ms: float,
+                now_s: float) -> Optional[Frame]:
+        """The engine finished the frame. A local frame gets its answer (`answer_body` and the
+        degradation record); a peer's frame is forgotten."""
         f = self.frames.get(frame)
         if f is None or f.phase != Phase.RUNNING:
             return None
         for stage, count in zero.items():
             self._note_zero(f, stage, count)
+        if f.participants == frozenset({self.self_id}):
+            # It ran alone: every other device was missing at every stage.
+            mask = sum(1 << self.device_of[n] for n in self.missing_devices(f, ()))
+            for i in range(len(self.stage_names)):
+                f.degraded[i] = (mask, f.degraded.get(i, (0, 0))[1])
         if f.local:
             self._queued_bytes -= f.input_bytes
         f.logits, f.compute_ms, f.engine_state, f.input = logits, compute_ms, False, None
@@ -298,7 +329,8 @@ class FrameBook:
         if not f.local:
             self._forget(f)
             return f
-        f.answer = answer_fn(f)
+        f.answer = answer_body(f.logits, (now_s - f.received_s) * 1000.0, f.compute_ms)
+        f.answer.update(self.degradation(f))
         self.recent.append((f.answer["latency_ms"], f.answer["zero_filled_fraction"]))
         return f
 

@@ -1,8 +1,9 @@
 """The event handler: the mesh, the gathers, the clients. One process, one event loop, no torch.
 
 A thin shell: it moves messages between the mesh, the engine and the clients; what to do with
-frames is decided by node/frames.py, when to stop waiting for a peer by mesh/gather.py, who is
-alive and who takes part by mesh/membership.py.
+frames is decided by node/frames.py (the only writer of its frames), when to stop waiting for a
+peer by mesh/gather.py, who is alive and who takes part by mesh/membership.py, how much work the
+engine holds and when this node serves by node/serving.py.
 
 A frame's life:
   client → this node (`submit`): the input is checked against the plan (dtype, shape, batch)
@@ -54,6 +55,7 @@ from .config import NodeConfig, load_node_config, plan_message_bytes
 from .errors import NodeError
 from .frames import Frame, FrameBook
 from .metrics import METRICS_REFRESH_S, MetricsRecorder
+from .serving import EngineWindow, ServingState
 from .process import child_main, report_ready, report_status
 from .telemetry import Gpu, Power, rss_bytes
 
@@ -62,13 +64,13 @@ log = logging.getLogger("robustdice.handler")
 MAX_BATCH = 64                   # images per client request
 MAX_CLIENT_PER_PASS = 64         # client messages taken per loop pass (the mesh goes between)
 MAX_ENGINE_PER_PASS = 256
-# Work queued at the engine, in seconds of its compute (see Handler.engine_window).
-ENGINE_QUEUE_S = 0.005
-MAX_ENGINE_WINDOW = 32
 EVENT_HISTORY = 100
 ZERO_LOG = 4000
 TELEMETRY_REFRESH_S = 1.0        # process-tree RSS and power are read at most this often
-HOUSEKEEPING_S = 0.01            # start-up, engine health, expiry and the status line: this often
+# Start-up, engine health, expiry, pruning and the status line: this often. Nothing there needs
+# the millisecond (frame and stall timeouts are tenths of seconds and more), and under load the
+# loop wakes for every message: at 10 ms housekeeping took a fifth of the handler's CPU (Lite0).
+HOUSEKEEPING_S = 0.025
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
@@ -113,22 +115,11 @@ class Handler:
         # the sequence starts at the wall clock in ms, above what an earlier incarnation used
         # unless it averaged over 1000 frames a second. (It wraps every 2^40 ms, 34.8 years.)
         self.sequence = itertools.count(int(time.time() * 1000))
-        # The start-up grace counts from the engine's first READY: until then the heartbeats tell the
-        # peers not to count on this node, so no peer could have answered "I hear you, ready".
-        # (Counted from construction, a slow engine start used the whole grace up, and frames
-        # queued by clients ran on this node alone.)
-        self.ready_since_s: Optional[float] = None
-        self.serving = False
-        self.refusal = ""            # why every peer refuses us (set while that holds)
-        self.engine_outstanding = 0
-        self.engine_quiet_since_s = time.monotonic()
-        self.engine_ready = False
-        self.engine_max_item_s = 0.0
-        self.engine_item_s = 0.001      # running mean of the engine's time per work item
-        self.engine_busy_s = 0.0        # the engine's compute time, all items together
+        # Decisions live in pure books (serving.py); this class carries values to and from sockets.
+        self.serving_state = ServingState(config.startup_grace_s)
+        self.engine_window = EngineWindow(config.engine_stall_s, time.monotonic())
         self.engine_telemetry: Dict[str, object] = {"device": config.compute, "dtype": config.dtype}
         self.stalled_from_s: Optional[float] = None
-        self.awaiting_since_s = float("-inf")   # when serving stopped to hear the peers again (a stall)
         self._pruned_by: Dict[str, object] = {}   # origin -> the heartbeat report last pruned by
         self.power = Power()
         self._telemetry: Tuple[float, Dict[str, int], Optional[float], Dict[str, object]] = (float("-inf"), {}, None, {})
@@ -226,9 +217,7 @@ class Handler:
         Called from within the mesh's pass, before this pass reads the clients: no frame starts
         on the peers' stale reports from here on (see `_after_stall`)."""
         self.stalled_from_s = start_s
-        # Also when not serving yet: the start-up grace counts again from here, or a node stalled
-        # during its start-up would serve at once on the peers' stale reports.
-        self.serving, self.awaiting_since_s = False, end_s
+        self.serving_state.stalled(end_s)
 
     def _after_stall(self, stalled_from: float, now: float) -> None:
         """Back from a stall (a frozen board, a long pause): the peers released this node from every
@@ -248,42 +237,35 @@ class Handler:
         chosen = self.mesh.membership.participants(now)
         return [n for n in self.node_ids if n in chosen]
 
-    def _check_serving(self, now: float) -> None:
+    @property
+    def serving(self) -> bool:
+        return self.serving_state.serving
+
+    @property
+    def refusal(self) -> str:
+        return self.serving_state.refusal
+
+    def _check_serving(self, now: float, connected) -> None:
         m = self.mesh.membership
-        states = {p: m.state(p) for p in self.mesh.peer_ids}
-        refusing = [p for p, s in states.items() if s == PeerState.REFUSED]
-        if refusing and not any(s in (PeerState.ALIVE, PeerState.UNREACHABLE) for s in states.values()):
-            why = sorted({m.refusal(p) for p in refusing})
-            refusal = f"refused by every peer that answers ({', '.join(refusing)}): {'; '.join(why)}"
-        else:
-            refusal = ""
-        if refusal != self.refusal:
-            self.refusal = refusal
-            if refusal:
-                log.error("%s; answering clients with this error", refusal)
+        states = {p: m.state(p).value for p in self.mesh.peer_ids}
+        refusals = {p: m.refusal(p) for p, s in states.items() if s == PeerState.REFUSED.value}
+        change = self.serving_state.update(now, states, connected, refusals)
+        if change.refusal_changed:
+            if self.refusal:
+                log.error("%s; answering clients with this error", self.refusal)
             else:
                 log.info("no longer refused by every peer")
-        if not self.serving:
-            connected = m.connected(now)
-            settled = all(p in connected or s == PeerState.REFUSED for p, s in states.items())
-            graced = (self.ready_since_s is not None
-                      and now - max(self.ready_since_s, self.awaiting_since_s) >= self.config.startup_grace_s)
-            # Never before our own engine is ready (and has said so): a frame started earlier
-            # would reach peers whose latest report from us says "not ready", and they would
-            # release us from it as stalled (seen in loaded runs: a restarted node's first
-            # frames answered by 1-2 nodes).
-            if self.ready_since_s is not None and (settled or graced):
-                self.serving = True
-                log.info("serving clients: %s", "every peer heard" if settled else
-                         f"after {self.config.startup_grace_s * 1000:.0f} ms of start-up grace, without "
-                         f"{', '.join(p for p in states if p not in connected)}")
+        if change.serving_started:
+            log.info("serving clients: %s", "every peer heard" if change.settled else
+                     f"after {self.config.startup_grace_s * 1000:.0f} ms of start-up grace, without "
+                     f"{', '.join(change.unheard)}")
 
     # ------------------------------------------------------------ frames
     def _tend(self, now: float) -> None:
         if now >= self._next_housekeeping_s:
             self._next_housekeeping_s = now + HOUSEKEEPING_S
             self._housekeeping(now)
-        if self.engine_ready:
+        if self.engine_window.ready:
             self._dispatch(now)
         for f in self.book.take_answers():
             self._answer(f)
@@ -291,7 +273,8 @@ class Handler:
     def _housekeeping(self, now: float) -> None:
         """What needs no answer within the millisecond: start-up, refusal, engine health, frame
         expiry, held frames, the status line."""
-        self._check_serving(now)
+        connected = self.mesh.membership.connected(now)   # once per pass: it reads every peer's report
+        self._check_serving(now, connected)
         self._check_engine(now)
         participants = tuple(self.participants_now(now))
         if participants != self._participants:
@@ -310,7 +293,7 @@ class Handler:
                     self.book.on_error(f.frame, self.refusal)
                     continue
                 self._start_local(f, now)
-        self._report_status()
+        self._report_status(len(connected))
         if self.metrics_server is not None and now >= self._next_metrics_s:
             # A new immutable snapshot for the metrics thread; scrapes never read the live state.
             self._next_metrics_s = now + METRICS_REFRESH_S
@@ -339,37 +322,23 @@ class Handler:
             self.mesh.broadcast(wire.Input(f.frame, self.me.id, f.input, {}, participants=tuple(participants),
                                            t_ms=f.t_ms), to=others)
 
-    def engine_window(self) -> int:
-        """Work items kept at the engine: about ENGINE_QUEUE_S of work, at least 2 (one computing,
-        one behind it), so that the engine never waits for this loop, yet a frame that becomes
-        ready waits behind little older work."""
-        return max(2, min(MAX_ENGINE_WINDOW, int(ENGINE_QUEUE_S / max(self.engine_item_s, 1e-5))))
-
     def _dispatch(self, now: float) -> None:
         """Send the engine the oldest ready work, as many items as its window allows, in one message."""
         items = []
-        window = self.engine_window()
-        # At most half the window per message, so that the engine always has a message behind
-        # the one it computes and never waits for this loop to hand it more.
-        room = min(window - self.engine_outstanding, max(1, window // 2))
+        room = self.engine_window.room()
         while len(items) < room:
-            f = self.book.next_work()
-            if f is None:
+            work = self.book.take_work()
+            if work is None:
                 break
-            if f.gathered is None:
+            f, x, gathered = work
+            if gathered is None:
                 alone = f.participants == frozenset({self.me.id})
-                items.append(({"kind": ipc.INPUT, "frame": f.frame, "alone": alone, **ipc.describe(f.input)},
-                              [f.input]))
-                if not f.local:
-                    f.input = None   # the engine has it now; a local frame keeps it to run again after a stall
+                items.append(({"kind": ipc.INPUT, "frame": f.frame, "alone": alone, **ipc.describe(x)}, [x]))
             else:
-                items.append(self._gathered_item(f, f.gathered))
-                f.gathered = None
+                items.append(self._gathered_item(f, gathered))
         if not items:
             return
-        if self.engine_outstanding == 0:
-            self.engine_quiet_since_s = now
-        self.engine_outstanding += len(items)
+        self.engine_window.sent(len(items), now)
         send_parts(self.engine, ipc.pack(ipc.WORK, items))
 
     def _gathered_item(self, f: Frame, result: GatherResult) -> ipc.Item:
@@ -399,19 +368,18 @@ class Handler:
 
     def _check_engine(self, now: float) -> None:
         """A live handler in front of a hung engine must not be counted on by the peers."""
-        limit = max(self.config.engine_stall_s, 20 * self.engine_max_item_s)
-        stalled = self.engine_outstanding > 0 and now - self.engine_quiet_since_s > limit
-        ready = self.engine_ready and not stalled
+        stalled = self.engine_window.stalled(now)
+        ready = self.engine_window.ready and not stalled
         if ready != self.mesh.ready:
             self.mesh.ready = ready
             if stalled:
                 log.warning("engine stalled: no answer for %.0f ms with work pending; peers will not count on "
-                            "this node", (now - self.engine_quiet_since_s) * 1000)
+                            "this node", (now - self.engine_window.quiet_since_s) * 1000)
                 self.counters["engine_stalls"] += 1
             elif self.counters["engine_stalls"]:
                 log.warning("engine answers again")
             else:   # its first READY: not news worth a warning
-                self.ready_since_s = now
+                self.serving_state.engine_ready(now)
                 log.info("engine ready: peers count on this node")
 
     # ------------------------------------------------------------ peers
@@ -487,11 +455,10 @@ class Handler:
                 return
             kind, items = ipc.unpack(parts)
             if kind == ipc.READY:
-                self.engine_ready = True
+                self.engine_window.ready = True
                 continue
-            self.engine_outstanding = max(0, self.engine_outstanding - sum(h.get("kind") != "telemetry"
-                                                                          for h, _ in items))
-            self.engine_quiet_since_s = now
+            self.engine_window.answered([h.get("ms", 0.0) / 1000.0 for h, _ in items if h.get("kind") != "telemetry"],
+                                        now)
             for header, bufs in items:
                 if header.get("kind") == "telemetry":   # rides along; not a work item
                     if "row_elements" in header:      # the first, right after READY
@@ -499,10 +466,6 @@ class Handler:
                     self.engine_telemetry = {k: v for k, v in header.items()
                                              if k not in ("kind", "n", "row_elements")}
                     continue
-                item_s = header.get("ms", 0.0) / 1000.0
-                self.engine_busy_s += item_s
-                self.engine_item_s += (item_s - self.engine_item_s) / 16   # a running mean
-                self.engine_max_item_s = max(self.engine_max_item_s, item_s)
                 kind = header.get("kind")
                 if kind == ipc.SLICE:
                     self._on_slice(header, bufs, now)
@@ -546,32 +509,13 @@ class Handler:
 
     def _on_done(self, header: dict, bufs, now: float) -> None:
         frame = header["frame"]
-        f = self.book.frames.get(frame)
-        if f is not None and f.participants == frozenset({self.me.id}):
-            # alone: every other device was missing at every stage
-            missing = self.book.missing_devices(f, ())
-            mask = sum(1 << self.node_ids.index(n) for n in missing)
-            for i in range(len(self.stage_names)):
-                f.degraded[i] = (mask, f.degraded.get(i, (0, 0))[1])
         logits = ipc.array(bufs[0], header["dtype"], header["shape"]).copy()
         zero = {int(k): int(v) for k, v in header.get("zero", {}).items()}
         self.zero_log.extend((frame, stage, n) for stage, n in zero.items() if n)
-        f = self.book.on_done(frame, logits, zero, float(header.get("compute_ms", 0.0)), now,
-                              lambda f: self._answer_body(f, now))
+        f = self.book.on_done(frame, logits, zero, float(header.get("compute_ms", 0.0)), now)
         if f is not None and f.logits is None:
             self.ratelog.log("not_finite", logging.WARNING, now, "frame %d: %s", frame,
                              (f.answer or {}).get("error", "logits not finite"))
-
-    def _answer_body(self, f: Frame, now: float) -> dict:
-        logits = f.logits
-        flat = logits.reshape(logits.shape[0], -1)
-        shifted = np.exp(flat - flat.max(axis=1, keepdims=True))
-        probs = shifted / shifted.sum(axis=1, keepdims=True)
-        top5 = [[[int(c), float(p[c])] for c in np.argsort(-p)[:5]] for p in probs]
-        body = {"prediction": [int(i) for i in flat.argmax(axis=1)], "top5": top5,
-                "latency_ms": (now - f.received_s) * 1000.0, "compute_ms": f.compute_ms}
-        body.update(self.book.degradation(f))
-        return body
 
     def _answer(self, f: Frame) -> None:
         self.metrics.on_answer(f.answer)
@@ -638,17 +582,17 @@ class Handler:
             self.counters["client_reply_dropped"] += 1
 
     # ------------------------------------------------------------ status
-    def _report_status(self) -> None:
+    def _report_status(self, connected: int) -> None:
         """One line for systemd (sd_notify STATUS via the supervisor) whenever it changes."""
         if self.refusal:
             line = f"REFUSED: {self.refusal}"
         elif not self.serving:
-            line = ("back from a stall: waiting to hear the peers again" if self.awaiting_since_s > float("-inf")
+            line = ("back from a stall: waiting to hear the peers again"
+                    if self.serving_state.awaiting_since_s > float("-inf")
                     else "starting: waiting to hear the peers")
         else:
-            m = self.mesh.membership
             line = (f"serving device {self.device} of plan {self.plan.plan_hash[:12]}; "
-                    f"{len(m.connected(time.monotonic()))} of {len(self.mesh.peer_ids)} peers connected")
+                    f"{connected} of {len(self.mesh.peer_ids)} peers connected")
         if line != self.status_line:
             self.status_line = line
             report_status(line)
@@ -678,7 +622,7 @@ class Handler:
             "node": self.me.id, "device": self.device, "incarnation": self.mesh.incarnation,
             "plan_hash": self.plan.plan_hash, "model": self.plan.model, "method": self.plan.method,
             "serving": self.serving, "refused": self.refusal or None, "engine_ready": self.mesh.ready,
-            "engine_busy_ms": self.engine_busy_s * 1000.0, "engine": dict(self.engine_telemetry), "gpu": gpu,
+            "engine_busy_ms": self.engine_window.busy_s * 1000.0, "engine": dict(self.engine_telemetry), "gpu": gpu,
             "members": mesh["peers"], "counters": counters,
             "participants": self.participants_now(now),
             **self.book.stats(),

@@ -45,7 +45,7 @@ def test_the_start_up_grace_counts_from_the_engines_first_ready(digits_plan, tmp
             # The engine is still loading for longer than the whole grace: no peer can count on
             # this node yet, so it must not serve.
             run_for(lambda: handler.step(time.monotonic()), 1.5 * grace_s)
-            assert not handler.serving and not handler.engine_ready
+            assert not handler.serving and not handler.engine_window.ready
 
             engine.connect(endpoint)
             engine.send(ipc.READY)

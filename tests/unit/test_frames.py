@@ -3,6 +3,7 @@ of what computed each answer. Pure: the clock is an argument; arrays are stand-i
 import collections
 import itertools
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -41,8 +42,7 @@ def peer(b, origin, seq, t_ms=None, nbytes=100, now_s=0.0, report=None, particip
                         now_s, report)
 
 
-def answer_fn(f):
-    return {"latency_ms": 1.0, "zero_filled_fraction": 0.0, "frame": f.frame}
+LOGITS = np.array([[0.5, 3.0, -1.0, 0.25, 2.0, 0.0]], dtype=np.float32)
 
 
 def gathering(b, stage, participants=ALL):
@@ -57,7 +57,7 @@ def run_to_done(b, frame, now_s=1.0):
     """Take `frame` as the next work and finish it (it must be the oldest ready)."""
     f = b.next_work()
     assert f.frame == frame
-    return b.on_done(frame, "logits", {}, 3.0, now_s, answer_fn)
+    return b.on_done(frame, LOGITS, {}, 3.0, now_s)
 
 
 # ---------------------------------------------------------------- admission
@@ -106,7 +106,7 @@ def test_a_local_input_counts_until_its_frame_is_answered(ending):
     b.next_work()
     assert peer(b, "n1", 0, nbytes=1) == fr.DROP_OVERFLOW
     if ending == "done":
-        b.on_done(frame, "logits", {}, 1.0, 1.0, answer_fn)
+        b.on_done(frame, LOGITS, {}, 1.0, 1.0)
     else:
         b.on_error(frame, "engine: boom")
     assert peer(b, "n1", 1, nbytes=1000) is None
@@ -312,7 +312,10 @@ def test_local_frame_done_is_answered_and_peer_frame_forgotten():
     mine = local(b, 0, t_ms=0)
     peer(b, "n1", 0, t_ms=1)
     f = run_to_done(b, mine)
-    assert (f.phase, f.answer["frame"], f.input, f.engine_state) == (Phase.DONE, mine, None, False)
+    assert (f.phase, f.answer["prediction"], f.input, f.engine_state) == (Phase.DONE, [1], None, False)
+    assert f.answer["latency_ms"] == 1000.0 and f.answer["compute_ms"] == 3.0   # received at 0 s, done at 1 s
+    assert [c for c, _ in f.answer["top5"][0]] == [1, 4, 0, 3, 5]
+    assert 0.95 < sum(p for _, p in f.answer["top5"][0]) < 1.0   # a softmax: the sixth class holds the rest
     g = run_to_done(b, fid("n1", 0))
     assert g.phase == Phase.DONE and fid("n1", 0) not in b.frames
     assert b.counters["frames_done"] == 2 and b.progress() == {}
@@ -321,7 +324,7 @@ def test_local_frame_done_is_answered_and_peer_frame_forgotten():
 def test_done_for_a_frame_not_running_is_ignored():
     b = book()
     frame = local(b, 0)
-    assert b.on_done(frame, "l", {}, 1.0, 1.0, answer_fn) is None
+    assert b.on_done(frame, LOGITS, {}, 1.0, 1.0) is None
     assert b.frames[frame].phase == Phase.QUEUED
 
 
@@ -428,7 +431,7 @@ def test_expired_frame_ignores_the_engines_late_results():
     b.next_work()
     b.expire(10.0)
     assert b.on_slice(frame, 0, None) is None
-    assert b.on_done(frame, "l", {}, 1.0, 10.0, answer_fn) is None
+    assert b.on_done(frame, LOGITS, {}, 1.0, 10.0) is None
     assert "expired" in b.frames[frame].answer["error"]
 
 
@@ -436,7 +439,7 @@ def test_done_frames_do_not_expire():
     b = book()
     frame = local(b, 0)
     run_to_done(b, frame)
-    assert b.expire(100.0) == [] and b.frames[frame].answer["frame"] == frame
+    assert b.expire(100.0) == [] and b.frames[frame].answer["prediction"] == [1]
 
 
 def test_prune_origin_expires_the_frames_it_finished():
@@ -495,6 +498,15 @@ def test_progress_lists_held_work_only():
     assert b.progress() == {gathering: 3, fid("n1", 0): 0}
 
 
+def test_a_frame_that_ran_alone_is_answered_as_missing_every_other_device_at_every_stage():
+    b = book()
+    frame = local(b, 0, participants={"n0"})
+    f = run_to_done(b, frame)
+    assert f.answer["participants"] == ["n0"] and f.answer["degraded"]
+    assert all(nodes == ["n1", "n2"] for nodes in f.answer["failed_by_stage"].values())
+    assert len(f.answer["failed_by_stage"]) == len(b.stage_names)
+
+
 def test_stats_count_frames_and_latency():
     b = book()
     frame = local(b, 0)
@@ -502,7 +514,7 @@ def test_stats_count_frames_and_latency():
     local(b, 1)
     s = b.stats()
     assert (s["frames_done"], s["frames_in_flight"], s["frames_queued"]) == (1, 1, 1)
-    assert s["latency_ms_p50"] == 1.0 and s["zero_filled_fraction"] == 0.0
+    assert s["latency_ms_p50"] == 1000.0 and s["zero_filled_fraction"] == 0.0
 
 
 # ---------------------------------------------------------------- degradation
@@ -588,18 +600,19 @@ def apply_event(b, event, now, pick, sequence):
             None, fr.DROP_REPLAY, fr.DROP_FINISHED, fr.DROP_OVERFLOW)
     elif kind == "work":
         ready = [f.key for f in b.frames.values() if f.phase in fr.READY_PHASES]
-        f = b.next_work()
-        assert (f is None) == (not ready) and (f is None or f.key == min(ready))  # oldest first
-        if f is not None and not f.local:
-            f.input = None   # as the handler does: the engine has it; a local frame keeps its own
+        work = b.take_work()
+        assert (work is None) == (not ready) and (work is None or work[0].key == min(ready))  # oldest first
+        if work is not None:
+            f, x, gathered = work
+            assert (x is None) != (gathered is None)
+            assert f.gathered is None and (f.input is None) == (not f.local)  # the engine holds them now
     elif kind == "slice" and in_phase(Phase.RUNNING):
         b.on_slice(pick(in_phase(Phase.RUNNING)).frame, event[1], event[2])
     elif kind == "gathered" and in_phase(Phase.GATHERING):
         f = pick(in_phase(Phase.GATHERING))
         b.on_gathered(f.frame, f.stage, b.missing_devices(f, ["n2"]), [(0, 0b10, 1)], "result")
     elif kind == "done" and in_phase(Phase.RUNNING):
-        b.on_done(pick(in_phase(Phase.RUNNING)).frame, "logits", {2: 1}, 1.0, now,
-                  lambda f: {"latency_ms": 1.0, **b.degradation(f)})
+        b.on_done(pick(in_phase(Phase.RUNNING)).frame, LOGITS, {2: 1}, 1.0, now)
     elif kind == "error" and b.frames:
         b.on_error(pick(list(b.frames.values())).frame, "engine: boom")
     elif kind == "prune":
