@@ -24,10 +24,10 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the JSON object as the last line")
     args = parser.parse_args()
     from robustdice.node.client import NodeClient
-    from robustdice.node.cluster import LocalCluster
+    from robustdice.node.lab.cluster import LocalCluster
     from robustdice.partitioner.data import evaluation_split
     from robustdice.partitioner.partition import PartitionRequest, partition
-    import robustdice.node.cluster as code
+    import robustdice.node.lab.cluster as code
 
     images = evaluation_split("digits_cnn")[0].numpy().astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="rd-pre-") as tmp:

@@ -1,4 +1,4 @@
-"""Chaos on a real network: 4 nodes in 4 network namespaces (node/netlab.py), one fault at a
+"""Chaos on a real network: 4 nodes in 4 network namespaces (node/lab/netlab.py), one fault at a
 time, and what it costs the frames of a camera-like stream (issue 10).
 
     python benchmarks/chaos.py --json [--scenarios stop,stallorigin,linkdown,split,loss,cut,oneway,restart,refused]
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robustdice.node.phases import divergent_answers, silent_divergence
+from robustdice.node.lab.phases import divergent_answers, silent_divergence
 from robustdice.partitioner.runtime import Cluster
 
 from _results import write_result
@@ -63,8 +63,8 @@ def events_of(views, kinds, peer=None, after=0.0):
 
 def run_scenario(name, plan, other_plan, images, expected, args):
     from robustdice.node.client import CameraStream
-    from robustdice.node.localcluster import LocalCluster
-    from robustdice.node.netlab import NetnsLab
+    from robustdice.node.lab.localcluster import LocalCluster
+    from robustdice.node.lab.netlab import NetnsLab
 
     lab = NetnsLab(4)
     with lab, LocalCluster(plan, hosts=lab.hosts, prefix=lab.prefix, log_level="WARNING") as cluster:
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-seconds", type=float, default=60.0, help="length of the loss scenario (default 60)")
     parser.add_argument("--cut-seconds", type=float, default=14.0, help="length of the cut (default 14)")
     args = parser.parse_args(argv)
-    from robustdice.node.netlab import NetnsLab
+    from robustdice.node.lab.netlab import NetnsLab
     from robustdice.partitioner.data import evaluation_split
     from robustdice.partitioner.partition import PartitionRequest, partition
 

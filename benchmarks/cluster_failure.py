@@ -90,9 +90,9 @@ def main(argv=None) -> int:
         return 0
 
     from robustdice.node.client import NodeClient
-    from robustdice.node.faults import Fault
-    from robustdice.node.localcluster import LocalCluster
-    from robustdice.node.streaming import stream
+    from robustdice.node.lab.faults import Fault
+    from robustdice.node.lab.localcluster import LocalCluster
+    from robustdice.node.lab.streaming import stream
     from robustdice.partitioner.data import calibration_batch
     from robustdice.partitioner.partition import DEFAULT_SCORES, PartitionRequest, partition
 

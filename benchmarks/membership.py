@@ -37,7 +37,7 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from robustdice.partitioner.cli import positive_int
+from robustdice.partitioner.argtypes import positive_int
 from robustdice.partitioner.cluster import cluster_neurons, normalise_scores, replicate_and_deal
 from robustdice.partitioner.data import calibration_batch
 from robustdice.partitioner.evaluate import evaluate_plan

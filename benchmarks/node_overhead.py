@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     import torch
 
     from robustdice.node.client import NodeClient
-    from robustdice.node.localcluster import LocalCluster
+    from robustdice.node.lab.localcluster import LocalCluster
     from robustdice.partitioner.data import calibration_batch
     from robustdice.partitioner.models import build_model
     from robustdice.partitioner.partition import PartitionRequest, partition

@@ -42,7 +42,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from robustdice.partitioner.cli import positive_int
+from robustdice.partitioner.argtypes import positive_int
 from robustdice.partitioner.data import calibration_batch
 from robustdice.partitioner.dse import plot_pareto, point
 from robustdice.partitioner.evaluate import evaluate_plan

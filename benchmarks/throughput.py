@@ -133,7 +133,7 @@ def plain_forward(model: str, weights: str):
 
 
 def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float32") -> dict:
-    from robustdice.node.localcluster import LocalCluster
+    from robustdice.node.lab.localcluster import LocalCluster
     from robustdice.partitioner.partition import PartitionRequest, partition
 
     kwargs = PARTITION_KWARGS.get(model, {"weights": "none", "scores": ("s1",)})

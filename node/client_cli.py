@@ -1,4 +1,4 @@
-"""Client subcommands: `submit`, `status` (and `cluster`, in cluster.py)."""
+"""Client subcommands: `submit`, `status` (and `cluster`, in lab/cluster.py)."""
 from __future__ import annotations
 
 import json
@@ -26,7 +26,7 @@ def register(sub) -> None:
     t.add_argument("--json", action="store_true", help="print one JSON list of every node's view")
     t.set_defaults(func=cmd_status)
 
-    from . import cluster
+    from .lab import cluster
     cluster.register(sub)
 
 

@@ -134,7 +134,7 @@ class Child:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `robustdice-node` command line (built without starting anything, for --help tests)."""
-    from robustdice.partitioner.cli import positive_int
+    from robustdice.partitioner.argtypes import positive_int
     p = argparse.ArgumentParser(prog="robustdice-node", description="Run one RobustDiCE node (handler + engine).")
     p.add_argument("--peers", required=True, help="peers.yaml, the same file on every board")
     p.add_argument("--id", help="this node's id (default: the peer whose host is one of this machine's addresses)")

@@ -5,31 +5,11 @@ when a subcommand runs, so that `robustdice --help` and the mesh's commands star
 """
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+from .argtypes import nonnegative, positive_int
 
 
 def register(sub) -> None:
@@ -56,12 +36,12 @@ def register(sub) -> None:
                         "uniform: what --budget-mb or --replication buys, spread evenly over the layers "
                         "and given to neurons drawn at random (default robust)")
     t = p.add_mutually_exclusive_group()
-    t.add_argument("--threshold", type=_threshold, help="one clustering threshold t for every layer (default 0.1)")
+    t.add_argument("--threshold", type=nonnegative, help="one clustering threshold t for every layer (default 0.1)")
     t.add_argument("--thresholds", type=Path, help="YAML mapping fx layer names (and 'default') to t")
-    t.add_argument("--replication", type=_threshold,
+    t.add_argument("--replication", type=nonnegative,
                    help="size the plan (per-layer thresholds; uniform: rows per layer) for this many neuron copies "
                         "per neuron, 1..N (default: off)")
-    t.add_argument("--budget-mb", type=_threshold,
+    t.add_argument("--budget-mb", type=nonnegative,
                    help="size the plan (per-layer thresholds; uniform: rows per layer) for this many MB (1e6 bytes) "
                         "of parameters per device "
                         "(default: off)")
@@ -126,7 +106,7 @@ def register(sub) -> None:
     f.add_argument("--plan", type=Path, required=True, help="plan folder whose failures to learn")
     f.add_argument("--out", type=Path, required=True, help="folder of the fine-tuned plan (and weights.pt)")
     f.add_argument("--epochs", type=positive_int, help="passes over the training split (default 40 digits, 4 fashion)")
-    f.add_argument("--lr", type=_threshold, help="AdamW learning rate (default 1e-3 digits, 5e-4 fashion)")
+    f.add_argument("--lr", type=nonnegative, help="AdamW learning rate (default 1e-3 digits, 5e-4 fashion)")
     f.add_argument("--fill", choices=("zero", "mean", "mean+bn"), help="fill rule of the new plan (default: the plan's)")
     f.add_argument("--seed", type=int, default=0, help="seed of the failure draws and batch order (default 0)")
     f.add_argument("--sign-key", type=Path, metavar="FILE", help="sign the new plan with this operator key "
@@ -181,7 +161,7 @@ def cmd_partition(args) -> int:
     )
     summary = partition(request)
     if args.sign_key is not None:
-        from .signing import sign_plan
+        from .plan import sign_plan
         summary["signature"] = str(sign_plan(args.out, args.sign_key))
     if args.json:
         print(json.dumps(summary))
@@ -198,7 +178,8 @@ def cmd_partition(args) -> int:
 
 def cmd_sign(args) -> int:
     from .errors import PartitionerError
-    from .signing import make_operator_key, sign_plan
+    from .plan import sign_plan
+    from .signing import make_operator_key
 
     if (args.new_key is None) == (args.plan is None):
         raise PartitionerError("give either --new-key DIR, or --plan DIR with --key FILE")
@@ -281,7 +262,7 @@ def cmd_finetune(args) -> int:
     summary = finetune(args.plan, args.out, epochs=args.epochs, lr=args.lr, seed=args.seed, fill=args.fill,
                        progress=not args.no_progress and not args.json and sys.stderr.isatty())
     if args.sign_key is not None:
-        from .signing import sign_plan
+        from .plan import sign_plan
         summary["signature"] = str(sign_plan(args.out, args.sign_key))
     if args.json:
         print(json.dumps(summary))

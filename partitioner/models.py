@@ -12,6 +12,7 @@ import socket
 import torch
 from torch import nn
 
+from .checkpoint import load_file, load_state, one_line
 from .compat import import_torchvision
 from .digits import INPUT_SHAPE as DIGITS_INPUT_SHAPE
 from .digits import DigitsCNN, shipped_state_dict
@@ -180,59 +181,11 @@ def _torchvision_default_state_dict(name):
         cache = os.path.join(torch.hub.get_dir(), "checkpoints")
         raise ModelError(
             f"could not fetch the pretrained {name} weights ({enum.url}) and they are not in "
-            f"torchvision's cache ({cache}): {_one_line(exc)}; "
+            f"torchvision's cache ({cache}): {one_line(exc)}; "
             "use --weights FILE or --weights none"
         ) from None
     finally:
         socket.setdefaulttimeout(previous)
-
-
-def _one_line(exc):
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def _load_file(path):
-    if not os.path.isfile(path):
-        raise ModelError(f"weights file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean "not a usable state_dict"
-        raise ModelError(f"cannot read weights file {path}: {_one_line(exc)}") from None
-    if isinstance(obj, dict):
-        # Training scripts commonly wrap the state_dict in a checkpoint dict.
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"weights file {path} holds no state_dict (a dict of tensors)")
-    return obj
-
-
-def _load_state(model, name, state, source):
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_first(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_first(unexpected)}")
-        raise ModelError(f"weights from {source} do not fit {name}: {'; '.join(parts)}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ModelError(
-                f"weights from {source} do not fit {name}: {key} has shape "
-                f"{tuple(tensor.shape)}, the model expects {tuple(expected[key].shape)}"
-            )
-    model.load_state_dict(state, strict=True)
-
-
-def _first(keys, n=3):
-    shown = ", ".join(keys[:n])
-    return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def build_model(name, weights="none", seed=0):
@@ -257,13 +210,13 @@ def build_model(name, weights="none", seed=0):
             state, source = shipped_state_dict(), "the shipped digits_cnn weights"
         elif name == "efficientnet_lite0":
             path = efficientnet_lite0_weights_path()
-            state, source = _load_file(path), path
+            state, source = load_file(path), path
         elif name == "fashion_vgg":
             from .fashion import shipped_state_dict as fashion_state_dict
             state, source = fashion_state_dict(), "the shipped fashion_vgg weights"
         else:
             state, source = _torchvision_default_state_dict(name), f"torchvision {name} DEFAULT"
     else:
-        state, source = _load_file(str(weights)), str(weights)
-    _load_state(model, name, state, source)
+        state, source = load_file(str(weights)), str(weights)
+    load_state(model, name, state, source)
     return model.eval()

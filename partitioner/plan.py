@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import PlanError
 from .inputs import InputSpec
+from .signing import SIGNATURE_FILE, signature_document, verify_document
 
 PLAN_FORMAT = "robustdice-plan"
 PLAN_VERSION = 3  # 2: the input specification; 3: the fill rule, parity rows on any device
@@ -345,13 +347,37 @@ def load_plan(path, operator_public_key: Optional[str] = None) -> Plan:
     except OSError as exc:
         raise PlanError(f"cannot read {file}: {exc.strerror}") from None
     if operator_public_key is not None:
-        from .signing import verify_plan_bytes
-        verify_plan_bytes(body, file.parent, operator_public_key)
+        signature = file.parent / SIGNATURE_FILE
+        try:
+            document = signature.read_text()
+        except FileNotFoundError:
+            raise PlanError(f"plan {file.parent} is not signed (no {SIGNATURE_FILE}): sign it with "
+                            f"`robustdice sign --plan {file.parent} --key operator.key_secret`") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{signature} cannot be read: {exc}") from None
+        verify_document(body, document, operator_public_key, str(signature))
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PlanError(f"{file} is not valid JSON: {exc}") from None
     return plan_from_json(data)
+
+
+def sign_plan(directory, secret_key_file) -> Path:
+    """Sign DIR/plan.json's bytes with the operator key (signing.py); writes DIR/plan.sig. The
+    shards are covered through their digests in plan.json."""
+    file = plan_dir(Path(directory)) / PLAN_FILE
+    try:
+        body = file.read_bytes()
+    except OSError as exc:
+        raise PlanError(f"no plan to sign at {file}: {exc.strerror}") from None
+    document = signature_document(body, secret_key_file)
+    out = file.parent / SIGNATURE_FILE
+    # Written whole and renamed: a node starting meanwhile reads the old signature or the new one.
+    tmp = out.with_name(f".{SIGNATURE_FILE}.{os.getpid()}")
+    tmp.write_text(document)
+    os.replace(tmp, out)
+    return out
 
 
 def save_plan(plan: Plan, directory) -> Path:

@@ -101,28 +101,16 @@ def load_secret_key(path):
     return SigningKey(seed)
 
 
-def sign_plan(plan_directory, secret_key_file) -> Path:
-    """Sign DIR/plan.json's bytes with the operator key; writes DIR/plan.sig."""
-    from .plan import PLAN_FILE, plan_dir
-
+def signature_document(body: bytes, secret_key_file) -> str:
+    """plan.sig's text: the operator key's signature of `body` (plan.json's bytes)."""
     key = load_secret_key(secret_key_file)
-    directory = plan_dir(Path(plan_directory))
-    try:
-        body = (directory / PLAN_FILE).read_bytes()
-    except OSError as exc:
-        raise PlanError(f"no plan to sign at {directory / PLAN_FILE}: {exc.strerror}") from None
-    signature = key.sign(body).signature
-    out = directory / SIGNATURE_FILE
-    # Written whole and renamed: a node starting meanwhile reads the old signature or the new one.
-    tmp = out.with_name(f".{SIGNATURE_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps({"format": SIGNATURE_FORMAT, "version": SIGNATURE_VERSION,
-                               "public_key": _b64(bytes(key.verify_key)), "signature": _b64(signature)}) + "\n")
-    os.replace(tmp, out)
-    return out
+    return json.dumps({"format": SIGNATURE_FORMAT, "version": SIGNATURE_VERSION,
+                       "public_key": _b64(bytes(key.verify_key)), "signature": _b64(key.sign(body).signature)}) + "\n"
 
 
-def verify_plan_bytes(body: bytes, directory: Path, public_key: str) -> None:
-    """Raise PlanError unless DIR/plan.sig is `public_key`'s signature of `body` (plan.json's bytes)."""
+def verify_document(body: bytes, document: str, public_key: str, where: str) -> None:
+    """Raise PlanError unless `document` (plan.sig's text, read from `where`) is `public_key`'s
+    signature of `body`."""
     from nacl.exceptions import BadSignatureError
     from nacl.signing import VerifyKey
 
@@ -130,23 +118,19 @@ def verify_plan_bytes(body: bytes, directory: Path, public_key: str) -> None:
         verify_key = VerifyKey(decode_public_key(public_key))
     except ValueError as exc:
         raise PlanError(str(exc)) from None
-    file = Path(directory) / SIGNATURE_FILE
     try:
-        data = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"plan {directory} is not signed (no {SIGNATURE_FILE}): sign it with "
-                        f"`robustdice sign --plan {directory} --key operator.key_secret`") from None
-    except (OSError, ValueError) as exc:
-        raise PlanError(f"{file} cannot be read: {exc}") from None
+        data = json.loads(document)
+    except ValueError as exc:
+        raise PlanError(f"{where} cannot be read: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != SIGNATURE_FORMAT:
-        raise PlanError(f"{file} is not a plan signature")
+        raise PlanError(f"{where} is not a plan signature")
     try:
         signature = base64.b64decode(str(data.get("signature", "")), validate=True)
     except (binascii.Error, ValueError):
-        raise PlanError(f"{file}: field signature is not base64") from None
+        raise PlanError(f"{where}: field signature is not base64") from None
     try:
         verify_key.verify(body, signature)
     except (BadSignatureError, ValueError):
         signer = str(data.get("public_key", "?"))[:12]
-        raise PlanError(f"plan {directory}: its signature does not verify with operator_public_key "
+        raise PlanError(f"{where}: the plan's signature does not verify with operator_public_key "
                         f"{public_key[:12]}… (signed by {signer}…, or plan.json was changed after signing)") from None

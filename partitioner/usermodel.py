@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import architecture
+from .checkpoint import load_file, load_state
 from .errors import ModelError, PartitionerError, PlanError
 from .inputs import InputSpec
 
@@ -61,7 +62,6 @@ def load_factory(path: str):
 
 def build(path: str, weights: Any = "DEFAULT", seed: int = 0) -> architecture.StoredModel:
     """The user's model as the boards will run it: traced, stored, rebuilt, weights loaded."""
-    from .models import _load_file, _load_state  # models dispatches here: imported late
 
     factory = load_factory(path)
     torch.manual_seed(seed)
@@ -72,7 +72,7 @@ def build(path: str, weights: Any = "DEFAULT", seed: int = 0) -> architecture.St
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {path}: the factory returned a {type(model).__name__}, not an nn.Module")
     if weights is not None and str(weights) not in ("DEFAULT", "none", "None"):
-        _load_state(model, path, _load_file(str(weights)), str(weights))
+        load_state(model, path, load_file(str(weights)), str(weights))
     traced = architecture.trace(model, f"model {path}")
     rebuilt = architecture.build(architecture.encode(traced))
     rebuilt.load_state_dict(traced.state_dict(), strict=True)

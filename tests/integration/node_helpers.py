@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import psutil
 
-from robustdice.node.localcluster import LocalCluster
+from robustdice.node.lab.localcluster import LocalCluster
 
 # The machine is shared and has 2 cores: generous deadlines, never sleeps used as synchronisation.
 START_TIMEOUT_S = 120.0

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import node_helpers as nh  # noqa: E402
 
 from robustdice.node.client import NodeClient, closed_loop  # noqa: E402
-from robustdice.node.localcluster import LocalCluster  # noqa: E402
-from robustdice.node.phases import counted_from  # noqa: E402
+from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
+from robustdice.node.lab.phases import counted_from  # noqa: E402
 from robustdice.partitioner.data import evaluation_split  # noqa: E402
 from robustdice.partitioner.evaluate import predictions  # noqa: E402
 

@@ -35,7 +35,7 @@ import node_helpers as nh  # noqa: E402
 
 from robustdice.mesh.config import load_peers  # noqa: E402
 from robustdice.node.client import NodeClient, status_all  # noqa: E402
-from robustdice.node.localcluster import LocalCluster  # noqa: E402
+from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
 from robustdice.partitioner.data import evaluation_split  # noqa: E402
 from robustdice.partitioner.models import build_model  # noqa: E402
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import node_helpers as nh  # noqa: E402
 
 from robustdice.node.client import NodeClient  # noqa: E402
-from robustdice.node.localcluster import LocalCluster  # noqa: E402
+from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
 from robustdice.partitioner.data import evaluation_split  # noqa: E402
 from robustdice.partitioner.runtime import Cluster  # noqa: E402
 

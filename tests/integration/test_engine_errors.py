@@ -106,7 +106,7 @@ def test_the_node_answers_an_engine_failure_with_its_error_and_goes_on(digits_pl
     from robustdice.node.client import NodeClient
     from robustdice.node.config import load_node_config
     from robustdice.node.handler import Handler
-    from robustdice.node.localcluster import LocalCluster
+    from robustdice.node.lab.localcluster import LocalCluster
 
     engine = Engine(str(digits_plan), DEVICE)
     start = engine.runtime.start

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from robustdice.node.client import NodeClient
-from robustdice.node.localcluster import LocalCluster
+from robustdice.node.lab.localcluster import LocalCluster
 from robustdice.partitioner.data import evaluation_split
 from robustdice.partitioner.runtime import Cluster
 

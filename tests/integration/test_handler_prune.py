@@ -16,7 +16,7 @@ from robustdice.mesh.gather import FINISHED  # noqa: E402
 from robustdice.node.config import load_node_config  # noqa: E402
 from robustdice.node.frames import MAX_FRAMES_PER_ORIGIN  # noqa: E402
 from robustdice.node.handler import Handler  # noqa: E402
-from robustdice.node.localcluster import LocalCluster  # noqa: E402
+from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(60)]
 

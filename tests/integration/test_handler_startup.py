@@ -17,7 +17,7 @@ import node_helpers as nh  # noqa: E402
 from robustdice.node import ipc  # noqa: E402
 from robustdice.node.config import load_node_config  # noqa: E402
 from robustdice.node.handler import Handler  # noqa: E402
-from robustdice.node.localcluster import LocalCluster  # noqa: E402
+from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(60)]
 

@@ -1,5 +1,5 @@
 """Membership and frames across a real network (issue 10): 4 nodes in 4 network namespaces
-joined by a bridge (node/netlab.py), a camera streaming to n0, and one fault per test.
+joined by a bridge (node/lab/netlab.py), a camera streaming to n0, and one fault per test.
 benchmarks/chaos.py runs the long ones (60 s of loss, a 14 s cut) and prints the table."""
 import sys
 import time
@@ -13,9 +13,9 @@ import node_helpers as nh  # noqa: E402
 
 from robustdice.node.client import CameraStream  # noqa: E402
 from robustdice.node.client_cli import partition_of  # noqa: E402
-from robustdice.node.localcluster import LocalCluster  # noqa: E402
-from robustdice.node.netlab import NetnsLab  # noqa: E402
-from robustdice.node.phases import divergent_answers, silent_divergence  # noqa: E402
+from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
+from robustdice.node.lab.netlab import NetnsLab  # noqa: E402
+from robustdice.node.lab.phases import divergent_answers, silent_divergence  # noqa: E402
 from robustdice.partitioner.data import evaluation_split  # noqa: E402
 
 WHY = NetnsLab.unavailable()

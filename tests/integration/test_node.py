@@ -24,7 +24,7 @@ import node_helpers as nh  # noqa: E402
 
 from robustdice.mesh import wire  # noqa: E402
 from robustdice.node.client import NodeClient  # noqa: E402
-from robustdice.node.localcluster import LocalCluster  # noqa: E402
+from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
 from robustdice.partitioner.evaluate import predictions  # noqa: E402
 from robustdice.partitioner.models import build_model, input_shape  # noqa: E402
 from robustdice.partitioner.plan import load_plan  # noqa: E402

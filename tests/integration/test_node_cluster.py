@@ -12,9 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import node_helpers as nh  # noqa: E402
 
-from robustdice.node.faults import parse_faults  # noqa: E402
-from robustdice.node.localcluster import LocalCluster  # noqa: E402
-from robustdice.node.streaming import stream  # noqa: E402
+from robustdice.node.lab.faults import parse_faults  # noqa: E402
+from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
+from robustdice.node.lab.streaming import stream  # noqa: E402
 from robustdice.partitioner.data import evaluation_split  # noqa: E402
 from robustdice.partitioner.evaluate import predictions  # noqa: E402
 from robustdice.partitioner.runtime import Cluster as Simulation  # noqa: E402

@@ -14,7 +14,7 @@ import node_helpers as nh  # noqa: E402
 from robustdice.mesh import wire  # noqa: E402
 from robustdice.node.client import NodeClient  # noqa: E402
 from robustdice.node.errors import NodeError  # noqa: E402
-from robustdice.node.localcluster import LocalCluster, free_ports  # noqa: E402
+from robustdice.node.lab.localcluster import LocalCluster, free_ports  # noqa: E402
 from robustdice.node.metrics import METRICS_REFRESH_S  # noqa: E402
 from robustdice.partitioner.models import input_shape  # noqa: E402
 

@@ -84,7 +84,7 @@ def test_own_model_from_partition_to_a_live_cluster(tmp_path, monkeypatch):
     import node_helpers as nh
 
     from robustdice.node.client import NodeClient
-    from robustdice.node.localcluster import LocalCluster
+    from robustdice.node.lab.localcluster import LocalCluster
     from robustdice.partitioner.inputs import InputSpec
     from robustdice.partitioner.plan import load_plan
     from robustdice.partitioner.runtime import Cluster, weights_digest

@@ -23,7 +23,8 @@ from robustdice.partitioner.errors import PlanError
 from robustdice.partitioner.partition import PartitionRequest, partition
 from robustdice.partitioner.plan import PLAN_FILE, load_plan, save_plan, sha256_file
 from robustdice.partitioner.runtime import Cluster, load_shard, shard_path
-from robustdice.partitioner.signing import make_operator_key, sign_plan
+from robustdice.partitioner.plan import sign_plan
+from robustdice.partitioner.signing import make_operator_key
 
 MODULE = __name__
 NODE = str(Path(sys.executable).parent / "robustdice-node")

@@ -1,8 +1,8 @@
-"""The phase analysis of a stream (node/phases.py): it produces the headline figures of `make
+"""The phase analysis of a stream (node/lab/phases.py): it produces the headline figures of `make
 demo` and the cluster benchmark, so each rule is pinned here on made-up frames."""
 import pytest
 
-from robustdice.node.phases import FrameRecord, classify, counted_from, divergent_answers, report, summarise
+from robustdice.node.lab.phases import FrameRecord, classify, counted_from, divergent_answers, report, summarise
 
 KILL, DETECTED, RESTART, COUNTED = 10.0, 10.5, 20.0, 21.0
 WINDOWS = [("detecting", KILL, DETECTED), ("rejoining", RESTART, COUNTED), ("rejoined", COUNTED, float("inf"))]

@@ -8,7 +8,7 @@ import dataclasses
 import re
 from typing import List, Optional, Sequence
 
-from .errors import NodeError
+from ..errors import NodeError
 
 
 @dataclasses.dataclass(frozen=True)

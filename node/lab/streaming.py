@@ -24,7 +24,7 @@ def stream(cluster: LocalCluster, images: np.ndarray, labels: np.ndarray, n_fram
     """Submit frames at `rate_fps`, apply `faults`, collect answers; returns the --json object."""
     from robustdice.mesh import wire
 
-    from .client import NodeClient
+    from ..client import NodeClient
     schedule = list(faults)
     touched = {f.device for f in faults}
     candidates = [d for d in range(len(cluster.ids)) if d not in touched] or [0]

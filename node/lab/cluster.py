@@ -21,7 +21,7 @@ import numpy as np
 from robustdice.mesh.config import (DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_PEER_TIMEOUT_MS,
                                     DEFAULT_SYNC_TIMEOUT_MS)
 
-from .errors import NodeError
+from ..errors import NodeError
 from .faults import parse_faults
 from .localcluster import LocalCluster
 from .phases import PHASES, format_phases
@@ -72,7 +72,7 @@ def plot_timeline(report: Dict, path, title: str = "") -> Path:
 
 # ------------------------------------------------------------------ CLI
 def register(sub) -> None:
-    from robustdice.partitioner.cli import positive_int
+    from robustdice.partitioner.argtypes import positive_int
     c = sub.add_parser("cluster", help="run one node per device on loopback, stream frames, inject failures")
     c.add_argument("--plan", required=True, type=Path, help="plan folder; one node per device")
     c.add_argument("--frames", type=positive_int, default=500, help="frames to stream (default %(default)s)")

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 from robustdice.mesh.config import (DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_PEER_TIMEOUT_MS,
                                     DEFAULT_SYNC_TIMEOUT_MS)
 
-from .errors import NodeError
+from ..errors import NodeError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class LocalCluster:
         """Sign `plan_dir` with this cluster's operator key, so that its nodes run it (a node given
         another plan by --plan checks it too); nothing to do for an insecure cluster."""
         if self.operator_key is not None:
-            from robustdice.partitioner.signing import sign_plan
+            from robustdice.partitioner.plan import sign_plan
             sign_plan(plan_dir, self.operator_key)
 
     # ------------------------------------------------------------ processes
@@ -172,7 +172,7 @@ class LocalCluster:
 
     # ------------------------------------------------------------ views
     def status(self, timeout_s: float = 2.0, request: Optional[Dict] = None) -> List[Dict]:
-        from .client import status_all
+        from ..client import status_all
         return status_all(self.config, self.key_path, timeout_s, request)
 
     def metrics_url(self, device: int) -> str:

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 from typing import List, Optional, Sequence
 
-from .errors import NodeError
+from ..errors import NodeError
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
