@@ -153,7 +153,7 @@ class Engine:
         if now - self._telemetry_s < TELEMETRY_EVERY_S:
             return None
         self._telemetry_s = now
-        out = {"kind": "telemetry", "device": str(self.compute), "dtype": str(self.dtype).replace("torch.", "")}
+        out = {"kind": ipc.TELEMETRY, "device": str(self.compute), "dtype": str(self.dtype).replace("torch.", "")}
         if self.cuda:
             out.update(gpu_name=self.torch.cuda.get_device_name(self.compute),
                        gpu_memory_bytes=int(self.torch.cuda.memory_allocated(self.compute)),

@@ -457,10 +457,10 @@ class Handler:
             if kind == ipc.READY:
                 self.engine_window.ready = True
                 continue
-            self.engine_window.answered([h.get("ms", 0.0) / 1000.0 for h, _ in items if h.get("kind") != "telemetry"],
-                                        now)
+            work = [h for h, _ in items if h.get("kind") != ipc.TELEMETRY]
+            self.engine_window.answered([h.get("ms", 0.0) / 1000.0 for h in work], now)
             for header, bufs in items:
-                if header.get("kind") == "telemetry":   # rides along; not a work item
+                if header.get("kind") == ipc.TELEMETRY:   # rides along; not a work item
                     if "row_elements" in header:      # the first, right after READY
                         self._bound_messages(header["row_elements"])
                     self.engine_telemetry = {k: v for k, v in header.items()

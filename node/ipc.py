@@ -26,7 +26,8 @@ several are ready; the engine computes them in order and answers each message wi
             devices whose rows did not come
         {kind: "drop", frame}                                       0 frames; no result
             forget the frame (expired)
-    engine → handler  results  items, each one of:
+    engine → handler  results  items, each one of (every work result also carries `ms`, the
+    engine's time on that item, which sizes the handler's window: node/serving.py):
         {kind: "slice", frame, stage, zero_before, dtype, shape}    1 frame: this device's slice
             (neuron-major; its neuron ids are the plan's for this device and stage);
             zero_before: neurons zero-filled at stage - 1 (null at stage 0)
@@ -48,6 +49,7 @@ from robustdice.mesh.wire import dtype_name
 READY, WORK, RESULTS, STOP = b"ready", b"work", b"results", b"stop"
 INPUT, GATHERED, DROP = "input", "gathered", "drop"
 SLICE, DONE, ERROR = "slice", "done", "error"
+TELEMETRY = "telemetry"     # rides along with results; not a work item
 NOT_FINITE = "not_finite"   # the reason of an error for a slice with NaN or Inf
 
 Item = Tuple[Dict[str, Any], Sequence[Any]]   # (header, tensors or received buffers)
