@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .trainer import train_classifier
+
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
 # load_digits() pixels are counts 0..16 of set bits in 4x4 blocks of the original scan.
@@ -107,33 +109,13 @@ def digits_split():
 def train(seed=0, epochs=DEFAULT_EPOCHS, log=None):
     """Train a DigitsCNN on the train split, deterministically for a given seed; eval mode."""
     split = digits_split()
-    previous_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        torch.manual_seed(seed)
-        model = DigitsCNN()
-        generator = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-        steps_per_epoch = -(-len(split.train_labels) // BATCH_SIZE)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=3e-3, total_steps=epochs * steps_per_epoch
-        )
-        loss_fn = nn.CrossEntropyLoss()
-        for epoch in range(epochs):
-            model.train()
-            order = torch.randperm(len(split.train_labels), generator=generator)
-            for start in range(0, len(order), BATCH_SIZE):
-                batch = order[start:start + BATCH_SIZE]
-                optimizer.zero_grad()
-                loss = loss_fn(model(split.train_images[batch]), split.train_labels[batch])
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-            if log is not None:
-                log(f"epoch {epoch + 1}/{epochs} loss {loss.item():.4f}")
-    finally:
-        torch.use_deterministic_algorithms(previous_deterministic)
-    return model.eval()
+
+    def epoch_end(epoch, loss, model):
+        if log is not None:
+            log(f"epoch {epoch + 1}/{epochs} loss {loss:.4f}")
+    return train_classifier(DigitsCNN, split.train_images, split.train_labels, seed=seed, epochs=epochs,
+                            batch_size=BATCH_SIZE, lr=3e-3, weight_decay=1e-4, desc="train digits_cnn",
+                            epoch_end=epoch_end)
 
 
 @torch.no_grad()

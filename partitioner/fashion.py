@@ -25,6 +25,7 @@ from torch import nn
 
 from .digits import accuracy, package_state_dict  # noqa: F401 (accuracy: this module's API too)
 from .errors import DataError
+from .trainer import train_classifier
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {
@@ -159,40 +160,15 @@ def augment(images, generator):
 def train(seed=0, epochs=DEFAULT_EPOCHS, data_dir=DATA_DIR, progress=True, log=None):
     """Train a FashionVGG on the 60k train split, deterministically for a given seed and thread
     count; returns it in eval mode."""
-    from tqdm import tqdm
-
     split = fashion_split(data_dir)
-    previous_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        torch.manual_seed(seed)
-        model = FashionVGG()
-        generator = torch.Generator().manual_seed(seed)
-        steps_per_epoch = -(-len(split.train_labels) // BATCH_SIZE)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3,
-                                                        total_steps=epochs * steps_per_epoch)
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
-        with tqdm(total=epochs * steps_per_epoch, desc="train fashion_vgg", unit="batch",
-                  disable=not progress) as bar:
-            for epoch in range(epochs):
-                model.train()
-                order = torch.randperm(len(split.train_labels), generator=generator)
-                for start in range(0, len(order), BATCH_SIZE):
-                    batch = order[start:start + BATCH_SIZE]
-                    optimizer.zero_grad()
-                    loss = loss_fn(model(augment(split.train_images[batch], generator)),
-                                   split.train_labels[batch])
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    bar.update()
-                if log is not None:
-                    acc = accuracy(model, split.test_images, split.test_labels)
-                    log(f"epoch {epoch + 1}/{epochs} loss {loss.item():.4f} test accuracy {acc:.4f}")
-    finally:
-        torch.use_deterministic_algorithms(previous_deterministic)
-    return model.eval()
+
+    def epoch_end(epoch, loss, model):
+        if log is not None:
+            acc = accuracy(model, split.test_images, split.test_labels)
+            log(f"epoch {epoch + 1}/{epochs} loss {loss:.4f} test accuracy {acc:.4f}")
+    return train_classifier(FashionVGG, split.train_images, split.train_labels, seed=seed, epochs=epochs,
+                            batch_size=BATCH_SIZE, lr=3e-3, weight_decay=5e-4, label_smoothing=0.05,
+                            augment=augment, progress=progress, desc="train fashion_vgg", epoch_end=epoch_end)
 
 
 def shipped_state_dict():
