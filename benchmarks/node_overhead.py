@@ -1,6 +1,6 @@
 """Node benchmark: one peerless node vs a plain forward pass of the same model, and the ipc hop.
 
-    python benchmarks/node_overhead.py --json [--threads 2] [--frames 20] [--device cpu|cuda] [--dtype float32|float16]
+    python benchmarks/node_overhead.py --json [--threads 2] [--frames 20] [--compute cpu|cuda] [--dtype float32|float16]
                                       [--out benchmarks/results/node_overhead.json]
 
 vgg16_bn (--weights none), batch 1, 224x224, the same torch thread count, device and dtype on
@@ -17,7 +17,7 @@ Figures:
   ipc_hop_ms            one way of a 12 MB float32 array (64x224x224, VGG's first activation)
                         over ZeroMQ ipc:// DEALER/ROUTER between two processes with copy=False
                         and node/ipc.py pack/unpack: median round trip / 2, and its GB/s
-  transfer_ms_per_frame with --device cuda: every stage output of one frame taken off the GPU
+  transfer_ms_per_frame with --compute cuda: every stage output of one frame taken off the GPU
                         and put back (pinned buffer, non_blocking, one synchronisation each
                         way), what a node with peers pays per frame on top of the IPC
 Node and plain frames are timed in alternating blocks of the same run (node, plain, plain, node,
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--block", type=int, default=2, help="frames per alternating block")
     parser.add_argument("--ipc-rounds", type=int, default=50)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="node and plain model alike")
+    parser.add_argument("--compute", choices=["cpu", "cuda"], default="cpu", help="node and plain model alike")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--role", choices=["echo"], help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         role_echo(args.endpoint)
         return 0
     if args.out is None:
-        suffix = "_cuda" if args.device == "cuda" else ""
+        suffix = "_cuda" if args.compute == "cuda" else ""
         args.out = str(Path(__file__).resolve().parent / "results" / f"node_overhead{suffix}.json")
 
     import torch
@@ -190,18 +190,18 @@ def main(argv=None) -> int:
         print(f"partitioned {MODEL} (1 device, lop) in {partition_s:.1f} s: shard "
               f"{summary['per_device_param_bytes'][0] / 1e6:.0f} MB", file=sys.stderr)
         dtype = getattr(torch, args.dtype)
-        model = build_model(MODEL, weights="none", seed=0).to(device=args.device, dtype=dtype)
+        model = build_model(MODEL, weights="none", seed=0).to(device=args.compute, dtype=dtype)
         x_np = calibration_batch(MODEL, n=1).numpy().astype(np.float32)
-        x = torch.from_numpy(x_np).to(device=args.device, dtype=dtype)
+        x = torch.from_numpy(x_np).to(device=args.compute, dtype=dtype)
         act_bytes = activation_bytes(model, x)
         gpu = {}
-        if args.device == "cuda":
-            gpu = {"gpu_name": torch.cuda.get_device_name(0), "transfer_ms_per_frame": transfer_ms(model, x, args.device)}
+        if args.compute == "cuda":
+            gpu = {"gpu_name": torch.cuda.get_device_name(0), "transfer_ms_per_frame": transfer_ms(model, x, args.compute)}
 
         node_lat, node_compute, node_rtt, plain = [], [], [], []
         with LocalCluster(summary["plan"], threads=args.threads, dtype=args.dtype) as cluster:
             t0 = time.monotonic()
-            cluster.start_node(0, extra=["--device", args.device])
+            cluster.start_node(0, extra=["--compute", args.compute])
             cluster.wait_until(cluster.all_alive(), 300.0, "the node to come up")
             print(f"node up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
             with NodeClient(cluster.config, cluster.ids[0], cluster.key_path) as client, torch.inference_mode():
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     plain_med = float(np.median(plain))
     rtt_med = float(np.median(node_rtt))
     result = {
-        "model": MODEL, "input_shape": list(x.shape), "threads": args.threads, "device": args.device,
+        "model": MODEL, "input_shape": list(x.shape), "threads": args.threads, "device": args.compute,
         "dtype": args.dtype, **gpu,
         "frames": args.frames, "warmup": args.warmup, "block": args.block,
         "node_latency_ms_median": round(node_med, 2),

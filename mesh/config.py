@@ -35,9 +35,10 @@ DEFAULT_SYNC_TIMEOUT_MS = 1000
 # A frame older than this on a node is answered as expired rather than waited on any longer:
 # the bound on a frame's life whatever happens to the network (a queue under overload included).
 DEFAULT_FRAME_TIMEOUT_MS = 10000
-# Where the engines compute and in which dtype their slices travel; every node must put the
-# same dtype on the wire (a mismatch is refused like a plan mismatch), devices may differ.
-DEVICES = ("auto", "cpu", "cuda")
+# Where an engine computes ("compute": auto is cuda when torch sees a GPU) and in which dtype its
+# slices travel; every node must put the same dtype on the wire (a mismatch is refused like a plan
+# mismatch), where they compute may differ. ("device" is a plan's: a board's index in it.)
+COMPUTE_KINDS = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16")
 
 
@@ -78,7 +79,7 @@ class PeersConfig:
     peer_timeout_ms: int = DEFAULT_PEER_TIMEOUT_MS
     sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS
     frame_timeout_ms: int = DEFAULT_FRAME_TIMEOUT_MS
-    device: str = "auto"
+    compute: str = "auto"
     dtype: str = "float32"
     insecure: bool = False
     secret_key_file: Optional[str] = None
@@ -115,7 +116,7 @@ class PeersConfig:
             out["plan"] = str(self.plan)
         out.update(heartbeat_interval_ms=self.heartbeat_interval_ms, peer_timeout_ms=self.peer_timeout_ms,
                    sync_timeout_ms=self.sync_timeout_ms, frame_timeout_ms=self.frame_timeout_ms,
-                   device=self.device, dtype=self.dtype, insecure=self.insecure)
+                   compute=self.compute, dtype=self.dtype, insecure=self.insecure)
         if self.max_message_bytes_given:
             out["max_message_bytes"] = self.max_message_bytes
         if self.secret_key_file is not None:
@@ -135,7 +136,7 @@ class PeersConfig:
 
 
 _TOP_KEYS = {"version", "plan", "heartbeat_interval_ms", "peer_timeout_ms", "sync_timeout_ms", "frame_timeout_ms",
-             "device", "dtype", "insecure",
+             "compute", "dtype", "insecure",
              "secret_key_file", "operator_public_key", "max_message_bytes", "clients", "peers"}
 _PEER_KEYS = {"id", "host", "port", "public_key", "client_port", "metrics_port"}
 _CLIENT_KEYS = {"name", "public_key"}
@@ -183,6 +184,8 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
     """A `PeersConfig` from the parsed YAML mapping; relative paths resolve against `base_dir`."""
     if not isinstance(data, dict):
         raise ConfigError(f"peers.yaml: top level is {type(data).__name__}, expected a mapping")
+    if "device" in data:
+        raise ConfigError("device: is now compute: (auto, cpu or cuda); a device is a board's index in the plan")
     _unknown("peers.yaml", data, _TOP_KEYS)
     version = data.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
@@ -195,7 +198,7 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
     frame_ms = _int("frame_timeout_ms", data.get("frame_timeout_ms", DEFAULT_FRAME_TIMEOUT_MS), 1)
     if frame_ms <= sync_ms:
         raise ConfigError(f"frame_timeout_ms: {frame_ms} must exceed sync_timeout_ms ({sync_ms})")
-    device = _choice("device", data.get("device", "auto"), DEVICES)
+    compute = _choice("compute", data.get("compute", "auto"), COMPUTE_KINDS)
     dtype = _choice("dtype", data.get("dtype", "float32"), DTYPES)
     insecure = data.get("insecure", False)
     if not isinstance(insecure, bool):
@@ -264,7 +267,7 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ConfigError(f"peers[*].public_key: {dup!r} is listed for more than one peer")
-    config = PeersConfig(tuple(peers), plan, heartbeat_ms, timeout_ms, sync_ms, frame_ms, device, dtype, insecure,
+    config = PeersConfig(tuple(peers), plan, heartbeat_ms, timeout_ms, sync_ms, frame_ms, compute, dtype, insecure,
                          secret, max_bytes, tuple(clients), base_dir, version, operator_key, max_bytes_given)
     return config
 

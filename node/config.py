@@ -96,10 +96,10 @@ def plan_trust_key(peers: PeersConfig) -> Optional[str]:
 
 
 def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *, check_key: bool = True,
-                     device: Optional[str] = None, dtype: Optional[str] = None) -> NodeConfig:
-    """`device`/`dtype` (the command line) win over $ROBUSTDICE_DEVICE/$ROBUSTDICE_DTYPE (the
-    unit's environment), which win over peers.yaml's `device:`/`dtype:`."""
-    from robustdice.mesh.config import DEVICES, DTYPES
+                     compute: Optional[str] = None, dtype: Optional[str] = None) -> NodeConfig:
+    """`compute`/`dtype` (the command line) win over $ROBUSTDICE_COMPUTE/$ROBUSTDICE_DTYPE (the
+    unit's environment), which win over peers.yaml's `compute:`/`dtype:`."""
+    from robustdice.mesh.config import COMPUTE_KINDS, DTYPES
     from robustdice.mesh.keys import load_own_keys
 
     peers_path = Path(peers_path)
@@ -115,13 +115,13 @@ def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *
         raise NodeError(f"plan {directory} is for {plan.devices} devices but {peers_path} lists "
                         f"{len(peers.peers)} peers")
     chosen = {}
-    for name, field, given, choices in (("device", "compute", device, DEVICES), ("dtype", "dtype", dtype, DTYPES)):
+    for name, given, choices in (("compute", compute, COMPUTE_KINDS), ("dtype", dtype, DTYPES)):
         env = os.environ.get(f"ROBUSTDICE_{name.upper()}", "").strip()
         value = given or env or getattr(peers, name)
         if value not in choices:
             source = "--" + name if given else f"ROBUSTDICE_{name.upper()}"
             raise NodeError(f"{source}: {value!r} is not one of {', '.join(choices)}")
-        chosen[field] = value
+        chosen[name] = value
     config = NodeConfig(peers_path, peers, me, list(peers.ids).index(me.id), Path(directory), plan, **chosen)
     if not config.shard_path.exists():
         raise NodeError(f"shard for device {config.device} ({me.id}) is missing: {config.shard_path}")

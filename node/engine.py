@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 
 import zmq
 
+from robustdice.mesh.config import COMPUTE_KINDS, DTYPES
 from robustdice.mesh.gather import finite
 from robustdice.mesh.ratelog import RateLimitedLog
 from robustdice.mesh.transport import send_parts
@@ -41,8 +42,6 @@ ratelog = RateLimitedLog(log)
 POLL_MS = 100
 
 
-DTYPES = ("float32", "float16")
-DEVICES = ("auto", "cpu", "cuda")
 TELEMETRY_EVERY_S = 1.0
 # The engine runs below the event handler's CPU priority. When both want a core, the handler
 # goes first: a slice forwarded now lets every peer's next stage start, and heartbeats stay on
@@ -66,7 +65,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+        raise RuntimeError("--compute cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
     return name
 
 
@@ -288,7 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--device", type=int, required=True)
         p.add_argument("--ipc", required=True)
         p.add_argument("--threads", type=int, default=1)
-        p.add_argument("--compute", choices=DEVICES, default="auto")
+        p.add_argument("--compute", choices=COMPUTE_KINDS, default="auto")
         p.add_argument("--dtype", choices=DTYPES, default="float32")
         p.add_argument("--operator-public-key", help="run the plan only if this operator key signed it")
 

@@ -639,11 +639,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--id")
         p.add_argument("--plan")
         p.add_argument("--ipc", required=True)
-        p.add_argument("--device")
+        p.add_argument("--compute")
         p.add_argument("--dtype")
 
     args = child_main("handler", argv, arguments)
-    handler = Handler(load_node_config(args.peers, args.id, args.plan, check_key=False, device=args.device,
+    handler = Handler(load_node_config(args.peers, args.id, args.plan, check_key=False, compute=args.compute,
                                        dtype=args.dtype), args.ipc)
 
     def on_signal(*_):

@@ -134,6 +134,7 @@ class Child:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `robustdice-node` command line (built without starting anything, for --help tests)."""
+    from robustdice.mesh.config import COMPUTE_KINDS
     from robustdice.partitioner.argtypes import positive_int
     p = argparse.ArgumentParser(prog="robustdice-node", description="Run one RobustDiCE node (handler + engine).")
     p.add_argument("--peers", required=True, help="peers.yaml, the same file on every board")
@@ -141,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="plan folder (default: peers.yaml's plan:)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for the engine (default: $ROBUSTDICE_THREADS, else torch's own choice)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                   help="where the engine computes (default: $ROBUSTDICE_DEVICE, else peers.yaml's device:, "
+    p.add_argument("--compute", choices=COMPUTE_KINDS,
+                   help="where the engine computes (default: $ROBUSTDICE_COMPUTE, else peers.yaml's compute:, "
                         "else auto: cuda when torch sees a GPU)")
     p.add_argument("--dtype", choices=["float32", "float16"],
                    help="compute dtype, and the dtype of slices on the wire; every node must use the same "
@@ -170,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .config import load_node_config
     try:
-        config = load_node_config(args.peers, args.id, args.plan, device=args.device, dtype=args.dtype)
+        config = load_node_config(args.peers, args.id, args.plan, compute=args.compute, dtype=args.dtype)
         if args.check:
             logits_shape = check_plan(config)
     except (NodeError, MeshError, PartitionerError) as exc:
@@ -225,7 +226,7 @@ def run(config, args) -> int:
         engine_argv += ["--operator-public-key", config.peers.operator_public_key]
     handler_argv = [sys.executable, "-m", "robustdice.node.handler", "--peers", str(config.peers_path),
                     "--id", config.me.id, "--plan", str(config.plan_dir), "--ipc", endpoint,
-                    "--device", config.compute, "--dtype", config.dtype] + common
+                    "--compute", config.compute, "--dtype", config.dtype] + common
     children: List[Child] = []
     state, status = State.STARTING_ENGINE, 0
     watchdog_s = notifier.watchdog_interval_s()

@@ -97,7 +97,7 @@ def test_a_cuda_cluster_answers_as_the_simulation(digits_plan, digits):
     expected = Cluster(digits_plan).simulate(torch.from_numpy(x)).numpy()
     with LocalCluster(digits_plan) as cluster:
         for d in range(4):
-            cluster.start_node(d, extra=["--device", "cuda"])
+            cluster.start_node(d, extra=["--compute", "cuda"])
         cluster.wait_until(cluster.all_alive(), nh.START_TIMEOUT_S, "every node to count on every other")
         with NodeClient(cluster.config, "n0", cluster.key_path) as client:
             reply = client.submit(x, timeout_s=60.0)

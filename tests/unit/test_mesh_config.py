@@ -83,6 +83,8 @@ def test_metrics_port_binds_the_peers_address_or_every_interface():
     (lambda d: d.update(sync_timeout_ms=0), "sync_timeout_ms: 0 is not"),
     (lambda d: d.update(frame_timeout_ms=900), "frame_timeout_ms: 900 must exceed sync_timeout_ms (1000)"),
     (lambda d: d.update(insecure="yes"), "insecure: 'yes' is not true or false"),
+    (lambda d: d.update(device="cuda"), "device: is now compute:"),
+    (lambda d: d.update(compute="gpu"), "compute: 'gpu' is not one of auto, cpu, cuda"),
     (lambda d: d.update(version=2), "version: 2 is not supported"),
     (lambda d: d.update(peers=[]), "peers: [] is not a non-empty list"),
     (lambda d: d.pop("secret_key_file"), "secret_key_file: missing"),
