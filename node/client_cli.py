@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Tuple
 
 from .errors import NodeError
 
@@ -125,6 +125,20 @@ def partition_of(views) -> List[List[str]]:
     return sorted(groups)
 
 
+def energy_per_frame(views) -> Tuple[Optional[float], str]:
+    """Cluster-wide joules per answered frame: every board's energy over the frames answered to
+    clients (each answered once, by its origin). None, and why, unless every reachable node
+    reads its board's power (a sum over some boards would be too low)."""
+    live = [v for v in views if not v.get("unreachable")]
+    missing = [v["node"] for v in live if v.get("energy_j") is None]
+    if not live or missing:
+        return None, f"not available: no power reading on {', '.join(missing) or 'any node'}"
+    answered = sum(int(v.get("answered", 0)) for v in live)
+    if not answered:
+        return None, "no frame answered yet"
+    return sum(float(v["energy_j"]) for v in live) / answered, f"over {answered} answered frames"
+
+
 def cmd_status(args) -> int:
     from robustdice.mesh.config import load_peers
 
@@ -165,9 +179,15 @@ def cmd_status(args) -> int:
             link = "connected" if m.get("connected") else ("hears us" if m.get("hears_us") else "-")
             print(f"    {peer:<10} {m.get('state', '?'):<11} {link:<9} last heard {_age(v, m):>8}  "
                   f"incarnation {m.get('incarnation')}")
+        if v.get("energy_j") is not None:
+            per_frame = v["energy_j"] / v["frames_done"] if v["frames_done"] else None
+            print(f"    energy {v['energy_j']:.1f} J over {v.get('energy_covered_s', 0):.0f} s"
+                  + ("" if per_frame is None else f", {per_frame:.3f} J per frame computed here"))
         drops = {k: n for k, n in v["counters"].items() if n}
         if drops:
             print("    dropped: " + ", ".join(f"{k}={n}" for k, n in sorted(drops.items())))
+    joules, why = energy_per_frame(views)
+    print(f"energy per answered frame, cluster-wide: {'n/a' if joules is None else f'{joules:.3f} J'} ({why})")
     return 0 if all(not v.get("unreachable") for v in views) else 1
 
 

@@ -57,7 +57,7 @@ from .frames import Frame, FrameBook
 from .metrics import METRICS_REFRESH_S, MetricsRecorder
 from .serving import EngineWindow, ServingState
 from .process import child_main, report_ready, report_status
-from .telemetry import Gpu, Power, rss_bytes
+from .telemetry import EnergyMeter, Gpu, Power, rss_bytes
 
 log = logging.getLogger("robustdice.handler")
 
@@ -122,6 +122,9 @@ class Handler:
         self.stalled_from_s: Optional[float] = None
         self._pruned_by: Dict[str, object] = {}   # origin -> the heartbeat report last pruned by
         self.power = Power()
+        self.energy = EnergyMeter()
+        if not self.power.available:
+            log.info("energy per image: not available (%s)", self.power.reason)
         self._telemetry: Tuple[float, Dict[str, int], Optional[float], Dict[str, object]] = (float("-inf"), {}, None, {})
         self.gpu = Gpu(self.power)
         self.status_line = ""
@@ -294,6 +297,7 @@ class Handler:
                     continue
                 self._start_local(f, now)
         self._report_status(len(connected))
+        self._telemetry_now(now)
         if self.metrics_server is not None and now >= self._next_metrics_s:
             # A new immutable snapshot for the metrics thread; scrapes never read the live state.
             self._next_metrics_s = now + METRICS_REFRESH_S
@@ -598,6 +602,8 @@ class Handler:
             report_status(line)
 
     def _telemetry_now(self, now: float) -> Tuple[Dict[str, int], Optional[float], Dict[str, object]]:
+        """RSS, power and GPU, read at most every TELEMETRY_REFRESH_S; housekeeping calls it, so
+        that the energy integral has a reading every second whether or not anyone asks."""
         read_s, rss, power, gpu = self._telemetry
         if now - read_s >= TELEMETRY_REFRESH_S:
             try:
@@ -607,6 +613,7 @@ class Handler:
                 pids = [os.getpid()]
             rss = rss_bytes(pids)
             power = self.power.total_mw()
+            self.energy.sample(now, power)
             gpu = self.gpu.read(pids)
             self._telemetry = (now, rss, power, gpu)
         return rss, power, gpu
@@ -630,6 +637,10 @@ class Handler:
             "rss_bytes": rss, "rss_total_bytes": sum(rss.values()),
             "power_mw": power, "power": "n/a" if power is None else f"{power / 1000:.2f} W",
             "power_note": self.power.reason, "events": list(self.events), "wall_s": time.time(),
+            # Joules of this board while it ran, None where its power is not read (never a guess).
+            "energy_j": self.energy.joules if self.power.available else None,
+            "answered": self.metrics.answers["exact"] + self.metrics.answers["degraded"],
+            "energy_covered_s": self.energy.covered_s,
         }
 
 

@@ -117,6 +117,7 @@ class MetricsSnapshot:
     counters: Tuple[Tuple[str, int], ...]           # status()'s merged counters
     rss_bytes: Tuple[Tuple[str, int], ...]          # process role → resident bytes
     power_w: Optional[float]                        # None where jtop is not available
+    energy_j: Optional[float] = None                # the board's energy while the node ran (jtop)
 
 
 class MetricsRecorder:
@@ -166,7 +167,8 @@ class MetricsRecorder:
             latency_s=self.latency_s.frozen(), zero_filled=self.zero_filled.frozen(),
             peers=peers, membership_events=events,
             counters=tuple(sorted((str(k), int(v)) for k, v in status.get("counters", {}).items())),
-            rss_bytes=rss, power_w=None if power_mw is None else float(power_mw) / 1000.0)
+            rss_bytes=rss, power_w=None if power_mw is None else float(power_mw) / 1000.0,
+            energy_j=None if status.get("energy_j") is None else float(status["energy_j"]))
 
 
 def families(snap: MetricsSnapshot, now_s: float) -> List[Any]:
@@ -261,6 +263,9 @@ def families(snap: MetricsSnapshot, now_s: float) -> List[Any]:
     out.append(rss)
     if snap.power_w is not None:  # only where jtop reads the board's rails: never an invented number
         out.append(gauge("power_watts", "the board's total power (jtop, INA3221 rails)", snap.power_w))
+    if snap.energy_j is not None:  # joules per image: rate(energy) / rate(answers), or per frame done
+        out.append(counter("energy_joules", "the board's energy while this node ran: its power (jtop) "
+                           "integrated over time", snap.energy_j))
     out.append(gauge("power_available", "1 where the board's power is read (jtop), else 0",
                      int(snap.power_w is not None)))
     return out

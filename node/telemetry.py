@@ -2,6 +2,12 @@
 
 Energy, GPU load and GPU power are reported only when jtop's service or NVML answers; elsewhere
 they are "not available", never an invented number.
+
+jtop is jetson-stats' client (`pip install .[jetson]`). What this module uses of it follows
+jetson-stats 4.2 (its documented `jtop` class): `jtop()` then `start()` (or the context manager),
+`close()`, `ok()`, `stats` (a dict with "GPU" in percent), and `power`, a dict
+{"rail": {name: {"volt", "curr", "power", ...}}, "tot": {"volt", "curr", "power"}} in mV, mA, mW.
+`start()` raises JtopException where the jtop service does not run (any machine but a Jetson).
 """
 from __future__ import annotations
 
@@ -101,3 +107,24 @@ class Gpu:
         except Exception as exc:  # a driver hiccup must not fail status
             return {"source": None, "note": f"{type(exc).__name__}: {exc}"[:200]}
         return {"source": None, "note": self.reason}
+
+
+class EnergyMeter:
+    """The board's energy in joules: power readings (mW, at the times they were taken) integrated
+    by the trapezoid rule. A missing reading (None) ends the current run of readings: the gap
+    is not counted, never guessed. Pure: the caller reads the power and the clock."""
+
+    def __init__(self) -> None:
+        self.joules = 0.0
+        self.covered_s = 0.0             # the time the integral spans (gaps excluded)
+        self._last: Optional[tuple] = None   # (t_s, mW) of the previous reading
+
+    def sample(self, now_s: float, power_mw: Optional[float]) -> None:
+        if power_mw is None:
+            self._last = None
+            return
+        if self._last is not None and now_s > self._last[0]:
+            t0, p0 = self._last
+            self.joules += (now_s - t0) * (p0 + power_mw) / 2.0 / 1000.0
+            self.covered_s += now_s - t0
+        self._last = (now_s, float(power_mw))
