@@ -168,3 +168,23 @@ def test_collector_serves_nothing_before_the_first_snapshot():
     assert list(collector.collect()) == []
     collector.snapshot = recorder().snapshot(status(), 0.0, HANDLER_PID, SUPERVISOR_PID)
     assert "robustdice_serving" in {f.name for f in collector.collect()}
+
+
+def test_every_metric_the_dashboard_queries_is_one_the_node_exports():
+    """deploy/grafana/robustdice.json: every robustdice_* series in every panel's query is a sample
+    name some node exports (here: a node that reads its power, so that energy is exported too)."""
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "deploy/grafana/robustdice.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v.get("type") == "query"]
+    queried = {m for e in exprs for m in re.findall(r"\brobustdice_[a-z_]+", e)}
+    snap = recorder().snapshot(status(power_mw=5000.0, energy_j=12.5), 10.0, HANDLER_PID, SUPERVISOR_PID)
+    found, _ = scrape(snap, 10.0)
+    exported = {s.name for f in found.values() for s in f.samples}
+    assert len(queried) >= 12, queried
+    assert queried <= exported, f"queried but never exported: {sorted(queried - exported)}"
+    assert {"robustdice_energy_joules_total", "robustdice_answers_total", "robustdice_dropped_total",
+            "robustdice_answer_latency_seconds_bucket", "robustdice_peer_connected"} <= queried
