@@ -43,6 +43,7 @@ NOT_DROPS = {
     "engine_stalls": "times the engine held work and answered nothing for the stall limit",
     "recv_again": "reads retried because a fresh CURVE connection's first message was not ready",
     "peers_suspected": "times a peer claimed work but delivered no slice for a sync timeout (left out of new frames)",
+    "slice_bytes_sent": "bytes of slices this node sent to its peers",
 }
 FRAME_COUNTERS = {
     "frames_done": "frames this node's engine finished (its own clients' and its peers')",

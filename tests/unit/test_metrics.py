@@ -21,7 +21,8 @@ def status(**over):
         "members": {"n1": {"state": "alive", "connected": True, "silent_ms": 40.0},
                     "n2": {"state": "dead", "connected": False, "silent_ms": 2500.0},
                     "n3": {"state": "unknown", "connected": False}},
-        "counters": {"bad_input": 3, "client_refused": 2, "self_stalls": 1, "engine_stalls": 4, "recv_again": 5},
+        "counters": {"bad_input": 3, "client_refused": 2, "self_stalls": 1, "engine_stalls": 4, "recv_again": 5,
+                     "slice_bytes_sent": 4096},
         "participants": ["n0", "n1"],
         "frames_done": 11, "frame_errors": 1, "frames_expired": 2, "frames_pruned": 0,
         "frames_in_flight": 3, "frames_queued": 1, "zero_filled_fraction": 0.125,
@@ -123,6 +124,7 @@ def test_drops_by_reason_and_the_counters_that_are_not_drops():
     assert value(found, "robustdice_self_stalls", "robustdice_self_stalls_total") == 1
     assert value(found, "robustdice_engine_stalls", "robustdice_engine_stalls_total") == 4
     assert value(found, "robustdice_recv_again", "robustdice_recv_again_total") == 5
+    assert value(found, "robustdice_slice_bytes_sent", "robustdice_slice_bytes_sent_total") == 4096
 
 
 def test_memory_by_process_and_power_only_where_read():
