@@ -67,3 +67,16 @@ def load_benchmark():
                 sys.path.remove(BENCHMARKS)
         return loaded[name]
     return load
+
+
+# Security cases outside tests/security/: the unit's sandbox, the deploy's owners and modes, key
+# files' modes, CURVE, hostile input and the wire fuzz (`pytest -m security` runs them with it).
+SECURITY_FILES = {"test_systemd_unit.py", "test_mesh_keys_perms.py", "test_deploy.py", "test_keys_cli.py",
+                  "test_mesh_security.py", "test_hardening.py", "test_wire_fuzz.py", "test_mesh_zap.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path
+        if path.parent.name == "security" or path.name in SECURITY_FILES:
+            item.add_marker(pytest.mark.security)
