@@ -23,10 +23,6 @@ NODES = ["n0", "n1", "n2"]
 DEVICE = 1
 
 
-def answer_fn(f):
-    return {"prediction": [int(np.argmax(f.logits))], "latency_ms": 1.0, "zero_filled_fraction": 0.0}
-
-
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 @pytest.mark.parametrize("origin", ["n0", "n1"], ids=["own", "peers"])
 def test_logits_that_are_not_finite_are_an_error_answer_never_a_prediction(bad, origin):
@@ -40,7 +36,7 @@ def test_logits_that_are_not_finite_are_an_error_answer_never_a_prediction(bad, 
     book.next_work()
     logits = np.zeros((1, 10), np.float32)
     logits[0, 3] = bad
-    f = book.on_done(frame, logits, {}, 1.0, 0.5, answer_fn)
+    f = book.on_done(frame, logits, {}, 1.0, 0.5)
     assert f is not None and f.logits is None
     assert book.counters["frames_not_finite"] == 1 and book.stats()["frames_not_finite"] == 1
     if origin == "n0":
@@ -57,7 +53,7 @@ def test_finite_logits_are_still_a_prediction():
     book.admit_local(frame, 1, "x", 100, b"client", {}, 0.0)
     book.start(frame, NODES)
     book.next_work()
-    book.on_done(frame, np.full((1, 10), 3e38, np.float32), {}, 1.0, 0.5, answer_fn)
+    book.on_done(frame, np.full((1, 10), 3e38, np.float32), {}, 1.0, 0.5)
     (answered,) = book.take_answers()
     assert answered.answer["prediction"] == [0] and book.counters["frames_not_finite"] == 0
 
