@@ -225,7 +225,7 @@ def budget_costs(staged, request) -> Costs:
     # Statistics are kept per failed set a device survives, where losses reach the stage: under
     # robust+cdc a single failure loses nothing, so only sets of two or more count.
     least = 2 if request.method == "robust+cdc" else 1
-    recal_sets = (len([f for f in failed_sets(n) if 0 not in f and len(f) >= least])
+    recal_sets = (len([f for f in failed_sets(n, request.max_failed) if 0 not in f and len(f) >= least])
                   if request.fill == "mean+bn" else 0)
     rows, parity_rows = [], []
     fixed = 0.0 if by_copies else float(param_bytes(staged.shared_state()))
@@ -253,6 +253,8 @@ def budget_costs(staged, request) -> Costs:
         budget, what = request.replication * total_neurons, f"--replication {request.replication:g}"
     else:
         budget, what = request.budget_mb * 1e6 - fixed, f"--budget-mb {request.budget_mb:g}"
+        if request.memory is not None:
+            what = f"--memory {request.memory:g} ({request.budget_mb:.4g} MB per device)"
     return Costs(rows, parity_rows, budget, fixed, by_copies, total_neurons, what)
 
 
@@ -280,7 +282,8 @@ def thresholds_for_budget(staged, request, scores):
         raise PartitionerError(f"{costs.what} is below the cheapest {request.method} plan of {request.model} "
                                f"({costs.least(cheapest)})") from None
     thresholds = {s.name: options[l][j].threshold for l, (s, j) in enumerate(zip(staged.stages, selection))}
-    return dataclasses.replace(request, thresholds=thresholds, threshold=None, replication=None, budget_mb=None)
+    return dataclasses.replace(request, thresholds=thresholds, threshold=None, replication=None, budget_mb=None,
+                               memory=None)
 
 
 def uniform_counts(sizes: Sequence[int], rho: float, n_devices: int) -> List[int]:

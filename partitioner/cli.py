@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from .argtypes import nonnegative, positive_int
+from .argtypes import fraction as _fraction, nonnegative, positive_int
 
 
 def register(sub) -> None:
@@ -27,15 +27,21 @@ def register(sub) -> None:
                         "with per-channel values split by '/', e.g. mean=0.5,std=0.25/0.25/0.25 (default: the "
                         "factory's robustdice_input, else mean=0,std=1,resize=stretch)")
     p.add_argument("--devices", "-n", type=positive_int, required=True, help="number of devices N")
-    p.add_argument("--method", default="robust", choices=("robust", "lop", "nmr", "cdc", "random", "robust+cdc",
-                                                          "uniform"),
+    p.add_argument("--method", choices=("robust", "lop", "nmr", "cdc", "random", "robust+cdc", "uniform"),
                    help="robust: RobustDiCE Algorithm 1; lop: equal split; nmr: full "
                         "replication; cdc: equal split over N-1 devices plus a parity device; "
                         "random: robust's replication with importance-blind groups; robust+cdc: "
                         "robust plus parity rows over its single copies, so one failure is exact; "
                         "uniform: what --budget-mb or --replication buys, spread evenly over the layers "
-                        "and given to neurons drawn at random (default robust)")
+                        "and given to neurons drawn at random (default: with no --fill and no budget either, "
+                        "the best of robust and robust+cdc with the mean+bn fill within --memory, chosen by "
+                        "simulating both under every failed set on calibration images; otherwise robust)")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's configuration: --method robust --threshold 0.1 --fill zero, no budget")
     t = p.add_mutually_exclusive_group()
+    t.add_argument("--memory", type=_fraction, metavar="FRACTION",
+                   help="size the plan for this fraction of NMR's per-device memory (its parameters with the "
+                        "zero fill), as --budget-mb does in MB (default 0.5 for the default plan; else off)")
     t.add_argument("--threshold", type=nonnegative, help="one clustering threshold t for every layer (default 0.1)")
     t.add_argument("--thresholds", type=Path, help="YAML mapping fx layer names (and 'default') to t")
     t.add_argument("--replication", type=nonnegative,
@@ -45,10 +51,16 @@ def register(sub) -> None:
                    help="size the plan (per-layer thresholds; uniform: rows per layer) for this many MB (1e6 bytes) "
                         "of parameters per device "
                         "(default: off)")
-    p.add_argument("--fill", default="zero", choices=("zero", "mean", "mean+bn"),
+    p.add_argument("--fill", choices=("zero", "mean", "mean+bn"),
                    help="what stands in for a lost neuron: zero (the paper), mean (its expected output), "
                         "mean+bn (also BatchNorm statistics recalibrated for each failed set); s3 scores each "
-                        "neuron's loss under this rule (default zero)")
+                        "neuron's loss under this rule (default: mean+bn for the default plan, else zero)")
+    p.add_argument("--max-failed", type=positive_int, metavar="K",
+                   help="mean+bn keeps statistics for the failed sets of up to K devices, and the default plan "
+                        "is chosen over them (default: N-1 while those sets number 62 or fewer, N <= 6; else 2)")
+    p.add_argument("--weigh-k", metavar="W1,W2,...",
+                   help="the default plan's choice: the weight of the mean agreement with k = 1, 2, ... "
+                        "failed devices, one per k up to --max-failed (default alike, e.g. 1,1,1 for N = 4)")
     p.add_argument("--s3", default="auto", choices=("auto", "exact", "quadratic"),
                    help="s3 by exact ablations, by its second-order estimate (a few backward passes), or "
                         "auto: exact for the stages where ablations are cheap, the estimate elsewhere (default auto)")
@@ -140,6 +152,7 @@ def register(sub) -> None:
 
 
 def cmd_partition(args) -> int:
+    from .errors import PartitionerError
     from .partition import PartitionRequest, load_thresholds, partition
     from .scores import parse_scores
     from .usermodel import parse_shape
@@ -147,8 +160,19 @@ def cmd_partition(args) -> int:
     if args.sign_key is not None:
         from .signing import load_secret_key
         load_secret_key(args.sign_key)  # a bad key fails now, not after the partition's work
+    explicit = [name for name, value in (("--method", args.method), ("--fill", args.fill),
+                                         ("--threshold", args.threshold), ("--thresholds", args.thresholds),
+                                         ("--replication", args.replication), ("--budget-mb", args.budget_mb))
+                if value is not None]
+    if args.paper and (explicit or args.memory is not None):
+        raise PartitionerError(f"--paper is the paper's configuration (robust, threshold 0.1, zero fill, no "
+                               f"budget): give it without {(explicit or ['--memory'])[0]}")
+    chosen = not explicit and not args.paper   # the default plan: a search (choose.py)
+    if args.weigh_k is not None and not chosen:
+        raise PartitionerError(f"--weigh-k weighs the default plan's candidates: it does nothing with "
+                               f"{explicit[0] if explicit else '--paper'}")
     request = PartitionRequest(
-        model=args.model, devices=args.devices, method=args.method, out=args.out,
+        model=args.model, devices=args.devices, method=args.method or "robust", out=args.out,
         threshold=args.threshold,
         thresholds=load_thresholds(args.thresholds) if args.thresholds else None,
         scores=tuple(parse_scores(args.scores)), weights=args.weights, seed=args.seed,
@@ -156,16 +180,24 @@ def cmd_partition(args) -> int:
         show_progress=not args.no_progress and not args.json and sys.stderr.isatty(),
         input_shape=None if args.input_shape is None else parse_shape(args.input_shape),
         preprocess=args.preprocess,
-        fill=args.fill, replication=args.replication, budget_mb=args.budget_mb,
-        fill_calib_size=args.fill_calib_size, s3_mode=args.s3,
+        fill=args.fill or "zero", replication=args.replication, budget_mb=args.budget_mb,
+        fill_calib_size=args.fill_calib_size, s3_mode=args.s3, max_failed=args.max_failed,
+        memory=None if chosen else args.memory,
     )
-    summary = partition(request)
+    if chosen:
+        from .choose import DEFAULT_MEMORY, default_plan
+        weigh_k = None if args.weigh_k is None else _fractions(args.weigh_k, "--weigh-k")
+        summary = default_plan(request, DEFAULT_MEMORY if args.memory is None else args.memory, weigh_k)
+    else:
+        summary = partition(request)
     if args.sign_key is not None:
         from .plan import sign_plan
         summary["signature"] = str(sign_plan(args.out, args.sign_key))
     if args.json:
         print(json.dumps(summary))
         return 0
+    if "choice" in summary:
+        print(summary["choice"]["line"])
     mb = [f"{b / 1e6:.2f}" for b in summary["per_device_param_bytes"]]
     print(f"{summary['model']} over {summary['devices']} devices, method {summary['method']}: "
           f"plan {summary['plan_hash'][:12]} in {summary['plan']}")

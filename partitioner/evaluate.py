@@ -158,10 +158,11 @@ def verify_plan(directory, batch: int = 2, seed: int = 0) -> Dict:
 def format_table(results: Sequence[Dict]) -> str:
     """One row per plan: accuracy (mean, min–max) for each number of failed devices."""
     n = max(r["devices"] for r in results)
-    header = ["method", "fill", "devices", "max shard MB"] + [f"{k} failed" for k in range(n)]
+    header = ["plan", "method", "fill", "devices", "max shard MB"] + [f"{k} failed" for k in range(n)]
     rows = []
     for r in results:
-        row = [r["method"], r.get("fill", "zero"), str(r["devices"]), f"{max(r['per_device_param_bytes']) / 1e6:.3f}"]
+        row = [plan_label(r), r["method"], r.get("fill", "zero"), str(r["devices"]),
+               f"{max(r['per_device_param_bytes']) / 1e6:.3f}"]
         for k in range(n):
             b = r["by_failed"].get(str(k))
             row.append("" if b is None else
@@ -172,6 +173,11 @@ def format_table(results: Sequence[Dict]) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
+
+
+def plan_label(result: Dict) -> str:
+    """A plan's name in tables and plots: its folder's name."""
+    return Path(result["plan"]).name or str(result["plan"])
 
 
 def plot_accuracy(results: Sequence[Dict], path) -> Path:
@@ -186,7 +192,8 @@ def plot_accuracy(results: Sequence[Dict], path) -> Path:
         mean = [100 * r["by_failed"][str(k)]["mean"] for k in ks]
         lo = [100 * r["by_failed"][str(k)]["min"] for k in ks]
         hi = [100 * r["by_failed"][str(k)]["max"] for k in ks]
-        label = f"{r['method']}, {r.get('fill', 'zero')} fill (max shard {max(r['per_device_param_bytes']) / 1e6:.2f} MB)"
+        label = (f"{plan_label(r)}: {r['method']}, {r.get('fill', 'zero')} fill "
+                 f"(max shard {max(r['per_device_param_bytes']) / 1e6:.2f} MB)")
         line, = ax.plot(ks, mean, marker="o", label=label)
         ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.15)
     first = results[0]

@@ -6,15 +6,16 @@ dozens of stages compound the error. Two offline rules, chosen by `--fill`:
 
 mean      A lost neuron's output (after its stage's followers) is replaced by its expected value
           over calibration data with no failure: one number per neuron, in every shard.
-mean+bn   mean, and for every set F of failed devices (2^N - 2 of them, each node knows which
-          one it runs under) the BatchNorm statistics of every stage are measured anew on the
-          calibration data as the cluster computes it under F. The next layers are then
-          normalised with the statistics of the inputs they actually get, which is what
-          switchable BatchNorm does for the sub-networks of a slimmable network. What is kept
-          is the change F causes, applied to the model's own statistics (see
-          recalibrated_stats), so that a few calibration photos do not replace an ImageNet
-          model's population statistics. A stage whose input no loss under F reaches keeps its
-          own statistics, so whatever is exact stays exact.
+mean+bn   mean, and for every set F of failed devices (2^N - 2 of them, or those of at most
+          --max-failed devices: failed_sets; each node knows which one it runs under) the
+          BatchNorm statistics of every stage are measured anew on the calibration data as
+          the cluster computes it under F; a larger F runs with the model's own statistics.
+          The next layers are then normalised with the statistics of the inputs they
+          actually get, which is what switchable BatchNorm does for the sub-networks of a
+          slimmable network. What is kept is the change F causes, applied to the model's own
+          statistics (see recalibrated_stats), so that a few calibration photos do not
+          replace an ImageNet model's population statistics. A stage whose input no loss
+          under F reaches keeps its own statistics, so whatever is exact stays exact.
 
 The statistics are measured on the whole model with a plan's losses applied (`run_masked`),
 which computes what Cluster.simulate computes (tests assert it), one stage at a time, the
@@ -24,6 +25,8 @@ i+1's are measured.
 from __future__ import annotations
 
 import itertools
+import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -33,16 +36,41 @@ from .errors import PartitionerError
 from .plan import FILLS, FillSpec, StagePlan
 from .stages import Stage, StagedModel, compute_linear, slice_params
 
-# 2^N - 2 failed sets: beyond this many the per-set statistics are refused (N > 8).
+# Beyond this many failed sets the per-set statistics are refused (every set of N = 8 devices).
 MAX_FILL_SETS = 254
+# --max-failed's default: every set up to N - 1 while they number at most this (N <= 6: 62 sets),
+# else sets of up to DEFAULT_MAX_FAILED_LARGE_N devices (N = 8: 36 sets instead of 254).
+ALL_SETS_UP_TO = 62
+DEFAULT_MAX_FAILED_LARGE_N = 2
 
 
-def failed_sets(devices: int) -> List[Tuple[int, ...]]:
-    """Every non-empty set of failed devices that leaves one alive, by size then lexically."""
-    if 2 ** devices - 2 > MAX_FILL_SETS:
-        raise PartitionerError(f"--fill mean+bn keeps statistics for every failed set: "
-                               f"{2 ** devices - 2} sets for {devices} devices is over {MAX_FILL_SETS}")
-    return [f for k in range(1, devices) for f in itertools.combinations(range(devices), k)]
+def default_max_failed(devices: int) -> int:
+    """--max-failed's default for N devices (see ALL_SETS_UP_TO)."""
+    if 2 ** devices - 2 <= ALL_SETS_UP_TO:
+        return max(devices - 1, 0)
+    return min(DEFAULT_MAX_FAILED_LARGE_N, devices - 1)
+
+
+def check_max_failed(devices: int, max_failed: Optional[int]) -> int:
+    """The bound on failed-set sizes: max_failed, or its default; a PartitionerError naming
+    --max-failed when it is outside 1..N-1."""
+    if max_failed is None:
+        return default_max_failed(devices)
+    if not 1 <= max_failed <= devices - 1:
+        raise PartitionerError(f"--max-failed must lie in 1..{devices - 1} (N - 1) for {devices} devices, "
+                               f"got {max_failed}")
+    return max_failed
+
+
+def failed_sets(devices: int, max_failed: Optional[int] = None) -> List[Tuple[int, ...]]:
+    """Every non-empty set of at most max_failed failed devices (default: default_max_failed)
+    that leaves one alive, by size then lexically."""
+    k_max = check_max_failed(devices, max_failed) if devices > 1 else 0
+    count = sum(math.comb(devices, k) for k in range(1, k_max + 1))
+    if count > MAX_FILL_SETS:
+        raise PartitionerError(f"--fill mean+bn keeps statistics for every failed set: {count} sets of up to "
+                               f"{k_max} of {devices} devices is over {MAX_FILL_SETS}; lower --max-failed")
+    return [f for k in range(1, k_max + 1) for f in itertools.combinations(range(devices), k)]
 
 
 def lost_masks(stages: Sequence[StagePlan], failed) -> List[torch.Tensor]:
@@ -171,6 +199,9 @@ def recalibrated_stats(staged: StagedModel, stages: Sequence[StagePlan], calib: 
     first_loss = next((i for i, m in enumerate(losses) if bool(m.any())), len(losses))
     params = [_full_params(s) for s in staged.stages]
     out: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
+    if first_loss == len(losses):   # nothing lost (parity recovered it): every statistic stands
+        return {(i, j): (params[i][f"f{j}.running_mean"], params[i][f"f{j}.running_var"])
+                for i, s in enumerate(staged.stages) for j, f in enumerate(s.followers) if f.behaviour == "batchnorm"}
 
     def measure(i: int, j: int, y: torch.Tensor):
         base = (params[i][f"f{j}.running_mean"], params[i][f"f{j}.running_var"])
@@ -192,22 +223,40 @@ def recalibrated_stats(staged: StagedModel, stages: Sequence[StagePlan], calib: 
     return out
 
 
+@dataclass(frozen=True)
+class FillInputs:
+    """What every plan of one model computes alike from the fill's calibration images: the mean
+    outputs and the no-failure statistics (fill_inputs), for plans that share them."""
+
+    calib: torch.Tensor
+    fills: List[torch.Tensor]
+    reference: Stats
+
+
+def fill_inputs(staged: StagedModel, calib: torch.Tensor) -> FillInputs:
+    return FillInputs(calib, mean_outputs(staged, calib), reference_stats(staged, calib))
+
+
 def compute_fill(staged: StagedModel, stages: Sequence[StagePlan], calib: Optional[torch.Tensor], rule: str,
-                 devices: int, progress: Optional[Callable[[int], None]] = None
-                 ) -> Tuple[FillSpec, Dict[str, Dict[str, torch.Tensor]]]:
-    """The plan's FillSpec and, per stage name, the tensors shards carry (see runtime.shard_stage_entry)."""
+                 devices: int, progress: Optional[Callable[[int], None]] = None, max_failed: Optional[int] = None,
+                 shared: Optional[FillInputs] = None) -> Tuple[FillSpec, Dict[str, Dict[str, torch.Tensor]]]:
+    """The plan's FillSpec and, per stage name, the tensors shards carry (see runtime.shard_stage_entry).
+
+    mean+bn measures statistics for failed_sets(devices, max_failed); a larger failed set runs
+    with the base statistics (runtime.DeviceRuntime.params). `shared`: fill_inputs(staged, calib),
+    when already computed."""
     if rule not in FILLS:
         raise PartitionerError(f"--fill {rule!r} is not one of {', '.join(FILLS)}")
     if rule == "zero":
         return FillSpec(), {}
     if calib is None:
         raise PartitionerError(f"--fill {rule} needs calibration data")
-    fills = mean_outputs(staged, calib)
+    fills = mean_outputs(staged, calib) if shared is None else shared.fills
     tables: Dict[str, Dict[str, torch.Tensor]] = {s.name: {"fill": fills[i]} for i, s in enumerate(staged.stages)}
     if rule == "mean":
         return FillSpec("mean"), tables
-    sets = failed_sets(devices)
-    reference = reference_stats(staged, calib)
+    sets = failed_sets(devices, max_failed)
+    reference = reference_stats(staged, calib) if shared is None else shared.reference
     per_set = []
     for f in sets:
         per_set.append(recalibrated_stats(staged, stages, calib, fills, f, reference))
@@ -226,3 +275,20 @@ def compute_fill(staged: StagedModel, stages: Sequence[StagePlan], calib: Option
             tables[stage.name][f"f{j}.recal_var"] = torch.stack([per_set[g][(i, j)][1] for g in changed]) \
                 if changed else torch.zeros(0, stage.n_neurons)
     return FillSpec("mean+bn", tuple(sets)), tables
+
+
+def set_stats(staged: StagedModel, tables: Mapping[str, Mapping[str, torch.Tensor]], g: int) -> Stats:
+    """(stage, follower) -> (mean, var) that failed set g of a mean+bn plan's tables (compute_fill)
+    normalises with where they differ from the model's own: what run_masked takes as `stats` to
+    compute what the cluster computes under that set (runtime.DeviceRuntime.params picks the same)."""
+    out: Stats = {}
+    for i, stage in enumerate(staged.stages):
+        table = tables[stage.name]
+        rows = table["recal_sets"].tolist() if "recal_sets" in table else []
+        if g not in rows:
+            continue
+        r = rows.index(g)
+        for j, f in enumerate(stage.followers):
+            if f.behaviour == "batchnorm":
+                out[(i, j)] = (table[f"f{j}.recal_mean"][r], table[f"f{j}.recal_var"][r])
+    return out

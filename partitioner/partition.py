@@ -1,6 +1,7 @@
 """`robustdice partition`: model → scores → assignment → plan.json + one shard per device."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -70,6 +71,8 @@ class PartitionRequest:
     budget_mb: Optional[float] = None       # --budget-mb: parameters per device, MB (1e6 bytes)
     fill_calib_size: Optional[int] = None
     s3_mode: str = "auto"                   # --s3: exact ablations, quadratic estimate, or per stage
+    max_failed: Optional[int] = None        # --max-failed: mean+bn's failed sets (None: fill.default_max_failed)
+    memory: Optional[float] = None          # --memory: a budget as a fraction of NMR's per-device bytes
 
     def check(self) -> None:
         if self.devices < 1:
@@ -100,19 +103,26 @@ class PartitionRequest:
             raise PartitionerError(f"--fill {self.fill!r} is not one of {', '.join(FILLS)}")
         if self.method == "robust+cdc" and self.devices < 2:
             raise PartitionerError("--method robust+cdc needs --devices >= 2 (parity rows live on another device)")
-        budgets = [b for b in (self.replication, self.budget_mb, self.threshold, self.thresholds) if b is not None]
+        budgets = [b for b in (self.replication, self.budget_mb, self.threshold, self.thresholds, self.memory)
+                   if b is not None]
         if len(budgets) > 1:
-            raise PartitionerError("give one of --threshold, --thresholds, --replication and --budget-mb")
-        if (self.replication is not None or self.budget_mb is not None) and self.method not in BUDGETED_METHODS:
-            raise PartitionerError(f"--replication and --budget-mb size a plan: they need --method "
+            raise PartitionerError("give one of --threshold, --thresholds, --replication, --budget-mb and --memory")
+        if (any(b is not None for b in (self.replication, self.budget_mb, self.memory))
+                and self.method not in BUDGETED_METHODS):
+            raise PartitionerError(f"--replication, --budget-mb and --memory size a plan: they need --method "
                                    f"{', '.join(BUDGETED_METHODS)}, not {self.method}")
+        if self.memory is not None and not (0 < self.memory <= 1):
+            raise PartitionerError(f"--memory is a fraction of NMR's per-device memory, in (0, 1], got {self.memory}")
+        if self.max_failed is not None:
+            from .fill import check_max_failed
+            check_max_failed(self.devices, self.max_failed)
         if self.method == "uniform":
             if self.threshold is not None or self.thresholds is not None:
                 raise PartitionerError("--method uniform does not cluster: give --budget-mb or --replication, "
                                        "not --threshold or --thresholds")
-            if self.replication is None and self.budget_mb is None:
-                raise PartitionerError("--method uniform spreads what a budget buys: give --budget-mb or "
-                                       "--replication")
+            if self.replication is None and self.budget_mb is None and self.memory is None:
+                raise PartitionerError("--method uniform spreads what a budget buys: give --budget-mb, --memory "
+                                       "or --replication")
         if self.replication is not None and not (1.0 <= self.replication <= self.devices):
             raise PartitionerError(f"--replication must lie in 1..{self.devices} (copies per neuron), "
                                    f"got {self.replication}")
@@ -219,6 +229,16 @@ def partition(request: PartitionRequest, scores: Optional[Mapping[str, np.ndarra
             calib = calibration_batch(request.model, request.calib, n=size, seed=request.seed, spec=spec)
         stage_thresholds(staged, request)  # fail on a bad thresholds file before the long scoring
         scores = request_scores(staged, calib, request)
+    request, stages = sized_stages(staged, request, scores)
+    return write_plan(model, staged, stages, request)
+
+
+def sized_stages(staged: StagedModel, request: PartitionRequest,
+                 scores: Optional[Mapping[str, np.ndarray]]) -> Tuple[PartitionRequest, List[StagePlan]]:
+    """The request with its budget (--memory, --budget-mb, --replication) solved into per-layer
+    thresholds or row counts, and its stages."""
+    if request.memory is not None:
+        request = dataclasses.replace(request, budget_mb=request.memory * nmr_per_device_bytes(staged, request) / 1e6)
     group_counts = None
     if request.method == "uniform":
         from .budget import uniform_group_counts
@@ -226,18 +246,35 @@ def partition(request: PartitionRequest, scores: Optional[Mapping[str, np.ndarra
     elif request.replication is not None or request.budget_mb is not None:
         from .budget import thresholds_for_budget
         request = thresholds_for_budget(staged, request, scores)  # fixes per-layer thresholds
-    stages = plan_stages(staged, request, scores, group_counts)
-    return write_plan(model, staged, stages, request)
+    return request, plan_stages(staged, request, scores, group_counts)
 
 
-def request_scores(staged: StagedModel, calib, request: PartitionRequest) -> Dict[str, np.ndarray]:
+def shard_param_bytes(shard: Mapping[str, object]) -> int:
+    """What a device holds of a shard (runtime.build_shard): its tensors, less the neuron ids."""
+    return param_bytes(shard["shared"]) + sum(
+        param_bytes({k: v for k, v in e.items() if k != "ids"}) for e in shard["stages"].values())
+
+
+def nmr_per_device_bytes(staged: StagedModel, request: PartitionRequest) -> int:
+    """The bytes of one device of NMR with the zero fill (every neuron on every device): what
+    --memory is a fraction of, as the benchmarks' budget ratios are."""
+    nmr = dataclasses.replace(request, method="nmr", fill="zero", threshold=None, thresholds=None,
+                              replication=None, budget_mb=None, memory=None)
+    stages = plan_stages(staged, nmr, None)
+    return shard_param_bytes(build_shard(staged, stages, 0, {}, ()))
+
+
+def request_scores(staged: StagedModel, calib, request: PartitionRequest,
+                   fills: Optional[Sequence] = None) -> Dict[str, np.ndarray]:
     """request.scores of every stage on `calib`, s3 ablating to what request.fill puts in place
-    (stand_ins): how partition scores, and what the DSE and the benchmarks score once for many
-    partitions of one model."""
+    (stand_ins; `fills`: its mean outputs, when already computed): how partition scores, and what
+    the DSE and the benchmarks score once for many partitions of one model."""
     from .scores import compute_scores
 
+    if fills is None or request.fill == "zero" or "s3" not in request.scores:
+        fills = stand_ins(staged, request)
     return compute_scores(staged, calib, list(request.scores), show_progress=request.show_progress,
-                          s3_mode=request.s3_mode, fill_values=stand_ins(staged, request))
+                          s3_mode=request.s3_mode, fill_values=fills)
 
 
 def stand_ins(staged: StagedModel, request: PartitionRequest):
@@ -263,14 +300,16 @@ def fill_calibration(request: PartitionRequest):
     return calibration_batch(request.model, request.calib, n=size, seed=request.seed + 1, spec=request.input_spec())
 
 
-def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request: PartitionRequest) -> Dict[str, object]:
+def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request: PartitionRequest,
+               fill=None) -> Dict[str, object]:
     """Fill tables, plan.json and one shard per device for `stages` of `model` in request.out.
 
-    Also how `finetune` writes a plan: the same stages, the fine-tuned weights.
+    Also how `finetune` writes a plan: the same stages, the fine-tuned weights. `fill`: the
+    (FillSpec, tables) of plan_fill when already computed (the default plan's search).
     """
     from .architecture import encode
 
-    fill_spec, fill_tables = _fill(staged, stages, request)
+    fill_spec, fill_tables = plan_fill(staged, stages, request) if fill is None else fill
     plan = Plan(
         model=request.model, weights=str(request.weights), seed=request.seed,
         weights_digest=weights_digest(model), devices=request.devices, method=request.method,
@@ -285,8 +324,7 @@ def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request:
     per_device = []
     for d in range(request.devices):
         shard = build_shard(staged, stages, d, fill_tables, fill_spec.sets)
-        per_device.append(param_bytes(shard["shared"]) + sum(
-            param_bytes({k: v for k, v in e.items() if k != "ids"}) for e in shard["stages"].values()))
+        per_device.append(shard_param_bytes(shard))
         path = save_shard(shard, plan_hash, d, out)
         shard_records[str(d)] = {"file": str(path.relative_to(out)), "sha256": sha256_file(path)}
     plan = Plan(**{**plan.__dict__, "shards": shard_records, "plan_hash": plan_hash})
@@ -306,16 +344,19 @@ def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request:
     }
 
 
-def _fill(staged: StagedModel, stages: Sequence[StagePlan], request: PartitionRequest):
-    """The plan's fill spec and the shards' fill tensors (fill.py), from calibration data."""
+def plan_fill(staged: StagedModel, stages: Sequence[StagePlan], request: PartitionRequest, shared=None):
+    """The plan's fill spec and the shards' fill tensors (fill.py), from calibration data.
+
+    shared: fill.FillInputs of fill_calibration(request), when several plans of one model share them."""
     from .fill import compute_fill, failed_sets
 
     if request.fill == "zero":
         return compute_fill(staged, stages, None, "zero", request.devices)
     from tqdm import tqdm
 
-    calib = fill_calibration(request)
-    total = len(failed_sets(request.devices)) if request.fill == "mean+bn" else 0
+    calib = fill_calibration(request) if shared is None else shared.calib
+    total = len(failed_sets(request.devices, request.max_failed)) if request.fill == "mean+bn" else 0
     with tqdm(total=total, desc="recalibrate BatchNorm per failed set", unit="set",
               disable=not request.show_progress or not total, leave=False) as bar:
-        return compute_fill(staged, stages, calib, request.fill, request.devices, progress=bar.update)
+        return compute_fill(staged, stages, calib, request.fill, request.devices, progress=bar.update,
+                            max_failed=request.max_failed, shared=shared)

@@ -90,3 +90,23 @@ def test_choose_refuses_a_budget_below_the_cheapest_plan():
 def test_candidate_thresholds_start_at_zero_and_end_above_any_diameter():
     assert CANDIDATE_THRESHOLDS[0] == 0.0
     assert CANDIDATE_THRESHOLDS[-1] > np.sqrt(3)  # three scores in [0, 1]: diameter <= √3
+
+
+def test_budget_costs_count_the_statistics_of_only_the_failed_sets_max_failed_keeps():
+    from robustdice.partitioner.budget import budget_costs
+    from robustdice.partitioner.models import build_model
+    from robustdice.partitioner.partition import PartitionRequest
+    from robustdice.partitioner.stages import trace_stages
+
+    staged = trace_stages(build_model("digits_cnn", "DEFAULT"))
+
+    def rows(**extra):
+        return budget_costs(staged, PartitionRequest("digits_cnn", 4, "robust", "unused", fill="mean+bn",
+                                                     budget_mb=1.0, **extra)).rows
+
+    every, bounded = rows(), rows(max_failed=1)
+    # a BatchNorm row keeps a mean and a variance (float32) per failed set its device survives:
+    # of 14 sets, 7 without device 0; of the 4 single ones, 3
+    bn = [sum(1 for f in s.followers if f.behaviour == "batchnorm") for s in staged.stages]
+    assert any(bn)
+    assert [a - b for a, b in zip(every, bounded)] == [2 * 4 * (7 - 3) * k for k in bn]

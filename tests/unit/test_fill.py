@@ -266,3 +266,67 @@ def test_partition_scores_s3_against_the_value_its_fill_puts_in_place(monkeypatc
     shard = torch.load(shard_path(tmp_path / "mean", 0), weights_only=True)
     name = staged.stages[0].name
     torch.testing.assert_close(shard["stages"][name]["fill"], expected[0])
+
+
+def test_failed_sets_are_bounded_by_max_failed():
+    from math import comb
+
+    from robustdice.partitioner.errors import PartitionerError
+    from robustdice.partitioner.fill import MAX_FILL_SETS, default_max_failed
+
+    assert failed_sets(4) == [f for f in ALL_SETS if f]          # N <= 6: every set up to N - 1
+    assert len(failed_sets(6)) == 62 and default_max_failed(6) == 5
+    assert failed_sets(4, 2) == [f for f in ALL_SETS if 1 <= len(f) <= 2]
+    for n in (7, 8, 12):   # beyond 62 sets: up to 2 failed
+        sets = failed_sets(n)
+        assert default_max_failed(n) == 2 and max(map(len, sets)) == 2
+        assert len(sets) == n + comb(n, 2)
+    assert len(failed_sets(8, 7)) == MAX_FILL_SETS
+    assert failed_sets(1) == []
+    for n, k in ((4, 0), (4, 4), (8, 8)):
+        with pytest.raises(PartitionerError, match="--max-failed"):
+            failed_sets(n, k)
+    with pytest.raises(PartitionerError, match="lower --max-failed"):
+        failed_sets(9, 8)
+
+
+def test_max_failed_bounds_the_plans_statistics_and_larger_sets_run_on_the_models_own(plans, images):
+    bounded, full = Cluster(plans("robust", "mean+bn", max_failed=1)), Cluster(plans("robust", "mean+bn"))
+    assert list(bounded.plan.fill.sets) == [(d,) for d in range(N)]
+    assert bounded.plan.stages == full.plan.stages   # the same assignment: only the statistics differ
+    staged = trace_stages(build_model("digits_cnn", "DEFAULT"))
+    fills = [e["fill"] for e in bounded.devices[0].entries]
+    with torch.inference_mode():
+        for failed in [(2,), (1, 3), (0, 1, 2)]:
+            got = bounded.simulate(images, failed)
+            if len(failed) == 1:   # within the bound: the same statistics as the unbounded plan's
+                expected = full.simulate(images, failed)
+            else:                  # beyond it: the fill, with the model's own statistics
+                expected = run_masked(staged, bounded.plan.stages, images, lost_masks(bounded.plan.stages, failed), fills)
+                assert not torch.allclose(got, full.simulate(images, failed), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method,fill,extra", [("robust+cdc", "mean+bn", {}), ("robust", "mean+bn", {"max_failed": 1}),
+                                               ("robust", "zero", {})])
+def test_the_default_plans_scoring_is_the_simulation(plans, images, method, fill, extra):
+    """choose.agreement_by_set (each neuron once, fill.run_masked) agrees with Cluster.simulate."""
+    from robustdice.partitioner.choose import agreement_by_set
+    from robustdice.partitioner.evaluate import _predict
+    from robustdice.partitioner.partition import plan_fill
+
+    folder = plans(method, fill, **extra)
+    cluster = Cluster(folder)
+    model = build_model("digits_cnn", "DEFAULT")
+    staged = trace_stages(model)
+    request = PartitionRequest(model="digits_cnn", devices=N, method=method, out=folder, fill=fill,
+                               show_progress=False, **extra)
+    tables = plan_fill(staged, cluster.plan.stages, request)
+    assert tables[0] == cluster.plan.fill
+    with torch.inference_mode():
+        reference = model(images).argmax(1)
+    sets = [f for f in ALL_SETS if f]
+    got = agreement_by_set(staged, cluster.plan.stages, tables, sets, images, reference)
+    expected = {f: float((_predict(cluster, images, f) == reference).float().mean()) for f in sets}
+    assert got == expected
+    assert min(expected.values()) < 1.0   # the plans lose answers somewhere: not vacuous
