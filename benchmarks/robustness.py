@@ -18,15 +18,21 @@ ablates to zero for the zero fill, to the mean output for mean and mean+bn):
                                 draws (seed_means lists each draw's), min and max over all
   fine-tuned (models whose training data is here): robust and robust+cdc at the budget,
                                 mean+bn fill, `finetune` under the plan's own failure masks
+  rocoin (models whose training data is here): RoCoIn's students, N // 2 groups of two, zero
+                                and mean fill (one training, two plans); no budget: each
+                                device holds its student and the head (`partition --method
+                                rocoin`), --rocoin-epochs distillation passes
 Figures: per-device parameters (the fullest device) and their ratio to NMR's, replication
 (copies per neuron, parity rows included), and per k the mean (min-max) over failed sets of
 top-1 accuracy on the model's evaluation split (digits: 360 test images; fashion_vgg: the 10k
 Fashion-MNIST test images) or, for efficientnet_lite0, top-1 agreement with its own no-failure
 prediction on scikit-image's photos and crops (unlabelled). Retention = accuracy / accuracy
-with no failure. Also writes a Pareto PNG per model (per-device memory against the mean at 1
-and 2 failed) next to the JSON. Per fill and k, `versus_random` holds robust minus random with
+with no failure. Also writes a Pareto PNG per model (per-device memory against the mean at 1,
+2 and 3 failed) next to the JSON. Per fill and k, `versus_random` holds robust minus random with
 a standard error and a verdict ("wins"/"loses" beyond two standard errors, else "within noise");
-`versus_uniform` the same for robust and robust+cdc against uniform.
+`versus_uniform` the same for robust and robust+cdc against uniform; `versus_rocoin` rocoin
+(each fill) minus robust at the budget with mean+bn and minus robust fine-tuned, where they ran.
+Every row also says how many gathers a frame costs (stages; rocoin: 1).
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ from robustdice.partitioner.errors import PartitionerError
 from robustdice.partitioner.models import build_model
 from robustdice.partitioner.partition import (SCORED_METHODS, PartitionRequest, default_calib_size, partition,
                                               request_scores)
+from robustdice.partitioner.plan import load_plan
 from robustdice.partitioner.stages import trace_stages
 
 from _results import START_COMMIT, write_result
@@ -65,6 +72,9 @@ THREADS = 2
 RANDOM_SEEDS = 3
 DRAWN_METHODS = ("random", "uniform")
 BUDGET_METHODS = ("robust", "random", "uniform", "robust+cdc")
+# Methods outside the budget: rocoin distils students instead of splitting the model's layers.
+ROCOIN_FILLS = ("zero", "mean")
+DEFAULT_METHODS = BUDGET_METHODS + ("rocoin",)
 DEFAULT_MODELS = ("digits_cnn", "fashion_vgg", "efficientnet_lite0")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "robustness.json"
 # The issue's targets: retention at k = 1, 2, 3 failed (None: no target at that k).
@@ -73,17 +83,19 @@ TARGETS = {"fashion_vgg": (0.95, 0.85, 0.60), "digits_cnn": (0.95, 0.85, None),
 
 
 def configurations(model: str, finetune_here: bool, fills=FILLS, sweep=True, methods=BUDGET_METHODS,
-                   budget_ratio: float = BUDGET_RATIO):
+                   budget_ratio: float = BUDGET_RATIO, rocoin_here: bool = False):
     """(name, method, fill, budget ratio or None, fine-tuned) of every row of the table."""
     rows = [("nmr/zero", "nmr", "zero", None, False)]   # first: the others' memory is measured against it
     rows += [(f"lop/{f}", "lop", f, None, False) for f in fills]
     rows += [(f"cdc/{f}", "cdc", f, None, False) for f in fills]
     rows += [(f"robust-t0.1/{f}", "robust", f, None, False) for f in fills]
-    for method in methods:
+    for method in (m for m in methods if m in BUDGET_METHODS):
         rows += [(f"{method}@{budget_ratio:g}/{f}", method, f, budget_ratio, False) for f in fills]
     if finetune_here:
         rows += [(f"{m}@{budget_ratio:g}/mean+bn/finetuned", m, "mean+bn", budget_ratio, True)
                  for m in ("robust", "robust+cdc")]
+    if rocoin_here and "rocoin" in methods:   # students are distilled on the model's training data
+        rows += [(f"rocoin/{f}", "rocoin", f, None, False) for f in ROCOIN_FILLS]
     # Budget sweep for the Pareto plot (not in the table): other budgets, the mean+bn fill.
     for method in ("robust", "robust+cdc") if sweep else ():
         rows += [(f"{method}@{r:g}/mean+bn", method, "mean+bn", r, False) for r in SWEEP_RATIOS
@@ -102,8 +114,8 @@ def per_model(text, cast):
 
 
 def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bool, log, fills=FILLS,
-              sweep=True, methods=BUDGET_METHODS, random_seeds: int = RANDOM_SEEDS,
-              budget_ratio: float = BUDGET_RATIO) -> dict:
+              sweep=True, methods=DEFAULT_METHODS, random_seeds: int = RANDOM_SEEDS,
+              budget_ratio: float = BUDGET_RATIO, rocoin_epochs: Optional[int] = None) -> dict:
     started = time.perf_counter()
     staged = trace_stages(build_model(model, "DEFAULT"))
     calib = calibration_batch(model, n=default_calib_size(model), seed=0)
@@ -120,16 +132,24 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
         return scored[key]
     try:
         training_data(model)
-        finetune_here = allow_finetune
+        trainable = True
     except PartitionerError:
-        finetune_here = False
+        trainable = False
+    finetune_here = trainable and allow_finetune
     rows = []
     nmr_bytes = None
     plans = {}
     per_image = {}   # (method, fill) -> {k: each image's share of correct answers}, for versus_*
-    for name, method, fill, ratio, tuned in configurations(model, finetune_here, fills, sweep, methods, budget_ratio):
+    rocoin = {}   # one design and one training serve both fills
+    for name, method, fill, ratio, tuned in configurations(model, finetune_here, fills, sweep, methods, budget_ratio,
+                                                           rocoin_here=trainable):
         out = root / model / name.replace("/", "_").replace("@", "_at_")
-        if tuned:
+        if method == "rocoin":
+            summary = rocoin_plan(model, out, fill, rocoin, rocoin_epochs, log)
+            results = [evaluate_plan(out, None, limit, per_image=True)]
+            per_image[(method, fill)] = by_k_per_image(results)
+            result = results[0]
+        elif tuned:
             base = plans.get((method, fill, ratio))
             if base is None:   # its plan was not made: skipped above, or not among --methods
                 log(f"  {name}: skipped (no {method}@{ratio:g}/{fill} plan to fine-tune)")
@@ -163,8 +183,13 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
         label = name.rsplit("/", 1)[0] if not tuned else name.replace("/mean+bn/", " ")
         if ratio is not None and not tuned:
             label = f"{method} (budget)"
+        if method == "rocoin":   # one point per fill on the plot
+            label = name
         row = point(result, nmr_bytes, name=name, finetuned=tuned, budget_ratio=ratio, label=label,
-                    in_table=ratio in (None, budget_ratio))
+                    in_table=ratio in (None, budget_ratio), gathers_per_frame=gathers_per_frame(out))
+        if method == "rocoin":
+            row.update(training_s=summary["rocoin"]["training_s"], design_s=summary["rocoin"]["design_s"],
+                       rocoin_epochs=summary["rocoin"]["epochs"], students=summary["rocoin"]["students"])
         base_acc = row["by_failed"]["0"]["mean"]
         row["retention"] = {k: (b["mean"] / base_acc if base_acc else None) for k, b in row["by_failed"].items()}
         if tuned:
@@ -179,6 +204,49 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
            "commit": START_COMMIT}   # --update keeps other models' entries: each says what code ran
     out["versus_random"] = versus_random(out, per_image)
     out["versus_uniform"] = versus_uniform(out, per_image)
+    out["versus_rocoin"] = versus_rocoin(out, per_image)
+    return out
+
+
+def rocoin_plan(model: str, out: Path, fill: str, cache: dict, epochs: Optional[int], log) -> dict:
+    """The rocoin plan of `model` with `fill` in `out`; the students are designed and distilled
+    once per model (cache) and written once per fill."""
+    from robustdice.partitioner.rocoin_plan import RocoinOptions, design, train, write
+
+    if "design" not in cache:
+        request = PartitionRequest(model=model, devices=DEVICES, method="rocoin", out=out, fill=fill,
+                                   show_progress=False, rocoin=RocoinOptions(epochs=epochs))
+        cache["design"] = design(request)
+        cache["students"], cache["training_s"] = train(cache["design"])
+        log(f"  rocoin: students {', '.join(m.student for m in cache['design'].matches)} distilled for "
+            f"{cache['design'].epochs} epochs in {cache['training_s']:.0f} s")
+    return write(cache["design"], cache["students"], out=out, fill=fill, training_s=cache["training_s"])
+
+
+def gathers_per_frame(plan_dir: Path) -> int:
+    """All-gathers one frame costs: one per stage, rocoin's one (its students' outputs)."""
+    plan = load_plan(plan_dir)
+    return 1 if plan.rocoin is not None else len(plan.stages)
+
+
+def versus_rocoin(result: dict, per_image: Optional[dict] = None) -> dict:
+    """{fill: {baseline: per k failed, rocoin with that fill minus the baseline row}}, against
+    robust at the budget with mean+bn and robust fine-tuned, where the result has them (see
+    difference)."""
+    ratio = result.get("budget_ratio", BUDGET_RATIO)
+    rows = {r["name"]: r for r in result["rows"]}
+    baselines = {"robust mean+bn": f"robust@{ratio:g}/mean+bn",
+                 "robust mean+bn fine-tuned": f"robust@{ratio:g}/mean+bn/finetuned"}
+    images = per_image or {}
+    out = {}
+    for fill in ROCOIN_FILLS:
+        mine = rows.get(f"rocoin/{fill}")
+        if mine is None:
+            continue
+        out[fill] = {label: difference(mine, rows[name], images.get(("rocoin", fill)),
+                                       images.get(("robust", "mean+bn")) if "fine" not in label else None,
+                                       int(result["samples"]))
+                     for label, name in baselines.items() if name in rows}
     return out
 
 
@@ -248,26 +316,33 @@ def versus(result: dict, per_image: Optional[dict], method: str, baseline: str) 
         if name != method or base is None:
             continue
         images = per_image or {}
-        pair = (method, fill) in images and (baseline, fill) in images
-        per_k = {}
-        for k, b in sorted(mine["by_failed"].items()):
-            if k == "0":
-                continue
-            a, r = b["mean"], base["by_failed"][k]
-            seeds = r.get("seed_means") or [r["mean"]]
-            seed_var = (float(np.var(seeds, ddof=1)) / len(seeds)) if len(seeds) > 1 else 0.0
-            if pair:
-                d = images[(method, fill)][k] - images[(baseline, fill)][k]
-                image_var = float(np.var(d, ddof=1)) / len(d) if len(d) > 1 else 0.0
-            else:
-                image_var = a * (1 - a) / n + r["mean"] * (1 - r["mean"]) / n
-            se = math.sqrt(image_var + seed_var)
-            diff = a - r["mean"]
-            verdict = "wins" if diff > 2 * se else "loses" if diff < -2 * se else "within noise"
-            per_k[k] = {"difference": diff, "standard_error": se, "verdict": verdict,
-                        "error": "paired" if pair else "binomial"}
-        out[fill] = per_k
+        out[fill] = difference(mine, base, images.get((method, fill)), images.get((baseline, fill)), n)
     return out
+
+
+def difference(mine: dict, base: dict, mine_images: Optional[dict], base_images: Optional[dict], n: int) -> dict:
+    """Per k failed (k >= 1), mine minus base with its standard error and verdict (see versus):
+    paired when both rows' per-image shares are given, else binomial over `n` images."""
+    n = max(n, 1)
+    pair = mine_images is not None and base_images is not None
+    per_k = {}
+    for k, b in sorted(mine["by_failed"].items()):
+        if k == "0":
+            continue
+        a, r = b["mean"], base["by_failed"][k]
+        seeds = r.get("seed_means") or [r["mean"]]
+        seed_var = (float(np.var(seeds, ddof=1)) / len(seeds)) if len(seeds) > 1 else 0.0
+        if pair:
+            d = mine_images[k] - base_images[k]
+            image_var = float(np.var(d, ddof=1)) / len(d) if len(d) > 1 else 0.0
+        else:
+            image_var = a * (1 - a) / n + r["mean"] * (1 - r["mean"]) / n
+        se = math.sqrt(image_var + seed_var)
+        diff = a - r["mean"]
+        verdict = "wins" if diff > 2 * se else "loses" if diff < -2 * se else "within noise"
+        per_k[k] = {"difference": diff, "standard_error": se, "verdict": verdict,
+                    "error": "paired" if pair else "binomial"}
+    return per_k
 
 
 def format_versus(versus: dict, label: str = "robust - random") -> List[str]:
@@ -282,25 +357,31 @@ def verdict_lines(result: dict) -> List[str]:
     lines = format_versus(result["versus_random"])
     for method, v in result.get("versus_uniform", {}).items():
         lines += format_versus(v, f"{method} - uniform")
+    for fill, per_base in result.get("versus_rocoin", {}).items():
+        for base, per_k in per_base.items():
+            lines += format_versus({fill: per_k}, f"rocoin - {base}")
     return lines
 
 
 def format_row(row: dict) -> str:
     cells = [f"{k}: {100 * b['mean']:5.1f} ({100 * b['min']:.1f}-{100 * b['max']:.1f})"
              for k, b in sorted(row["by_failed"].items())]
+    n = row.get("gathers_per_frame")
+    gathers = "" if n is None else f", {n} gather{'' if n == 1 else 's'}"
     return (f"{row['name']:<34} mem {row['memory_ratio']:.2f} of nmr ({row['per_device_mb']:.3f} MB), "
-            f"rep {row['replication']:.2f} | " + " | ".join(cells))
+            f"rep {row['replication']:.2f}{gathers} | " + " | ".join(cells))
 
 
 def plot(result: dict, out: Path) -> Path:
-    """The Pareto PNG of one model: the mean+bn rows (and nmr) by per-device memory.
+    """The Pareto PNG of one model: the mean+bn rows (and nmr, and rocoin's) by per-device memory,
+    at 1, 2 and 3 failed.
 
     Named after the JSON it belongs to (robustness.json -> robustness_<model>.png), so that a
     run written to another --out does not redraw the default file's plots."""
     sweep = {"model": result["model"], "devices": DEVICES, "fill": "mean+bn",
              "nmr_per_device_mb": result["nmr_per_device_mb"],
-             "points": [r for r in result["rows"] if r["fill"] == "mean+bn" or r["method"] == "nmr"]}
-    return plot_pareto(sweep, Path(out).parent / f"{Path(out).stem}_{result['model']}.png")
+             "points": [r for r in result["rows"] if r["fill"] == "mean+bn" or r["method"] in ("nmr", "rocoin")]}
+    return plot_pareto(sweep, Path(out).parent / f"{Path(out).stem}_{result['model']}.png", ks=("1", "2", "3"))
 
 
 def budget_ratio_arg(text: str) -> float:
@@ -330,7 +411,9 @@ def main(argv=None) -> int:
                         "fashion_vgg=2000,efficientnet_lite0=40")
     parser.add_argument("--finetune-epochs", help="epochs of finetune: E or per model (default: finetune's own)")
     parser.add_argument("--fills", default=",".join(FILLS), help="fill rules of the table")
-    parser.add_argument("--methods", default=",".join(BUDGET_METHODS), help="methods at the budget")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="methods at the budget, and rocoin (its own memory, no budget)")
+    parser.add_argument("--rocoin-epochs", help="rocoin's distillation passes: E or per model (default: partition's)")
     parser.add_argument("--no-sweep", action="store_true", help="no extra budgets for the Pareto plot")
     parser.add_argument("--budget-ratio", type=budget_ratio_arg, default=BUDGET_RATIO,
                         help=f"the table's budget as a share of NMR's per-device memory (default {BUDGET_RATIO:g})")
@@ -372,12 +455,14 @@ def main(argv=None) -> int:
         for model in models:
             log(f"{model}:")
             limits, epochs = per_model(args.limit, int), per_model(args.finetune_epochs, int)
+            rocoin_epochs = per_model(args.rocoin_epochs, int)
             results[model] = run_model(model, root, limits.get(model, limits.get("*")),
                                        epochs.get(model, epochs.get("*")), not args.no_finetune, log,
                                        fills=tuple(f for f in args.fills.split(",") if f),
                                        sweep=not args.no_sweep,
                                        methods=tuple(m for m in args.methods.split(",") if m),
-                                       random_seeds=args.random_seeds, budget_ratio=args.budget_ratio)
+                                       random_seeds=args.random_seeds, budget_ratio=args.budget_ratio,
+                                       rocoin_epochs=rocoin_epochs.get(model, rocoin_epochs.get("*")))
             results[model]["pareto_png"] = plot(results[model], args.out).name
     for model, r in results.items():
         print(f"\n{model} over {DEVICES} devices: {r['metric']} on {r['data']}, mean (min-max) per k failed")

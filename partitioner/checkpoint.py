@@ -2,7 +2,9 @@
 mismatch. Shared by the built-in models (models.py) and users' own (usermodel.py)."""
 from __future__ import annotations
 
+import hashlib
 import os
+from typing import Mapping
 
 import torch
 
@@ -55,3 +57,14 @@ def load_state(model, name, state, source):
 def _first(keys, n=3):
     shown = ", ".join(keys[:n])
     return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor of a state_dict, in key order (names, dtypes, shapes, bytes):
+    what a plan records of the weights it was made from (runtime.weights_digest)."""
+    h = hashlib.sha256()
+    for key, t in sorted(state.items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()

@@ -27,7 +27,7 @@ def register(sub) -> None:
                         "with per-channel values split by '/', e.g. mean=0.5,std=0.25/0.25/0.25 (default: the "
                         "factory's robustdice_input, else mean=0,std=1,resize=stretch)")
     p.add_argument("--devices", "-n", type=positive_int, required=True, help="number of devices N")
-    p.add_argument("--method", choices=("robust", "lop", "nmr", "cdc", "random", "robust+cdc", "uniform"),
+    p.add_argument("--method", choices=("robust", "lop", "nmr", "cdc", "random", "robust+cdc", "uniform", "rocoin"),
                    help="robust: RobustDiCE Algorithm 1; lop: equal split; nmr: full "
                         "replication; cdc: equal split over N-1 devices plus a parity device; "
                         "random: robust's replication with importance-blind groups; robust+cdc: "
@@ -35,7 +35,17 @@ def register(sub) -> None:
                         "uniform: what --budget-mb or --replication buys, spread evenly over the layers "
                         "and given to neurons drawn at random (default: with no --fill and no budget either, "
                         "the best of robust and robust+cdc with the mean+bn fill within --memory, chosen by "
-                        "simulating both under every failed set on calibration images; otherwise robust)")
+                        "simulating both under every failed set on calibration images; otherwise robust); "
+                        "rocoin: RoCoIn, students distilled from the teacher, one per group of devices, "
+                        "each giving one partition of its final convolution's filters (one gather per frame)")
+    p.add_argument("--groups", type=positive_int, metavar="K",
+                   help="rocoin: device groups, each running one student (default N // 2: groups of two)")
+    p.add_argument("--epochs", type=positive_int,
+                   help="rocoin: distillation passes over the training images (default 30 digits_cnn, "
+                        "2 fashion_vgg, 5 others)")
+    p.add_argument("--train", type=Path, metavar="DIR",
+                   help="rocoin: an ImageFolder of training images (default: the model's own training split, "
+                        "digits_cnn and fashion_vgg)")
     p.add_argument("--paper", action="store_true",
                    help="the paper's configuration: --method robust --threshold 0.1 --fill zero, no budget")
     t = p.add_mutually_exclusive_group()
@@ -54,7 +64,8 @@ def register(sub) -> None:
     p.add_argument("--fill", choices=("zero", "mean", "mean+bn"),
                    help="what stands in for a lost neuron: zero (the paper), mean (its expected output), "
                         "mean+bn (also BatchNorm statistics recalibrated for each failed set); s3 scores each "
-                        "neuron's loss under this rule (default: mean+bn for the default plan, else zero)")
+                        "neuron's loss under this rule (default: mean+bn for the default plan, mean for rocoin, "
+                        "else zero)")
     p.add_argument("--max-failed", type=positive_int, metavar="K",
                    help="mean+bn keeps statistics for the failed sets of up to K devices, and the default plan "
                         "is chosen over them (default: N-1 while those sets number 62 or fewer, N <= 6; else 2)")
@@ -138,8 +149,10 @@ def register(sub) -> None:
     x.add_argument("--memory-ratios", default="0.3,0.4,0.5,0.6,0.75",
                    help="budgets as fractions of NMR's per-device memory (default 0.3,0.4,0.5,0.6,0.75)")
     x.add_argument("--methods", default="robust,robust+cdc,random",
-                   help="methods swept over the budgets, of robust, robust+cdc, random and uniform "
+                   help="methods swept over the budgets, of robust, robust+cdc, random, uniform and rocoin "
+                        "(rocoin: each budget is every device's memory, its students distilled anew) "
                         "(default robust,robust+cdc,random)")
+    x.add_argument("--epochs", type=positive_int, help="rocoin: distillation passes (default as for partition)")
     x.add_argument("--data", type=Path, help="evaluation data (as for evaluate)")
     x.add_argument("--limit", type=positive_int, help="evaluate on at most this many images")
     x.add_argument("--calib", type=Path, help="calibration images for s2/s3 and the fill (as for partition)")
@@ -180,14 +193,19 @@ def cmd_partition(args) -> int:
         show_progress=not args.no_progress and not args.json and sys.stderr.isatty(),
         input_shape=None if args.input_shape is None else parse_shape(args.input_shape),
         preprocess=args.preprocess,
-        fill=args.fill or "zero", replication=args.replication, budget_mb=args.budget_mb,
+        fill=args.fill or ("mean" if args.method == "rocoin" else "zero"), replication=args.replication,
+        budget_mb=args.budget_mb,
         fill_calib_size=args.fill_calib_size, s3_mode=args.s3, max_failed=args.max_failed,
         memory=None if chosen else args.memory,
+        rocoin=_rocoin_options(args),
     )
     if chosen:
         from .choose import DEFAULT_MEMORY, default_plan
         weigh_k = None if args.weigh_k is None else _fractions(args.weigh_k, "--weigh-k")
         summary = default_plan(request, DEFAULT_MEMORY if args.memory is None else args.memory, weigh_k)
+    elif request.method == "rocoin":   # students distilled per device group
+        from .rocoin_plan import partition_rocoin
+        summary = partition_rocoin(request)
     else:
         summary = partition(request)
     if args.sign_key is not None:
@@ -203,9 +221,28 @@ def cmd_partition(args) -> int:
           f"plan {summary['plan_hash'][:12]} in {summary['plan']}")
     print(f"  replication factor {summary['replication_factor']:.2f}; "
           f"parameters per device (MB): {' '.join(mb)} of {summary['full_param_bytes'] / 1e6:.2f} in full")
+    if "rocoin" in summary:
+        r = summary["rocoin"]
+        print(f"  groups {' '.join(map(str, r['groups']))}, students "
+              + ", ".join(f"{s['student']} ({s['flops'] / 1e6:.2f} M MACs)" for s in r["students"])
+              + f" of the teacher's {r['teacher_flops'] / 1e6:.2f}; one gather per frame; "
+                f"distilled for {r['epochs']} epochs in {r['training_s']:.0f} s")
     print(f"  signed: {summary['signature']}" if "signature" in summary else
           "  unsigned: boards with an operator_public_key refuse it (robustdice sign --plan DIR --key FILE)")
     return 0
+
+
+def _rocoin_options(args):
+    """--groups, --epochs and --train, which only --method rocoin takes."""
+    from .errors import PartitionerError
+    given = [name for name, value in (("--groups", args.groups), ("--epochs", args.epochs), ("--train", args.train))
+             if value is not None]
+    if args.method != "rocoin":
+        if given:
+            raise PartitionerError(f"{given[0]} is for --method rocoin")
+        return None
+    from .rocoin_plan import RocoinOptions
+    return RocoinOptions(groups=args.groups, epochs=args.epochs, train=args.train)
 
 
 def cmd_sign(args) -> int:
@@ -321,7 +358,7 @@ def cmd_dse(args) -> int:
                    memory_ratios=_fractions(args.memory_ratios, "--memory-ratios"),
                    methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                    data=args.data, limit=args.limit, seed=args.seed, calib=args.calib, progress=progress,
-                   log=(lambda *_: None) if args.json else print)
+                   log=(lambda *_: None) if args.json else print, epochs=args.epochs)
     plot = plot_pareto(result, args.plot or args.out / "pareto.png")
     path = write(result, args.out / "dse.json")
     if args.json:

@@ -6,6 +6,10 @@ thresholds chosen per layer by budget.py), lop, cdc and nmr once each, every pla
 same fill rule, and each plan is evaluated under every set of failed devices. The plot shows
 per-device memory against the mean accuracy at 1 and at 2 failed devices; the JSON holds every
 figure.
+
+rocoin (on request) is swept over the same budgets as each device's memory: its students are
+chosen under it (rocoin.match_groups) and distilled anew for every budget, with the mean fill
+where the sweep's fill is mean or mean+bn (no BatchNorm runs after rocoin's one gather).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .errors import PartitionerError
 
-SWEPT_METHODS = ("robust", "robust+cdc", "random", "uniform")
+SWEPT_METHODS = ("robust", "robust+cdc", "random", "uniform", "rocoin")
 DEFAULT_SWEPT = ("robust", "robust+cdc", "random")   # uniform on request: --methods ...,uniform
 FIXED_METHODS = ("lop", "cdc", "nmr")
 DEFAULT_MEMORY_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.75)
@@ -35,7 +39,7 @@ def point(result: Dict, nmr_bytes: float, **extra) -> Dict:
 def sweep(model: str, devices: int, out, weights: str = "DEFAULT", fill: str = "mean+bn",
           memory_ratios: Sequence[float] = DEFAULT_MEMORY_RATIOS, methods: Sequence[str] = DEFAULT_SWEPT,
           data=None, limit: Optional[int] = None, seed: int = 0, calib=None, calib_size: Optional[int] = None,
-          progress: bool = True, log=print) -> Dict:
+          progress: bool = True, log=print, epochs: Optional[int] = None) -> Dict:
     """Partition and evaluate every point; returns the JSON-ready result (see the module docstring)."""
     from .data import calibration_batch
     from .evaluate import evaluate_plan
@@ -57,10 +61,18 @@ def sweep(model: str, devices: int, out, weights: str = "DEFAULT", fill: str = "
     scores = request_scores(staged, calib_batch, like)
 
     def run(method: str, name: str, **budget) -> Dict:
+        extra = {}
+        if method == "rocoin":   # `epochs`: rocoin's distillation passes
+            from .rocoin_plan import RocoinOptions
+            extra = {"fill": "zero" if fill == "zero" else "mean", "rocoin": RocoinOptions(epochs=epochs)}
         request = PartitionRequest(model=model, devices=devices, method=method, out=out / "plans" / name,
                                    weights=weights, seed=seed, calib=calib, calib_size=calib_size,
-                                   show_progress=progress, fill=fill, **budget)
-        partition(request, scores=scores if method in SWEPT_METHODS else None)
+                                   show_progress=progress, **{"fill": fill, **budget, **extra})
+        if method == "rocoin":
+            from .rocoin_plan import partition_rocoin
+            partition_rocoin(request)
+        else:
+            partition(request, scores=scores if method in SWEPT_METHODS else None)
         return evaluate_plan(request.out, data, limit, progress=progress)
 
     fixed = {}
@@ -89,15 +101,16 @@ def _describe(result: Dict) -> str:
             f"replication {result['replication_factor']:.2f}, {per_k}")
 
 
-def plot_pareto(result: Dict, path) -> Path:
-    """Per-device memory (MB) against mean accuracy at 1 and 2 failed devices, one panel each."""
+def plot_pareto(result: Dict, path, ks: Sequence[str] = ("1", "2")) -> Path:
+    """Per-device memory (MB) against mean accuracy at each number of failed devices in `ks`
+    (default 1 and 2), one panel each."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from .evaluate import save_figure
 
-    ks = [k for k in ("1", "2") if int(k) < result["devices"]]
+    ks = [k for k in ks if int(k) < result["devices"]]
     fig, axes = plt.subplots(1, len(ks), figsize=(5.2 * len(ks), 4.2), dpi=120, squeeze=False)
     markers = {"lop": "s", "cdc": "D", "nmr": "*"}
     # Points are grouped by "label" (default: the method); a group of several is a line.

@@ -100,6 +100,8 @@ def evaluate_plan(directory, data_dir=None, limit: Optional[int] = None, progres
 def replication(plan) -> float:
     """Neuron copies (parity rows included) per neuron over the whole plan."""
     from .plan import assignment_summary
+    if plan.rocoin is not None:   # copies of each student's partition
+        return plan.rocoin.replication
     return assignment_summary(plan.stages, plan.devices)["replication_factor"]
 
 
@@ -143,6 +145,9 @@ def verify_plan(directory, batch: int = 2, seed: int = 0) -> Dict:
     if weights_digest(model) != plan.weights_digest:
         raise PartitionerError(f"the weights {plan.weights!r} (seed {plan.seed}) differ from those the "
                                f"plan was made from ({plan.weights_digest[:19]}…)")
+    if cluster.rocoin is not None:   # students approximate the teacher: checked otherwise
+        from .rocoin_runtime import verify_rocoin
+        return verify_rocoin(cluster.rocoin, model, directory, batch, seed)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((batch,) + tuple(plan.input_shape), generator=generator)
     with torch.inference_mode():

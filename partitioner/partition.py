@@ -73,12 +73,15 @@ class PartitionRequest:
     s3_mode: str = "auto"                   # --s3: exact ablations, quadratic estimate, or per stage
     max_failed: Optional[int] = None        # --max-failed: mean+bn's failed sets (None: fill.default_max_failed)
     memory: Optional[float] = None          # --memory: a budget as a fraction of NMR's per-device bytes
+    rocoin: Optional[object] = None         # --method rocoin: rocoin_plan.RocoinOptions (groups, epochs, train)
 
     def check(self) -> None:
         if self.devices < 1:
             raise PartitionerError(f"--devices must be >= 1, got {self.devices}")
         if self.method not in METHODS:
             raise PartitionerError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.method == "rocoin":   # rocoin_plan imports this module, not the other way round
+            raise PartitionerError("--method rocoin distils students: rocoin_plan.partition_rocoin makes its plan")
         if self.method == "cdc" and self.devices < 2:
             raise PartitionerError("--method cdc needs --devices >= 2 (N-1 data devices + 1 parity)")
         if self.threshold is not None and not (self.threshold >= 0 and math.isfinite(self.threshold)):

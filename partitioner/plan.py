@@ -10,6 +10,11 @@ records each shard file and its SHA-256, so that a corrupt or foreign shard is c
 Neuron ids of a stage are 0..C−1. For cdc, parity row j has id C + j, so that the parity
 device's output travels and is gathered like any other neuron's; `StagePlan.holders(d)` gives
 every id device d produces.
+
+A rocoin plan has no stages: its `rocoin` section (RocoinSpec) says which group each device is
+in, which student the group runs (its graph stored as architecture.py stores a model, and the
+digest of its weights), which channels of the teacher's final convolution that student gives,
+and the teacher's head; each shard holds its device's student and the head.
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ METHODS += ("random", "robust+cdc")
 # `uniform` (the same replication in every layer, copies to neurons drawn at random) is the plan a
 # budget buys without any scores: the second control, blind to importance between layers too.
 METHODS += ("uniform",)
+# `rocoin` (RoCoIn, papers/rocoin-paper.txt): no stages; students distilled from the teacher, one
+# per group of devices, each giving one partition of the final convolution's channels, and the
+# teacher's head on their concatenation: one gather per frame. Its plan has a `rocoin` section.
+METHODS += ("rocoin",)
 # How a neuron that no surviving device delivers is filled (after its stage's followers):
 #   zero     the paper's zero-fill;
 #   mean     its expected output on calibration data, one value per neuron;
@@ -130,6 +139,66 @@ class StagePlan:
 
 
 @dataclass(frozen=True)
+class RocoinGroup:
+    """One group of a rocoin plan: its devices run the same student, which gives `channels` of
+    the teacher's final convolution (in the student's output order)."""
+
+    devices: Tuple[int, ...]
+    channels: Tuple[int, ...]
+    student: str
+    # The digest of the student's trained weights (runtime.weights_digest), so that two trainings
+    # give two plans: the plan hash covers what the boards of a group run.
+    student_weights: str
+
+
+@dataclass(frozen=True)
+class RocoinSpec:
+    """The `rocoin` section of a rocoin plan (see rocoin_plan.py).
+
+    feature_layer  the teacher's final convolution (fx name), whose output after its followers
+                   (pooling included) the students reproduce: `feature_shape` (C, h, w) per image
+    groups         per group its devices, its partition of the C channels, its student's name and
+                   the digest of its student's weights; the partitions of all groups cover 0..C-1 once
+    device_groups  each device's group (derived from groups; stored so a reader need not search)
+    students       name -> {"architecture": architecture.encode's graph, "flops": MACs per image,
+                   "param_bytes": bytes}
+    head           the teacher's graph after the features, as architecture.encode stores it
+    """
+
+    feature_layer: str
+    feature_shape: Tuple[int, int, int]
+    groups: Tuple[RocoinGroup, ...]
+    students: Mapping[str, Mapping[str, Any]]
+    head: Mapping[str, Any]
+
+    @property
+    def device_groups(self) -> Tuple[int, ...]:
+        owner = {d: g for g, group in enumerate(self.groups) for d in group.devices}
+        return tuple(owner[d] for d in sorted(owner))
+
+    @property
+    def replication(self) -> float:
+        """Copies of each partition: devices per group, on average."""
+        return sum(len(g.devices) for g in self.groups) / len(self.groups)
+
+    def lost_groups(self, failed) -> List[int]:
+        """Groups whose every device failed: their channels are filled."""
+        failed = set(failed)
+        return [g for g, group in enumerate(self.groups) if set(group.devices) <= failed]
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "feature_layer": self.feature_layer,
+            "feature_shape": list(self.feature_shape),
+            "device_groups": list(self.device_groups),
+            "groups": [{"devices": list(g.devices), "channels": list(g.channels), "student": g.student,
+                        "student_weights": g.student_weights} for g in self.groups],
+            "students": {k: dict(v) for k, v in sorted(self.students.items())},
+            "head": self.head,
+        }
+
+
+@dataclass(frozen=True)
 class Plan:
     model: str
     weights: str
@@ -147,6 +216,8 @@ class Plan:
     # A user's own model (model "package.module:factory"): its traced graph (architecture.py),
     # so that a board builds it from torch alone. None for the built-in models.
     architecture: Optional[Mapping[str, Any]] = None
+    # method rocoin: its groups, partitions, students and head (RocoinSpec); None otherwise.
+    rocoin: Optional[RocoinSpec] = None
 
     def body(self) -> Dict[str, Any]:
         body = {
@@ -163,6 +234,7 @@ class Plan:
             "stages": [_stage_to_json(s) for s in self.stages],
             # Only when present, so that the built-in models' plans and hashes stay as they were.
             **({"architecture": self.architecture} if self.architecture is not None else {}),
+            **({"rocoin": self.rocoin.to_json()} if self.rocoin is not None else {}),
         }
         if self.fill != FillSpec():  # zero-fill plans carry no fill field
             body["fill"] = {"rule": self.fill.rule, "sets": [list(f) for f in self.fill.sets]}
@@ -304,7 +376,11 @@ def plan_from_json(data: Any) -> Plan:
         weights_digest=r.get("weights_digest", str), devices=devices, method=method,
         scores=tuple(r.get("scores", list)), stages=stages, input=spec, fill=fill, version=version, shards=shards,
         plan_hash=r.get("plan_hash", str), architecture=r.get("architecture", dict, optional=True),
+        rocoin=_rocoin_from_json(r.get("rocoin", dict, optional=True), devices),
     )
+    if (method == "rocoin") != (plan.rocoin is not None) or (plan.rocoin is not None and stages):
+        raise PlanError("plan field rocoin: a rocoin plan has a rocoin section and no stages, and only a rocoin "
+                        f"plan has one (method {method!r}, {len(stages)} stages)")
     if plan.compute_hash() != plan.plan_hash:
         raise PlanError("plan.json is corrupt or was edited: its plan_hash does not match its content")
     if plan.architecture is None and ":" in plan.model:
@@ -313,6 +389,42 @@ def plan_from_json(data: Any) -> Plan:
         raise PlanError(f"plan field model: {plan.model!r} is an import path and the plan has no architecture; "
                         f"a board runs only the built-in models or a plan's stored graph")
     return plan
+
+
+def _rocoin_from_json(data: Any, devices: int) -> Optional[RocoinSpec]:
+    if data is None:
+        return None
+    r = _Reader(data, "rocoin")
+    shape = r.get("feature_shape", list)
+    if len(shape) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
+        raise PlanError(f"plan field rocoin.feature_shape: {shape!r:.80} is not [C, h, w] of positive sizes")
+    channels = shape[0]
+    students = r.get("students", dict)
+    for name, entry in students.items():
+        e = _Reader(entry, f"rocoin.students.{name}")
+        e.get("architecture", dict)
+        e.get("flops", int)
+        e.get("param_bytes", int)
+    groups = []
+    for g, raw in enumerate(r.get("groups", list)):
+        gr = _Reader(raw, f"rocoin.groups[{g}]")
+        student = gr.get("student", str)
+        if student not in students:
+            raise PlanError(f"plan field rocoin.groups[{g}].student: {student!r:.80} is not in rocoin.students")
+        groups.append(RocoinGroup(_int_list(gr.get("devices", list), f"rocoin.groups[{g}].devices", devices),
+                                  _int_list(gr.get("channels", list), f"rocoin.groups[{g}].channels", channels),
+                                  student, gr.get("student_weights", str)))
+    if not groups or any(not g.devices or not g.channels for g in groups):
+        raise PlanError("plan field rocoin.groups: expected groups, each with devices and channels")
+    held = sorted(d for g in groups for d in g.devices)
+    if held != list(range(devices)):
+        raise PlanError(f"plan field rocoin.groups: every device 0..{devices - 1} must be in exactly one group")
+    if sorted(c for g in groups for c in g.channels) != list(range(channels)):
+        raise PlanError(f"plan field rocoin.groups: the groups' channels must cover 0..{channels - 1} once each")
+    spec = RocoinSpec(r.get("feature_layer", str), tuple(shape), tuple(groups), dict(students), r.get("head", dict))
+    if r.get("device_groups", list) != list(spec.device_groups):
+        raise PlanError(f"plan field rocoin.device_groups: does not match rocoin.groups ({list(spec.device_groups)})")
+    return spec
 
 
 def _fill_from_json(data: Any, devices: int) -> FillSpec:

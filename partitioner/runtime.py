@@ -21,13 +21,13 @@ the cluster computes for the same failed set; the node is tested against it.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .checkpoint import state_digest
 from .errors import PlanError
 from .plan import Plan, StagePlan, load_plan, plan_dir, sha256_file
 from .stages import (Stage, StagedModel, apply_followers, compute_linear, follower_params,
@@ -40,12 +40,7 @@ SHARD_DIR = "shards"
 
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 over every parameter and buffer, in key order (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    for key, t in sorted(model.state_dict().items()):
-        t = t.detach().contiguous().cpu()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + h.hexdigest()
+    return state_digest(model.state_dict())
 
 
 def shard_stage_entry(stage: Stage, stage_plan: StagePlan, device: int,
@@ -164,6 +159,16 @@ def place_model(staged: StagedModel, device="cpu", dtype: Optional[torch.dtype] 
     return staged
 
 
+def refuse_rocoin(plan: Plan) -> None:
+    """A rocoin plan has no stages: each board runs a whole student, then one gather and the
+    head. What runs stages (the skeleton, the node's assembler) says so instead of failing on
+    what the plan lacks; issue 27 item 2 would give the node that kind of work."""
+    if plan.rocoin is not None:
+        raise PlanError(f"plan {plan.plan_hash[:12]} is a rocoin plan (students and a head, one gather per frame): "
+                        f"robustdice-node runs per-stage plans only, not rocoin's yet; simulate it with "
+                        f"`robustdice evaluate --plan DIR`")
+
+
 def build_skeleton(plan: Plan, shared: Mapping[str, torch.Tensor]) -> StagedModel:
     """The model's graph on the meta device, with the shared parameters of a shard loaded.
 
@@ -174,6 +179,7 @@ def build_skeleton(plan: Plan, shared: Mapping[str, torch.Tensor]) -> StagedMode
     from .architecture import build as build_architecture
     from .models import build_model
 
+    refuse_rocoin(plan)
     with torch.device("meta"):
         if plan.architecture is not None:
             model = build_architecture(plan.architecture)
@@ -411,6 +417,7 @@ class Assembler:
     CACHE = 512
 
     def __init__(self, plan: Plan, device="cpu") -> None:
+        refuse_rocoin(plan)
         self.plan = plan
         # On the compute device: index_copy_ needs its indices where the tensors are.
         self.ids = [[torch.as_tensor(s.holders(d), dtype=torch.long).to(device) for d in range(plan.devices)]
@@ -458,6 +465,12 @@ class Cluster:
         self.plan = load_plan(directory)
         self.device, self.dtype = torch.device(device), dtype
         shards = [load_shard(self.plan, directory, d) for d in range(self.plan.devices)]
+        self.rocoin = None
+        if self.plan.rocoin is not None:   # students and a head, no stages (rocoin_runtime.py)
+            from .rocoin_runtime import RocoinCluster
+            self.rocoin = RocoinCluster(self.plan, shards, self.device, dtype)
+            self.devices, self.shard_bytes = [], self.rocoin.shard_bytes
+            return
         self.staged = place_model(build_skeleton(self.plan, shards[0]["shared"]), self.device, dtype)
         placed = [{"stages": {name: place(e, self.device, dtype) for name, e in s["stages"].items()}} for s in shards]
         self.devices = [DeviceRuntime(self.plan, self.staged, s, d) for d, s in enumerate(placed)]
@@ -475,6 +488,8 @@ class Cluster:
         previous gather (none before the first), and finished knowing this stage's.
         """
         failed = frozenset(failed)
+        if self.rocoin is not None:
+            return self.rocoin.simulate(x, failed)
         alive = [d for d in self.devices if d.device not in failed]
         if not alive:
             raise PlanError("every device failed: nothing computes")
