@@ -52,6 +52,8 @@ class Section:
     tables: Tuple[Rows, ...]
 
 
+# The models robustness_rocoin.json holds (robustness.py run once per model, --update).
+ROCOIN_MODELS = ("digits_cnn",)
 # What docs/robustness.md shows, in order. The figures all come from the files.
 SECTIONS = (
     Section("Every method",
@@ -77,6 +79,14 @@ SECTIONS = (
             "layer, blind to importance.",
             (Rows("robustness_uniform.json", "digits_cnn", rows="budget"),
              Rows("robustness_uniform.json", "fashion_vgg", rows="budget"))),
+    Section("RoCoIn against RobustDiCE",
+            "rocoin distils one student per group of two devices from the teacher "
+            "(`partition --method rocoin`); each device holds its student and the teacher's head, and "
+            "a frame costs one gather (RobustDiCE: one per stage, 5 for digits_cnn, 8 for fashion_vgg). "
+            "Its copies make any failure that leaves a device of each group exact; a lost group's "
+            "channels are its zeros or its mean. rocoin - robust compares with robust at the budget "
+            "(mean+bn fill) and fine-tuned.",
+            tuple(Rows("robustness_rocoin.json", m) for m in ROCOIN_MODELS)),
 )
 MEMBERSHIP_FILES = ("membership.json", "membership_digits_cnn.json")
 MEMBERSHIP_PLANS = (("robust", "robust"), ("best", "best by s3"), ("worst", "worst by s3"), ("random", "random"))
@@ -167,6 +177,8 @@ def comparisons_of(entry: dict, fills: Tuple[str, ...]) -> List[Tuple[str, str, 
     out = [("robust - random", fill, per_k) for fill, per_k in sorted(entry.get("versus_random", {}).items())]
     for method, per_fill in sorted(entry.get("versus_uniform", {}).items()):
         out += [(f"{method} - uniform", fill, per_k) for fill, per_k in sorted(per_fill.items())]
+    for fill, per_base in sorted(entry.get("versus_rocoin", {}).items()):
+        out += [(f"rocoin - {base}", fill, per_k) for base, per_k in sorted(per_base.items())]
     return [c for c in out if c[2] and (not fills or c[1] in fills)]
 
 
