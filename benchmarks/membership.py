@@ -2,7 +2,7 @@
 
     python benchmarks/membership.py [--models fashion_vgg] [--fills zero,mean+bn]
         [--budget-ratio 0.5] [--limit 2000] [--random-seeds 3] [--json]
-        [--out benchmarks/results/membership.json]
+        [--results benchmarks/results]   (writes membership_<model>.json per model)
 
 `--method random` keeps robust's thresholds and group sizes and draws the neurons at random, so
 robust minus random measures what the importance scores earn by choosing the members of the
@@ -50,7 +50,7 @@ from robustdice.partitioner.stages import trace_stages
 from _results import START_COMMIT, write_result
 from robustness import DEVICES, THREADS, budget_ratio_arg, by_k_per_image, format_versus, over_seeds, versus
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "membership.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 ORDERED = ("best", "worst")
 S3 = list(DEFAULT_SCORES).index("s3")
 
@@ -129,16 +129,16 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=positive_int, default=2000, help="evaluate on at most this many images")
     parser.add_argument("--random-seeds", type=positive_int, default=3)
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of membership_<model>.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
 
     def log(text):
         print(text, file=sys.stderr, flush=True)
 
-    results = []
     with tempfile.TemporaryDirectory(prefix="membership_") as tmp:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+            results = []
             for fill in [f.strip() for f in args.fills.split(",") if f.strip()]:
                 log(f"{model}, {fill} fill, {args.budget_ratio:g} of NMR's memory:")
                 r = run(model, fill, Path(tmp) / model / fill, args.budget_ratio, args.limit, args.random_seeds, log)
@@ -146,7 +146,9 @@ def main(argv=None) -> int:
                     label = other if " - " in other else f"robust - {other}"
                     print("\n".join(format_versus({fill: v}, f"{model} {label}")))
                 results.append(r)
-    write_result({"devices": DEVICES, "threads": THREADS, "results": results}, args.out, args.json)
+            # One file per model, written as each model finishes.
+            write_result({"model": model, "devices": DEVICES, "threads": THREADS, "results": results},
+                         args.results / f"membership_{model}.json", args.json)
     return 0
 
 

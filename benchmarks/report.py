@@ -4,9 +4,9 @@
 
 Every figure in that section is read from a results file, never typed: the section lies between
 the lines `<!-- results:begin -->` and `<!-- results:end -->` and this script rewrites it whole.
-Each table names the file it came from and that file's `measured` record (the date and the
-commit the run started at), and, where a file holds entries from several runs (robustness.py
---update keeps the other models' entries), the commit of the entry shown.
+Each table names the file it came from and the `measured` record (the date and the commit the
+run started at) of what it shows: a robustness file holds one model's named runs
+(robustness.py --run), each with its own record.
 
 --check writes nothing and exits 1 when the doc does not hold what the files give (a results
 file changed, or the doc was edited by hand between the markers); tests/unit/test_report.py
@@ -34,15 +34,19 @@ class ReportError(Exception):
 
 @dataclass(frozen=True)
 class Rows:
-    """One model's entry of a robustness.py results file, as a table of its rows.
+    """One run of robustness_<model>.json, as a table of its rows.
 
-    rows: "table" (every row robustness.py prints), "budget" (those at the file's budget ratio,
+    rows: "table" (every row robustness.py prints), "budget" (those at the run's budget ratio,
     fine-tuned ones included), "none" (only the comparisons). fills: only these fill rules
     (empty: all), for the rows and the comparisons alike."""
-    file: str
     model: str
+    run: str = "main"
     rows: str = "table"
     fills: Tuple[str, ...] = ()
+
+    @property
+    def file(self) -> str:
+        return f"robustness_{self.model}.json"
 
 
 @dataclass(frozen=True)
@@ -52,43 +56,32 @@ class Section:
     tables: Tuple[Rows, ...]
 
 
-# The models robustness_rocoin.json holds (robustness.py run once per model, --update).
-ROCOIN_MODELS = ("digits_cnn",)
 # What docs/robustness.md shows, in order. The figures all come from the files.
 SECTIONS = (
     Section("Every method",
-            "Each row is one plan. robust@R, random@R and robust+cdc@R are sized to R times NMR's "
-            "per-device memory (`partitioner/budget.py`); robust-t0.1 is robust at the default "
-            "threshold.",
-            (Rows("robustness.json", "digits_cnn"), Rows("robustness.json", "fashion_vgg"))),
+            "Each row is one plan. robust@R, random@R, uniform@R and robust+cdc@R are sized to R times "
+            "NMR's per-device memory (`partitioner/budget.py`); robust-t0.1 is robust at the default "
+            "threshold; uniform spends the same memory on the same number of copies of every neuron "
+            "of every layer, blind to importance. rocoin distils one student per group of two devices "
+            "from the teacher (`partition --method rocoin`): each device holds its student and the "
+            "teacher's head, and a frame costs one gather instead of one per stage; its copies make any "
+            "failure that leaves a device of each group exact, and a lost group's channels are its "
+            "zeros or its mean. rocoin - robust compares with robust at the budget (mean+bn fill) and "
+            "fine-tuned.",
+            (Rows("digits_cnn"), Rows("fashion_vgg"))),
     Section("fashion_vgg on all of its test images",
             "The configurations above, evaluated on the whole Fashion-MNIST test split.",
-            (Rows("robustness_fashion_vgg_10k.json", "fashion_vgg", rows="budget"),
-             Rows("robustness_fashion_vgg_10k_meanbn.json", "fashion_vgg", rows="budget"))),
+            (Rows("fashion_vgg", "test-10k", rows="budget"), Rows("fashion_vgg", "test-10k-meanbn", rows="budget"))),
     Section("More random draws",
             "random's rows average its draws; more draws shrink the part of the error that is the "
             "spread between draws.",
-            (Rows("robustness_fashion_vgg_mean_10draws.json", "fashion_vgg", rows="budget"),)),
+            (Rows("fashion_vgg", "random-10-draws", rows="budget"),)),
     Section("A tighter budget",
-            "The plans sized to this file's budget ratio, with uniform, and robust fine-tuned "
+            "The plans sized to this run's budget ratio, with uniform, and robust fine-tuned "
             "under its own failure masks (`robustdice finetune`).",
-            (Rows("robustness_at_0.35.json", "digits_cnn", rows="budget"),
-             Rows("robustness_at_0.35.json", "fashion_vgg", rows="budget"))),
-    Section("Against uniform replication",
-            "uniform spends the same memory on the same number of copies of every neuron of every "
-            "layer, blind to importance.",
-            (Rows("robustness_uniform.json", "digits_cnn", rows="budget"),
-             Rows("robustness_uniform.json", "fashion_vgg", rows="budget"))),
-    Section("RoCoIn against RobustDiCE",
-            "rocoin distils one student per group of two devices from the teacher "
-            "(`partition --method rocoin`); each device holds its student and the teacher's head, and "
-            "a frame costs one gather (RobustDiCE: one per stage, 5 for digits_cnn, 8 for fashion_vgg). "
-            "Its copies make any failure that leaves a device of each group exact; a lost group's "
-            "channels are its zeros or its mean. rocoin - robust compares with robust at the budget "
-            "(mean+bn fill) and fine-tuned.",
-            tuple(Rows("robustness_rocoin.json", m) for m in ROCOIN_MODELS)),
+            (Rows("digits_cnn", "budget-0.35", rows="budget"), Rows("fashion_vgg", "budget-0.35", rows="budget"))),
 )
-MEMBERSHIP_FILES = ("membership.json", "membership_digits_cnn.json")
+MEMBERSHIP_FILES = ("membership_digits_cnn.json",)
 MEMBERSHIP_PLANS = (("robust", "robust"), ("best", "best by s3"), ("worst", "worst by s3"), ("random", "random"))
 CHAOS_SCENARIOS = {
     "stop": "SIGSTOP of n3",
@@ -121,22 +114,21 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
             + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def source(name: str, data: dict, entry_commit: Optional[str] = None, png: Optional[str] = None) -> str:
-    """The provenance line under a table: the file, its measured record, the entry's own commit
-    where it differs, and its plot."""
-    m = data.get("measured")
+def source(name: str, measured: Optional[dict], run: Optional[str] = None, png: Optional[str] = None) -> str:
+    """The provenance line under a table: the file (and the run in it), when and at which commit
+    what it shows was measured, and its plot."""
+    m = measured
     when = (f"measured {m['utc'][:10]} at commit `{m['commit']}`" if m else "no `measured` record")
-    entry = (f"; this entry ran at commit `{entry_commit}`"
-             if entry_commit and (not m or entry_commit != m.get("commit")) else "")
+    where = f", run `{run}`" if run else ""
     plot = f"; plot [`{png}`](../benchmarks/results/{png})" if png else ""
-    return f"Source: [`{name}`](../benchmarks/results/{name}), {when}{entry}{plot}."
+    return f"Source: [`{name}`](../benchmarks/results/{name}){where}, {when}{plot}."
 
 
-def model_entry(name: str, data: dict, model: str) -> dict:
+def run_entry(name: str, data: dict, run: str) -> dict:
     try:
-        return data["models"][model]
+        return data["runs"][run]
     except KeyError:
-        raise ReportError(f"{name}: no entry for model {model!r}") from None
+        raise ReportError(f"{name}: no run {run!r}") from None
 
 
 def plan_name(row: dict) -> str:
@@ -183,8 +175,8 @@ def comparisons_of(entry: dict, fills: Tuple[str, ...]) -> List[Tuple[str, str, 
 
 
 def rows_block(spec: Rows, data: dict, exists: Callable[[str], bool]) -> List[str]:
-    entry = model_entry(spec.file, data, spec.model)
-    ratio = entry.get("budget_ratio", data.get("budget_ratio"))
+    entry = run_entry(spec.file, data, spec.run)
+    ratio = entry["budget_ratio"]
     lines = [f"**{entry['model']}** over {entry['devices']} devices, budget {ratio:g} x NMR's per-device "
              f"memory: top-1 {entry['metric']} (%) on {entry['data']}, mean over every set of k failed devices."]
     rows = selected_rows(entry, spec, ratio)
@@ -196,7 +188,7 @@ def rows_block(spec: Rows, data: dict, exists: Callable[[str], bool]) -> List[st
         lines += ["", f"Differences in points with their standard error ({draws} draws of each drawn plan); "
                       "a verdict beyond two standard errors:", ""] + versus_table(comparisons)
     png = entry.get("pareto_png")
-    lines += ["", source(spec.file, data, entry.get("commit"), png if png and exists(png) else None)]
+    lines += ["", source(spec.file, entry.get("measured"), spec.run, png if png and exists(png) else None)]
     return lines
 
 
@@ -218,8 +210,7 @@ def membership_block(name: str, data: dict) -> List[str]:
             # "best - worst" names both sides; every other key is robust against that plan
             comparisons.append((other if " - " in other else f"robust - {other}", result["fill"], per_k))
     lines += ["", "Differences in points with their standard error:", ""] + versus_table(comparisons)
-    commits = sorted({r.get("commit") for r in results if r.get("commit")})
-    return lines + ["", source(name, data, commits[0] if len(commits) == 1 else None)]
+    return lines + ["", source(name, data.get("measured"))]
 
 
 def cluster_failure_block(name: str, data: dict) -> List[str]:
@@ -235,7 +226,7 @@ def cluster_failure_block(name: str, data: dict) -> List[str]:
     lines += ["", f"Every survivor saw the death within {ms(d['max_ms'])} ms (peer_timeout_ms "
                   f"{data['peer_timeout_ms']}, heartbeat_interval_ms {data['heartbeat_interval_ms']}). "
                   f"Each shard holds {pct(max(data['shard_over_full']))} % of the model's parameter bytes.",
-              "", source(name, data)]
+              "", source(name, data.get("measured"))]
     return lines
 
 
@@ -252,7 +243,7 @@ def chaos_block(name: str, data: dict) -> List[str]:
                     "p50 after (ms)", "all nodes again after (ms)", "deaths reported", "silently wrong"], body)
     if messages:
         lines += ["", "Error answers, by message (digits in messages shown as N):", ""] + messages
-    return lines + ["", source(name, data)]
+    return lines + ["", source(name, data.get("measured"))]
 
 
 def section(results: Dict[str, dict], exists: Callable[[str], bool] = lambda name: True) -> str:

@@ -2,7 +2,13 @@
 
     python benchmarks/robustness.py [--models digits_cnn,fashion_vgg,efficientnet_lite0]
         [--limit K] [--finetune-epochs E] [--no-finetune] [--budget-ratio R] [--json]
-        [--out benchmarks/results/robustness.json]
+        [--run main] [--results benchmarks/results]
+
+Results: one file per model, benchmarks/results/robustness_<model>.json, holding named runs
+(`--run`, default "main": the table docs/robustness.md leads with; other runs are the same
+benchmark under other conditions, e.g. `--run budget-0.35 --budget-ratio 0.35`). A run replaces
+only its own entry; each entry keeps its conditions (budget ratio, images, draws, epochs) and its
+own `measured` record, and the file's `measured` is that of the run written last.
 
 Setting: N = 4 devices, every set of k = 0..3 failed devices, each plan simulated exactly
 (Cluster.simulate, what the nodes are tested against). Per model, scored once per stand-in
@@ -60,7 +66,7 @@ from robustdice.partitioner.partition import (SCORED_METHODS, PartitionRequest, 
 from robustdice.partitioner.plan import load_plan
 from robustdice.partitioner.stages import trace_stages
 
-from _results import START_COMMIT, write_result
+from _results import measured, write_result
 
 DEVICES = 4
 BUDGET_RATIO = 0.5
@@ -76,7 +82,8 @@ BUDGET_METHODS = ("robust", "random", "uniform", "robust+cdc")
 ROCOIN_FILLS = ("zero", "mean")
 DEFAULT_METHODS = BUDGET_METHODS + ("rocoin",)
 DEFAULT_MODELS = ("digits_cnn", "fashion_vgg", "efficientnet_lite0")
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "robustness.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+MAIN_RUN = "main"
 # The issue's targets: retention at k = 1, 2, 3 failed (None: no target at that k).
 TARGETS = {"fashion_vgg": (0.95, 0.85, 0.60), "digits_cnn": (0.95, 0.85, None),
            "efficientnet_lite0": (0.90, None, None)}
@@ -200,8 +207,8 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
     out = {"model": model, "devices": DEVICES, "samples": result["samples"], "metric": result["metric"],
            "data": result["data"], "nmr_per_device_mb": nmr_bytes / 1e6, "rows": rows,
            "targets": TARGETS.get(model), "limit": limit, "finetune_epochs": finetune_epochs,
-           "random_seeds": random_seeds, "budget_ratio": budget_ratio, "elapsed_s": round(time.perf_counter() - started, 1),
-           "commit": START_COMMIT}   # --update keeps other models' entries: each says what code ran
+           "random_seeds": random_seeds, "budget_ratio": budget_ratio, "threads": THREADS,
+           "elapsed_s": round(time.perf_counter() - started, 1)}
     out["versus_random"] = versus_random(out, per_image)
     out["versus_uniform"] = versus_uniform(out, per_image)
     out["versus_rocoin"] = versus_rocoin(out, per_image)
@@ -372,16 +379,39 @@ def format_row(row: dict) -> str:
             f"rep {row['replication']:.2f}{gathers} | " + " | ".join(cells))
 
 
-def plot(result: dict, out: Path) -> Path:
-    """The Pareto PNG of one model: the mean+bn rows (and nmr, and rocoin's) by per-device memory,
-    at 1, 2 and 3 failed.
+def results_file(folder: Path, model: str) -> Path:
+    return Path(folder) / f"robustness_{model}.json"
 
-    Named after the JSON it belongs to (robustness.json -> robustness_<model>.png), so that a
-    run written to another --out does not redraw the default file's plots."""
+
+def png_name(model: str, run: str) -> str:
+    """robustness_<model>.png for the main run, robustness_<model>_<run>.png for the others."""
+    return f"robustness_{model}.png" if run == MAIN_RUN else f"robustness_{model}_{run}.png"
+
+
+def plot(result: dict, folder: Path, run: str) -> Path:
+    """The Pareto PNG of one model's run: the mean+bn rows (and nmr, and rocoin's) by per-device
+    memory, at 1, 2 and 3 failed."""
     sweep = {"model": result["model"], "devices": DEVICES, "fill": "mean+bn",
              "nmr_per_device_mb": result["nmr_per_device_mb"],
              "points": [r for r in result["rows"] if r["fill"] == "mean+bn" or r["method"] in ("nmr", "rocoin")]}
-    return plot_pareto(sweep, Path(out).parent / f"{Path(out).stem}_{result['model']}.png", ks=("1", "2", "3"))
+    return plot_pareto(sweep, Path(folder) / png_name(result["model"], run), ks=("1", "2", "3"))
+
+
+def run_label(text: str) -> str:
+    """--run: a name for the entry, letters, digits, '.', '-' and '_' (it names a PNG too)."""
+    if not text or not all(c.isalnum() or c in "._-" for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a run name is letters, digits, '.', '-' or '_'")
+    return text
+
+
+def store_run(folder: Path, model: str, run: str, entry: dict, echo_json: bool) -> Path:
+    """Write one model's run into its file, keeping the file's other runs."""
+    path = results_file(folder, model)
+    runs = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
+    runs[run] = {**entry, "measured": measured()}
+    # The file's record is the run just written (the others keep theirs inside).
+    return write_result({"model": model, "devices": DEVICES, "runs": runs, "measured": runs[run]["measured"]},
+                        path, echo_json, measured_now=False)
 
 
 def budget_ratio_arg(text: str) -> float:
@@ -393,15 +423,6 @@ def budget_ratio_arg(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]: a share of NMR's per-device memory")
     return value
-
-
-def check_update(out: Path, budget_ratio: float) -> None:
-    """--update keeps other models' entries: they must be judged at the same budget."""
-    if out.exists():
-        stored = json.loads(out.read_text()).get("budget_ratio", BUDGET_RATIO)
-        if stored != budget_ratio:
-            raise SystemExit(f"--update: {out} holds results at --budget-ratio {stored:g}, not {budget_ratio:g}; "
-                             f"write to another --out")
 
 
 def main(argv=None) -> int:
@@ -421,59 +442,58 @@ def main(argv=None) -> int:
                         help=f"draws of random and uniform averaged in their rows (default {RANDOM_SEEDS})")
     parser.add_argument("--no-finetune", action="store_true")
     parser.add_argument("--workdir", type=Path, help="keep the plans here (default: a temporary folder)")
-    parser.add_argument("--update", action="store_true",
-                        help="keep the other models' results already in --out (run models one at a time)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument("--json", action="store_true", help="print each model's file as JSON, one line each")
+    parser.add_argument("--run", type=run_label, default=MAIN_RUN,
+                        help=f"the entry of each model's file this run writes (default {MAIN_RUN}); "
+                             "the file's other entries are kept")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder of the results files (robustness_<model>.json and their PNGs)")
     parser.add_argument("--replot", action="store_true",
-                        help="only redraw the PNGs from --out (and judge robust against random where "
-                             "the JSON has no paired verdict)")
+                        help="only redraw the PNGs of --run from the files (and judge robust against random "
+                             "where an entry has no paired verdict)")
     args = parser.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.replot:
-        data = json.loads(args.out.read_text())
-        for model, result in data["models"].items():
-            png = plot(result, args.out)
-            result["pareto_png"] = png.name
-            print(f"wrote {png}")
+        for model in models:
+            path = results_file(args.results, model)
+            if not path.exists():
+                continue
+            data = json.loads(path.read_text())
+            result = data["runs"].get(args.run)
+            if result is None:
+                raise SystemExit(f"{path}: no run {args.run!r} (it holds {', '.join(sorted(data['runs']))})")
+            result["pareto_png"] = plot(result, args.results, args.run).name
+            print(f"wrote {args.results / result['pareto_png']}")
             stored = result.get("versus_random") or {}
             if not any(v.get("error") == "paired" for per_k in stored.values() for v in per_k.values()):
                 result["versus_random"] = versus_random(result)   # a full run's paired figures stay
             print("\n".join([f"{model}:"] + verdict_lines(result)))   # versus_uniform: stored as measured
-        write_result(data, args.out, False, measured_now=False)   # a redraw measures nothing
+            write_result(data, path, False, measured_now=False)   # a redraw measures nothing
         return 0
-    if args.update:
-        check_update(args.out, args.budget_ratio)   # before hours of work, not after
     torch.set_num_threads(THREADS)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
 
     def log(text):
         print(text, file=sys.stderr, flush=True)
 
-    results = {}
     with tempfile.TemporaryDirectory(prefix="robustness_") as tmp:
         root = args.workdir or Path(tmp)
         for model in models:
             log(f"{model}:")
             limits, epochs = per_model(args.limit, int), per_model(args.finetune_epochs, int)
             rocoin_epochs = per_model(args.rocoin_epochs, int)
-            results[model] = run_model(model, root, limits.get(model, limits.get("*")),
-                                       epochs.get(model, epochs.get("*")), not args.no_finetune, log,
-                                       fills=tuple(f for f in args.fills.split(",") if f),
-                                       sweep=not args.no_sweep,
-                                       methods=tuple(m for m in args.methods.split(",") if m),
-                                       random_seeds=args.random_seeds, budget_ratio=args.budget_ratio,
-                                       rocoin_epochs=rocoin_epochs.get(model, rocoin_epochs.get("*")))
-            results[model]["pareto_png"] = plot(results[model], args.out).name
-    for model, r in results.items():
-        print(f"\n{model} over {DEVICES} devices: {r['metric']} on {r['data']}, mean (min-max) per k failed")
-        for row in r["rows"]:
-            if row["in_table"]:
-                print("  " + format_row(row))
-        print("\n".join(verdict_lines(r)))
-    if args.update and args.out.exists():
-        results = {**json.loads(args.out.read_text()).get("models", {}), **results}
-    write_result({"devices": DEVICES, "budget_ratio": args.budget_ratio, "threads": THREADS, "models": results},
-                 args.out, args.json)
+            r = run_model(model, root, limits.get(model, limits.get("*")), epochs.get(model, epochs.get("*")),
+                          not args.no_finetune, log, fills=tuple(f for f in args.fills.split(",") if f),
+                          sweep=not args.no_sweep, methods=tuple(m for m in args.methods.split(",") if m),
+                          random_seeds=args.random_seeds, budget_ratio=args.budget_ratio,
+                          rocoin_epochs=rocoin_epochs.get(model, rocoin_epochs.get("*")))
+            r["pareto_png"] = plot(r, args.results, args.run).name
+            print(f"\n{model} over {DEVICES} devices: {r['metric']} on {r['data']}, mean (min-max) per k failed")
+            for row in r["rows"]:
+                if row["in_table"]:
+                    print("  " + format_row(row))
+            print("\n".join(verdict_lines(r)))
+            # Each model as it finishes: a model's hours are not lost to a later model's failure.
+            store_run(args.results, model, args.run, r, args.json)
     return 0
 
 

@@ -35,8 +35,8 @@ def row_of(section: str, after: str, plan: str, fill: str) -> list:
 
 
 def test_a_figure_is_the_one_in_the_json(generated):
-    data = json.loads((RESULTS / "robustness.json").read_text())
-    row = next(r for r in data["models"]["fashion_vgg"]["rows"] if r["name"] == "robust@0.5/mean+bn")
+    data = json.loads((RESULTS / "robustness_fashion_vgg.json").read_text())
+    row = next(r for r in data["runs"]["main"]["rows"] if r["name"] == "robust@0.5/mean+bn")
     cells = row_of(generated, "**fashion_vgg** over", "robust@0.5", "mean+bn")
     assert cells[-1] == f"{100 * row['by_failed']['3']['mean']:.1f}"
     assert cells[3] == f"{row['replication']:.2f}"
@@ -45,9 +45,9 @@ def test_a_figure_is_the_one_in_the_json(generated):
 def test_a_changed_results_file_changes_the_table(report, generated, tmp_path):
     # the figures are read, not typed: change one in a copy of the files and the table follows
     shutil.copytree(RESULTS, tmp_path / "results")
-    path = tmp_path / "results" / "robustness.json"
+    path = tmp_path / "results" / "robustness_digits_cnn.json"
     data = json.loads(path.read_text())
-    row = next(r for r in data["models"]["digits_cnn"]["rows"] if r["name"] == "lop/zero")
+    row = next(r for r in data["runs"]["main"]["rows"] if r["name"] == "lop/zero")
     row["by_failed"]["1"]["mean"] = 0.12345
     path.write_text(json.dumps(data))
     changed = report.render(tmp_path / "results")
@@ -56,20 +56,34 @@ def test_a_changed_results_file_changes_the_table(report, generated, tmp_path):
 
 
 def test_every_table_names_its_file_and_when_it_was_measured(report, generated):
-    shown = {spec.file for s in report.SECTIONS for spec in s.tables}
-    shown |= set(report.MEMBERSHIP_FILES) | {"cluster_failure.json", "chaos.json"}
-    for name in shown:
+    for spec in (spec for s in report.SECTIONS for spec in s.tables):
+        measured = json.loads((RESULTS / spec.file).read_text())["runs"][spec.run]["measured"]
+        assert (f"Source: [`{spec.file}`](../benchmarks/results/{spec.file}), run `{spec.run}`, measured "
+                f"{measured['utc'][:10]} at commit `{measured['commit']}`") in generated, spec
+    for name in set(report.MEMBERSHIP_FILES) | {"cluster_failure.json", "chaos.json"}:
         measured = json.loads((RESULTS / name).read_text())["measured"]
         assert (f"Source: [`{name}`](../benchmarks/results/{name}), measured {measured['utc'][:10]} "
                 f"at commit `{measured['commit']}`") in generated, name
 
 
-def test_an_entry_from_another_run_names_its_own_commit(generated):
-    # robustness.py --update keeps entries of earlier runs: the table says which run it shows
-    data = json.loads((RESULTS / "robustness.json").read_text())
-    entry = data["models"]["digits_cnn"]
-    assert entry["commit"] != data["measured"]["commit"]
-    assert f"this entry ran at commit `{entry['commit']}`" in generated
+def test_one_results_file_per_benchmark_and_model(report):
+    # runs under other conditions are entries inside the model's file, each with its record
+    for path in RESULTS.glob("robustness*.json"):
+        data = json.loads(path.read_text())
+        assert path.name == f"robustness_{data['model']}.json"
+        for run, entry in data["runs"].items():
+            assert entry["model"] == data["model"] and "budget_ratio" in entry, (path.name, run)
+            assert entry["measured"]["commit"] and not entry["measured"]["commit"].endswith("-dirty"), (path.name, run)
+
+
+def test_a_missing_run_is_named(report, tmp_path):
+    shutil.copytree(RESULTS, tmp_path / "results")
+    path = tmp_path / "results" / "robustness_digits_cnn.json"
+    data = json.loads(path.read_text())
+    del data["runs"]["budget-0.35"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(report.ReportError, match="robustness_digits_cnn.json: no run 'budget-0.35'"):
+        report.render(tmp_path / "results")
 
 
 def test_check_fails_on_a_stale_doc_and_write_mends_it(report, tmp_path, capsys):

@@ -109,22 +109,32 @@ def test_the_table_budget_names_its_rows_and_leaves_the_sweep(robustness):
 
 def test_a_budget_outside_0_1_is_refused_by_name(robustness, capsys, tmp_path):
     for bad in ("0", "1.5", "half"):
-        with pytest.raises(SystemExit):   # --out in tmp: a broken check must not redraw the repository's plots
-            robustness.main(["--budget-ratio", bad, "--replot", "--out", str(tmp_path / "none.json")])
+        with pytest.raises(SystemExit):   # results in tmp: a broken check must not redraw the repository's plots
+            robustness.main(["--budget-ratio", bad, "--replot", "--results", str(tmp_path)])
         assert "--budget-ratio" in capsys.readouterr().err
 
 
-def test_update_refuses_a_file_at_another_budget(robustness, tmp_path):
+def test_a_run_name_that_could_leave_the_folder_is_refused(robustness, capsys, tmp_path):
+    for bad in ("../x", "a/b", ""):
+        with pytest.raises(SystemExit):
+            robustness.main(["--run", bad, "--replot", "--results", str(tmp_path)])
+        assert "--run" in capsys.readouterr().err
+
+
+def test_a_run_replaces_its_own_entry_and_keeps_the_others(robustness, tmp_path):
     import json
-    out = tmp_path / "r.json"
-    out.write_text(json.dumps({"budget_ratio": 0.5, "models": {}}))
-    with pytest.raises(SystemExit, match="budget-ratio 0.5, not 0.35"):
-        robustness.main(["--models", "digits_cnn", "--budget-ratio", "0.35", "--update", "--out", str(out)])
-    robustness.check_update(out, 0.5)   # the same budget passes
-    robustness.check_update(tmp_path / "absent.json", 0.35)
+    robustness.store_run(tmp_path, "digits_cnn", "main", {"model": "digits_cnn", "rows": [1]}, False)
+    robustness.store_run(tmp_path, "digits_cnn", "budget-0.35", {"model": "digits_cnn", "rows": [2]}, False)
+    robustness.store_run(tmp_path, "digits_cnn", "main", {"model": "digits_cnn", "rows": [3]}, False)
+    data = json.loads((tmp_path / "robustness_digits_cnn.json").read_text())
+    assert data["model"] == "digits_cnn" and sorted(data["runs"]) == ["budget-0.35", "main"]
+    assert data["runs"]["main"]["rows"] == [3] and data["runs"]["budget-0.35"]["rows"] == [2]
+    # each run keeps its own record; the file's is the one written last
+    assert data["measured"] == data["runs"]["main"]["measured"]
+    assert data["runs"]["budget-0.35"]["measured"]["utc"] <= data["measured"]["utc"]
 
 
-def test_replot_names_plots_after_its_file_and_keeps_the_measurement(robustness, tmp_path):
+def test_replot_names_plots_after_the_run_and_keeps_the_measurement(robustness, tmp_path):
     import json
     nmr = row("nmr", "zero", [0.95] * 4) | {"budget_ratio": None, "per_device_mb": 1.0, "memory_ratio": 1.0,
                                              "replication": 4.0, "label": "nmr", "name": "nmr/zero"}
@@ -132,15 +142,19 @@ def test_replot_names_plots_after_its_file_and_keeps_the_measurement(robustness,
                                                                  "replication": 2.0, "label": "robust (budget)",
                                                                  "name": "robust@0.5/mean+bn"}
     measured = {"utc": "2026-01-01T00:00:00+00:00", "commit": "abc"}
-    out = tmp_path / "robustness_at_0.5.json"
-    out.write_text(json.dumps({"budget_ratio": 0.5, "measured": measured, "models": {"digits_cnn": {
-        "model": "digits_cnn", "samples": 360, "nmr_per_device_mb": 1.0, "rows": [nmr, robust]}}}))
-    assert robustness.main(["--replot", "--out", str(out)]) == 0
-    assert (tmp_path / "robustness_at_0.5_digits_cnn.png").stat().st_size > 0
-    assert not (tmp_path / "robustness_digits_cnn.png").exists()   # the default file's plot is not redrawn
+    out = tmp_path / "robustness_digits_cnn.json"
+    out.write_text(json.dumps({"model": "digits_cnn", "measured": measured, "runs": {"budget-0.5": {
+        "model": "digits_cnn", "samples": 360, "nmr_per_device_mb": 1.0, "rows": [nmr, robust],
+        "measured": measured}}}))
+    assert robustness.main(["--replot", "--run", "budget-0.5", "--models", "digits_cnn",
+                            "--results", str(tmp_path)]) == 0
+    assert (tmp_path / "robustness_digits_cnn_budget-0.5.png").stat().st_size > 0
+    assert not (tmp_path / "robustness_digits_cnn.png").exists()   # the main run's plot is not redrawn
     written = json.loads(out.read_text())
-    assert written["measured"] == measured
-    assert written["models"]["digits_cnn"]["pareto_png"] == "robustness_at_0.5_digits_cnn.png"
+    assert written["measured"] == measured and written["runs"]["budget-0.5"]["measured"] == measured
+    assert written["runs"]["budget-0.5"]["pareto_png"] == "robustness_digits_cnn_budget-0.5.png"
+    with pytest.raises(SystemExit, match="no run 'other'"):
+        robustness.main(["--replot", "--run", "other", "--models", "digits_cnn", "--results", str(tmp_path)])
 
 
 def test_robust_and_the_hybrid_are_judged_against_uniform_too(robustness):
@@ -170,14 +184,13 @@ def test_a_plan_that_does_not_fit_the_budget_skips_its_fine_tuning_too(robustnes
     its row and its fine-tuned row are skipped and said so, and the run still writes its table.
     (The run once fell over with a KeyError on the fine-tuning of the plan it had skipped.)"""
     import json
-    out = tmp_path / "r.json"
     assert robustness.main(["--models", "digits_cnn", "--budget-ratio", "0.35", "--fills", "mean+bn",
                             "--methods", "robust+cdc", "--no-sweep", "--finetune-epochs", "1", "--limit", "40",
-                            "--out", str(out)]) == 0
+                            "--run", "tight", "--results", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "robust+cdc@0.35/mean+bn: skipped (--budget-mb" in err
     assert re.search(r"--budget-mb 0\.\d{1,6} is below the cheapest robust\+cdc plan of digits_cnn \(0\.\d+ MB\)", err)
     assert "robust+cdc@0.35/mean+bn/finetuned: skipped (no robust+cdc@0.35/mean+bn plan" in err
     assert "robust@0.35/mean+bn/finetuned: skipped (no robust@0.35/mean+bn plan" in err   # not among --methods
-    names = [r["name"] for r in json.loads(out.read_text())["models"]["digits_cnn"]["rows"]]
+    names = [r["name"] for r in json.loads((tmp_path / "robustness_digits_cnn.json").read_text())["runs"]["tight"]["rows"]]
     assert "nmr/zero" in names and not any("0.35" in n for n in names)
