@@ -1,7 +1,7 @@
 """Node benchmark: one peerless node vs a plain forward pass of the same model, and the ipc hop.
 
     python benchmarks/node_overhead.py --json [--threads 2] [--frames 20] [--compute cpu|cuda] [--dtype float32|float16]
-                                      [--out benchmarks/results/node_overhead.json]
+                                      [--out benchmarks/results/node_overhead_vgg16_bn[_cuda].json]
 
 vgg16_bn (--weights none), batch 1, 224x224, the same torch thread count, device and dtype on
 both sides. The node is a plan with --devices 1 --method lop (the shard is the whole model),
@@ -151,7 +151,7 @@ def transfer_ms(model, x, device, rounds: int = 10) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the JSON object as the last line")
-    parser.add_argument("--out", help="results file (default benchmarks/results/node_overhead[_cuda].json)")
+    parser.add_argument("--out", help="results file (default benchmarks/results/node_overhead_<model>[_cuda].json)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, node engine and plain model alike")
     parser.add_argument("--frames", type=int, default=20, help="timed frames on each side")
     parser.add_argument("--warmup", type=int, default=3)
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         suffix = "_cuda" if args.compute == "cuda" else ""
-        args.out = str(Path(__file__).resolve().parent / "results" / f"node_overhead{suffix}.json")
+        args.out = str(Path(__file__).resolve().parent / "results" / f"node_overhead_{MODEL}{suffix}.json")
 
     import torch
 

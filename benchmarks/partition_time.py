@@ -1,7 +1,7 @@
 """Partitioner benchmark: time to partition a model with every score, and each score alone.
 
     python benchmarks/partition_time.py [--model alexnet|efficientnet_lite0] [--repeat K] [--json]
-        [--out benchmarks/results/partition_time[_efficientnet_lite0].json]
+        [--out benchmarks/results/partition_time_<model>.json]
 
 Setting: AlexNet with random weights (`--weights none`), or efficientnet_lite0 with its real
 ImageNet weights, 16 calibration images at 224² from the default source (scikit-image's
@@ -13,7 +13,7 @@ fill, N = 4, two torch threads (the budget of the 2-core boards this targets). F
               writing plan.json and the shards
   scores_s    s1, s2 and s3 each timed alone through scores.py on the same model and batch
   target_s    the budget total_s should stay under
-The last stdout line is the JSON object (with --json); benchmarks/results/partition_time.json
+The last stdout line is the JSON object (with --json); benchmarks/results/partition_time_<model>.json
 is always written.
 """
 from __future__ import annotations
@@ -68,13 +68,13 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="alexnet", choices=sorted(MODELS))
     parser.add_argument("--repeat", type=int, default=1, help="runs; figures are medians (default 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--out", type=Path, help="JSON results file (default benchmarks/results/partition_time"
-                        "[_model].json; alexnet's has no suffix)")
+    parser.add_argument("--out", type=Path, help="JSON results file (default benchmarks/results/"
+                        "partition_time_<model>.json)")
     args = parser.parse_args(argv)
     model = args.model
     target_s = MODELS[model][1]
     if args.out is None:
-        args.out = RESULTS / ("partition_time.json" if model == "alexnet" else f"partition_time_{model}.json")
+        args.out = RESULTS / f"partition_time_{model}.json"
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
     torch.set_num_threads(THREADS)
