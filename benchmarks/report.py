@@ -58,7 +58,7 @@ ROCOIN_MODELS = ("digits_cnn",)
 SECTIONS = (
     Section("Every method",
             "Each row is one plan. robust@R, random@R and robust+cdc@R are sized to R times NMR's "
-            "per-device memory (`partitioner/budget.py`); robust-t0.1 is robust at the default "
+            "per-device memory (`partitioner/core/budget.py`); robust-t0.1 is robust at the default "
             "threshold.",
             (Rows("robustness.json", "digits_cnn"), Rows("robustness.json", "fashion_vgg"))),
     Section("fashion_vgg on all of its test images",
