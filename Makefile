@@ -60,7 +60,7 @@ test: venv lab-tools
 	@$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 digits-weights: venv
-	$(PY) -m robustdice.partitioner.digits train --out partitioner/weights/digits_cnn.pt
+	$(PY) -m robustdice.partitioner.zoo.digits train --out partitioner/zoo/weights/digits_cnn.pt
 
 # Fashion-MNIST (60k train + 10k test, IDX files) from Debian's dataset-fashion-mnist package.
 fashion-data:
@@ -79,7 +79,7 @@ fashion-data:
 # fashion_vgg's shipped weights: 20 epochs, seed 0, two torch threads (about 20 minutes on an idle
 # 2-core x86; the result depends on the thread count through the order of float additions).
 fashion-weights: venv fashion-data
-	OMP_NUM_THREADS=2 $(PY) -m robustdice.partitioner.fashion train --out partitioner/weights/fashion_vgg.pt
+	OMP_NUM_THREADS=2 $(PY) -m robustdice.partitioner.zoo.fashion train --out partitioner/zoo/weights/fashion_vgg.pt
 
 clean:
 	rm -rf $(VENV) out *.egg-info .pytest_cache

@@ -25,8 +25,8 @@ def main() -> int:
     args = parser.parse_args()
     from robustdice.node.client import NodeClient
     from robustdice.node.lab.cluster import LocalCluster
-    from robustdice.partitioner.data import evaluation_split
-    from robustdice.partitioner.partition import PartitionRequest, partition
+    from robustdice.partitioner.core.partition import PartitionRequest, partition
+    from robustdice.partitioner.zoo.data import evaluation_split
     import robustdice.node.lab.cluster as code
 
     images = evaluation_split("digits_cnn")[0].numpy().astype(np.float32)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from robustdice.node.lab.phases import divergent_answers, silent_divergence
-from robustdice.partitioner.runtime import Cluster
+from robustdice.partitioner.core.runtime import Cluster
 
 from _results import write_result
 
@@ -180,7 +180,7 @@ _PLANS = {}
 
 
 def _plan_of(path):
-    from robustdice.partitioner.plan import load_plan
+    from robustdice.partitioner.core.plan import load_plan
     if path not in _PLANS:
         _PLANS[path] = load_plan(path)
     return _PLANS[path]
@@ -196,8 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cut-seconds", type=float, default=14.0, help="length of the cut (default 14)")
     args = parser.parse_args(argv)
     from robustdice.node.lab.netlab import NetnsLab
-    from robustdice.partitioner.data import evaluation_split
-    from robustdice.partitioner.partition import PartitionRequest, partition
+    from robustdice.partitioner.core.partition import PartitionRequest, partition
+    from robustdice.partitioner.zoo.data import evaluation_split
 
     why = NetnsLab.unavailable()
     if why:

@@ -44,7 +44,7 @@ def role_single(images_path: str) -> None:
     """Whole model in one process: build, forward each image at batch 1, report RSS + predictions."""
     import torch
 
-    from robustdice.partitioner.models import build_model
+    from robustdice.partitioner.zoo.models import build_model
     torch.set_num_threads(1)
     images = np.load(images_path)
     model = build_model(MODEL, weights="none", seed=0)
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     from robustdice.node.lab.faults import Fault
     from robustdice.node.lab.localcluster import LocalCluster
     from robustdice.node.lab.streaming import stream
-    from robustdice.partitioner.data import calibration_batch
-    from robustdice.partitioner.partition import DEFAULT_SCORES, PartitionRequest, partition
+    from robustdice.partitioner.core.partition import DEFAULT_SCORES, PartitionRequest, partition
+    from robustdice.partitioner.zoo.data import calibration_batch
 
     kill_at = args.frames // 3 if args.kill_at is None else args.kill_at
     faults = [Fault("kill", VICTIM, kill_at)]

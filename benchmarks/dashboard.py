@@ -128,8 +128,8 @@ def main(argv=None) -> int:
 
     from robustdice.node.client import NodeClient
     from robustdice.node.lab.localcluster import LocalCluster, free_ports
-    from robustdice.partitioner.data import evaluation_split
-    from robustdice.partitioner.partition import PartitionRequest, partition
+    from robustdice.partitioner.core.partition import PartitionRequest, partition
+    from robustdice.partitioner.zoo.data import evaluation_split
 
     dashboard = json.loads(DASHBOARD.read_text())
     images = evaluation_split("digits_cnn")[0].numpy().astype(np.float32)

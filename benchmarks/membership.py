@@ -38,14 +38,14 @@ import numpy as np
 import torch
 
 from robustdice.partitioner.argtypes import positive_int
-from robustdice.partitioner.cluster import cluster_neurons, normalise_scores, replicate_and_deal
-from robustdice.partitioner.data import calibration_batch
-from robustdice.partitioner.evaluate import evaluate_plan
-from robustdice.partitioner.models import build_model
-from robustdice.partitioner.partition import (DEFAULT_SCORES, PartitionRequest, default_calib_size, partition,
-                                              plan_stages, request_scores, write_plan)
-from robustdice.partitioner.plan import load_plan
-from robustdice.partitioner.stages import trace_stages
+from robustdice.partitioner.core.cluster import cluster_neurons, normalise_scores, replicate_and_deal
+from robustdice.partitioner.core.partition import (DEFAULT_SCORES, PartitionRequest, default_calib_size, partition,
+                                                   plan_stages, request_scores, write_plan)
+from robustdice.partitioner.core.plan import load_plan
+from robustdice.partitioner.core.stages import trace_stages
+from robustdice.partitioner.experiments.evaluate import evaluate_plan
+from robustdice.partitioner.zoo.data import calibration_batch
+from robustdice.partitioner.zoo.models import build_model
 
 from _results import START_COMMIT, write_result
 from robustness import DEVICES, THREADS, budget_ratio_arg, by_k_per_image, format_versus, over_seeds, versus

@@ -173,9 +173,9 @@ def main(argv=None) -> int:
 
     from robustdice.node.client import NodeClient
     from robustdice.node.lab.localcluster import LocalCluster
-    from robustdice.partitioner.data import calibration_batch
-    from robustdice.partitioner.models import build_model
-    from robustdice.partitioner.partition import PartitionRequest, partition
+    from robustdice.partitioner.core.partition import PartitionRequest, partition
+    from robustdice.partitioner.zoo.data import calibration_batch
+    from robustdice.partitioner.zoo.models import build_model
 
     torch.set_num_threads(args.threads)
     ipc_result = measure_ipc(args.ipc_rounds)  # before the node exists: nothing else running of ours

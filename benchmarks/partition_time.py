@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from robustdice.partitioner.data import calibration_batch
-from robustdice.partitioner.models import build_model
-from robustdice.partitioner.partition import PartitionRequest, partition
-from robustdice.partitioner.scores import compute_scores
-from robustdice.partitioner.stages import trace_stages
+from robustdice.partitioner.core.partition import PartitionRequest, partition
+from robustdice.partitioner.core.scores import compute_scores
+from robustdice.partitioner.core.stages import trace_stages
+from robustdice.partitioner.zoo.data import calibration_batch
+from robustdice.partitioner.zoo.models import build_model
 
 from _results import write_result
 

@@ -60,7 +60,7 @@ class Section:
 SECTIONS = (
     Section("Every method",
             "Each row is one plan. robust@R, random@R, uniform@R and robust+cdc@R are sized to R times "
-            "NMR's per-device memory (`partitioner/budget.py`); robust-t0.1 is robust at the default "
+            "NMR's per-device memory (`partitioner/core/budget.py`); robust-t0.1 is robust at the default "
             "threshold; uniform spends the same memory on the same number of copies of every neuron "
             "of every layer, blind to importance. rocoin distils one student per group of two devices "
             "from the teacher (`partition --method rocoin`): each device holds its student and the "

@@ -55,16 +55,16 @@ import numpy as np
 import torch
 
 from robustdice.partitioner.argtypes import positive_int
-from robustdice.partitioner.data import calibration_batch
-from robustdice.partitioner.dse import plot_pareto, point
-from robustdice.partitioner.evaluate import evaluate_plan
-from robustdice.partitioner.finetune import finetune, training_data
+from robustdice.partitioner.core.partition import (SCORED_METHODS, PartitionRequest, default_calib_size, partition,
+                                                   request_scores)
+from robustdice.partitioner.core.plan import load_plan
+from robustdice.partitioner.core.stages import trace_stages
 from robustdice.partitioner.errors import PartitionerError
-from robustdice.partitioner.models import build_model
-from robustdice.partitioner.partition import (SCORED_METHODS, PartitionRequest, default_calib_size, partition,
-                                              request_scores)
-from robustdice.partitioner.plan import load_plan
-from robustdice.partitioner.stages import trace_stages
+from robustdice.partitioner.experiments.dse import plot_pareto, point
+from robustdice.partitioner.experiments.evaluate import evaluate_plan
+from robustdice.partitioner.experiments.finetune import finetune
+from robustdice.partitioner.zoo.data import calibration_batch, training_data
+from robustdice.partitioner.zoo.models import build_model
 
 from _results import measured, write_result
 
@@ -218,7 +218,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
 def rocoin_plan(model: str, out: Path, fill: str, cache: dict, epochs: Optional[int], log) -> dict:
     """The rocoin plan of `model` with `fill` in `out`; the students are designed and distilled
     once per model (cache) and written once per fill."""
-    from robustdice.partitioner.rocoin_plan import RocoinOptions, design, train, write
+    from robustdice.partitioner.core.rocoin_plan import RocoinOptions, design, train, write
 
     if "design" not in cache:
         request = PartitionRequest(model=model, devices=DEVICES, method="rocoin", out=out, fill=fill,

@@ -56,7 +56,7 @@ PARTITION_KWARGS = {"digits_cnn": {}, "alexnet": {"weights": "none", "scores": (
 
 
 def inputs_for(model: str) -> np.ndarray:
-    from robustdice.partitioner.data import calibration_batch, evaluation_split
+    from robustdice.partitioner.zoo.data import calibration_batch, evaluation_split
     if model == "digits_cnn":
         images, _, _ = evaluation_split(model)
     else:
@@ -116,7 +116,7 @@ def slice_bytes(cluster) -> int:
 def plain_forward(model: str, weights: str):
     """A timer of the plain model in this process, batch 1, 1 torch thread: ms per forward."""
     import torch
-    from robustdice.partitioner.models import build_model
+    from robustdice.partitioner.zoo.models import build_model
     net = build_model(model, weights).eval()
 
     def time_ms(images: np.ndarray, n: int):
@@ -134,7 +134,7 @@ def plain_forward(model: str, weights: str):
 
 def bench_model(model: str, frames: int, windows, tmp: Path, dtype: str = "float32") -> dict:
     from robustdice.node.lab.localcluster import LocalCluster
-    from robustdice.partitioner.partition import PartitionRequest, partition
+    from robustdice.partitioner.core.partition import PartitionRequest, partition
 
     kwargs = PARTITION_KWARGS.get(model, {"weights": "none", "scores": ("s1",)})
     frames = max(10, int(frames * FRAMES_SCALE.get(model, 1.0)))

@@ -52,11 +52,11 @@ def _inputs(args, config):
     """(name, array (1, C, H, W), label or None) for every requested input."""
     import numpy as np
 
-    from robustdice.partitioner.plan import load_plan
+    from robustdice.partitioner.core.plan import load_plan
     if bool(args.digits) == bool(args.images):
         raise NodeError("give either --digits K or image files")
     if args.digits:
-        from robustdice.partitioner.data import evaluation_split
+        from robustdice.partitioner.zoo.data import evaluation_split
         images, labels, indices = evaluation_split("digits_cnn")
         return [(f"digits[{i}] (row {int(indices[i])})", images[i: i + 1].numpy(), int(labels[i]))
                 for i in parse_indices(args.digits, len(labels))]
@@ -64,7 +64,7 @@ def _inputs(args, config):
         raise NodeError("peers.yaml has no plan: the model's input size is unknown")
     from PIL import Image, UnidentifiedImageError
 
-    from robustdice.partitioner.data import preprocess
+    from robustdice.partitioner.zoo.data import preprocess
     spec = load_plan(config.plan).input
     out = []
     for path in args.images:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from robustdice.mesh.config import PeerConfig, PeersConfig, load_peers, resolve_self
-from robustdice.partitioner.plan import Plan, load_plan
+from robustdice.partitioner.core.plan import Plan, load_plan
 
 from .errors import NodeError
 

@@ -4,7 +4,7 @@ It loads only its own shard onto a model skeleton built on the meta device (so t
 never exists in this process). It is a dataflow engine: one compute thread takes work items
 from the handler in the order they come — start a frame, or continue a frame whose stage was
 gathered — and never waits on the network. Between items a frame is a suspended `FrameRun`
-(partitioner/runtime.py), so any number of frames are in flight while one thread computes;
+(partitioner/core/runtime.py), so any number of frames are in flight while one thread computes;
 the handler decides which item comes next (oldest first, the same order on every node).
 
 Assembling a gathered stage is the partitioner's `assemble` (first copy wins, zero-fill the
@@ -74,9 +74,9 @@ class Engine:
                  operator_public_key: Optional[str] = None) -> None:
         import torch
 
-        from robustdice.partitioner.plan import load_plan
-        from robustdice.partitioner.runtime import (Assembler, DeviceRuntime, build_skeleton, load_shard, place,
-                                                    place_model)
+        from robustdice.partitioner.core.plan import load_plan
+        from robustdice.partitioner.core.runtime import (Assembler, DeviceRuntime, build_skeleton, load_shard, place,
+                                                         place_model)
 
         self.torch = torch
         # Checked again here, not only by the supervisor: this process reads plan.json itself.

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from .argtypes import fraction as _fraction, nonnegative, positive_int
+from robustdice.partitioner.argtypes import fraction as _fraction, nonnegative, positive_int
 
 
 def register(sub) -> None:
@@ -165,13 +165,13 @@ def register(sub) -> None:
 
 
 def cmd_partition(args) -> int:
-    from .errors import PartitionerError
-    from .partition import PartitionRequest, load_thresholds, partition
-    from .scores import parse_scores
-    from .usermodel import parse_shape
+    from robustdice.partitioner.core.partition import PartitionRequest, load_thresholds, partition
+    from robustdice.partitioner.core.scores import parse_scores
+    from robustdice.partitioner.errors import PartitionerError
+    from robustdice.partitioner.zoo.usermodel import parse_shape
 
     if args.sign_key is not None:
-        from .signing import load_secret_key
+        from robustdice.partitioner.core.signing import load_secret_key
         load_secret_key(args.sign_key)  # a bad key fails now, not after the partition's work
     explicit = [name for name, value in (("--method", args.method), ("--fill", args.fill),
                                          ("--threshold", args.threshold), ("--thresholds", args.thresholds),
@@ -180,7 +180,7 @@ def cmd_partition(args) -> int:
     if args.paper and (explicit or args.memory is not None):
         raise PartitionerError(f"--paper is the paper's configuration (robust, threshold 0.1, zero fill, no "
                                f"budget): give it without {(explicit or ['--memory'])[0]}")
-    chosen = not explicit and not args.paper   # the default plan: a search (choose.py)
+    chosen = not explicit and not args.paper   # the default plan: a search (core/choose.py)
     if args.weigh_k is not None and not chosen:
         raise PartitionerError(f"--weigh-k weighs the default plan's candidates: it does nothing with "
                                f"{explicit[0] if explicit else '--paper'}")
@@ -200,16 +200,16 @@ def cmd_partition(args) -> int:
         rocoin=_rocoin_options(args),
     )
     if chosen:
-        from .choose import DEFAULT_MEMORY, default_plan
+        from robustdice.partitioner.core.choose import DEFAULT_MEMORY, default_plan
         weigh_k = None if args.weigh_k is None else _fractions(args.weigh_k, "--weigh-k")
         summary = default_plan(request, DEFAULT_MEMORY if args.memory is None else args.memory, weigh_k)
     elif request.method == "rocoin":   # students distilled per device group
-        from .rocoin_plan import partition_rocoin
+        from robustdice.partitioner.core.rocoin_plan import partition_rocoin
         summary = partition_rocoin(request)
     else:
         summary = partition(request)
     if args.sign_key is not None:
-        from .plan import sign_plan
+        from robustdice.partitioner.core.plan import sign_plan
         summary["signature"] = str(sign_plan(args.out, args.sign_key))
     if args.json:
         print(json.dumps(summary))
@@ -234,21 +234,21 @@ def cmd_partition(args) -> int:
 
 def _rocoin_options(args):
     """--groups, --epochs and --train, which only --method rocoin takes."""
-    from .errors import PartitionerError
+    from robustdice.partitioner.errors import PartitionerError
     given = [name for name, value in (("--groups", args.groups), ("--epochs", args.epochs), ("--train", args.train))
              if value is not None]
     if args.method != "rocoin":
         if given:
             raise PartitionerError(f"{given[0]} is for --method rocoin")
         return None
-    from .rocoin_plan import RocoinOptions
+    from robustdice.partitioner.core.rocoin_plan import RocoinOptions
     return RocoinOptions(groups=args.groups, epochs=args.epochs, train=args.train)
 
 
 def cmd_sign(args) -> int:
-    from .errors import PartitionerError
-    from .plan import sign_plan
-    from .signing import make_operator_key
+    from robustdice.partitioner.core.plan import sign_plan
+    from robustdice.partitioner.core.signing import make_operator_key
+    from robustdice.partitioner.errors import PartitionerError
 
     if (args.new_key is None) == (args.plan is None):
         raise PartitionerError("give either --new-key DIR, or --plan DIR with --key FILE")
@@ -264,7 +264,7 @@ def cmd_sign(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .evaluate import verify_plan
+    from robustdice.partitioner.experiments.evaluate import verify_plan
 
     results = [verify_plan(p) for p in args.plan]
     for r in results:
@@ -278,8 +278,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .errors import PartitionerError
-    from .evaluate import evaluate_plan, format_table, parse_failed, plot_accuracy, predictions, write_json
+    from robustdice.partitioner.errors import PartitionerError
+    from robustdice.partitioner.experiments.evaluate import (evaluate_plan, format_table, parse_failed, plot_accuracy,
+                                                             predictions, write_json)
 
     if args.failed is not None and args.predictions is None:
         raise PartitionerError("--failed needs --predictions FILE (evaluate without it covers every failed set)")
@@ -323,15 +324,15 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .finetune import finetune
+    from robustdice.partitioner.experiments.finetune import finetune
 
     if args.sign_key is not None:
-        from .signing import load_secret_key
+        from robustdice.partitioner.core.signing import load_secret_key
         load_secret_key(args.sign_key)
     summary = finetune(args.plan, args.out, epochs=args.epochs, lr=args.lr, seed=args.seed, fill=args.fill,
                        progress=not args.no_progress and not args.json and sys.stderr.isatty())
     if args.sign_key is not None:
-        from .plan import sign_plan
+        from robustdice.partitioner.core.plan import sign_plan
         summary["signature"] = str(sign_plan(args.out, args.sign_key))
     if args.json:
         print(json.dumps(summary))
@@ -343,7 +344,7 @@ def cmd_finetune(args) -> int:
 
 
 def _fractions(text: str, option: str):
-    from .errors import PartitionerError
+    from robustdice.partitioner.errors import PartitionerError
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -351,7 +352,7 @@ def _fractions(text: str, option: str):
 
 
 def cmd_dse(args) -> int:
-    from .dse import plot_pareto, sweep, write
+    from robustdice.partitioner.experiments.dse import plot_pareto, sweep, write
 
     progress = not args.no_progress and not args.json and sys.stderr.isatty()
     result = sweep(args.model, args.devices, args.out, weights=args.weights, fill=args.fill,

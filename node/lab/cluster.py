@@ -31,7 +31,7 @@ READY_TIMEOUT_S = 120.0
 
 
 def plot_timeline(report: Dict, path, title: str = "") -> Path:
-    from robustdice.partitioner.evaluate import save_figure
+    from robustdice.partitioner.experiments.evaluate import save_figure
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -99,8 +99,8 @@ def register(sub) -> None:
 
 
 def cmd_cluster(args) -> int:
-    from robustdice.partitioner.data import evaluation_split
-    from robustdice.partitioner.plan import load_plan
+    from robustdice.partitioner.core.plan import load_plan
+    from robustdice.partitioner.zoo.data import evaluation_split
     if not args.rate > 0:
         raise NodeError(f"--rate must be > 0 frames per second, got {args.rate}")
     parse_faults(args.kill, args.restart, args.pause, None)  # the schedule's form, before the plan's cost

@@ -52,7 +52,7 @@ class LocalCluster:
                  sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS, log_level: str = "INFO", insecure: bool = False,
                  hosts: Optional[Sequence[str]] = None, prefix=None, dtype: str = "float32",
                  metrics: bool = False) -> None:
-        from robustdice.partitioner.plan import load_plan, plan_dir as to_plan_dir
+        from robustdice.partitioner.core.plan import load_plan, plan_dir as to_plan_dir
         self.plan_dir = to_plan_dir(Path(plan_dir)).resolve()
         self.plan = load_plan(self.plan_dir)
         self._tmp = None
@@ -78,7 +78,7 @@ class LocalCluster:
         self.operator_key = None
         if not insecure:
             # The lab is its own operator: a key of its own signs the plan(s) its nodes run.
-            from robustdice.partitioner.signing import make_operator_key
+            from robustdice.partitioner.core.signing import make_operator_key
             _, self.operator_key, operator_public_key = make_operator_key(keys_dir / "operator")
             self.sign(self.plan_dir)
         per_node = 3 if self.metrics else 2
@@ -105,7 +105,7 @@ class LocalCluster:
         """Sign `plan_dir` with this cluster's operator key, so that its nodes run it (a node given
         another plan by --plan checks it too); nothing to do for an insecure cluster."""
         if self.operator_key is not None:
-            from robustdice.partitioner.plan import sign_plan
+            from robustdice.partitioner.core.plan import sign_plan
             sign_plan(plan_dir, self.operator_key)
 
     # ------------------------------------------------------------ processes

@@ -22,7 +22,7 @@ _PLANS: Dict[tuple, Path] = {}
 
 def make_plan(tmp_path_factory, model: str, devices: int, method: str, **kwargs) -> Path:
     """Partition in-process once per test session (several modules share a plan)."""
-    from robustdice.partitioner.partition import PartitionRequest, partition
+    from robustdice.partitioner.core.partition import PartitionRequest, partition
 
     key = (model, devices, method, tuple(sorted((k, tuple(v) if isinstance(v, (list, tuple)) else v)
                                                  for k, v in kwargs.items())))

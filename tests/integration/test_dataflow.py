@@ -17,8 +17,8 @@ import node_helpers as nh  # noqa: E402
 from robustdice.node.client import NodeClient, closed_loop  # noqa: E402
 from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
 from robustdice.node.lab.phases import counted_from  # noqa: E402
-from robustdice.partitioner.data import evaluation_split  # noqa: E402
-from robustdice.partitioner.evaluate import predictions  # noqa: E402
+from robustdice.partitioner.experiments.evaluate import predictions  # noqa: E402
+from robustdice.partitioner.zoo.data import evaluation_split  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(240)]
 

@@ -2,10 +2,10 @@
 the real CLI on digits_cnn, and explicit flags that keep the behaviour they had before it."""
 import pytest
 
-from robustdice.partitioner.choose import CANDIDATES, default_plan, pick
-from robustdice.partitioner.fill import failed_sets
-from robustdice.partitioner.partition import PartitionRequest, partition
-from robustdice.partitioner.plan import load_plan
+from robustdice.partitioner.core.choose import CANDIDATES, default_plan, pick
+from robustdice.partitioner.core.fill import failed_sets
+from robustdice.partitioner.core.partition import PartitionRequest, partition
+from robustdice.partitioner.core.plan import load_plan
 from test_partition_cli import _assert_one_line_error as one_line_error, robustdice
 from test_partition_cli import ok_json as _ok_json
 
@@ -85,7 +85,7 @@ def _fake_agreement(per_method):
 @pytest.mark.parametrize("weigh_k,winner", [(None, "robust"), ((1, 0, 0), "robust+cdc"), ((0, 0, 1), "robust")])
 def test_the_choice_follows_the_scores_under_the_weights(tmp_path, monkeypatch, weigh_k, winner):
     fake, seen = _fake_agreement({"robust": (0.9, 0.8, 0.7), "robust+cdc": (1.0, 0.3, 0.2)})
-    monkeypatch.setattr("robustdice.partitioner.choose.agreement_by_set", fake)
+    monkeypatch.setattr("robustdice.partitioner.core.choose.agreement_by_set", fake)
     request = PartitionRequest("digits_cnn", DEVICES, "robust", tmp_path / "plan", scores=("s1",),
                                show_progress=False, fill_calib_size=64)
     summary = default_plan(request, weigh_k=weigh_k)
@@ -97,7 +97,7 @@ def test_the_choice_follows_the_scores_under_the_weights(tmp_path, monkeypatch, 
 
 def test_max_failed_bounds_the_sets_scored_and_kept(tmp_path, monkeypatch):
     fake, seen = _fake_agreement({"robust": (0.9,), "robust+cdc": (1.0,)})
-    monkeypatch.setattr("robustdice.partitioner.choose.agreement_by_set", fake)
+    monkeypatch.setattr("robustdice.partitioner.core.choose.agreement_by_set", fake)
     request = PartitionRequest("digits_cnn", DEVICES, "robust", tmp_path / "plan", scores=("s1",),
                                show_progress=False, fill_calib_size=64, max_failed=1)
     summary = default_plan(request)

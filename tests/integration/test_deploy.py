@@ -36,8 +36,8 @@ import node_helpers as nh  # noqa: E402
 from robustdice.mesh.config import load_peers  # noqa: E402
 from robustdice.node.client import NodeClient, status_all  # noqa: E402
 from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
-from robustdice.partitioner.data import evaluation_split  # noqa: E402
-from robustdice.partitioner.models import build_model  # noqa: E402
+from robustdice.partitioner.zoo.data import evaluation_split  # noqa: E402
+from robustdice.partitioner.zoo.models import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

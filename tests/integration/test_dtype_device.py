@@ -17,8 +17,8 @@ import node_helpers as nh  # noqa: E402
 
 from robustdice.node.client import NodeClient  # noqa: E402
 from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
-from robustdice.partitioner.data import evaluation_split  # noqa: E402
-from robustdice.partitioner.runtime import Cluster  # noqa: E402
+from robustdice.partitioner.core.runtime import Cluster  # noqa: E402
+from robustdice.partitioner.zoo.data import evaluation_split  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(240)]
 

@@ -18,7 +18,7 @@ from test_node_metrics import get, scraped_when  # noqa: E402
 
 from robustdice.node.client import NodeClient  # noqa: E402
 from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
-from robustdice.partitioner.models import input_shape  # noqa: E402
+from robustdice.partitioner.zoo.models import input_shape  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(240)]
 STANDIN = Path(__file__).resolve().parent / "jtop_standin"

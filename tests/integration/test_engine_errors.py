@@ -18,7 +18,7 @@ import zmq
 
 from robustdice.node import ipc
 from robustdice.node.engine import Engine, serve
-from robustdice.partitioner.runtime import Cluster as Simulation
+from robustdice.partitioner.core.runtime import Cluster as Simulation
 
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(120)]
 

@@ -15,8 +15,8 @@ import torch
 
 from robustdice.node.client import NodeClient
 from robustdice.node.lab.localcluster import LocalCluster
-from robustdice.partitioner.data import evaluation_split
-from robustdice.partitioner.runtime import Cluster
+from robustdice.partitioner.core.runtime import Cluster
+from robustdice.partitioner.zoo.data import evaluation_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import node_helpers as nh  # noqa: E402

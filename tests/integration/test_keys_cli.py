@@ -18,8 +18,8 @@ import node_helpers as nh  # noqa: E402
 
 from robustdice.mesh.config import load_peers  # noqa: E402
 from robustdice.mesh.keys import load_secret  # noqa: E402
-from robustdice.partitioner.plan import sign_plan  # noqa: E402
-from robustdice.partitioner.signing import make_operator_key  # noqa: E402
+from robustdice.partitioner.core.plan import sign_plan  # noqa: E402
+from robustdice.partitioner.core.signing import make_operator_key  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,7 @@ from robustdice.node.client_cli import partition_of  # noqa: E402
 from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
 from robustdice.node.lab.netlab import NetnsLab  # noqa: E402
 from robustdice.node.lab.phases import divergent_answers, silent_divergence  # noqa: E402
-from robustdice.partitioner.data import evaluation_split  # noqa: E402
+from robustdice.partitioner.zoo.data import evaluation_split  # noqa: E402
 
 WHY = NetnsLab.unavailable()
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(240),
@@ -37,7 +37,7 @@ def digits():
 @pytest.fixture(scope="module")
 def expected(digits_plan, digits):
     """The no-failure logits of every evaluation sample."""
-    from robustdice.partitioner.runtime import Cluster
+    from robustdice.partitioner.core.runtime import Cluster
     import torch
     return Cluster(digits_plan).simulate(torch.from_numpy(digits)).numpy()[:, None, :]
 

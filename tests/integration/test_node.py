@@ -25,10 +25,10 @@ import node_helpers as nh  # noqa: E402
 from robustdice.mesh import wire  # noqa: E402
 from robustdice.node.client import NodeClient  # noqa: E402
 from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
-from robustdice.partitioner.evaluate import predictions  # noqa: E402
-from robustdice.partitioner.models import build_model, input_shape  # noqa: E402
-from robustdice.partitioner.plan import load_plan  # noqa: E402
-from robustdice.partitioner.runtime import Cluster as Simulation  # noqa: E402
+from robustdice.partitioner.core.plan import load_plan  # noqa: E402
+from robustdice.partitioner.core.runtime import Cluster as Simulation  # noqa: E402
+from robustdice.partitioner.experiments.evaluate import predictions  # noqa: E402
+from robustdice.partitioner.zoo.models import build_model, input_shape  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(180)]
 
@@ -77,7 +77,7 @@ def check_exact(cluster, x):
 
 @pytest.mark.slow
 def test_no_failure_digits_every_node_matches_plain_model(digits_cluster):
-    from robustdice.partitioner.data import evaluation_split
+    from robustdice.partitioner.zoo.data import evaluation_split
     images, _, _ = evaluation_split("digits_cnn")
     check_exact(digits_cluster, images[:3].numpy().astype(np.float32))  # a batch of 3 real digits
 
@@ -214,7 +214,7 @@ def test_peer_with_other_plan_is_refused(tmp_path_factory, digits_plan, tmp_path
 def test_a_restarted_node_answers_no_frame_before_it_has_heard_its_peers(digits_plan):
     """Frames a client sends to a node while it restarts wait until it has heard its peers: none
     is answered by the node alone (measured before this was built: 32 of them, 46 % zero-filled)."""
-    from robustdice.partitioner.data import evaluation_split
+    from robustdice.partitioner.zoo.data import evaluation_split
     images, _, _ = evaluation_split("digits_cnn")
     x = images[:1].numpy().astype(np.float32)
     with LocalCluster(digits_plan) as cluster:
@@ -270,7 +270,7 @@ def test_node_alone_answers_like_the_simulation_with_every_other_device_failed(t
     """With no other participant the engine zero-fills on its own (no per-stage trip to the
     handler): the answer must still be the partitioner's simulation of devices 0, 2, 3 failed.
     With nmr the device holds every row of every stage, so that is the plain model."""
-    from robustdice.partitioner.data import evaluation_split
+    from robustdice.partitioner.zoo.data import evaluation_split
     digits_plan = nh.make_plan(tmp_path_factory, "digits_cnn", 4, method)
     images, _, _ = evaluation_split("digits_cnn")
     x = images[:4].numpy().astype(np.float32)
@@ -295,7 +295,7 @@ def test_node_alone_answers_like_the_simulation_with_every_other_device_failed(t
 def test_cdc_recovers_a_missing_device_exactly_on_live_nodes(tmp_path_factory):
     """Parity through the real engine and handler: with device 1 absent, every answer is still
     the plain model's (the lost slice is recovered by subtraction, nothing is zero-filled)."""
-    from robustdice.partitioner.data import evaluation_split
+    from robustdice.partitioner.zoo.data import evaluation_split
     plan = nh.make_plan(tmp_path_factory, "digits_cnn", 4, "cdc")
     images, _, _ = evaluation_split("digits_cnn")
     x = images[:4].numpy().astype(np.float32)

@@ -15,9 +15,9 @@ import node_helpers as nh  # noqa: E402
 from robustdice.node.lab.faults import parse_faults  # noqa: E402
 from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
 from robustdice.node.lab.streaming import stream  # noqa: E402
-from robustdice.partitioner.data import evaluation_split  # noqa: E402
-from robustdice.partitioner.evaluate import predictions  # noqa: E402
-from robustdice.partitioner.runtime import Cluster as Simulation  # noqa: E402
+from robustdice.partitioner.core.runtime import Cluster as Simulation  # noqa: E402
+from robustdice.partitioner.experiments.evaluate import predictions  # noqa: E402
+from robustdice.partitioner.zoo.data import evaluation_split  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.slow]
 

@@ -16,7 +16,7 @@ from robustdice.node.client import NodeClient  # noqa: E402
 from robustdice.node.errors import NodeError  # noqa: E402
 from robustdice.node.lab.localcluster import LocalCluster, free_ports  # noqa: E402
 from robustdice.node.metrics import METRICS_REFRESH_S  # noqa: E402
-from robustdice.partitioner.models import input_shape  # noqa: E402
+from robustdice.partitioner.zoo.models import input_shape  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(180)]
 

@@ -85,9 +85,9 @@ def test_own_model_from_partition_to_a_live_cluster(tmp_path, monkeypatch):
 
     from robustdice.node.client import NodeClient
     from robustdice.node.lab.localcluster import LocalCluster
-    from robustdice.partitioner.inputs import InputSpec
-    from robustdice.partitioner.plan import load_plan
-    from robustdice.partitioner.runtime import Cluster, weights_digest
+    from robustdice.partitioner.core.plan import load_plan
+    from robustdice.partitioner.core.runtime import Cluster, weights_digest
+    from robustdice.partitioner.zoo.inputs import InputSpec
 
     model = trained()
     weights = tmp_path / "own_cnn.pt"

@@ -12,9 +12,9 @@ from math import comb
 
 import pytest
 
-from robustdice.partitioner.evaluate import verify_plan
-from robustdice.partitioner.partition import PartitionRequest, partition
-from robustdice.partitioner.runtime import shard_path
+from robustdice.partitioner.core.partition import PartitionRequest, partition
+from robustdice.partitioner.core.runtime import shard_path
+from robustdice.partitioner.experiments.evaluate import verify_plan
 
 METHODS = ("robust", "lop", "nmr", "cdc")
 DEVICES = 4

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from node_helpers import robustdice_cli
+from robustdice.partitioner.core.plan import load_plan, save_plan
+from robustdice.partitioner.core.runtime import Cluster, sha256_file, shard_path
 from robustdice.partitioner.errors import PlanError
-from robustdice.partitioner.plan import load_plan, save_plan
-from robustdice.partitioner.runtime import Cluster, sha256_file, shard_path
 
 DEVICES = 4
 
@@ -144,7 +144,7 @@ def test_bad_rocoin_options_are_refused_before_any_training(args, message, tmp_p
 def test_own_training_images_as_an_image_folder(tmp_path):
     from PIL import Image
 
-    from robustdice.partitioner.digits import digits_split
+    from robustdice.partitioner.zoo.digits import digits_split
     split = digits_split()
     folder = tmp_path / "train"
     for i in range(40):

@@ -23,7 +23,7 @@ from robustdice.node.config import MIN_MESSAGE_BYTES, load_node_config, plan_mes
 from robustdice.node.engine import Engine  # noqa: E402
 from robustdice.node.handler import MAX_BATCH, Handler  # noqa: E402
 from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
-from robustdice.partitioner.plan import load_plan  # noqa: E402
+from robustdice.partitioner.core.plan import load_plan  # noqa: E402
 
 DEVICE = 1
 

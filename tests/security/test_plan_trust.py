@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustdice.mesh.config import PeerConfig, PeersConfig, write_peers
+from robustdice.partitioner.core.partition import PartitionRequest, partition
+from robustdice.partitioner.core.plan import PLAN_FILE, load_plan, save_plan, sha256_file
+from robustdice.partitioner.core.plan import sign_plan
+from robustdice.partitioner.core.runtime import Cluster, load_shard, shard_path
+from robustdice.partitioner.core.signing import make_operator_key
 from robustdice.partitioner.errors import PlanError
-from robustdice.partitioner.partition import PartitionRequest, partition
-from robustdice.partitioner.plan import PLAN_FILE, load_plan, save_plan, sha256_file
-from robustdice.partitioner.runtime import Cluster, load_shard, shard_path
-from robustdice.partitioner.plan import sign_plan
-from robustdice.partitioner.signing import make_operator_key
 
 MODULE = __name__
 NODE = str(Path(sys.executable).parent / "robustdice-node")
@@ -270,6 +270,6 @@ def test_an_operator_secret_key_readable_by_others_is_refused(tmp_path, operator
     secret_file, _ = operator
     assert (secret_file.stat().st_mode & 0o777) == 0o600 and (secret_file.parent.stat().st_mode & 0o777) == 0o700
     os.chmod(secret_file, 0o644)
-    from robustdice.partitioner.signing import SigningError
+    from robustdice.partitioner.core.signing import SigningError
     with pytest.raises(SigningError, match=f"run: chmod 600 {secret_file}"):
         sign_plan(digits_lop, secret_file)

@@ -5,11 +5,11 @@ import itertools
 import numpy as np
 import pytest
 
-from robustdice.partitioner.budget import (
-    CANDIDATE_THRESHOLDS, Option, _groups_for_thresholds, choose, expected_loss, layer_options)
-from robustdice.partitioner.cluster import cluster_neurons, lop_assignment, nmr_assignment
+from robustdice.partitioner.core.budget import (CANDIDATE_THRESHOLDS, Option, _groups_for_thresholds, choose,
+                                                expected_loss, layer_options)
+from robustdice.partitioner.core.cluster import cluster_neurons, lop_assignment, nmr_assignment
+from robustdice.partitioner.core.plan import ParityPlan, StagePlan
 from robustdice.partitioner.errors import PartitionerError
-from robustdice.partitioner.plan import ParityPlan, StagePlan
 
 
 def test_groups_for_thresholds_are_cluster_neurons():
@@ -93,10 +93,10 @@ def test_candidate_thresholds_start_at_zero_and_end_above_any_diameter():
 
 
 def test_budget_costs_count_the_statistics_of_only_the_failed_sets_max_failed_keeps():
-    from robustdice.partitioner.budget import budget_costs
-    from robustdice.partitioner.models import build_model
-    from robustdice.partitioner.partition import PartitionRequest
-    from robustdice.partitioner.stages import trace_stages
+    from robustdice.partitioner.core.budget import budget_costs
+    from robustdice.partitioner.core.partition import PartitionRequest
+    from robustdice.partitioner.core.stages import trace_stages
+    from robustdice.partitioner.zoo.models import build_model
 
     staged = trace_stages(build_model("digits_cnn", "DEFAULT"))
 

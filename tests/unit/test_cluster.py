@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import pdist
 
-from robustdice.partitioner.cluster import (
-    cdc_layout, cluster_neurons, covered, lop_assignment, nmr_assignment, normalise_scores,
-    replicate_and_deal, replication_factor)
+from robustdice.partitioner.core.cluster import (cdc_layout, cluster_neurons, covered, lop_assignment, nmr_assignment,
+                                                 normalise_scores, replicate_and_deal, replication_factor)
 
 
 def _features(n=40, k=3, seed=0):
@@ -153,7 +152,7 @@ def test_invalid_inputs_raise(call):
 
 # --- robust+cdc's rotated parity and random's shuffled groups ----------------------------------
 
-from robustdice.partitioner.cluster import rotated_parity, shuffled_groups  # noqa: E402
+from robustdice.partitioner.core.cluster import rotated_parity, shuffled_groups  # noqa: E402
 
 
 @pytest.mark.parametrize("n_devices,t", [(2, 0.3), (3, 0.2), (4, 0.1), (4, 10.0), (5, 0.15)])
@@ -192,7 +191,7 @@ def test_shuffled_groups_keep_sizes_and_order_and_change_members():
 
 
 def test_uniform_groups_spread_copies_evenly_over_random_neurons():
-    from robustdice.partitioner.cluster import replicate_and_deal, uniform_groups
+    from robustdice.partitioner.core.cluster import replicate_and_deal, uniform_groups
     n, devices = 30, 4
     for n_groups in (8, 11, 15, 22, 30):
         groups = uniform_groups(n, n_groups, devices, seed=5)
@@ -220,8 +219,8 @@ def test_uniform_counts_round_each_layer_to_the_nearest_within_its_bounds():
     """A small layer must not lose a whole row of copies to rounding: at rho 0.45 a classifier's 10
     outputs get 5 groups (pairs: every output on 2 devices), where rounding down gave 4 and left
     some outputs on one device only."""
-    from robustdice.partitioner.budget import uniform_counts
-    from robustdice.partitioner.cluster import replicate_and_deal, uniform_groups
+    from robustdice.partitioner.core.budget import uniform_counts
+    from robustdice.partitioner.core.cluster import replicate_and_deal, uniform_groups
     assert uniform_counts([10, 64, 128], 0.45, 4) == [5, 29, 58]     # 4.5, 28.8, 57.6 to the nearest
     assert uniform_counts([10, 64], 0.44, 4) == [4, 28]
     assert uniform_counts([10, 64, 7], 0.0, 4) == [3, 16, 2]         # never below ceil(size / N)

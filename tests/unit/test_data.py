@@ -6,11 +6,10 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from robustdice.partitioner.data import (
-    calibration_batch, evaluation_split, load_image_folder, preprocess)
-from robustdice.partitioner.digits import digits_split
-from robustdice.partitioner.inputs import InputSpec, imagenet
-from robustdice.partitioner.models import input_spec
+from robustdice.partitioner.zoo.data import calibration_batch, evaluation_split, load_image_folder, preprocess
+from robustdice.partitioner.zoo.digits import digits_split
+from robustdice.partitioner.zoo.inputs import InputSpec, imagenet
+from robustdice.partitioner.zoo.models import input_spec
 
 IMAGENET = imagenet()
 GRAY8 = input_spec("digits_cnn")

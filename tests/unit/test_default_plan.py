@@ -1,7 +1,7 @@
 """The default plan's choice (choose.py): scores per k, weights, the pick and its line, pure."""
 import pytest
 
-from robustdice.partitioner.choose import (CANDIDATES, by_k, check_weights, choice_line, pick, weighted_score)
+from robustdice.partitioner.core.choose import CANDIDATES, by_k, check_weights, choice_line, pick, weighted_score
 from robustdice.partitioner.errors import PartitionerError
 
 # Two candidates that differ as robust and robust+cdc do on fashion_vgg: the hybrid exact at one

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from robustdice.partitioner import fashion
-from robustdice.partitioner.data import calibration_batch, evaluation_set, evaluation_split
+from robustdice.partitioner.core.stages import trace_stages
 from robustdice.partitioner.errors import DataError
-from robustdice.partitioner.models import build_model, input_spec
-from robustdice.partitioner.stages import trace_stages
+from robustdice.partitioner.zoo import fashion
+from robustdice.partitioner.zoo.data import calibration_batch, evaluation_set, evaluation_split
+from robustdice.partitioner.zoo.models import build_model, input_spec
 
 needs_data = pytest.mark.skipif(bool(fashion.data_missing()),
                                 reason=f"Fashion-MNIST is not in {fashion.DATA_DIR}: run `make fashion-data`")
@@ -91,7 +91,7 @@ def test_fashion_vgg_has_six_batchnormed_convs_and_traces():
 
 
 def test_shipped_weights_are_small():
-    resource = importlib.resources.files("robustdice.partitioner").joinpath(*fashion.WEIGHTS_RESOURCE)
+    resource = importlib.resources.files("robustdice.partitioner.zoo").joinpath(*fashion.WEIGHTS_RESOURCE)
     with importlib.resources.as_file(resource) as path:
         assert path.stat().st_size < 2_000_000
 

@@ -8,14 +8,14 @@ import itertools
 import pytest
 import torch
 
-from robustdice.partitioner.data import calibration_batch, evaluation_split
-from robustdice.partitioner.fill import (
-    failed_sets, lost_masks, mean_outputs, recalibrated_stats, reference_stats, run_masked)
-from robustdice.partitioner.models import build_model
-from robustdice.partitioner.partition import PartitionRequest, default_fill_calib_size, partition
-from robustdice.partitioner.plan import FillSpec, load_plan
-from robustdice.partitioner.runtime import Cluster, assemble, shard_path
-from robustdice.partitioner.stages import trace_stages
+from robustdice.partitioner.core.fill import (failed_sets, lost_masks, mean_outputs, recalibrated_stats,
+                                              reference_stats, run_masked)
+from robustdice.partitioner.core.partition import PartitionRequest, default_fill_calib_size, partition
+from robustdice.partitioner.core.plan import FillSpec, load_plan
+from robustdice.partitioner.core.runtime import Cluster, assemble, shard_path
+from robustdice.partitioner.core.stages import trace_stages
+from robustdice.partitioner.zoo.data import calibration_batch, evaluation_split
+from robustdice.partitioner.zoo.models import build_model
 
 N = 4
 ALL_SETS = [f for k in range(N) for f in itertools.combinations(range(N), k)]
@@ -191,7 +191,7 @@ def test_fill_spec_selects_recalibrated_rows_by_the_failed_set():
 def test_budget_replication_is_met_and_random_matches_robusts_memory(plans):
     robust = load_plan(plans("robust", "zero", replication=2.0))
     random = load_plan(plans("random", "zero", replication=2.0))
-    from robustdice.partitioner.plan import assignment_summary
+    from robustdice.partitioner.core.plan import assignment_summary
     r = assignment_summary(robust.stages, N)["replication_factor"]
     assert 1.5 < r <= 2.0
     assert [s.threshold for s in robust.stages] == [s.threshold for s in random.stages]
@@ -203,8 +203,8 @@ def test_budget_replication_is_met_and_random_matches_robusts_memory(plans):
 def test_plan_json_round_trip_keeps_fill_and_row_devices_and_hashes_them(plans, tmp_path):
     import json
 
+    from robustdice.partitioner.core.plan import plan_from_json
     from robustdice.partitioner.errors import PlanError
-    from robustdice.partitioner.plan import plan_from_json
 
     plan = load_plan(plans("robust+cdc", "mean+bn"))
     data = plan.to_json()
@@ -245,7 +245,7 @@ def test_a_version_2_plan_still_loads_as_zero_fill(plans, tmp_path):
 def test_partition_scores_s3_against_the_value_its_fill_puts_in_place(monkeypatch, tmp_path):
     """Under --fill mean a lost neuron becomes its mean, so s3 ablates to that mean (the values
     the shards carry), and under --fill zero to zero, as the paper does."""
-    from robustdice.partitioner import scores as scores_mod
+    from robustdice.partitioner.core import scores as scores_mod
     seen = {}
     real = scores_mod.compute_scores
 
@@ -271,8 +271,8 @@ def test_partition_scores_s3_against_the_value_its_fill_puts_in_place(monkeypatc
 def test_failed_sets_are_bounded_by_max_failed():
     from math import comb
 
+    from robustdice.partitioner.core.fill import MAX_FILL_SETS, default_max_failed
     from robustdice.partitioner.errors import PartitionerError
-    from robustdice.partitioner.fill import MAX_FILL_SETS, default_max_failed
 
     assert failed_sets(4) == [f for f in ALL_SETS if f]          # N <= 6: every set up to N - 1
     assert len(failed_sets(6)) == 62 and default_max_failed(6) == 5
@@ -311,9 +311,9 @@ def test_max_failed_bounds_the_plans_statistics_and_larger_sets_run_on_the_model
                                                ("robust", "zero", {})])
 def test_the_default_plans_scoring_is_the_simulation(plans, images, method, fill, extra):
     """choose.agreement_by_set (each neuron once, fill.run_masked) agrees with Cluster.simulate."""
-    from robustdice.partitioner.choose import agreement_by_set
-    from robustdice.partitioner.evaluate import _predict
-    from robustdice.partitioner.partition import plan_fill
+    from robustdice.partitioner.core.choose import agreement_by_set
+    from robustdice.partitioner.core.partition import plan_fill
+    from robustdice.partitioner.experiments.evaluate import _predict
 
     folder = plans(method, fill, **extra)
     cluster = Cluster(folder)

@@ -10,6 +10,17 @@ PACKAGES = {"partitioner": "robustdice.partitioner", "mesh": "robustdice.mesh", 
 # Modules that are commands (argparse and printing): libraries must not import them.
 COMMANDS = {"robustdice.partitioner.cli", "robustdice.mesh.cli", "robustdice.node.cli", "robustdice.node.client_cli",
             "robustdice.node.lab.cluster"}
+# partitioner's rooms, lowest first: a module imports from its own room and those below it, never
+# from one above. The algorithm builds models and reads data from the zoo, the zoo knows no
+# algorithm, and experiments measure what the other two make; errors.py (the one exception base)
+# and argtypes.py (every command's argparse types) import none of them; cli.py may import all.
+PARTITIONER_ROOMS = (
+    ("base", {"robustdice.partitioner", "robustdice.partitioner.errors", "robustdice.partitioner.argtypes"}),
+    ("zoo", {"robustdice.partitioner.zoo"}),
+    ("core", {"robustdice.partitioner.core"}),
+    ("experiments", {"robustdice.partitioner.experiments"}),
+    ("cli", {"robustdice.partitioner.cli"}),
+)
 
 
 def modules():
@@ -80,6 +91,26 @@ def test_dependencies_run_one_way():
         else:
             bad = set()
         assert not bad, f"{name} imports {sorted(bad)}"
+
+
+def partitioner_room(name):
+    """(index, name) of the room of PARTITIONER_ROOMS that holds the partitioner module `name`."""
+    for index, (room, members) in enumerate(PARTITIONER_ROOMS):
+        # The bare package robustdice.partitioner holds only itself; the others their submodules.
+        if name in members or any(name.startswith(m + ".") for m in members - {"robustdice.partitioner"}):
+            return index, room
+    raise AssertionError(f"{name} lies in no room: put it in zoo/, core/ or experiments/ (PARTITIONER_ROOMS)")
+
+
+def test_partitioner_imports_run_down_its_rooms():
+    """experiments -> core -> zoo -> errors, argtypes; lazy imports count as well."""
+    for name, path in modules().items():
+        if not name.startswith("robustdice.partitioner"):
+            continue
+        index, room = partitioner_room(name)
+        bad = sorted(f"{m} ({partitioner_room(m)[1]})" for m in imports(name, path, top_level_only=False)
+                     if m.startswith("robustdice.partitioner") and partitioner_room(m)[0] > index)
+        assert not bad, f"{name} ({room}) imports from a room above its own: {bad}"
 
 
 def test_no_library_imports_a_command():

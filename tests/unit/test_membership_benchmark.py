@@ -22,12 +22,12 @@ def test_ranked_members_put_the_highest_scores_in_the_smallest_groups(membership
 
 
 def test_refilled_plans_keep_robusts_memory_and_order_copies_by_s3(membership, tmp_path):
-    from robustdice.partitioner.data import calibration_batch
-    from robustdice.partitioner.models import build_model
-    from robustdice.partitioner.partition import DEFAULT_SCORES, PartitionRequest, partition
-    from robustdice.partitioner.plan import load_plan
-    from robustdice.partitioner.scores import compute_scores
-    from robustdice.partitioner.stages import trace_stages
+    from robustdice.partitioner.core.partition import DEFAULT_SCORES, PartitionRequest, partition
+    from robustdice.partitioner.core.plan import load_plan
+    from robustdice.partitioner.core.scores import compute_scores
+    from robustdice.partitioner.core.stages import trace_stages
+    from robustdice.partitioner.zoo.data import calibration_batch
+    from robustdice.partitioner.zoo.models import build_model
 
     staged = trace_stages(build_model("digits_cnn", "DEFAULT"))
     scores = compute_scores(staged, calibration_batch("digits_cnn", n=64, seed=0), list(DEFAULT_SCORES),

@@ -6,12 +6,11 @@ import pytest
 import torch
 import torch.fx
 
-from robustdice.partitioner import digits
-from robustdice.partitioner.compat import import_torchvision
-from robustdice.partitioner.data import preprocess
 from robustdice.partitioner.errors import ModelError
-from robustdice.partitioner.models import (
-    MODEL_NAMES, EfficientNetLite0, build_model, input_shape, input_spec)
+from robustdice.partitioner.zoo import digits
+from robustdice.partitioner.zoo.compat import import_torchvision
+from robustdice.partitioner.zoo.data import preprocess
+from robustdice.partitioner.zoo.models import MODEL_NAMES, EfficientNetLite0, build_model, input_shape, input_spec
 
 
 def _state_equal(a, b):

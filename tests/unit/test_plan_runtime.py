@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robustdice.partitioner.cluster import cdc_layout
+from robustdice.partitioner.core.cluster import cdc_layout
+from robustdice.partitioner.core.partition import PartitionRequest, partition
+from robustdice.partitioner.core.plan import ParityPlan, StagePlan, load_plan, plan_from_json, sha256_file
+from robustdice.partitioner.core.runtime import (Cluster, finish_stage, follower_params, load_shard, recover_parity,
+                                                 shard_path)
+from robustdice.partitioner.core.stages import apply_followers, compute_linear, slice_params, trace_stages
 from robustdice.partitioner.errors import PlanError
-from robustdice.partitioner.models import build_model
-from robustdice.partitioner.partition import PartitionRequest, partition
-from robustdice.partitioner.plan import ParityPlan, StagePlan, load_plan, plan_from_json, sha256_file
-from robustdice.partitioner.runtime import (
-    Cluster, finish_stage, follower_params, load_shard, recover_parity, shard_path)
-from robustdice.partitioner.stages import apply_followers, compute_linear, slice_params, trace_stages
+from robustdice.partitioner.zoo.models import build_model
 
 CASES = [(m, n) for m in ("robust", "lop", "nmr", "cdc") for n in (1, 2, 3) if not (m == "cdc" and n < 2)]
 
@@ -324,7 +324,7 @@ def test_simulate_refuses_when_every_device_failed(plans):
 
 
 def test_assemble_first_copy_wins_and_zero_fills_what_nobody_sent():
-    from robustdice.partitioner.runtime import assemble
+    from robustdice.partitioner.core.runtime import assemble
     a_ids, b_ids = torch.tensor([0, 2]), torch.tensor([2, 3])
     a = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
     b = torch.tensor([[9.0, 9.0], [3.0, 3.0]])  # row 2 again (a replica): the first copy stays
@@ -338,7 +338,7 @@ def test_frame_runs_stage_by_stage_like_the_simulation(plans, digits, method, n,
     """FrameRun (what the dataflow engine suspends between stages) gives the simulation's
     logits: every surviving device steps its own frame, and the stage output is assembled
     from all their slices in between, as the gather does on a node."""
-    from robustdice.partitioner.runtime import assemble
+    from robustdice.partitioner.core.runtime import assemble
     _, x = digits
     cluster = Cluster(plans(method, n))
     alive = [d for d in cluster.devices if d.device not in failed]
@@ -367,7 +367,7 @@ def test_steps_interprets_a_residual_model_like_its_compiled_graph():
     model = build_model("convnext_tiny", "none", seed=1)
     staged = trace_stages(model)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    from robustdice.partitioner.stages import full_stage_output
+    from robustdice.partitioner.core.stages import full_stage_output
     with torch.inference_mode():
         expected = staged.run_full(x)
         steps = staged.steps(x)

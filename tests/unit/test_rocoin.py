@@ -1,4 +1,4 @@
-"""RoCoIn's knowledge assignment (partitioner/rocoin.py) and the rocoin section of a plan: pure
+"""RoCoIn's knowledge assignment (partitioner/core/rocoin.py) and the rocoin section of a plan: pure
 values, no training."""
 import copy
 import hashlib
@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
+from robustdice.partitioner.core.plan import METHODS, FillSpec, Plan, RocoinGroup, RocoinSpec, plan_from_json
+from robustdice.partitioner.core.rocoin import (DeviceProfile, StudentOption, activation_affinity, choose_student,
+                                                group_devices, groups_for_count, match_groups, partition_filters)
 from robustdice.partitioner.errors import PartitionerError, PlanError
-from robustdice.partitioner.inputs import InputSpec
-from robustdice.partitioner.plan import METHODS, FillSpec, Plan, RocoinGroup, RocoinSpec, plan_from_json
-from robustdice.partitioner.rocoin import (DeviceProfile, StudentOption, activation_affinity, choose_student,
-                                           group_devices, groups_for_count, match_groups, partition_filters)
+from robustdice.partitioner.zoo.inputs import InputSpec
 
 EQUAL = DeviceProfile()
 
@@ -205,6 +205,6 @@ def test_a_malformed_rocoin_section_is_refused_naming_the_field(change, message)
 def test_the_stage_partitioner_sends_rocoin_to_its_own():
     from pathlib import Path
 
-    from robustdice.partitioner.partition import PartitionRequest
+    from robustdice.partitioner.core.partition import PartitionRequest
     with pytest.raises(PartitionerError, match="rocoin_plan.partition_rocoin makes its plan"):
         PartitionRequest(model="digits_cnn", devices=4, method="rocoin", out=Path("unused")).check()

@@ -1,15 +1,15 @@
-"""RoCoIn's students (partitioner/students.py) and the teacher's cut (rocoin_plan.teacher_cut):
+"""RoCoIn's students (partitioner/zoo/students.py) and the teacher's cut (rocoin_plan.teacher_cut):
 costs, shapes, the stored graph a board builds, and distillation that repeats itself."""
 import pytest
 import torch
 from torch import nn
 
-from robustdice.partitioner.architecture import build, encode, trace
+from robustdice.partitioner.core.rocoin_plan import family_options
+from robustdice.partitioner.core.rocoin_runtime import teacher_cut
 from robustdice.partitioner.errors import ModelError
-from robustdice.partitioner.models import build_model
-from robustdice.partitioner.rocoin_runtime import teacher_cut
-from robustdice.partitioner.students import (FAMILY, Student, blocks_for, count_macs, distill, family_options,
-                                             shape_of, state_bytes)
+from robustdice.partitioner.zoo.architecture import build, encode, trace
+from robustdice.partitioner.zoo.models import build_model
+from robustdice.partitioner.zoo.students import FAMILY, Student, blocks_for, count_macs, distill, shape_of, state_bytes
 
 
 def test_macs_are_counted_per_image():

@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robustdice.partitioner import scores as scores_mod
+from robustdice.partitioner.core import scores as scores_mod
+from robustdice.partitioner.core.scores import compute_scores, parse_scores, s1_scores, s2_scores, s3_scores
+from robustdice.partitioner.core.stages import trace_stages
 from robustdice.partitioner.errors import PartitionerError
-from robustdice.partitioner.scores import compute_scores, parse_scores, s1_scores, s2_scores, s3_scores
-from robustdice.partitioner.stages import trace_stages
 
 
 class ConvHead(nn.Module):
@@ -147,8 +147,8 @@ def _constant_neuron_model():
 
 @pytest.mark.parametrize("estimate", ["exact", "quadratic"])
 def test_s3_ablates_to_the_fill_value_it_is_given(estimate):
-    from robustdice.partitioner.fill import mean_outputs
-    from robustdice.partitioner.scores import s3_quadratic_scores
+    from robustdice.partitioner.core.fill import mean_outputs
+    from robustdice.partitioner.core.scores import s3_quadratic_scores
     model, x = _constant_neuron_model()
     staged = trace_stages(model)
     score = s3_scores if estimate == "exact" else s3_quadratic_scores
@@ -163,7 +163,7 @@ def test_s3_ablates_to_the_fill_value_it_is_given(estimate):
 
 
 def test_s3_with_fill_values_equals_brute_force_replacement():
-    from robustdice.partitioner.fill import mean_outputs
+    from robustdice.partitioner.core.fill import mean_outputs
     model = _seeded(Residual)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     staged = trace_stages(model)
@@ -237,15 +237,15 @@ def test_compute_scores_stacks_columns_in_requested_order():
 # --- s3's second-order estimate (--s3 quadratic / auto) -------------------------------------------
 
 def _digits_staged_and_batch():
-    from robustdice.partitioner.data import calibration_batch
-    from robustdice.partitioner.models import build_model
+    from robustdice.partitioner.zoo.data import calibration_batch
+    from robustdice.partitioner.zoo.models import build_model
     return trace_stages(build_model("digits_cnn", "DEFAULT")), calibration_batch("digits_cnn", n=128)
 
 
 def test_quadratic_s3_ranks_neurons_like_the_exact_ablations_where_each_matters_little():
     from scipy.stats import spearmanr
 
-    from robustdice.partitioner.scores import s3_quadratic_scores
+    from robustdice.partitioner.core.scores import s3_quadratic_scores
     staged, calib = _digits_staged_and_batch()
     exact = s3_scores(staged, calib)
     estimate = s3_quadratic_scores(staged, calib)
@@ -256,7 +256,7 @@ def test_quadratic_s3_ranks_neurons_like_the_exact_ablations_where_each_matters_
 
 
 def test_auto_runs_exact_ablations_on_the_cheapest_stages_within_the_budget(monkeypatch):
-    from robustdice.partitioner import scores
+    from robustdice.partitioner.core import scores
     staged, calib = _digits_staged_and_batch()
     costs = scores.exact_s3_macs(staged, calib)
     assert costs[-1] == 0 and costs[0] == max(costs)  # the last stage has nothing after it

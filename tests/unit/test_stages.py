@@ -4,11 +4,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robustdice.partitioner.cluster import cdc_layout
+from robustdice.partitioner.core.cluster import cdc_layout
+from robustdice.partitioner.core.stages import (FOLLOWER_FUNCTIONS, FOLLOWER_METHODS, FOLLOWER_MODULES, STAGE_MODULES,
+                                                apply_followers, compute_linear, full_stage_output, parity_params,
+                                                slice_params, trace_stages)
 from robustdice.partitioner.errors import ModelError
-from robustdice.partitioner.stages import (
-    FOLLOWER_FUNCTIONS, FOLLOWER_METHODS, FOLLOWER_MODULES, STAGE_MODULES, apply_followers, compute_linear, full_stage_output,
-    parity_params, slice_params, trace_stages)
 
 # One factory per follower class; a test checks this table covers FOLLOWER_MODULES exactly.
 FOLLOWER_FACTORIES = {

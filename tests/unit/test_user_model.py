@@ -15,14 +15,14 @@ import torch.fx
 from torch import nn
 import torch.nn.functional as F
 
-from robustdice.partitioner import architecture, usermodel
+from robustdice.partitioner.core.partition import PartitionRequest, partition
+from robustdice.partitioner.core.plan import load_plan
+from robustdice.partitioner.core.runtime import Cluster, weights_digest
 from robustdice.partitioner.errors import ModelError, PartitionerError, PlanError
-from robustdice.partitioner.evaluate import verify_plan
-from robustdice.partitioner.inputs import InputSpec
-from robustdice.partitioner.models import build_model, input_spec
-from robustdice.partitioner.partition import PartitionRequest, partition
-from robustdice.partitioner.plan import load_plan
-from robustdice.partitioner.runtime import Cluster, weights_digest
+from robustdice.partitioner.experiments.evaluate import verify_plan
+from robustdice.partitioner.zoo import architecture, usermodel
+from robustdice.partitioner.zoo.inputs import InputSpec
+from robustdice.partitioner.zoo.models import build_model, input_spec
 
 MODULE = __name__
 SHAPE = (3, 12, 12)

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Sequence, Tuple
 
-from .errors import PlanError
+from robustdice.partitioner.errors import PlanError
 
 RESIZE_MODES = ("crop", "stretch")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -30,8 +30,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from .cluster import Assignment, replicate_and_deal, rotated_parity, shuffled_groups
-from .errors import PartitionerError
+from robustdice.partitioner.core.cluster import Assignment, replicate_and_deal, rotated_parity, shuffled_groups
+from robustdice.partitioner.errors import PartitionerError
 
 # Candidate thresholds: 0 (every neuron copied to every device), a geometric ladder, and one
 # above any layer's diameter (one group: no replica beyond the padding to a multiple of N).
@@ -216,8 +216,8 @@ def budget_costs(staged, request) -> Costs:
     and what every device holds whatever the thresholds (the skeleton's parameters, full
     followers of robust+cdc, fill values). With --replication, every row costs one copy.
     """
-    from .fill import failed_sets
-    from .stages import param_bytes, parity_params, slice_params
+    from robustdice.partitioner.core.fill import failed_sets
+    from robustdice.partitioner.core.stages import param_bytes, parity_params, slice_params
 
     n = request.devices
     by_copies = request.replication is not None
@@ -263,7 +263,7 @@ def thresholds_for_budget(staged, request, scores):
     (costs: budget_costs)."""
     import dataclasses
 
-    from .cluster import normalise_scores
+    from robustdice.partitioner.core.cluster import normalise_scores
 
     costs = budget_costs(staged, request)
     options = []

@@ -27,11 +27,12 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import torch
 
-from .checkpoint import state_digest
-from .errors import PlanError
-from .plan import Plan, StagePlan, load_plan, plan_dir, sha256_file
-from .stages import (Stage, StagedModel, apply_followers, compute_linear, follower_params,
-                     from_neuron_major, parity_params, slice_params, to_neuron_major, trace_stages)
+from robustdice.partitioner.core.plan import Plan, StagePlan, load_plan, plan_dir, sha256_file
+from robustdice.partitioner.core.stages import (Stage, StagedModel, apply_followers, compute_linear, follower_params,
+                                                from_neuron_major, parity_params, slice_params, to_neuron_major,
+                                                trace_stages)
+from robustdice.partitioner.errors import PlanError
+from robustdice.partitioner.zoo.checkpoint import state_digest
 
 SHARD_FORMAT = "robustdice-shard"
 SHARD_VERSION = 1
@@ -176,8 +177,8 @@ def build_skeleton(plan: Plan, shared: Mapping[str, torch.Tensor]) -> StagedMode
     their hyperparameters are read) and their weights come from the shard. A user's own model
     is built from the graph the plan carries, so a board needs torch, not the user's code.
     """
-    from .architecture import build as build_architecture
-    from .models import build_model
+    from robustdice.partitioner.zoo.architecture import build as build_architecture
+    from robustdice.partitioner.zoo.models import build_model
 
     refuse_rocoin(plan)
     with torch.device("meta"):
@@ -467,7 +468,7 @@ class Cluster:
         shards = [load_shard(self.plan, directory, d) for d in range(self.plan.devices)]
         self.rocoin = None
         if self.plan.rocoin is not None:   # students and a head, no stages (rocoin_runtime.py)
-            from .rocoin_runtime import RocoinCluster
+            from robustdice.partitioner.core.rocoin_runtime import RocoinCluster
             self.rocoin = RocoinCluster(self.plan, shards, self.device, dtype)
             self.devices, self.shard_bytes = [], self.rocoin.shard_bytes
             return

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import PartitionerError
+from robustdice.partitioner.errors import PartitionerError
 
 NO_FAILURE_SHARE = 0.25
 DEFAULT_EPOCHS = {"digits_cnn": 40, "fashion_vgg": 4}
@@ -34,20 +34,6 @@ BATCH_SIZE = 128
 # Images for the final no-failure BatchNorm statistics: enough for stable averages.
 RESTAT_IMAGES = 20_000
 WEIGHTS_FILE = "weights.pt"
-
-
-def training_data(model: str):
-    """(train images, train labels, test images, test labels) of a model that has them here."""
-    if model == "digits_cnn":
-        from .digits import digits_split
-        s = digits_split()
-        return s.train_images, s.train_labels, s.test_images, s.test_labels
-    if model == "fashion_vgg":
-        from .fashion import fashion_split
-        s = fashion_split()
-        return s.train_images, s.train_labels, s.test_images, s.test_labels
-    raise PartitionerError(f"finetune needs {model}'s training data, which is not here; "
-                           "digits_cnn and fashion_vgg can be fine-tuned")
 
 
 def draw_failed(devices: int, rng: random.Random):
@@ -60,7 +46,7 @@ def draw_failed(devices: int, rng: random.Random):
 
 def _masked_train_forward(staged, losses, fill_rule: str, x):
     """The model in train mode with each stage's lost neurons filled (see the module docstring)."""
-    from .stages import full_stage_output
+    from robustdice.partitioner.core.stages import full_stage_output
 
     def stage_fn(i: int, t: torch.Tensor) -> torch.Tensor:
         stage = staged.stages[i]
@@ -102,14 +88,15 @@ def finetune(plan_dir, out, epochs: Optional[int] = None, lr: Optional[float] = 
     """Fine-tune the plan's model under its failure masks; write the new plan to `out`."""
     from tqdm import tqdm
 
-    from .digits import accuracy
-    from .evaluate import plan_weights
-    from .fill import lost_masks
-    from .models import build_model
-    from .partition import PartitionRequest, write_plan
-    from .plan import FILLS, load_plan
-    from .runtime import weights_digest
-    from .stages import trace_stages
+    from robustdice.partitioner.core.fill import lost_masks
+    from robustdice.partitioner.core.partition import PartitionRequest, write_plan
+    from robustdice.partitioner.core.plan import FILLS, load_plan
+    from robustdice.partitioner.core.runtime import weights_digest
+    from robustdice.partitioner.core.stages import trace_stages
+    from robustdice.partitioner.experiments.evaluate import plan_weights
+    from robustdice.partitioner.zoo.data import training_data
+    from robustdice.partitioner.zoo.digits import accuracy
+    from robustdice.partitioner.zoo.models import build_model
 
     plan = load_plan(plan_dir)
     fill = fill or plan.fill.rule
@@ -138,7 +125,7 @@ def finetune(plan_dir, out, epochs: Optional[int] = None, lr: Optional[float] = 
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
     augment = None
     if plan.model == "fashion_vgg":
-        from .fashion import augment
+        from robustdice.partitioner.zoo.fashion import augment
     with tqdm(total=epochs * steps_per_epoch, desc=f"finetune {plan.model} under {plan.method} failures",
               unit="batch", disable=not progress) as bar:
         for _ in range(epochs):

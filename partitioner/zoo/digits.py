@@ -6,8 +6,8 @@ well under a minute. The net is deliberately wider than the task needs (32-64-12
 a 128->64->10 head): it is split over 4 devices that may lose channels, and a redundant net
 is what lets importance-aware placement show its advantage over a naive split.
 
-    python -m robustdice.partitioner.digits train --out partitioner/weights/digits_cnn.pt
-    python -m robustdice.partitioner.digits eval [--weights FILE]
+    python -m robustdice.partitioner.zoo.digits train --out partitioner/zoo/weights/digits_cnn.pt
+    python -m robustdice.partitioner.zoo.digits eval [--weights FILE]
 """
 
 import argparse
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .trainer import train_classifier
+from robustdice.partitioner.zoo.trainer import train_classifier
 
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
@@ -149,7 +149,7 @@ def load_shipped():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m robustdice.partitioner.digits",
+    parser = argparse.ArgumentParser(prog="python -m robustdice.partitioner.zoo.digits",
                                       description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train on the train split and save a state_dict")

@@ -8,7 +8,7 @@ from typing import Mapping
 
 import torch
 
-from .errors import ModelError
+from robustdice.partitioner.errors import ModelError
 
 
 def one_line(exc):

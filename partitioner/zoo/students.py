@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rocoin import StudentOption
-
 WIDTHS = (8, 12, 16, 24, 32, 48)
 DEPTHS = (1, 2)
 MAX_BLOCKS = 5
@@ -118,16 +116,6 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
 
 def state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-def family_options(input_shape: Sequence[int], out_channels: int, out_hw: Tuple[int, int],
-                   nonnegative: bool = True) -> List[StudentOption]:
-    """The family for a partition of `out_channels` filters, with each member's cost."""
-    out = []
-    for shape in FAMILY:
-        model = Student(input_shape, out_channels, out_hw, shape, nonnegative)
-        out.append(StudentOption(option_name(shape, out_channels), count_macs(model, input_shape), state_bytes(model)))
-    return out
 
 
 def option_name(shape: StudentShape, out_channels: int) -> str:

@@ -32,9 +32,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .errors import PartitionerError
-from .plan import FILLS, FillSpec, StagePlan
-from .stages import Stage, StagedModel, compute_linear, slice_params
+from robustdice.partitioner.core.plan import FILLS, FillSpec, StagePlan
+from robustdice.partitioner.core.stages import Stage, StagedModel, compute_linear, slice_params
+from robustdice.partitioner.errors import PartitionerError
 
 # Beyond this many failed sets the per-set statistics are refused (every set of N = 8 devices).
 MAX_FILL_SETS = 254

@@ -21,9 +21,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .checkpoint import state_digest
-from .errors import ModelError, PlanError
-from .plan import Plan
+from robustdice.partitioner.core.plan import Plan
+from robustdice.partitioner.errors import ModelError, PlanError
+from robustdice.partitioner.zoo.checkpoint import state_digest
 
 SHARD_KEYS = ("student", "head")
 
@@ -43,7 +43,7 @@ def teacher_cut(model: nn.Module, input_shape: Sequence[int]) -> TeacherCut:
     """Cut `model` after its last Conv2d and that layer's channel-local followers (the stage
     stages.py makes of them). Raises ModelError when the rest of the model reads anything
     but that output (a skip connection around it), or when it has no convolution."""
-    from .stages import trace_stages
+    from robustdice.partitioner.core.stages import trace_stages
 
     staged = trace_stages(model)
     convs = [s for s in staged.stages if s.kind == "conv"]
@@ -95,7 +95,7 @@ def teacher_cut(model: nn.Module, input_shape: Sequence[int]) -> TeacherCut:
 
 def _stored(graph: Mapping, state: Mapping[str, torch.Tensor], where: str, device, dtype) -> torch.nn.Module:
     """A module from a stored graph and its weights, straight onto `device` in `dtype`."""
-    from .architecture import build
+    from robustdice.partitioner.zoo.architecture import build
 
     with torch.device("meta"):
         model = build(graph, where)

@@ -3,7 +3,8 @@
 plan.json (human-readable, versioned) holds the model, a digest of its weights, N, the method,
 and per stage: the layer's fx name, its followers, the per-device neuron ids and, for cdc, the
 parity layout. For a user's own model (`package.module:factory`) it also holds the model's
-traced graph (`architecture`, see architecture.py), which the boards build it from. `plan_hash` is the SHA-256 of the canonical JSON of everything except itself and
+traced graph (`architecture`, see zoo/architecture.py), which the boards build it from.
+`plan_hash` is the SHA-256 of the canonical JSON of everything except itself and
 the `shards` table (the shards embed the hash, so they cannot be inside it). The `shards` table
 records each shard file and its SHA-256, so that a corrupt or foreign shard is caught.
 
@@ -12,7 +13,7 @@ device's output travels and is gathered like any other neuron's; `StagePlan.hold
 every id device d produces.
 
 A rocoin plan has no stages: its `rocoin` section (RocoinSpec) says which group each device is
-in, which student the group runs (its graph stored as architecture.py stores a model, and the
+in, which student the group runs (its graph stored as zoo/architecture.py stores a model, and the
 digest of its weights), which channels of the teacher's final convolution that student gives,
 and the teacher's head; each shard holds its device's student and the head.
 """
@@ -25,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import PlanError
-from .inputs import InputSpec
-from .signing import SIGNATURE_FILE, signature_document, verify_document
+from robustdice.partitioner.core.signing import SIGNATURE_FILE, signature_document, verify_document
+from robustdice.partitioner.errors import PlanError
+from robustdice.partitioner.zoo.inputs import InputSpec
 
 PLAN_FORMAT = "robustdice-plan"
 PLAN_VERSION = 3  # 2: the input specification; 3: the fill rule, parity rows on any device
@@ -213,7 +214,7 @@ class Plan:
     version: int = PLAN_VERSION        # as read: a version-2 plan keeps hashing as it was written
     shards: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     plan_hash: str = ""
-    # A user's own model (model "package.module:factory"): its traced graph (architecture.py),
+    # A user's own model (model "package.module:factory"): its traced graph (zoo/architecture.py),
     # so that a board builds it from torch alone. None for the built-in models.
     architecture: Optional[Mapping[str, Any]] = None
     # method rocoin: its groups, partitions, students and head (RocoinSpec); None otherwise.

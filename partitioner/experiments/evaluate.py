@@ -8,9 +8,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .errors import PartitionerError
-from .models import build_model
-from .runtime import Cluster, weights_digest
+from robustdice.partitioner.core.runtime import Cluster, weights_digest
+from robustdice.partitioner.errors import PartitionerError
+from robustdice.partitioner.zoo.models import build_model
 
 EVAL_BATCH = 64
 # Small images (digits, Fashion-MNIST) go through in larger batches: per-stage overheads dominate.
@@ -43,7 +43,7 @@ def evaluate_plan(directory, data_dir=None, limit: Optional[int] = None, progres
     """
     from tqdm import tqdm
 
-    from .data import evaluation_set
+    from robustdice.partitioner.zoo.data import evaluation_set
 
     if dtype not in DTYPES:
         raise PartitionerError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -99,7 +99,7 @@ def evaluate_plan(directory, data_dir=None, limit: Optional[int] = None, progres
 
 def replication(plan) -> float:
     """Neuron copies (parity rows included) per neuron over the whole plan."""
-    from .plan import assignment_summary
+    from robustdice.partitioner.core.plan import assignment_summary
     if plan.rocoin is not None:   # copies of each student's partition
         return plan.rocoin.replication
     return assignment_summary(plan.stages, plan.devices)["replication_factor"]
@@ -109,7 +109,7 @@ def predictions(directory, failed: Sequence[int] = (), data_dir=None, limit: Opt
                 dtype: str = "float32") -> Dict:
     """Labels and predictions of the evaluation split with exactly `failed` devices down (none:
     the no-failure predictions). Unlabelled images give labels None."""
-    from .data import evaluation_set
+    from robustdice.partitioner.zoo.data import evaluation_set
 
     if dtype not in DTYPES:
         raise PartitionerError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -129,7 +129,7 @@ def predictions(directory, failed: Sequence[int] = (), data_dir=None, limit: Opt
 
 def plan_weights(plan, directory) -> str:
     """The plan's --weights; a file named relative to the plan's folder (finetune's) resolved."""
-    from .plan import plan_dir
+    from robustdice.partitioner.core.plan import plan_dir
 
     local = plan_dir(directory) / str(plan.weights)
     if plan.weights not in ("DEFAULT", "none") and not Path(plan.weights).is_absolute() and local.is_file():
@@ -146,7 +146,7 @@ def verify_plan(directory, batch: int = 2, seed: int = 0) -> Dict:
         raise PartitionerError(f"the weights {plan.weights!r} (seed {plan.seed}) differ from those the "
                                f"plan was made from ({plan.weights_digest[:19]}…)")
     if cluster.rocoin is not None:   # students approximate the teacher: checked otherwise
-        from .rocoin_runtime import verify_rocoin
+        from robustdice.partitioner.core.rocoin_runtime import verify_rocoin
         return verify_rocoin(cluster.rocoin, model, directory, batch, seed)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((batch,) + tuple(plan.input_shape), generator=generator)

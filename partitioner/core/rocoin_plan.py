@@ -1,6 +1,6 @@
 """`robustdice partition --method rocoin`: teacher → groups, partitions, students → plan + shards.
 
-The shell around rocoin.py's pure cores (the paper's Algorithm 1) and students.py's training:
+The shell around rocoin.py's pure cores (the paper's Algorithm 1) and zoo/students.py's training:
 
 1. cut the teacher after its final convolution and that layer's channel-local followers
    (BatchNorm, activation, pooling: stages.py's stage): `features` (input → (C, h, w)) and
@@ -27,9 +27,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import PartitionerError
-from .rocoin import DeviceProfile, Match, activation_affinity, groups_for_count, match_groups, partition_filters
-from .rocoin_runtime import TeacherCut, teacher_cut
+from robustdice.partitioner.core.rocoin import (DeviceProfile, Match, StudentOption, activation_affinity,
+                                                groups_for_count, match_groups, partition_filters)
+from robustdice.partitioner.core.rocoin_runtime import TeacherCut, teacher_cut
+from robustdice.partitioner.errors import PartitionerError
 
 # Fills a rocoin plan knows: a lost partition's channels are zero, or the teacher's mean
 # features there (measured on the calibration images). The CLI's default is mean: with the same
@@ -78,9 +79,9 @@ class Design:
 def training_images(request) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     options = request.rocoin or RocoinOptions()
     if options.train is not None:
-        from .data import load_image_folder
+        from robustdice.partitioner.zoo.data import load_image_folder
         return load_image_folder(options.train, request.input_spec())
-    from .finetune import training_data
+    from robustdice.partitioner.zoo.data import training_data
     try:
         images, labels, _, _ = training_data(request.model)
     except PartitionerError:
@@ -110,16 +111,29 @@ def device_memory(request, teacher: nn.Module) -> float:
     if request.budget_mb is not None:
         return request.budget_mb * 1e6
     if request.memory is not None:
-        from .partition import nmr_per_device_bytes
-        from .stages import trace_stages
+        from robustdice.partitioner.core.partition import nmr_per_device_bytes
+        from robustdice.partitioner.core.stages import trace_stages
         return request.memory * nmr_per_device_bytes(trace_stages(teacher), request)
     return float("inf")
 
 
+def family_options(input_shape: Sequence[int], out_channels: int, out_hw: Tuple[int, int],
+                   nonnegative: bool = True) -> List[StudentOption]:
+    """The student family (students.FAMILY) for a partition of `out_channels` filters, with each
+    member's cost: what choose_student weighs."""
+    from robustdice.partitioner.zoo.students import FAMILY, Student, count_macs, option_name, state_bytes
+
+    out = []
+    for shape in FAMILY:
+        model = Student(input_shape, out_channels, out_hw, shape, nonnegative)
+        out.append(StudentOption(option_name(shape, out_channels), count_macs(model, input_shape), state_bytes(model)))
+    return out
+
+
 def design(request) -> Design:
     """Algorithm 1 for `request` (a PartitionRequest with method rocoin): no training yet."""
-    from .models import build_model
-    from .students import family_options, state_bytes
+    from robustdice.partitioner.zoo.models import build_model
+    from robustdice.partitioner.zoo.students import state_bytes
 
     check_request(request)
     started = time.perf_counter()
@@ -159,7 +173,7 @@ def design(request) -> Design:
 
 def train(d: Design) -> Tuple[List[nn.Module], float]:
     """One student per group, distilled; and the seconds it took."""
-    from .students import Student, distill, shape_of
+    from robustdice.partitioner.zoo.students import Student, distill, shape_of
 
     started = time.perf_counter()
     torch.manual_seed(d.request.seed)
@@ -176,12 +190,12 @@ def write(d: Design, students: Sequence[nn.Module], out: Optional[Path] = None, 
           training_s: float = 0.0) -> Dict[str, Any]:
     """plan.json and the shards for trained `students` (one per group); the summary `--json`
     prints. `out` and `fill` default to the request's (a benchmark writes one training twice)."""
-    from .architecture import encode, trace
-    from .plan import FillSpec, Plan, RocoinGroup, RocoinSpec, save_plan, sha256_file
-    from .runtime import save_shard, weights_digest
-    from .stages import param_bytes
-    from .students import count_macs, state_bytes
-    from .usermodel import is_import_path
+    from robustdice.partitioner.core.plan import FillSpec, Plan, RocoinGroup, RocoinSpec, save_plan, sha256_file
+    from robustdice.partitioner.core.runtime import save_shard, weights_digest
+    from robustdice.partitioner.core.stages import param_bytes
+    from robustdice.partitioner.zoo.architecture import encode, trace
+    from robustdice.partitioner.zoo.students import count_macs, state_bytes
+    from robustdice.partitioner.zoo.usermodel import is_import_path
 
     request = d.request if out is None and fill is None else replace(
         d.request, out=out or d.request.out, fill=fill or d.request.fill)

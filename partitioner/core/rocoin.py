@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import PartitionerError
+from robustdice.partitioner.errors import PartitionerError
 
 # The outage probability of a device whose link was never measured: nominal, and the same for
 # every device, so that it only fixes how many copies a group needs (see groups_for_count).

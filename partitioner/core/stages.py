@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ModelError
+from robustdice.partitioner.errors import ModelError
 
 # Neuron-producing layer classes → stage kind. A test asserts every class here slices exactly.
 STAGE_MODULES: Dict[type, str] = {

@@ -21,7 +21,7 @@ s3  Jensen–Shannon divergence (base 2, in [0, 1]) between the model's output d
     only the part of the graph after the stage, from the cached values, with many ablations
     batched together along the batch dimension.
 
-Calibration data comes from `--calib` (an image folder) or the model's own data (see data.py).
+Calibration data comes from `--calib` (an image folder) or the model's own data (see zoo/data.py).
 Scores are raw here; `cluster.normalise_scores` normalises them per layer.
 """
 from __future__ import annotations
@@ -34,10 +34,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .errors import PartitionerError
+from robustdice.partitioner.errors import PartitionerError
 
 log = logging.getLogger(__name__)
-from .stages import Stage, StagedModel, StageCall, full_stage_output
+from robustdice.partitioner.core.stages import Stage, StagedModel, StageCall, full_stage_output
 
 SCORE_NAMES = ("s1", "s2", "s3")
 

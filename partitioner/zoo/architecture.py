@@ -44,8 +44,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .compat import import_torchvision
-from .errors import ModelError, PlanError
+from robustdice.partitioner.errors import ModelError, PlanError
+from robustdice.partitioner.zoo.compat import import_torchvision
 
 FORMAT = "robustdice-fx-graph"
 VERSION = 1
@@ -276,7 +276,7 @@ def encode(gm: nn.Module) -> Dict[str, Any]:
 # A stored graph is never turned into Python source: `build` validates every node against the
 # closed vocabulary above and returns a StoredModel whose forward *interprets* the validated
 # steps. Every name is checked as well (identifiers and dotted module paths), so that the graph
-# torch.fx traces from a StoredModel (stages.py) holds no string that came from the file unchecked.
+# torch.fx traces from a StoredModel (core/stages.py) holds no string that came from the file unchecked.
 
 _PATH_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 
@@ -330,7 +330,7 @@ class StoredModel(nn.Module):
 
     `forward` walks the steps, calling only the functions, tensor methods and layers that
     `build` looked up in the allowlists; no code is generated or executed from the plan. torch.fx
-    traces it like any model (each layer is a leaf), which is how stages.py cuts it.
+    traces it like any model (each layer is a leaf), which is how core/stages.py cuts it.
     """
 
     def __init__(self, name: str, steps: List[_Step], data: Mapping[str, Any]) -> None:

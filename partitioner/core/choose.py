@@ -25,7 +25,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .errors import PartitionerError
+from robustdice.partitioner.errors import PartitionerError
 
 DEFAULT_MEMORY = 0.5
 # calibration_batch's seed for the scores is --seed, for the fill --seed + 1: the choice's
@@ -123,7 +123,7 @@ def agreement_by_set(staged, stages, fill, sets, images, reference) -> Dict[tupl
     tables), computed once per neuron by fill.run_masked rather than once per copy (tests assert
     the two agree). A set that loses nothing (parity recovers one failure) agrees by construction.
     """
-    from .fill import lost_masks, run_masked, set_stats
+    from robustdice.partitioner.core.fill import lost_masks, run_masked, set_stats
 
     spec, tables = fill
     fills = [tables[s.name]["fill"] if tables else None for s in staged.stages]
@@ -150,12 +150,12 @@ def default_plan(request, memory: float = DEFAULT_MEMORY, weigh_k: Optional[Sequ
     The candidates share the model, its scores and the fill's calibration outputs, so that the
     chosen plan is byte for byte the one its explicit flags (`choice.same_as`) give.
     """
-    from .data import calibration_batch
-    from .fill import check_max_failed, fill_inputs
-    from .models import build_model
-    from .partition import (default_calib_size, fill_calibration, nmr_per_device_bytes, partition, plan_fill,
-                            request_scores, sized_stages, write_plan)
-    from .stages import trace_stages
+    from robustdice.partitioner.core.fill import check_max_failed, fill_inputs
+    from robustdice.partitioner.core.partition import (default_calib_size, fill_calibration, nmr_per_device_bytes,
+                                                       partition, plan_fill, request_scores, sized_stages, write_plan)
+    from robustdice.partitioner.core.stages import trace_stages
+    from robustdice.partitioner.zoo.data import calibration_batch
+    from robustdice.partitioner.zoo.models import build_model
 
     base = dataclasses.replace(request, method=CANDIDATES[0].method, fill=CANDIDATES[0].fill, threshold=None,
                                thresholds=None, replication=None, budget_mb=None, memory=memory)

@@ -6,8 +6,8 @@ still train on, and a VGG with BatchNorm is the kind of deep network whose accur
 channels the paper measures. The Debian package `dataset-fashion-mnist` installs the IDX files
 under /usr/share/datasets/fashion-mnist/ (`make fashion-data` does that).
 
-    python -m robustdice.partitioner.fashion train --out partitioner/weights/fashion_vgg.pt
-    python -m robustdice.partitioner.fashion eval [--weights FILE]
+    python -m robustdice.partitioner.zoo.fashion train --out partitioner/zoo/weights/fashion_vgg.pt
+    python -m robustdice.partitioner.zoo.fashion eval [--weights FILE]
 """
 
 import argparse
@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .digits import accuracy, package_state_dict  # noqa: F401 (accuracy: this module's API too)
-from .errors import DataError
-from .trainer import train_classifier
+from robustdice.partitioner.errors import DataError
+from robustdice.partitioner.zoo.digits import accuracy  # noqa: F401 (this module's API too)
+from robustdice.partitioner.zoo.digits import package_state_dict
+from robustdice.partitioner.zoo.trainer import train_classifier
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {
@@ -177,7 +178,7 @@ def shipped_state_dict():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m robustdice.partitioner.fashion",
+    parser = argparse.ArgumentParser(prog="python -m robustdice.partitioner.zoo.fashion",
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train on the 60k train split and save a state_dict")

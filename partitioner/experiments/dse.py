@@ -2,7 +2,7 @@
 
 The model is scored once; then robust, robust+cdc and random (and uniform, on request) are
 partitioned at a ladder of per-device memory budgets (fractions of NMR's per-device memory,
-thresholds chosen per layer by budget.py), lop, cdc and nmr once each, every plan with the
+thresholds chosen per layer by core/budget.py), lop, cdc and nmr once each, every plan with the
 same fill rule, and each plan is evaluated under every set of failed devices. The plot shows
 per-device memory against the mean accuracy at 1 and at 2 failed devices; the JSON holds every
 figure.
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .errors import PartitionerError
+from robustdice.partitioner.errors import PartitionerError
 
 SWEPT_METHODS = ("robust", "robust+cdc", "random", "uniform", "rocoin")
 DEFAULT_SWEPT = ("robust", "robust+cdc", "random")   # uniform on request: --methods ...,uniform
@@ -41,11 +41,11 @@ def sweep(model: str, devices: int, out, weights: str = "DEFAULT", fill: str = "
           data=None, limit: Optional[int] = None, seed: int = 0, calib=None, calib_size: Optional[int] = None,
           progress: bool = True, log=print, epochs: Optional[int] = None) -> Dict:
     """Partition and evaluate every point; returns the JSON-ready result (see the module docstring)."""
-    from .data import calibration_batch
-    from .evaluate import evaluate_plan
-    from .models import build_model
-    from .partition import PartitionRequest, default_calib_size, partition, request_scores
-    from .stages import trace_stages
+    from robustdice.partitioner.core.partition import PartitionRequest, default_calib_size, partition, request_scores
+    from robustdice.partitioner.core.stages import trace_stages
+    from robustdice.partitioner.experiments.evaluate import evaluate_plan
+    from robustdice.partitioner.zoo.data import calibration_batch
+    from robustdice.partitioner.zoo.models import build_model
 
     bad = [m for m in methods if m not in SWEPT_METHODS]
     if bad:
@@ -63,13 +63,13 @@ def sweep(model: str, devices: int, out, weights: str = "DEFAULT", fill: str = "
     def run(method: str, name: str, **budget) -> Dict:
         extra = {}
         if method == "rocoin":   # `epochs`: rocoin's distillation passes
-            from .rocoin_plan import RocoinOptions
+            from robustdice.partitioner.core.rocoin_plan import RocoinOptions
             extra = {"fill": "zero" if fill == "zero" else "mean", "rocoin": RocoinOptions(epochs=epochs)}
         request = PartitionRequest(model=model, devices=devices, method=method, out=out / "plans" / name,
                                    weights=weights, seed=seed, calib=calib, calib_size=calib_size,
                                    show_progress=progress, **{"fill": fill, **budget, **extra})
         if method == "rocoin":
-            from .rocoin_plan import partition_rocoin
+            from robustdice.partitioner.core.rocoin_plan import partition_rocoin
             partition_rocoin(request)
         else:
             partition(request, scores=scores if method in SWEPT_METHODS else None)
@@ -108,7 +108,7 @@ def plot_pareto(result: Dict, path, ks: Sequence[str] = ("1", "2")) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .evaluate import save_figure
+    from robustdice.partitioner.experiments.evaluate import save_figure
 
     ks = [k for k in ks if int(k) < result["devices"]]
     fig, axes = plt.subplots(1, len(ks), figsize=(5.2 * len(ks), 4.2), dpi=120, squeeze=False)

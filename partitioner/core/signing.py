@@ -26,7 +26,7 @@ import stat
 from pathlib import Path
 from typing import Tuple
 
-from .errors import PartitionerError, PlanError
+from robustdice.partitioner.errors import PartitionerError, PlanError
 
 SIGNATURE_FILE = "plan.sig"
 SIGNATURE_FORMAT = "robustdice-plan-signature"

@@ -1,6 +1,6 @@
 """Images in, tensors out: preprocessing, image folders, calibration batches, evaluation splits.
 
-How an image becomes a model's input is the model's own `InputSpec` (partitioner/inputs.py,
+How an image becomes a model's input is the model's own `InputSpec` (partitioner/zoo/inputs.py,
 recorded in every plan): its (C, H, W), its resize rule and its per-channel mean and std. The
 224x224 ImageNet models take RGB photos resized to 256 on the short side and centre-cropped;
 torchvision's use ImageNet's mean and std, efficientnet_lite0's TensorFlow weights 0.5 and 0.5;
@@ -16,11 +16,11 @@ import os
 import numpy as np
 import torch
 
-from .compat import import_torchvision
-from .digits import digits_split
-from .errors import DataError
-from .inputs import InputSpec
-from .models import input_spec as model_input_spec
+from robustdice.partitioner.errors import DataError, PartitionerError
+from robustdice.partitioner.zoo.compat import import_torchvision
+from robustdice.partitioner.zoo.digits import digits_split
+from robustdice.partitioner.zoo.inputs import InputSpec
+from robustdice.partitioner.zoo.models import input_spec as model_input_spec
 
 # torchvision's reference evaluation: resize to 256, crop 224; kept as a ratio for other sizes.
 RESIZE_RATIO = 256 / 224
@@ -169,7 +169,7 @@ def calibration_batch(model_name, calib_dir=None, n=16, seed=0, spec=None):
         images = [_open(f, calib_dir) for f in files]
         return _batch_from_images(images, spec, n, seed)
     if model_name == "fashion_vgg":
-        from .fashion import fashion_split
+        from robustdice.partitioner.zoo.fashion import fashion_split
         train_images = fashion_split().train_images
         generator = torch.Generator().manual_seed(seed)
         return train_images[torch.randperm(len(train_images), generator=generator)[:n]].clone()
@@ -194,7 +194,7 @@ def evaluation_split(model_name, data_dir=None, limit=None, spec=None):
         images, labels = load_image_folder(data_dir, spec or model_input_spec(model_name), limit=limit)
         return images, labels, torch.arange(len(labels), dtype=torch.int64)
     if model_name == "fashion_vgg":  # Fashion-MNIST's own 10k test images
-        from .fashion import fashion_split
+        from robustdice.partitioner.zoo.fashion import fashion_split
         split = fashion_split()
         images, labels = split.test_images, split.test_labels
         indices = torch.arange(len(labels), dtype=torch.int64)
@@ -209,6 +209,20 @@ def evaluation_split(model_name, data_dir=None, limit=None, spec=None):
     if limit is not None:
         images, labels, indices = images[:limit], labels[:limit], indices[:limit]
     return images, labels, indices
+
+
+def training_data(model: str):
+    """(train images, train labels, test images, test labels) of a model that has them here
+    (what `robustdice finetune` and `--method rocoin` train on)."""
+    if model == "digits_cnn":
+        s = digits_split()
+        return s.train_images, s.train_labels, s.test_images, s.test_labels
+    if model == "fashion_vgg":
+        from robustdice.partitioner.zoo.fashion import fashion_split
+        s = fashion_split()
+        return s.train_images, s.train_labels, s.test_images, s.test_labels
+    raise PartitionerError(f"finetune needs {model}'s training data, which is not here; "
+                           "digits_cnn and fashion_vgg can be fine-tuned")
 
 
 # The default unlabelled evaluation set of the 224x224 models: each scikit-image photo as it is,

@@ -11,16 +11,17 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
-from .cluster import (cdc_layout, cluster_neurons, lop_assignment, nmr_assignment, normalise_scores,
-                      replicate_and_deal)
-from .cluster import rotated_parity, shuffled_groups, uniform_groups
-from .errors import PartitionerError
-from .plan import METHODS, ParityPlan, Plan, StagePlan, assignment_summary, save_plan, sha256_file
-from .plan import FILLS
-from .runtime import build_shard, save_shard, weights_digest
-from .stages import StagedModel, param_bytes, trace_stages
-from . import usermodel
-from .usermodel import is_import_path
+from robustdice.partitioner.core.cluster import (cdc_layout, cluster_neurons, lop_assignment, nmr_assignment,
+                                                 normalise_scores, replicate_and_deal)
+from robustdice.partitioner.core.cluster import rotated_parity, shuffled_groups, uniform_groups
+from robustdice.partitioner.core.plan import (METHODS, ParityPlan, Plan, StagePlan, assignment_summary, save_plan,
+                                              sha256_file)
+from robustdice.partitioner.core.plan import FILLS
+from robustdice.partitioner.core.runtime import build_shard, save_shard, weights_digest
+from robustdice.partitioner.core.stages import StagedModel, param_bytes, trace_stages
+from robustdice.partitioner.errors import PartitionerError
+from robustdice.partitioner.zoo import usermodel
+from robustdice.partitioner.zoo.usermodel import is_import_path
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class PartitionRequest:
     calib: Optional[Path] = None
     calib_size: Optional[int] = None
     show_progress: bool = True
-    # Only for a user's own model (package.module:factory); see usermodel.py.
+    # Only for a user's own model (package.module:factory); see zoo/usermodel.py.
     input_shape: Optional[Tuple[int, int, int]] = None
     preprocess: Optional[str] = None
     fill: str = "zero"
@@ -96,7 +97,7 @@ class PartitionRequest:
         self.check_levers()
 
     def input_spec(self):
-        from .models import input_spec
+        from robustdice.partitioner.zoo.models import input_spec
         if is_import_path(self.model):
             return usermodel.input_spec(self.model, self.input_shape, self.preprocess)
         return input_spec(self.model)
@@ -117,7 +118,7 @@ class PartitionRequest:
         if self.memory is not None and not (0 < self.memory <= 1):
             raise PartitionerError(f"--memory is a fraction of NMR's per-device memory, in (0, 1], got {self.memory}")
         if self.max_failed is not None:
-            from .fill import check_max_failed
+            from robustdice.partitioner.core.fill import check_max_failed
             check_max_failed(self.devices, self.max_failed)
         if self.method == "uniform":
             if self.threshold is not None or self.thresholds is not None:
@@ -218,8 +219,8 @@ def partition(request: PartitionRequest, scores: Optional[Mapping[str, np.ndarra
     `scores`: raw scores already computed for this model, weights and request.scores (the DSE
     partitions one model many times); None computes them.
     """
-    from .data import calibration_batch
-    from .models import build_model
+    from robustdice.partitioner.zoo.data import calibration_batch
+    from robustdice.partitioner.zoo.models import build_model
 
     request.check()
     spec = request.input_spec()  # before building: a missing --input-shape fails fast
@@ -244,10 +245,10 @@ def sized_stages(staged: StagedModel, request: PartitionRequest,
         request = dataclasses.replace(request, budget_mb=request.memory * nmr_per_device_bytes(staged, request) / 1e6)
     group_counts = None
     if request.method == "uniform":
-        from .budget import uniform_group_counts
+        from robustdice.partitioner.core.budget import uniform_group_counts
         group_counts = uniform_group_counts(staged, request)
     elif request.replication is not None or request.budget_mb is not None:
-        from .budget import thresholds_for_budget
+        from robustdice.partitioner.core.budget import thresholds_for_budget
         request = thresholds_for_budget(staged, request, scores)  # fixes per-layer thresholds
     return request, plan_stages(staged, request, scores, group_counts)
 
@@ -272,7 +273,7 @@ def request_scores(staged: StagedModel, calib, request: PartitionRequest,
     """request.scores of every stage on `calib`, s3 ablating to what request.fill puts in place
     (stand_ins; `fills`: its mean outputs, when already computed): how partition scores, and what
     the DSE and the benchmarks score once for many partitions of one model."""
-    from .scores import compute_scores
+    from robustdice.partitioner.core.scores import compute_scores
 
     if fills is None or request.fill == "zero" or "s3" not in request.scores:
         fills = stand_ins(staged, request)
@@ -288,7 +289,7 @@ def stand_ins(staged: StagedModel, request: PartitionRequest):
     zeroing would call it important and spend copies on it. None (zeroing, as the paper does)
     for --fill zero or when s3 is not among the scores. The same calibration images as _fill.
     """
-    from .fill import mean_outputs
+    from robustdice.partitioner.core.fill import mean_outputs
 
     if request.fill == "zero" or "s3" not in request.scores:
         return None
@@ -297,7 +298,7 @@ def stand_ins(staged: StagedModel, request: PartitionRequest):
 
 def fill_calibration(request: PartitionRequest):
     """The calibration images of the fill values and per-set statistics (and of stand_ins)."""
-    from .data import calibration_batch
+    from robustdice.partitioner.zoo.data import calibration_batch
 
     size = request.fill_calib_size or default_fill_calib_size(request.model)
     return calibration_batch(request.model, request.calib, n=size, seed=request.seed + 1, spec=request.input_spec())
@@ -310,7 +311,7 @@ def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request:
     Also how `finetune` writes a plan: the same stages, the fine-tuned weights. `fill`: the
     (FillSpec, tables) of plan_fill when already computed (the default plan's search).
     """
-    from .architecture import encode
+    from robustdice.partitioner.zoo.architecture import encode
 
     fill_spec, fill_tables = plan_fill(staged, stages, request) if fill is None else fill
     plan = Plan(
@@ -351,7 +352,7 @@ def plan_fill(staged: StagedModel, stages: Sequence[StagePlan], request: Partiti
     """The plan's fill spec and the shards' fill tensors (fill.py), from calibration data.
 
     shared: fill.FillInputs of fill_calibration(request), when several plans of one model share them."""
-    from .fill import compute_fill, failed_sets
+    from robustdice.partitioner.core.fill import compute_fill, failed_sets
 
     if request.fill == "zero":
         return compute_fill(staged, stages, None, "zero", request.devices)

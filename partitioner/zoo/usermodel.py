@@ -27,10 +27,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import architecture
-from .checkpoint import load_file, load_state
-from .errors import ModelError, PartitionerError, PlanError
-from .inputs import InputSpec
+from robustdice.partitioner.errors import ModelError, PartitionerError, PlanError
+from robustdice.partitioner.zoo import architecture
+from robustdice.partitioner.zoo.checkpoint import load_file, load_state
+from robustdice.partitioner.zoo.inputs import InputSpec
 
 _IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 SPEC_ATTRIBUTE = "robustdice_input"

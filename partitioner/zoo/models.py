@@ -12,18 +12,18 @@ import socket
 import torch
 from torch import nn
 
-from .checkpoint import load_file, load_state, one_line
-from .compat import import_torchvision
-from .digits import INPUT_SHAPE as DIGITS_INPUT_SHAPE
-from .digits import DigitsCNN, shipped_state_dict
-from .errors import ModelError
-from .fashion import INPUT_SHAPE as FASHION_INPUT_SHAPE
-from .fashion import MEAN as FASHION_MEAN
-from .fashion import STD as FASHION_STD
-from .fashion import FashionVGG
-from .inputs import InputSpec, imagenet
-from . import usermodel
-from .usermodel import is_import_path
+from robustdice.partitioner.errors import ModelError
+from robustdice.partitioner.zoo import usermodel
+from robustdice.partitioner.zoo.checkpoint import load_file, load_state, one_line
+from robustdice.partitioner.zoo.compat import import_torchvision
+from robustdice.partitioner.zoo.digits import INPUT_SHAPE as DIGITS_INPUT_SHAPE
+from robustdice.partitioner.zoo.digits import DigitsCNN, shipped_state_dict
+from robustdice.partitioner.zoo.fashion import INPUT_SHAPE as FASHION_INPUT_SHAPE
+from robustdice.partitioner.zoo.fashion import MEAN as FASHION_MEAN
+from robustdice.partitioner.zoo.fashion import STD as FASHION_STD
+from robustdice.partitioner.zoo.fashion import FashionVGG
+from robustdice.partitioner.zoo.inputs import InputSpec, imagenet
+from robustdice.partitioner.zoo.usermodel import is_import_path
 
 MODEL_NAMES = ("digits_cnn", "alexnet", "vgg16_bn", "convnext_tiny", "efficientnet_lite0")
 MODEL_NAMES += ("fashion_vgg",)
@@ -212,7 +212,7 @@ def build_model(name, weights="none", seed=0):
             path = efficientnet_lite0_weights_path()
             state, source = load_file(path), path
         elif name == "fashion_vgg":
-            from .fashion import shipped_state_dict as fashion_state_dict
+            from robustdice.partitioner.zoo.fashion import shipped_state_dict as fashion_state_dict
             state, source = fashion_state_dict(), "the shipped fashion_vgg weights"
         else:
             state, source = _torchvision_default_state_dict(name), f"torchvision {name} DEFAULT"
