@@ -200,9 +200,9 @@ def cmd_partition(args) -> int:
         rocoin=_rocoin_options(args),
     )
     if chosen:
-        from robustdice.partitioner.core.choose import DEFAULT_MEMORY, default_plan
+        from robustdice.partitioner.core.choose import default_plan
         weigh_k = None if args.weigh_k is None else _fractions(args.weigh_k, "--weigh-k")
-        summary = default_plan(request, DEFAULT_MEMORY if args.memory is None else args.memory, weigh_k)
+        summary = default_plan(request, args.memory, weigh_k)
     elif request.method == "rocoin":   # students distilled per device group
         from robustdice.partitioner.core.rocoin_plan import partition_rocoin
         summary = partition_rocoin(request)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -192,6 +192,15 @@ def importance_for_budget(raw: np.ndarray, normalised: np.ndarray, score_names: 
     return norm / total if total > 0 else np.full(len(norm), 1.0 / max(len(norm), 1))
 
 
+class BelowCheapestPlan(PartitionerError):
+    """The budget buys less than the method's cheapest plan; `least_mb`: the smallest budget in MB
+    per device that buys it (None where the budget counts copies, not bytes)."""
+
+    def __init__(self, message: str, least_mb: Optional[float]) -> None:
+        super().__init__(message)
+        self.least_mb = least_mb
+
+
 @dataclass(frozen=True)
 class Costs:
     """What a request's budget buys, per stage: the cost of a data row and of a parity row."""
@@ -208,6 +217,11 @@ class Costs:
         """The smallest budget that buys `cheapest`, in the option's own unit."""
         return (f"{cheapest / self.total_neurons:.4g}" if self.by_copies
                 else f"{(cheapest + self.fixed) / 1e6:.4g} MB")
+
+    def below(self, request, cheapest: float) -> BelowCheapestPlan:
+        return BelowCheapestPlan(f"{self.what} is below the cheapest {request.method} plan of {request.model} "
+                                 f"({self.least(cheapest)})",
+                                 None if self.by_copies else (cheapest + self.fixed) / 1e6)
 
 
 def budget_costs(staged, request) -> Costs:
@@ -278,9 +292,7 @@ def thresholds_for_budget(staged, request, scores):
     try:
         selection = choose(options, costs.budget)
     except PartitionerError:
-        cheapest = sum(min(o.cost for o in opts) for opts in options)
-        raise PartitionerError(f"{costs.what} is below the cheapest {request.method} plan of {request.model} "
-                               f"({costs.least(cheapest)})") from None
+        raise costs.below(request, sum(min(o.cost for o in opts) for opts in options)) from None
     thresholds = {s.name: options[l][j].threshold for l, (s, j) in enumerate(zip(staged.stages, selection))}
     return dataclasses.replace(request, thresholds=thresholds, threshold=None, replication=None, budget_mb=None,
                                memory=None)
@@ -313,8 +325,7 @@ def uniform_group_counts(staged, request) -> Dict[str, int]:
         return per_group * sum(g * row for g, row in zip(uniform_counts(sizes, rho, n), costs.rows))
 
     if cost(0.0) > costs.budget * (1 + 1e-9):
-        raise PartitionerError(f"{costs.what} is below the cheapest {request.method} plan of {request.model} "
-                               f"({costs.least(cost(0.0))})")
+        raise costs.below(request, cost(0.0))
     lo, hi = 0.0, 1.0
     if cost(hi) <= costs.budget * (1 + 1e-9):
         lo = hi

@@ -110,7 +110,10 @@ def choice_line(choice: Mapping) -> str:
             others.append(f"{c['name']}, which does not fit")
         else:
             others.append(f"{c['name']} {_per_k_text(c['agreement_by_k'])} ({c['score']:.3f})")
-    return (f"default plan: {won['name']} within {choice['memory']:g} x NMR's memory "
+    raised = choice.get("memory_raised")
+    why = (f" (the default {raised['from']:g} buys no plan over this many devices: raised to the least that buys "
+           f"one)" if raised else "")
+    return (f"default plan: {won['name']} within {choice['memory']:.3g} x NMR's memory{why} "
             f"({choice['budget_mb']:.3g} MB per device): agreement with no failure at {ks} failed "
             f"{_per_k_text(won['agreement_by_k'])} (mean {won['score']:.3f}{weights}) on "
             f"{choice['calibration_images']} calibration images, against " + "; ".join(others))
@@ -141,10 +144,14 @@ def agreement_by_set(staged, stages, fill, sets, images, reference) -> Dict[tupl
     return out
 
 
-def default_plan(request, memory: float = DEFAULT_MEMORY, weigh_k: Optional[Sequence[float]] = None,
+def default_plan(request, memory: Optional[float] = None, weigh_k: Optional[Sequence[float]] = None,
                  choice_size: Optional[int] = None) -> Dict[str, object]:
     """Make every candidate within `memory`, write the best to request.out; returns its partition
     summary with `choice` (see the module docstring).
+
+    memory None: DEFAULT_MEMORY, raised to the cheapest candidate's least memory where no
+    candidate fits it (2 devices: half of NMR's is every neuron once, less than the fill and the
+    shared layers need), and said so. A memory the user gave is never raised.
 
     request: a PartitionRequest whose method, fill and budget are ignored (the candidates' own).
     The candidates share the model, its scores and the fill's calibration outputs, so that the
@@ -157,6 +164,8 @@ def default_plan(request, memory: float = DEFAULT_MEMORY, weigh_k: Optional[Sequ
     from robustdice.partitioner.zoo.data import calibration_batch
     from robustdice.partitioner.zoo.models import build_model
 
+    given = memory is not None
+    memory = memory if given else DEFAULT_MEMORY
     base = dataclasses.replace(request, method=CANDIDATES[0].method, fill=CANDIDATES[0].fill, threshold=None,
                                thresholds=None, replication=None, budget_mb=None, memory=memory)
     n = base.devices
@@ -198,22 +207,33 @@ def default_plan(request, memory: float = DEFAULT_MEMORY, weigh_k: Optional[Sequ
         reference = model(images).argmax(1)
     sets = [f for k in range(1, k_max + 1) for f in itertools.combinations(range(n), k)]
 
-    records, made = [], []
-    for cand in CANDIDATES:
-        creq = dataclasses.replace(base, method=cand.method, fill=cand.fill, memory=None, budget_mb=budget_mb)
-        record = {"name": cand.name, "method": cand.method, "fill": cand.fill}
-        try:
-            sized, stages = sized_stages(staged, creq, scores_for(cand.fill))
-        except PartitionerError as exc:   # the budget is below this candidate's cheapest plan
-            record["skipped"] = str(exc)
+    def candidates(budget_mb: float):
+        records, made = [], []
+        for cand in CANDIDATES:
+            creq = dataclasses.replace(base, method=cand.method, fill=cand.fill, memory=None, budget_mb=budget_mb)
+            record = {"name": cand.name, "method": cand.method, "fill": cand.fill}
+            try:
+                sized, stages = sized_stages(staged, creq, scores_for(cand.fill))
+            except PartitionerError as exc:   # the budget is below this candidate's cheapest plan
+                record["skipped"], record["least_mb"] = str(exc), getattr(exc, "least_mb", None)
+                records.append(record)
+                made.append(None)
+                continue
+            fill = plan_fill(staged, stages, sized, None if cand.fill == "zero" else shared)
+            per_k = by_k(agreement_by_set(staged, stages, fill, sets, images, reference))
+            record.update(agreement_by_k={str(k): v for k, v in per_k.items()}, score=weighted_score(per_k, weights))
             records.append(record)
-            made.append(None)
-            continue
-        fill = plan_fill(staged, stages, sized, None if cand.fill == "zero" else shared)
-        per_k = by_k(agreement_by_set(staged, stages, fill, sets, images, reference))
-        record.update(agreement_by_k={str(k): v for k, v in per_k.items()}, score=weighted_score(per_k, weights))
-        records.append(record)
-        made.append((sized, stages, fill))
+            made.append((sized, stages, fill))
+        return records, made
+
+    records, made = candidates(budget_mb)
+    raised = None
+    least = [r.get("least_mb") for r in records]
+    if not given and all(m is None for m in made) and all(v is not None for v in least):
+        # The default memory buys no candidate: take the least that buys one, and say so.
+        raised = {"from": memory, "to": min(least) * 1e6 / nmr_bytes}
+        memory, budget_mb = raised["to"], min(least)
+        records, made = candidates(budget_mb)
     try:
         best = pick([r.get("score") for r in records])
     except PartitionerError:
@@ -230,7 +250,7 @@ def default_plan(request, memory: float = DEFAULT_MEMORY, weigh_k: Optional[Sequ
     summary["choice"] = {
         "chosen": won.name, "memory": memory, "nmr_per_device_bytes": nmr_bytes, "budget_mb": budget_mb,
         "max_failed": k_max, "weigh_k": weights, "calibration_images": int(len(images)),
-        "calibration_seed": seed, "candidates": records, "same_as": explicit,
+        "calibration_seed": seed, "candidates": records, "same_as": explicit, "memory_raised": raised,
     }
     summary["choice"]["line"] = choice_line(summary["choice"])
     return summary

@@ -6,6 +6,7 @@ from robustdice.partitioner.core.choose import CANDIDATES, default_plan, pick
 from robustdice.partitioner.core.fill import failed_sets
 from robustdice.partitioner.core.partition import PartitionRequest, partition
 from robustdice.partitioner.core.plan import load_plan
+from robustdice.partitioner.errors import PartitionerError
 from test_partition_cli import _assert_one_line_error as one_line_error, robustdice
 from test_partition_cli import ok_json as _ok_json
 
@@ -129,3 +130,20 @@ def test_bad_default_flags(tmp_path, extra, words):
     proc = robustdice("partition", "--model", "digits_cnn", "--devices", DEVICES, "--out", tmp_path / "o", *extra)
     one_line_error(proc, *words)
     assert not (tmp_path / "o" / "plan.json").exists()
+
+
+def test_two_devices_raise_the_default_memory_to_the_least_plan_and_say_so(tmp_path):
+    # Over 2 devices half of NMR's memory is every neuron once, less than the shared layers need:
+    # the default takes the least memory that buys a candidate instead of refusing.
+    request = PartitionRequest("digits_cnn", 2, "robust", tmp_path / "plan", scores=("s1",), show_progress=False,
+                               fill_calib_size=64)
+    summary = default_plan(request, choice_size=32)
+    choice = summary["choice"]
+    assert choice["memory_raised"]["from"] == 0.5 and choice["memory_raised"]["to"] > 0.5
+    assert choice["memory"] == choice["memory_raised"]["to"]
+    assert max(summary["per_device_param_bytes"]) <= choice["budget_mb"] * 1e6 * (1 + 1e-9)
+    assert "the default 0.5 buys no plan over this many devices" in choice["line"]
+    # a memory the user gives is never raised
+    with pytest.raises(PartitionerError, match=r"--memory 0.5 .* is below every default plan"):
+        default_plan(PartitionRequest("digits_cnn", 2, "robust", tmp_path / "given", scores=("s1",),
+                                      show_progress=False, fill_calib_size=64), 0.5, choice_size=32)
