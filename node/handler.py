@@ -35,7 +35,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
 import psutil
@@ -106,6 +106,12 @@ class Handler:
                          max_stage=len(stages), on_stall=self._on_stall, wire_dtype=config.dtype,
                          max_progress=2 * self.book.max_frames_held)
         self.mesh.progress_source = lambda: (self.book.progress(), self.book.inputs())
+        # The plan's tables, checked once by the mesh: a gather takes them unchecked from here on.
+        self.ids = [{n: self.mesh.known_ids(a, self.total_ids[i], f"stage {self.stage_names[i]}, node {n}")
+                     for n, a in t.items()} for i, t in enumerate(self.ids)]
+        # (stage, participants taking part) -> (holders to wait for, peers to send to): the same
+        # few sets at every stage of every frame.
+        self._routes: Dict[Tuple[int, FrozenSet[str]], Tuple[Dict[str, np.ndarray], List[str]]] = {}
         self.events: collections.deque = collections.deque(maxlen=EVENT_HISTORY)
         # (frame, stage, neurons zero-filled) of this node's own stages, for checks that no answer
         # claims less zero-fill than some node had (status with {"zero_log": true}).
@@ -508,10 +514,16 @@ class Handler:
         if f is None:
             return  # expired meanwhile; the engine was told to drop it
         local = SliceData(self.ids[stage][self.me.id], ipc.array(bufs[0], header["dtype"], header["shape"]))
-        taking_part = f.participants - f.excluded
-        holders = {p: self.ids[stage][p] for p in taking_part if p in self.wait_for[stage]}
-        send_to = [p for p in taking_part if p in self.send_to[stage]]
-        degraded = tuple((s, m, z) for s, (m, z) in sorted(f.degraded.items()))
+        taking_part = f.participants - f.excluded if f.excluded else f.participants
+        route = self._routes.get((stage, taking_part))
+        if route is None:
+            if len(self._routes) >= 64 * len(self.stage_names):   # bounded: membership churn makes new sets
+                self._routes.clear()
+            route = self._routes[(stage, taking_part)] = (
+                {p: self.ids[stage][p] for p in taking_part if p in self.wait_for[stage]},
+                [p for p in taking_part if p in self.send_to[stage]])
+        holders, send_to = route
+        degraded = tuple((s, m, z) for s, (m, z) in sorted(f.degraded.items())) if f.degraded else ()
         self.mesh.begin_gather(f.frame, stage, local, holders, self.total_ids[stage], send_to=send_to,
                                degraded=degraded, now_s=now)
 
