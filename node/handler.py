@@ -364,7 +364,7 @@ class Handler:
         # ids against the plan, so the engine knows them from the device.
         return ({"kind": ipc.GATHERED, "frame": f.frame, "stage": result.stage, "failed": failed,
                  "from": [self.device_of[p.sender] for p in pieces], "dtype": dtype, "trailing": trailing},
-                [p.array.reshape(-1).view(np.uint8) for p in pieces])
+                [p.array for p in pieces])
 
     def _drop_work(self, f: Frame, finished: bool = False) -> None:
         """Forget a frame id's gathers here and its state at the engine (it expired, runs again,
