@@ -52,7 +52,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
@@ -167,10 +167,15 @@ def holder_verdict(frame: int, stage: int, origin: str, state: PeerState, report
 
 class _Gather:
     def __init__(self, key: Key, origin: str, local_ids: np.ndarray, holders: Dict[str, np.ndarray],
-                 n_ids: int, started_s: float, deadline_s: float, self_id: str):
+                 n_ids: int, started_s: float, deadline_s: float, self_id: str,
+                 holder_bytes: Optional[Dict[str, bytes]] = None):
         self.key = key
         self.origin = origin
         self.holders = holders
+        # Each holder's ids as bytes: a slice's ids (int32 off the wire) are checked against them
+        # by one bytes comparison instead of np.array_equal, which costs ten times as much.
+        self.holder_bytes = holder_bytes if holder_bytes is not None else {
+            h: a.astype(_IDS, copy=False).tobytes() for h, a in holders.items()}
         self.started_s = started_s
         self.deadlines = {h: deadline_s for h in holders}
         self.covered = np.zeros(n_ids, dtype=bool)
@@ -186,8 +191,12 @@ class _Gather:
         self.dtype: Optional[np.dtype] = None
 
     def check(self, sender: str, ids: np.ndarray, array: np.ndarray) -> Optional[str]:
-        expected = self.holders.get(sender)
-        if expected is None or not np.array_equal(ids, expected) or array.shape[0] != ids.shape[0]:
+        expected = self.holder_bytes.get(sender)
+        if expected is None:
+            return BAD_SLICE
+        same = (ids.tobytes() == expected if ids.dtype == _IDS
+                else np.array_equal(ids, self.holders[sender]))   # not off the wire (a test, a caller)
+        if not same or ids.ndim != 1 or array.shape[0] != ids.shape[0]:
             # A holder sends exactly the ids the plan gives it: anything else (a repeated id
             # posing as a full answer, ids it does not hold) is not ours to use.
             return BAD_SLICE
@@ -222,6 +231,9 @@ class _Gather:
         return GatherResult(self.key[0], self.key[1], tuple(self.pieces), dict(self.released),
                             frozenset(self.contributors), int(self.covered.size - np.count_nonzero(self.covered)),
                             (now_s - self.started_s) * 1000.0)
+
+
+_IDS = np.dtype(np.int32)   # neuron ids as the wire carries them (native little-endian int32)
 
 
 # Below this many elements a boolean temporary is cheaper than entering np.errstate, which
@@ -335,6 +347,24 @@ class GatherBook:
         # Frames given up here -> the drop reason of their later slices: FINISHED when their
         # origin had finished them, LATE when this node gave up waiting (expired).
         self._abandoned: "OrderedDict[int, str]" = OrderedDict()
+        # Neuron-id arrays checked once (`known_ids`): id(array) -> (array, n_ids, its bytes).
+        self._known: Dict[int, Tuple[np.ndarray, int, bytes]] = {}
+
+    def known_ids(self, ids: Iterable[int], n_ids: int, what: str = "neuron ids") -> np.ndarray:
+        """`ids` checked once against [0, n_ids), as a read-only int32 array: `begin` takes it from
+        then on without checking it again. A plan's per-stage tables are known when the node
+        starts; checking them at every gather (numpy min and max per holder) was a fixed cost of
+        every stage."""
+        array = np.array(ids, dtype=_IDS).reshape(-1)
+        if array.size and (array.min() < 0 or array.max() >= n_ids):
+            raise MeshError(f"{what}: neuron ids outside [0, {n_ids})")
+        array.flags.writeable = False   # what was checked cannot change afterwards
+        self._known[id(array)] = (array, int(n_ids), array.tobytes())   # the reference keeps the id unique
+        return array
+
+    def _known_bytes(self, ids: Any, n_ids: int) -> Optional[bytes]:
+        known = self._known.get(id(ids))
+        return known[2] if known is not None and known[0] is ids and known[1] == n_ids else None
 
     # ------------------------------------------------------------ begin
     def begin(self, frame: int, stage: int, origin: str, local_ids: np.ndarray, holders: Mapping[str, Iterable[int]],
@@ -350,14 +380,26 @@ class GatherBook:
             raise MeshError(f"gather for frame {frame} stage {stage} was already begun")
         if not isinstance(n_ids, (int, np.integer)) or n_ids < 0:
             raise MeshError(f"n_ids: {n_ids!r} is not a count")
-        ids = np.asarray(local_ids).reshape(-1).astype(np.intp)
-        if ids.size and (ids.min() < 0 or ids.max() >= n_ids):
-            raise MeshError(f"local slice: neuron ids outside [0, {n_ids})")
-        holder_ids = {p: np.asarray(h).reshape(-1).astype(np.int32) for p, h in holders.items() if p != self.self_id}
-        for p, h in holder_ids.items():
-            if h.size and (h.min() < 0 or h.max() >= n_ids):
-                raise MeshError(f"holder {p}: neuron ids outside [0, {n_ids})")
-        gather = _Gather(key, origin, ids, holder_ids, int(n_ids), now_s, now_s + self.sync_timeout_s, self.self_id)
+        if self._known_bytes(local_ids, n_ids) is not None:
+            ids = local_ids
+        else:
+            ids = np.asarray(local_ids).reshape(-1).astype(np.intp)
+            if ids.size and (ids.min() < 0 or ids.max() >= n_ids):
+                raise MeshError(f"local slice: neuron ids outside [0, {n_ids})")
+        holder_ids: Dict[str, np.ndarray] = {}
+        holder_bytes: Dict[str, bytes] = {}
+        for p, h in holders.items():
+            if p == self.self_id:
+                continue
+            known = self._known_bytes(h, n_ids)
+            if known is None:
+                h = np.asarray(h).reshape(-1).astype(np.int32)
+                if h.size and (h.min() < 0 or h.max() >= n_ids):
+                    raise MeshError(f"holder {p}: neuron ids outside [0, {n_ids})")
+                known = h.tobytes()
+            holder_ids[p], holder_bytes[p] = h, known
+        gather = _Gather(key, origin, ids, holder_ids, int(n_ids), now_s, now_s + self.sync_timeout_s, self.self_id,
+                         holder_bytes)
         if trailing is not None:
             gather.trailing, gather.dtype = tuple(trailing), np.dtype(dtype)
         self._active[key] = gather

@@ -96,6 +96,7 @@ class Mesh:
         self.incarnation = int(time.time() * 1e6) if incarnation is None else int(incarnation)
         self.on_event = on_event
         self.on_stall = on_stall
+        self._ids = tuple(config.ids)   # PeersConfig.ids builds a new tuple at every call
         self.peer_ids = tuple(p for p in config.ids if p != self_id)
         self.membership = Membership(self_id, config.ids, plan_hash, config.peer_timeout_ms,
                                      incarnation=self.incarnation, wire_dtype=wire_dtype,
@@ -400,7 +401,7 @@ class Mesh:
             return events
         if isinstance(msg, wire.Slices):
             for sl in msg.slices:
-                if wire.frame_device(sl.frame) >= len(self.config.ids):
+                if wire.frame_device(sl.frame) >= len(self._ids):
                     self._drop("bad_frame", now_s, detail=f"slice frame {sl.frame} of no device, from {sender}")
                     continue
                 reason = self.book.add_slice(sender, sl.frame, sl.stage, sl.neuron_ids, sl.array, now_s, sl.degraded)
@@ -495,24 +496,35 @@ class Mesh:
         `local.array` must not be modified until the gather is done: ZeroMQ sends from it.
         """
         now_s = time.monotonic() if now_s is None else now_s
-        origin = self.config.ids[wire.frame_device(frame)] if wire.frame_device(frame) < len(self.config.ids) \
-            else self.self_id
-        for sender, reason in self.book.begin(frame, stage, origin, local.neuron_ids, holders, n_ids, now_s,
-                                              trailing=tuple(np.shape(local.array)[1:]),
-                                              dtype=np.asarray(local.array).dtype):
+        device = wire.frame_device(frame)
+        origin = self._ids[device] if device < len(self._ids) else self.self_id
+        array, ids = np.asarray(local.array), np.asarray(local.neuron_ids)
+        for sender, reason in self.book.begin(frame, stage, origin, ids, holders, n_ids, now_s,
+                                              trailing=array.shape[1:], dtype=array.dtype):
             self._drop(reason, now_s, detail=f"early slice frame {frame} stage {stage} from {sender}")
-        targets = list(holders) if send_to is None else list(send_to)
-        piece = wire.Slice(frame, stage, self.self_id, np.asarray(local.neuron_ids), np.asarray(local.array),
-                           self.incarnation, tuple(degraded))
+        targets = holders if send_to is None else send_to
+        piece = wire.Slice(frame, stage, self.self_id, ids, array, self.incarnation, tuple(degraded))
+        n = 0
         for peer in targets:
-            if peer in self._push:
-                self._outbox.setdefault(peer, []).append(piece)
+            n += 1
+            queued = self._outbox.get(peer)
+            if queued is not None:
+                queued.append(piece)
+            elif peer in self._push:
+                self._outbox[peer] = [piece]
         self._poll_book(now_s)
-        return len(targets)
+        return n
+
+    def known_ids(self, ids: Iterable[int], n_ids: int, what: str = "neuron ids") -> np.ndarray:
+        """`ids` checked once (the plan's table of a stage): pass the array returned to
+        `begin_gather` as a holder's or the local ids, and it is not checked again (gather.py)."""
+        return self.book.known_ids(ids, n_ids, what)
 
     def flush(self) -> int:
         """Send the slices queued by `begin_gather`, one message per peer (split only by size);
         returns how many messages were queued."""
+        if not self._outbox:   # most passes: nothing computed since the last
+            return 0
         sent = 0
         outbox, self._outbox = self._outbox, {}
         # Usually every peer is sent the same slices: each distinct batch is encoded once.

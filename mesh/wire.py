@@ -424,18 +424,28 @@ def _name_map(value: Any, key: str, arity: int, limit: int) -> Dict[str, Any]:
     if not isinstance(value, dict) or len(value) > limit:
         raise WireError("garbage", f"header field {key!r} is not a map of at most {limit} node ids")
     out: Dict[str, Any] = {}
+    # Unrolled with `type(v) is int` (msgpack gives exact types, never a bool for an int): every
+    # heartbeat carries two of these maps, and all() over a generator cost more than the rest.
     for name, item in value.items():
-        if not isinstance(name, str) or not name or len(name) > MAX_ID_CHARS:
+        if type(name) is not str or not name or len(name) > MAX_ID_CHARS:
             raise WireError("garbage", f"header field {key!r} has a key {_short(name)}")
-        values = item if arity == 2 else [item]
-        if (not isinstance(values, list) or len(values) != arity
-                or not all(_is_int(v) and 0 <= v <= MAX_FRAME_ID for v in values)):
+        if arity == 1:
+            if type(item) is not int or not 0 <= item <= MAX_FRAME_ID:
+                raise WireError("garbage", f"header field {key!r}[{_short(name)}] is {_short(item)}")
+            out[name] = item
+            continue
+        if type(item) is not list or len(item) != 2:
             raise WireError("garbage", f"header field {key!r}[{_short(name)}] is {_short(item)}")
-        out[name] = tuple(values) if arity == 2 else values[0]
+        a, b = item
+        if type(a) is not int or type(b) is not int or not (0 <= a <= MAX_FRAME_ID and 0 <= b <= MAX_FRAME_ID):
+            raise WireError("garbage", f"header field {key!r}[{_short(name)}] is {_short(item)}")
+        out[name] = (a, b)
     return out
 
 
 def _degraded(value: Any, limit: int) -> Tuple[Tuple[int, int, int], ...]:
+    if type(value) is list and not value:   # nothing missing upstream: nearly every slice
+        return ()
     if not isinstance(value, list) or len(value) > limit:
         raise WireError("garbage", f"header field 'deg' is not a list of at most {limit} entries")
     out = []
@@ -473,7 +483,7 @@ def _decode(frames: Sequence[Buffer], max_message_bytes: int, limits: Limits) ->
     if not frames:
         raise WireError("truncated", "no frames")
     views = [_view(f) for f in frames]
-    total = sum(len(v) for v in views)
+    total = sum(map(len, views))
     if total > max_message_bytes:
         raise WireError("oversized", f"{total} bytes, limit {max_message_bytes}")
     if len(views[0]) > MAX_HEADER_BYTES:
@@ -495,8 +505,13 @@ def _decode(frames: Sequence[Buffer], max_message_bytes: int, limits: Limits) ->
     if not _is_int(version) or version != PROTOCOL_VERSION:
         raise WireError("bad_version", f"protocol version {_short(version)}, this node speaks {PROTOCOL_VERSION}")
     tag = header.get("t")
-    sender = _name(header, "sender")
-    incarnation = _uint(header, "inc")
+    sender, incarnation = header.get("sender"), header.get("inc")
+    # The checks of _name and _uint, inline for what every message holds (they raise with the
+    # precise complaint when this quick look fails).
+    if type(sender) is not str or not 0 < len(sender) <= MAX_ID_CHARS:
+        sender = _name(header, "sender")
+    if type(incarnation) is not int or not 0 <= incarnation <= MAX_FRAME_ID:
+        incarnation = _uint(header, "inc")
     if tag == Heartbeat.TYPE:
         _frame_count(views, 1, "heartbeat")
         ready = header.get("ready")
@@ -513,9 +528,13 @@ def _decode(frames: Sequence[Buffer], max_message_bytes: int, limits: Limits) ->
         _frame_count(views, 1 + 2 * len(items), "slices")
         out = []
         for k, item in enumerate(items):
-            if not isinstance(item, dict):
+            if type(item) is not dict:
                 raise WireError("garbage", f"slices[{k}] is {_short(item)}, not a map")
-            frame, stage = _uint(item, "frame"), _uint(item, "stage", MAX_DIM)
+            frame, stage = item.get("frame"), item.get("stage")
+            if type(frame) is not int or not 0 <= frame <= MAX_FRAME_ID:
+                frame = _uint(item, "frame")
+            if type(stage) is not int or not 0 <= stage <= MAX_DIM:
+                stage = _uint(item, "stage", MAX_DIM)
             array = _tensor(item, views[2 + 2 * k], max_message_bytes)
             if array.ndim < 1:
                 raise WireError("bad_shape", "a slice needs a neuron axis")

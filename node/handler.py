@@ -35,7 +35,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
 import psutil
@@ -67,6 +67,7 @@ MAX_ENGINE_PER_PASS = 256
 EVENT_HISTORY = 100
 ZERO_LOG = 4000
 TELEMETRY_REFRESH_S = 1.0        # process-tree RSS and power are read at most this often
+TREE_REFRESH_S = 30.0            # which processes make up the node (a restarted child sooner: _telemetry_now)
 # Start-up, engine health, expiry, pruning and the status line: this often. Nothing there needs
 # the millisecond (frame and stall timeouts are tenths of seconds and more), and under load the
 # loop wakes for every message: at 10 ms housekeeping took a fifth of the handler's CPU (Lite0).
@@ -105,6 +106,12 @@ class Handler:
                          max_stage=len(stages), on_stall=self._on_stall, wire_dtype=config.dtype,
                          max_progress=2 * self.book.max_frames_held)
         self.mesh.progress_source = lambda: (self.book.progress(), self.book.inputs())
+        # The plan's tables, checked once by the mesh: a gather takes them unchecked from here on.
+        self.ids = [{n: self.mesh.known_ids(a, self.total_ids[i], f"stage {self.stage_names[i]}, node {n}")
+                     for n, a in t.items()} for i, t in enumerate(self.ids)]
+        # (stage, participants taking part) -> (holders to wait for, peers to send to): the same
+        # few sets at every stage of every frame.
+        self._routes: Dict[Tuple[int, FrozenSet[str]], Tuple[Dict[str, np.ndarray], List[str]]] = {}
         self.events: collections.deque = collections.deque(maxlen=EVENT_HISTORY)
         # (frame, stage, neurons zero-filled) of this node's own stages, for checks that no answer
         # claims less zero-fill than some node had (status with {"zero_log": true}).
@@ -126,6 +133,7 @@ class Handler:
         if not self.power.available:
             log.info("energy per image: not available (%s)", self.power.reason)
         self._telemetry: Tuple[float, Dict[str, int], Optional[float], Dict[str, object]] = (float("-inf"), {}, None, {})
+        self._tree: Tuple[float, List[int]] = (float("-inf"), [])
         self.gpu = Gpu(self.power)
         self.status_line = ""
         self.engine_pending = self.client_pending = False   # a drain stopped at its per-pass cap
@@ -134,6 +142,7 @@ class Handler:
         self.metrics = MetricsRecorder()
         self.metrics_server = None           # a MetricsServer when peers.yaml gives this node a metrics_port
         self._next_metrics_s = float("-inf")
+        self.passes = 0                      # loop passes (wakeups): each costs a fixed share of the CPU
         self.stop = False
 
     # ------------------------------------------------------------ lifecycle
@@ -172,6 +181,7 @@ class Handler:
             # Housekeeping needs no timer of its own: heartbeats wake the loop every interval.
             due_s = 0.0 if self.engine_pending or self.client_pending else self.mesh.next_due(now)
             readable = self.poller.poll(due_s, everything=now >= self._next_housekeeping_s)
+            self.passes += 1
             self.step(time.monotonic(), readable)
 
     def step(self, now: float, readable=None) -> None:
@@ -354,7 +364,7 @@ class Handler:
         # ids against the plan, so the engine knows them from the device.
         return ({"kind": ipc.GATHERED, "frame": f.frame, "stage": result.stage, "failed": failed,
                  "from": [self.device_of[p.sender] for p in pieces], "dtype": dtype, "trailing": trailing},
-                [p.array.reshape(-1).view(np.uint8) for p in pieces])
+                [p.array for p in pieces])
 
     def _drop_work(self, f: Frame, finished: bool = False) -> None:
         """Forget a frame id's gathers here and its state at the engine (it expired, runs again,
@@ -504,10 +514,16 @@ class Handler:
         if f is None:
             return  # expired meanwhile; the engine was told to drop it
         local = SliceData(self.ids[stage][self.me.id], ipc.array(bufs[0], header["dtype"], header["shape"]))
-        taking_part = f.participants - f.excluded
-        holders = {p: self.ids[stage][p] for p in taking_part if p in self.wait_for[stage]}
-        send_to = [p for p in taking_part if p in self.send_to[stage]]
-        degraded = tuple((s, m, z) for s, (m, z) in sorted(f.degraded.items()))
+        taking_part = f.participants - f.excluded if f.excluded else f.participants
+        route = self._routes.get((stage, taking_part))
+        if route is None:
+            if len(self._routes) >= 64 * len(self.stage_names):   # bounded: membership churn makes new sets
+                self._routes.clear()
+            route = self._routes[(stage, taking_part)] = (
+                {p: self.ids[stage][p] for p in taking_part if p in self.wait_for[stage]},
+                [p for p in taking_part if p in self.send_to[stage]])
+        holders, send_to = route
+        degraded = tuple((s, m, z) for s, (m, z) in sorted(f.degraded.items())) if f.degraded else ()
         self.mesh.begin_gather(f.frame, stage, local, holders, self.total_ids[stage], send_to=send_to,
                                degraded=degraded, now_s=now)
 
@@ -606,17 +622,30 @@ class Handler:
         that the energy integral has a reading every second whether or not anyone asks."""
         read_s, rss, power, gpu = self._telemetry
         if now - read_s >= TELEMETRY_REFRESH_S:
-            try:
-                parent = psutil.Process(os.getppid())
-                pids = [parent.pid] + [c.pid for c in parent.children()]
-            except psutil.Error:
-                pids = [os.getpid()]
+            pids = self._tree_pids(now)
             rss = rss_bytes(pids)
+            if len(rss) < len(pids):   # a child was restarted meanwhile: look again next time
+                self._tree = (float("-inf"), pids)
             power = self.power.total_mw()
             self.energy.sample(now, power)
             gpu = self.gpu.read(pids)
             self._telemetry = (now, rss, power, gpu)
         return rss, power, gpu
+
+    def _tree_pids(self, now: float) -> List[int]:
+        """The supervisor and its children (this handler, the engine), looked up at most every
+        TREE_REFRESH_S: psutil finds children by reading every process's /proc stat, which took
+        11 of the 28 ms a second an idle handler took, on a machine running a few hundred processes."""
+        read_s, pids = self._tree
+        if now - read_s < TREE_REFRESH_S:
+            return pids
+        try:
+            parent = psutil.Process(os.getppid())
+            pids = [parent.pid] + [c.pid for c in parent.children()]
+        except psutil.Error:
+            pids = [os.getpid()]
+        self._tree = (now, pids)
+        return pids
 
     def status(self, now: Optional[float] = None) -> dict:
         now = time.monotonic() if now is None else now
@@ -640,7 +669,7 @@ class Handler:
             # Joules of this board while it ran, None where its power is not read (never a guess).
             "energy_j": self.energy.joules if self.power.available else None,
             "answered": self.metrics.answers["exact"] + self.metrics.answers["degraded"],
-            "energy_covered_s": self.energy.covered_s,
+            "energy_covered_s": self.energy.covered_s, "loop_passes": self.passes,
         }
 
 

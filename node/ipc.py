@@ -56,9 +56,10 @@ Item = Tuple[Dict[str, Any], Sequence[Any]]   # (header, tensors or received buf
 
 
 def raw(a: np.ndarray) -> Any:
-    """A tensor as one frame: a flat byte view, no copy."""
-    a = np.ascontiguousarray(a)
-    return a.reshape(-1).view(np.uint8) if a.size else b""
+    """A tensor as one frame: its buffer, no copy (one made contiguous first if it is not)."""
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a.data if a.size else b""
 
 
 def pack(kind: bytes, items: Sequence[Item]) -> List[Any]:
@@ -85,6 +86,14 @@ def describe(array: np.ndarray) -> Dict[str, Any]:
     return {"dtype": dtype_name(array.dtype), "shape": list(array.shape)}
 
 
+_DTYPES: Dict[str, np.dtype] = {}   # np.dtype(name) parses the name at every call
+
+
 def array(buffer: memoryview, dtype: str, shape: Sequence[int]) -> np.ndarray:
     """A view of a received frame (read-only; no copy)."""
-    return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
+    known = _DTYPES.get(dtype)
+    if known is None:
+        known = np.dtype(dtype)
+        if len(_DTYPES) < 64:   # the names come from the other process of this node: a handful
+            _DTYPES[dtype] = known
+    return np.frombuffer(buffer, dtype=known).reshape(shape)

@@ -437,25 +437,31 @@ class Assembler:
             keep, missing = _placement(total, [np.asarray(self.plan.stages[stage].holders(d), dtype=np.int64)
                                                for d in devices])
             device = self.ids[stage][0].device
-            keep = [None if k is None else torch.from_numpy(k).to(device) for k in keep]
-            layout = (total, keep, torch.from_numpy(missing).to(device), bool(missing.any()))
+            # Per device: (its rows used, or None for all; where they land). Worked out here once,
+            # not indexed again at every frame: a replica's rows are copied by one index_select.
+            copies = []
+            for d, k in zip(devices, keep):
+                if k is None:
+                    copies.append((d, None, self.ids[stage][d]))
+                elif len(k):
+                    rows_used = torch.from_numpy(k).to(device)
+                    copies.append((d, rows_used, self.ids[stage][d][rows_used]))
+            missing_ids = torch.from_numpy(np.flatnonzero(missing)).to(device)
+            layout = (total, copies, torch.from_numpy(missing).to(device), missing_ids if len(missing_ids) else None)
             if len(self._layouts) >= self.CACHE:
                 self._layouts.pop(next(iter(self._layouts)))
             self._layouts[key] = layout
-        total, keep, missing, any_missing = layout
+        total, copies, missing, missing_ids = layout
         if not devices:  # nobody holds anything of this stage here: all zero
             any_rows = next(iter(rows.values()))
             full = any_rows.new_zeros((total,) + tuple(any_rows.shape[1:]))
             return full, missing
         template = rows[devices[0]]
         full = template.new_empty((total,) + tuple(template.shape[1:]))
-        for d, sel in zip(devices, keep):
-            if sel is None:
-                full.index_copy_(0, self.ids[stage][d], rows[d])
-            elif len(sel):
-                full.index_copy_(0, self.ids[stage][d][sel], rows[d][sel])
-        if any_missing:
-            full[missing] = 0
+        for d, rows_used, at in copies:
+            full.index_copy_(0, at, rows[d] if rows_used is None else rows[d].index_select(0, rows_used))
+        if missing_ids is not None:
+            full.index_fill_(0, missing_ids, 0)
         return full, missing
 
 
