@@ -324,8 +324,8 @@ def submit_frame(config, key_path: Path, node: str = "n1") -> dict:
     """3 digits to `node`: who computed them, what was filled, and whether they equal the plain model."""
     import torch
     from robustdice.node.client import NodeClient
-    from robustdice.partitioner.data import evaluation_split
-    from robustdice.partitioner.models import build_model
+    from robustdice.partitioner.zoo.data import evaluation_split
+    from robustdice.partitioner.zoo.models import build_model
     images, labels, _ = evaluation_split("digits_cnn")
     x = images[:3].numpy().astype(np.float32)
     with torch.inference_mode():

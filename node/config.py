@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Tuple
 
 from robustdice.mesh.config import PeerConfig, PeersConfig, load_peers, resolve_self
 from robustdice.partitioner.core.plan import Plan, load_plan
+from robustdice.partitioner.core.serving_stages import serving_stages
 
 from .errors import NodeError
 
@@ -74,7 +75,7 @@ def plan_message_bytes(plan: Plan, row_elements: Sequence[int], max_batch: int, 
     itemsize = np.dtype(wire_dtype).itemsize
     sizes = {"floor": MIN_MESSAGE_BYTES,
              "input": MAX_HEADER_BYTES + max_batch * 4 * int(np.prod(plan.input_shape))}
-    for stage, elements in zip(plan.stages, row_elements):
+    for stage, elements in zip(serving_stages(plan), row_elements):
         rows = max(len(stage.holders(d)) for d in range(plan.devices))
         sizes[f"a slice of {stage.name} ({rows} rows of {elements})"] = (
             MAX_HEADER_BYTES + rows * (4 + max_batch * int(elements) * itemsize))

@@ -1,7 +1,8 @@
 """The inference engine: one process holding this device's shard, computing its slices.
 
 It loads only its own shard onto a model skeleton built on the meta device (so the full model
-never exists in this process). It is a dataflow engine: one compute thread takes work items
+never exists in this process); for a rocoin plan, its student and the teacher's head, served as
+one stage (partitioner/core/rocoin_device.py). It is a dataflow engine: one compute thread takes work items
 from the handler in the order they come — start a frame, or continue a frame whose stage was
 gathered — and never waits on the network. Between items a frame is a suspended `FrameRun`
 (partitioner/core/runtime.py), so any number of frames are in flight while one thread computes;
@@ -87,12 +88,17 @@ class Engine:
         self.cuda = self.compute.type == "cuda"
         self.dtype = getattr(torch, dtype)
         self.assembler = Assembler(self.plan, self.compute)
+        self.stages = self.assembler.stages   # what this node serves: a rocoin plan's one stage too
         shard = load_shard(self.plan, plan_dir, device)  # float32 on the CPU, as the plan keeps it
-        # The skeleton is built on the meta device; its shared parameters and this device's
-        # rows go straight to the compute device, cast to the compute dtype.
-        staged = place_model(build_skeleton(self.plan, shard["shared"]), self.compute, self.dtype)
-        entries = {name: place(e, self.compute, self.dtype) for name, e in shard["stages"].items()}
-        self.runtime = DeviceRuntime(self.plan, staged, {"stages": entries}, device)
+        if self.plan.rocoin is not None:   # a student and the head: one gather per frame
+            from robustdice.partitioner.core.rocoin_device import RocoinDeviceRuntime
+            self.runtime = RocoinDeviceRuntime(self.plan, shard, device, self.compute, self.dtype)
+        else:
+            # The skeleton is built on the meta device; its shared parameters and this device's
+            # rows go straight to the compute device, cast to the compute dtype.
+            staged = place_model(build_skeleton(self.plan, shard["shared"]), self.compute, self.dtype)
+            entries = {name: place(e, self.compute, self.dtype) for name, e in shard["stages"].items()}
+            self.runtime = DeviceRuntime(self.plan, staged, {"stages": entries}, device)
         self.runs: Dict[int, object] = {}          # frame -> FrameRun suspended between stages
         self.own: Dict[int, object] = {}           # frame -> its current slice, contiguous
         self.compute_ms: Dict[int, float] = {}
@@ -215,7 +221,7 @@ class Engine:
         own = run.slice.contiguous()
         array = self.to_host(own).numpy()  # on the CPU this is `own` itself: ZeroMQ sends from it
         if not finite(array):
-            raise NotFinite(f"frame {frame}: stage {self.plan.stages[run.stage].name} gave NaN or infinite values")
+            raise NotFinite(f"frame {frame}: stage {self.stages[run.stage].name} gave NaN or infinite values")
         self.own[frame] = own  # kept to assemble with the peers' rows (on the device)
         self.compute_ms[frame] += (time.perf_counter() - start) * 1000.0
         return {"kind": ipc.SLICE, "frame": frame, "stage": run.stage, "zero_before": zero_before,
@@ -321,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sock.connect(args.ipc)
     log.info("device %d of plan %s (%s, %s): shard loaded on %s in %s, %d stages, %d torch threads", args.device,
              engine.plan.plan_hash[:12], engine.plan.model, engine.plan.method, engine.compute, args.dtype,
-             len(engine.plan.stages), torch.get_num_threads())
+             len(engine.stages), torch.get_num_threads())
     report_ready(args.ready_fd)
     try:
         serve(engine, sock, lambda: stopping["flag"])

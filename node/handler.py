@@ -49,6 +49,7 @@ from robustdice.mesh.mesh import Mesh
 from robustdice.mesh.poller import ReadyPoller
 from robustdice.mesh.ratelog import RateLimitedLog
 from robustdice.mesh.transport import send_parts
+from robustdice.partitioner.core.serving_stages import serving_stages
 
 from . import ipc
 from .config import NodeConfig, load_node_config, plan_message_bytes
@@ -84,7 +85,7 @@ class Handler:
         self.node_ids = list(config.node_ids)
         self.device_of = {n: d for d, n in enumerate(self.node_ids)}
         self.device = config.device
-        stages = self.plan.stages
+        stages = serving_stages(self.plan)   # a rocoin plan is served as one stage
         self.stage_names = [s.name for s in stages]
         self.total_ids = [s.total_ids for s in stages]
         self.input_shape = tuple(self.plan.input_shape)

@@ -17,6 +17,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from robustdice.partitioner.core.serving_stages import serving_stages
+
 PHASES = ("before", "detecting", "failed", "rejoining", "rejoined")
 
 
@@ -190,7 +192,7 @@ def divergent_answers(records: Iterable[Mapping[str, Any]], views: Sequence[Mapp
         if not meta or "zero_filled" not in meta:
             continue
         computed_by = meta.get("participants")
-        for i, stage in enumerate(plan.stages):
+        for i, stage in enumerate(serving_stages(plan)):
             claimed = round(meta["zero_filled"].get(stage.name, 0.0) * stage.neurons)
             worst = max((n for node, n in logged.get((r.get("frame"), i), {}).items()
                          if computed_by is None or node in computed_by), default=0)

@@ -119,6 +119,31 @@ def shard_bytes(shard: Mapping) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def device_parts(plan: Plan, shard: Mapping, d: int, device, dtype) -> Tuple[torch.nn.Module, torch.nn.Module,
+                                                                             torch.Tensor]:
+    """Device d's student, head and fill ((C, h, w): zeros without a `fill` in its shard), built
+    from the graphs the plan stores and the shard's weights, on `device` in `dtype`: what the
+    simulation holds of every device and a node of its own (rocoin_device.py)."""
+    spec = plan.rocoin
+    if spec is None:
+        raise PlanError("not a rocoin plan")
+    check_shard(shard, d)
+    group = spec.groups[spec.device_groups[d]]
+    if state_digest(shard["student"]) != group.student_weights:
+        raise PlanError(f"shard of device {d}: its student's weights are not those plan.json names "
+                        f"for group {spec.device_groups[d]}")
+    student = _stored(spec.students[group.student]["architecture"], shard["student"], f"device {d}'s student",
+                      device, dtype)
+    head = _stored(spec.head, shard["head"], f"device {d}'s head", device, dtype)
+    c, h, w = spec.feature_shape
+    fill = shard.get("fill")
+    if fill is None:
+        fill = torch.zeros((c, h, w))
+    if not isinstance(fill, torch.Tensor) or tuple(fill.shape) != (c, h, w):
+        raise PlanError(f"shard of device {d}: fill is not a ({c}, {h}, {w}) tensor")
+    return student, head, fill.to(device=device, dtype=dtype)
+
+
 class RocoinCluster:
     """Every device of a rocoin plan in one process."""
 
@@ -128,25 +153,10 @@ class RocoinCluster:
             raise PlanError("not a rocoin plan")
         self.plan, self.spec = plan, spec
         self.device, self.dtype = torch.device(device), dtype
-        groups = spec.device_groups
-        for d, shard in enumerate(shards):
-            check_shard(shard, d)
-            if state_digest(shard["student"]) != spec.groups[groups[d]].student_weights:
-                raise PlanError(f"shard of device {d}: its student's weights are not those plan.json names "
-                                f"for group {groups[d]}")
-        self.students = [_stored(spec.students[spec.groups[groups[d]].student]["architecture"], s["student"],
-                                 f"device {d}'s student", self.device, dtype) for d, s in enumerate(shards)]
-        self.heads = [_stored(spec.head, s["head"], f"device {d}'s head", self.device, dtype)
-                      for d, s in enumerate(shards)]
-        c, h, w = spec.feature_shape
-        self.fills: List[torch.Tensor] = []
-        for d, s in enumerate(shards):
-            fill = s.get("fill")
-            if fill is None:
-                fill = torch.zeros((c, h, w))
-            if not isinstance(fill, torch.Tensor) or tuple(fill.shape) != (c, h, w):
-                raise PlanError(f"shard of device {d}: fill is not a ({c}, {h}, {w}) tensor")
-            self.fills.append(fill.to(device=self.device, dtype=dtype))
+        parts = [device_parts(plan, s, d, self.device, dtype) for d, s in enumerate(shards)]
+        self.students = [p[0] for p in parts]
+        self.heads = [p[1] for p in parts]
+        self.fills: List[torch.Tensor] = [p[2] for p in parts]
         self.index = [torch.as_tensor(g.channels, dtype=torch.long, device=self.device) for g in spec.groups]
         self.shard_bytes = [shard_bytes(s) for s in shards]
 

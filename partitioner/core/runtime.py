@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from robustdice.partitioner.core.plan import Plan, StagePlan, load_plan, plan_dir, sha256_file
+from robustdice.partitioner.core.serving_stages import serving_stages
 from robustdice.partitioner.core.stages import (Stage, StagedModel, apply_followers, compute_linear, follower_params,
                                                 from_neuron_major, parity_params, slice_params, to_neuron_major,
                                                 trace_stages)
@@ -161,13 +162,13 @@ def place_model(staged: StagedModel, device="cpu", dtype: Optional[torch.dtype] 
 
 
 def refuse_rocoin(plan: Plan) -> None:
-    """A rocoin plan has no stages: each board runs a whole student, then one gather and the
-    head. What runs stages (the skeleton, the node's assembler) says so instead of failing on
-    what the plan lacks; issue 27 item 2 would give the node that kind of work."""
+    """A rocoin plan has no stages and no model skeleton: each board runs a whole student, then
+    one gather and the head (rocoin_device.RocoinDeviceRuntime on a node, RocoinCluster in one
+    process). What builds a skeleton says so instead of failing on what the plan lacks."""
     if plan.rocoin is not None:
         raise PlanError(f"plan {plan.plan_hash[:12]} is a rocoin plan (students and a head, one gather per frame): "
-                        f"robustdice-node runs per-stage plans only, not rocoin's yet; simulate it with "
-                        f"`robustdice evaluate --plan DIR`")
+                        f"it has no stages to build a model skeleton for; its devices run "
+                        f"rocoin_device.RocoinDeviceRuntime")
 
 
 def build_skeleton(plan: Plan, shared: Mapping[str, torch.Tensor]) -> StagedModel:
@@ -418,12 +419,12 @@ class Assembler:
     CACHE = 512
 
     def __init__(self, plan: Plan, device="cpu") -> None:
-        refuse_rocoin(plan)
         self.plan = plan
+        self.stages = serving_stages(plan)   # a rocoin plan's one: its students' channels
         # On the compute device: index_copy_ needs its indices where the tensors are.
         self.ids = [[torch.as_tensor(s.holders(d), dtype=torch.long).to(device) for d in range(plan.devices)]
-                    for s in plan.stages]
-        self.counts = [[len(s.holders(d)) for d in range(plan.devices)] for s in plan.stages]
+                    for s in self.stages]
+        self.counts = [[len(s.holders(d)) for d in range(plan.devices)] for s in self.stages]
         self._layouts: Dict[Tuple[int, Tuple[int, ...]], tuple] = {}
 
     def assemble(self, stage: int, rows: Mapping[int, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -433,8 +434,8 @@ class Assembler:
         key = (stage, devices)
         layout = self._layouts.get(key)
         if layout is None:
-            total = self.plan.stages[stage].total_ids
-            keep, missing = _placement(total, [np.asarray(self.plan.stages[stage].holders(d), dtype=np.int64)
+            total = self.stages[stage].total_ids
+            keep, missing = _placement(total, [np.asarray(self.stages[stage].holders(d), dtype=np.int64)
                                                for d in devices])
             device = self.ids[stage][0].device
             # Per device: (its rows used, or None for all; where they land). Worked out here once,

@@ -110,7 +110,7 @@ def test_a_shard_with_other_student_weights_is_refused(plan, tmp_path):
         Cluster(copy)
 
 
-def test_a_signed_rocoin_plan_loads_on_a_board_and_the_engine_names_why_it_refuses(plan, tmp_path):
+def test_a_signed_rocoin_plan_loads_on_a_board_and_its_engine_runs_it(plan, tmp_path):
     out, _ = plan
     keys = tmp_path / "keys"
     proc = robustdice("sign", "--new-key", keys)
@@ -120,8 +120,13 @@ def test_a_signed_rocoin_plan_loads_on_a_board_and_the_engine_names_why_it_refus
     assert proc.returncode == 0, proc.stderr
     assert load_plan(out, public).method == "rocoin"
     from robustdice.node.engine import Engine
-    with pytest.raises(PlanError, match="is a rocoin plan .*robustdice-node runs per-stage plans only"):
-        Engine(str(out), 0, operator_public_key=public)
+    engine = Engine(str(out), 0, operator_public_key=public)
+    assert [s.name for s in engine.stages] == ["features.7"]   # one gather per frame: the features
+    assert engine.check_forward() == (2, 10) and engine.row_elements() == [1]
+    # what has no stages to run still says so, naming what runs a rocoin device instead
+    from robustdice.partitioner.core.runtime import build_skeleton
+    with pytest.raises(PlanError, match="is a rocoin plan .*its devices run rocoin_device.RocoinDeviceRuntime"):
+        build_skeleton(load_plan(out), {})
 
 
 @pytest.mark.parametrize("args, message", [

@@ -88,6 +88,7 @@ class _Stage:
 
 class _Plan:
     stages = [_Stage("a", 10), _Stage("b", 4)]
+    rocoin = None   # a split plan: served as its stages (serving_stages.py)
 
 
 def test_divergent_answers_flags_an_answer_that_claims_less_zero_fill_than_a_node_had():
