@@ -106,6 +106,7 @@ def finetune(plan_dir, out, epochs: Optional[int] = None, lr: Optional[float] = 
     from .evaluate import plan_weights
     from .fill import lost_masks
     from .models import build_model
+    from .capacity import plan_capacities
     from .partition import PartitionRequest, write_plan
     from .plan import FILLS, load_plan
     from .runtime import weights_digest
@@ -169,7 +170,7 @@ def finetune(plan_dir, out, epochs: Optional[int] = None, lr: Optional[float] = 
     # The plan names its weights relative to its own folder, so that the folder can move.
     request = PartitionRequest(model=plan.model, devices=plan.devices, method=plan.method, out=out,
                                scores=plan.scores, weights=WEIGHTS_FILE, seed=plan.seed,
-                               show_progress=progress, fill=fill)
+                               show_progress=progress, fill=fill, capacities=plan_capacities(plan))
     staged = trace_stages(model.eval())
     summary = write_plan(model, staged, list(plan.stages), request)
     summary.update({"finetuned_from": str(plan_dir), "epochs": epochs, "lr": lr,
