@@ -159,7 +159,8 @@ def register(sub) -> None:
                    help="where to time it, as the node's --compute (default auto: cuda when torch sees a GPU)")
     r.add_argument("--threads", type=positive_int,
                    help="torch threads, as the node's engine is given (default: torch's default)")
-    r.add_argument("--runs", type=positive_int, default=10, help="timed forwards, the median kept (default 10)")
+    r.add_argument("--runs", type=positive_int, default=10,
+                   help="timed forwards, back to back, at least this many and for at least 1 s (default 10)")
     r.add_argument("--warmup", type=int, default=3, help="untimed forwards first (default 3)")
     r.add_argument("--json", action="store_true", help="print the file's content as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,8 +2,9 @@
 
 Each stage's forward (its layer on the whole input, with the channel-local followers: what the
 board computes of it alone) is timed on the board's compute device, batch 1, after a few warm-up
-runs, and so is the whole model's forward; the speed written is frames per second of that
-forward (1000 / forward_ms), so ratios between boards are ratios of their speeds on this model.
+runs, and so is the whole model's forward, back to back for --runs forwards and at least
+MIN_TIMED_S; the speed written is frames per second of that forward (1000 / forward_ms, the
+mean), so ratios between boards are ratios of their speeds on this model.
 Free memory: psutil's available memory on a CPU, torch.cuda.mem_get_info's free bytes on a GPU.
 
 Weights do not change the time of a dense forward, so the model is built with random weights
@@ -21,6 +22,10 @@ from .capacity import DeviceCapacity
 
 DEFAULT_RUNS = 10
 DEFAULT_WARMUP = 3
+# Timed forwards go on until this long has passed too: a board held to a share of a CPU (cgroup
+# cpu.cfs_quota_us, a period of 100 ms by default) runs short forwards at full speed within a
+# period and then waits, so only many periods measure what it sustains.
+MIN_TIMED_S = 1.0
 
 
 def compute_device(name: str) -> torch.device:
@@ -57,8 +62,10 @@ def model_for(model_name: Optional[str], plan_dir=None):
 
 
 def time_stages(staged, x: torch.Tensor, runs: int, warmup: int, sync: Callable[[], None],
-                progress: Callable[[], None] = lambda: None) -> Dict[str, object]:
-    """Median milliseconds of the whole forward and of each stage, over `runs` after `warmup`."""
+                progress: Callable[[], None] = lambda: None, min_s: float = MIN_TIMED_S) -> Dict[str, object]:
+    """Milliseconds per forward after `warmup` forwards: the mean over back-to-back forwards
+    (at least `runs` of them and `min_s` of time: what the board sustains), and each stage's
+    median."""
     from .stages import full_stage_output
 
     per_stage: List[List[float]] = [[] for _ in staged.stages]
@@ -73,17 +80,20 @@ def time_stages(staged, x: torch.Tensor, runs: int, warmup: int, sync: Callable[
         return out
 
     with torch.inference_mode():
-        for r in range(warmup + runs):
-            if r == warmup:
-                per_stage = [[] for _ in staged.stages]
-            sync()
+        for _ in range(warmup):
+            staged.run(x, timed)
+            progress()
+        per_stage = [[] for _ in staged.stages]
+        sync()
+        began = time.perf_counter()
+        while len(totals) < runs or time.perf_counter() - began < min_s:
             start = time.perf_counter()
             staged.run(x, timed)
             sync()
-            if r >= warmup:
-                totals.append(1e3 * (time.perf_counter() - start))
-            progress()
-    return {"forward_ms": statistics.median(totals),
+            totals.append(1e3 * (time.perf_counter() - start))
+            if len(totals) <= runs:
+                progress()
+    return {"forward_ms": sum(totals) / len(totals),
             "stage_ms": {s.name: statistics.median(v) for s, v in zip(staged.stages, per_stage)}}
 
 
