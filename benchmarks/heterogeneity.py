@@ -274,6 +274,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-images", type=int, default=8, help="images for the accuracy under failures")
     parser.add_argument("--weights", default="none",
                         help="the model's weights (default none: random, as ImageNet weights are not here)")
+    parser.add_argument("--note", help="a note stored with the figures (what else ran on the machine)")
     parser.add_argument("--out", help="default benchmarks/results/heterogeneity_<model>.json")
     args = parser.parse_args(argv)
     # SIGTERM ends the run through the `finally`s, so that the cgroups and the nodes go too.
@@ -286,6 +287,7 @@ def main(argv=None) -> int:
     log = (lambda *a: print(*a, file=sys.stderr))
     result: Dict = {"model": args.model, "devices": DEVICES, "slow_device": SLOW, "slow_cores": args.quota,
                     "cores": os.cpu_count(), "threads_per_node": 1, "method": "robust", "scores": ["s1"],
+                    **({"note": args.note} if args.note else {}),
                     "weights": args.weights, "windows": windows, "rounds": args.rounds, "frames_per_block": args.frames}
     with tempfile.TemporaryDirectory(prefix="rd-hetero-") as tmp:
         tmp = Path(tmp)
