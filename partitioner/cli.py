@@ -1,4 +1,4 @@
-"""Subcommands of the offline half: `partition`, `sign`, `verify`, `evaluate`, `finetune`, `dse`.
+"""Subcommands of the offline half: `partition`, `sign`, `verify`, `evaluate`, `finetune`, `profile`, `dse`.
 
 Registered into the `robustdice` console script by robustdice.node.cli. torch is imported only
 when a subcommand runs, so that `robustdice --help` and the mesh's commands start fast.
@@ -84,6 +84,11 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --weights none and calibration sampling (default 0)")
     p.add_argument("--calib", type=Path, help="image folder for s2/s3 (default: the model's own data)")
     p.add_argument("--calib-size", type=positive_int, help="calibration images (default 16; digits_cnn 256)")
+    p.add_argument("--capacities", type=Path, metavar="FILE",
+                   help="boards of different speed: a capacity file (robustdice profile) with one entry per device, "
+                        "in the plan's order; each device gets work in proportion to its speed, within its "
+                        "memory_bytes (rocoin: groups and students by capacity). Equal entries give the plan made "
+                        "without it (default: equal devices)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--sign-key", type=Path, metavar="FILE",
                    help="sign the plan with this operator key (operator.key_secret, made by "
@@ -138,6 +143,29 @@ def register(sub) -> None:
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_finetune)
 
+    r = sub.add_parser("profile", help="measure this board's speed and free memory for a capacity file",
+                       description="Time each stage's forward and the whole model's on this board's compute "
+                                   "device and read its free memory; writes a capacity file for this one device. "
+                                   "Merge the boards' files in the plan's device order (--merge a.yaml b.yaml ... "
+                                   "--out capacities.yaml) and give it to `robustdice partition --capacities`.")
+    what = r.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="the model to time (as for partition); random weights time the same")
+    what.add_argument("--plan", type=Path, help="time this plan's model")
+    what.add_argument("--merge", type=Path, nargs="+", metavar="FILE",
+                      help="join these capacity files, in order (device 0 first), into --out")
+    r.add_argument("--out", type=Path, required=True, help="capacity file to write (.yaml, or .json)")
+    r.add_argument("--id", help="a name for this board in the file (e.g. its peers.yaml id)")
+    r.add_argument("--compute", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to time it, as the node's --compute (default auto: cuda when torch sees a GPU)")
+    r.add_argument("--threads", type=positive_int,
+                   help="torch threads, as the node's engine is given (default: torch's default)")
+    r.add_argument("--runs", type=positive_int, default=10,
+                   help="timed forwards, back to back, at least this many and for at least 1 s (default 10)")
+    r.add_argument("--warmup", type=int, default=3, help="untimed forwards first (default 3)")
+    r.add_argument("--json", action="store_true", help="print the file's content as JSON")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_profile)
+
     x = sub.add_parser("dse", help="per-device memory against accuracy under failures (Pareto plot)",
                        description="Partition a model with every method at a ladder of memory budgets, "
                                    "evaluate each plan under every failed set, plot and write JSON.")
@@ -165,6 +193,7 @@ def register(sub) -> None:
 
 
 def cmd_partition(args) -> int:
+    from robustdice.partitioner.core.capacity import load_capacities
     from robustdice.partitioner.core.partition import PartitionRequest, load_thresholds, partition
     from robustdice.partitioner.core.scores import parse_scores
     from robustdice.partitioner.errors import PartitionerError
@@ -198,6 +227,7 @@ def cmd_partition(args) -> int:
         fill_calib_size=args.fill_calib_size, s3_mode=args.s3, max_failed=args.max_failed,
         memory=None if chosen else args.memory,
         rocoin=_rocoin_options(args),
+        capacities=None if args.capacities is None else load_capacities(args.capacities, args.devices),
     )
     if chosen:
         from robustdice.partitioner.core.choose import default_plan
@@ -221,6 +251,10 @@ def cmd_partition(args) -> int:
           f"plan {summary['plan_hash'][:12]} in {summary['plan']}")
     print(f"  replication factor {summary['replication_factor']:.2f}; "
           f"parameters per device (MB): {' '.join(mb)} of {summary['full_param_bytes'] / 1e6:.2f} in full")
+    if "capacities" in summary:
+        c = summary["capacities"]
+        print("  capacities: share of the rows per device " + " ".join(f"{v:.3f}" for v in c["rows_share"])
+              + " (bound by " + ", ".join(c["bound_by"]) + ")")
     if "rocoin" in summary:
         r = summary["rocoin"]
         print(f"  groups {' '.join(map(str, r['groups']))}, students "
@@ -243,6 +277,30 @@ def _rocoin_options(args):
         return None
     from robustdice.partitioner.core.rocoin_plan import RocoinOptions
     return RocoinOptions(groups=args.groups, epochs=args.epochs, train=args.train)
+
+
+def cmd_profile(args) -> int:
+    from robustdice.partitioner.core.capacity import Capacities, load_capacities, merge_capacities, write_capacities
+
+    if args.merge:
+        caps = merge_capacities([load_capacities(f) for f in args.merge])
+    else:
+        from robustdice.partitioner.core.profile import profile
+        entry = profile(args.model, args.plan, compute=args.compute, runs=args.runs, warmup=max(0, args.warmup),
+                        threads=args.threads, device_id=args.id,
+                        show_progress=not args.no_progress and not args.json and sys.stderr.isatty())
+        caps = Capacities((entry,))
+    path = write_capacities(caps, args.out)
+    if args.json:
+        print(json.dumps(caps.to_json()))
+        return 0
+    for d, c in enumerate(caps.devices):
+        memory = "unbounded" if c.memory_bytes is None else f"{c.memory_bytes / 1e9:.2f} GB free"
+        timing = "" if c.forward_ms is None else f" ({c.forward_ms:.2f} ms per forward on {c.compute})"
+        print(f"device {d}{'' if c.id is None else ' ' + c.id}: speed {c.speed:g}{timing}, {memory}")
+    print(f"wrote {path}" + ("" if args.merge else ": merge the boards' files in device order with "
+                             "`robustdice profile --merge A B ... --out capacities.yaml`"))
+    return 0
 
 
 def cmd_sign(args) -> int:

@@ -75,6 +75,9 @@ class PartitionRequest:
     max_failed: Optional[int] = None        # --max-failed: mean+bn's failed sets (None: fill.default_max_failed)
     memory: Optional[float] = None          # --memory: a budget as a fraction of NMR's per-device bytes
     rocoin: Optional[object] = None         # --method rocoin: rocoin_plan.RocoinOptions (groups, epochs, train)
+    capacities: Optional[object] = None     # --capacities: capacity.Capacities, one entry per device
+    # How sized_stages dealt by the capacities (capacity.capacity_stages' report), for the summary.
+    capacity_deal: Optional[Mapping[str, object]] = None
 
     def check(self) -> None:
         if self.devices < 1:
@@ -87,6 +90,9 @@ class PartitionRequest:
             raise PartitionerError("--method cdc needs --devices >= 2 (N-1 data devices + 1 parity)")
         if self.threshold is not None and not (self.threshold >= 0 and math.isfinite(self.threshold)):
             raise PartitionerError(f"--threshold must be a finite number >= 0, got {self.threshold}")
+        if self.capacities is not None and len(self.capacities.devices) != self.devices:
+            raise PartitionerError(f"--capacities lists {len(self.capacities.devices)} devices and --devices is "
+                                   f"{self.devices}: give one entry per device, in the plan's order")
         if self.calib_size is not None and self.calib_size < 1:
             raise PartitionerError(f"--calib-size must be >= 1, got {self.calib_size}")
         if not is_import_path(self.model):
@@ -173,9 +179,12 @@ def stage_thresholds(staged: StagedModel, request: PartitionRequest) -> Dict[str
 
 def plan_stages(staged: StagedModel, request: PartitionRequest,
                 scores: Optional[Mapping[str, np.ndarray]],
-                group_counts: Optional[Mapping[str, int]] = None) -> List[StagePlan]:
-    """group_counts: --method uniform's rows per device of each layer (budget.uniform_group_counts)."""
+                group_counts: Optional[Mapping[str, int]] = None,
+                weights: Optional[Sequence[int]] = None) -> List[StagePlan]:
+    """group_counts: --method uniform's rows per device of each layer (budget.uniform_group_counts);
+    weights: each device's share of the work (capacity.deal_weights), None for equal devices."""
     n = request.devices
+    deal = replicate_and_deal if weights is None else _speed_deal(weights)
     thresholds = stage_thresholds(staged, request) if request.method in SCORED_METHODS else {}
     out = []
     for stage in staged.stages:
@@ -187,22 +196,22 @@ def plan_stages(staged: StagedModel, request: PartitionRequest,
             clusters = cluster_neurons(normalise_scores(scores[stage.name]), threshold)
             if request.method == "random":
                 clusters = shuffled_groups(clusters, request.seed + stage.index)
-            assignment = replicate_and_deal(clusters, n)
+            assignment = deal(clusters, n)
             groups = len(clusters)
             if request.method == "robust+cdc":
-                rp = rotated_parity(assignment, c)
+                rp = rotated_parity(assignment, c) if weights is None else _speed_parity(assignment, c, weights)
                 if rp.members:
                     parity = ParityPlan(rp.devices[0], rp.members, rp.devices)
         elif request.method == "uniform":
             clusters = uniform_groups(c, group_counts[stage.name], n, request.seed + stage.index)
-            assignment = replicate_and_deal(clusters, n)
+            assignment = deal(clusters, n)
             groups = len(clusters)
         elif request.method == "lop":
-            assignment = lop_assignment(c, n)
+            assignment = lop_assignment(c, n) if weights is None else _speed_split(c, weights)
         elif request.method == "nmr":
             assignment = nmr_assignment(c, n)
         else:
-            layout = cdc_layout(c, n)
+            layout = cdc_layout(c, n) if weights is None else _speed_cdc(c, weights)
             assignment = layout.data
             parity = ParityPlan(layout.parity_device, layout.members)
         out.append(StagePlan(
@@ -211,6 +220,26 @@ def plan_stages(staged: StagedModel, request: PartitionRequest,
             parity=parity, threshold=threshold, groups=groups,
         ))
     return out
+
+
+def _speed_deal(weights: Sequence[int]):
+    from robustdice.partitioner.core.capacity import deal_by_speed
+    return lambda groups, n: deal_by_speed(groups, weights)
+
+
+def _speed_parity(assignment, n_neurons: int, weights: Sequence[int]):
+    from robustdice.partitioner.core.capacity import parity_by_speed
+    return parity_by_speed(assignment, n_neurons, weights)
+
+
+def _speed_split(n_neurons: int, weights: Sequence[int]):
+    from robustdice.partitioner.core.capacity import split_by_speed
+    return split_by_speed(n_neurons, weights)
+
+
+def _speed_cdc(n_neurons: int, weights: Sequence[int]):
+    from robustdice.partitioner.core.capacity import cdc_by_speed
+    return cdc_by_speed(n_neurons, weights)
 
 
 def partition(request: PartitionRequest, scores: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, object]:
@@ -250,7 +279,13 @@ def sized_stages(staged: StagedModel, request: PartitionRequest,
     elif request.replication is not None or request.budget_mb is not None:
         from robustdice.partitioner.core.budget import thresholds_for_budget
         request = thresholds_for_budget(staged, request, scores)  # fixes per-layer thresholds
-    return request, plan_stages(staged, request, scores, group_counts)
+    stages = plan_stages(staged, request, scores, group_counts)
+    if request.capacities is not None and not request.capacities.uniform:
+        from robustdice.partitioner.core.capacity import capacity_stages   # equal capacities: today's plan, byte for byte
+        stages, report = capacity_stages(staged, request, stages,
+                                         lambda w: plan_stages(staged, request, scores, group_counts, w))
+        request = dataclasses.replace(request, capacity_deal=report)
+    return request, stages
 
 
 def shard_param_bytes(shard: Mapping[str, object]) -> int:
@@ -311,15 +346,18 @@ def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request:
     Also how `finetune` writes a plan: the same stages, the fine-tuned weights. `fill`: the
     (FillSpec, tables) of plan_fill when already computed (the default plan's search).
     """
+    from robustdice.partitioner.core.capacity import plan_fields
     from robustdice.partitioner.zoo.architecture import encode
 
     fill_spec, fill_tables = plan_fill(staged, stages, request) if fill is None else fill
+    caps = request.capacities if request.capacities is not None and not request.capacities.uniform else None
     plan = Plan(
         model=request.model, weights=str(request.weights), seed=request.seed,
         weights_digest=weights_digest(model), devices=request.devices, method=request.method,
         scores=tuple(request.scores) if request.method in SCORED_METHODS else (), stages=tuple(stages),
         input=request.input_spec(), fill=fill_spec,
         architecture=encode(model) if is_import_path(request.model) else None,
+        **plan_fields(caps),
     )
     plan_hash = plan.compute_hash()
     out = Path(request.out)
@@ -329,12 +367,15 @@ def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request:
     for d in range(request.devices):
         shard = build_shard(staged, stages, d, fill_tables, fill_spec.sets)
         per_device.append(shard_param_bytes(shard))
+        if caps is not None:
+            from robustdice.partitioner.core.capacity import check_memory
+            check_memory(caps, per_device)   # before a shard too large is written
         path = save_shard(shard, plan_hash, d, out)
         shard_records[str(d)] = {"file": str(path.relative_to(out)), "sha256": sha256_file(path)}
     plan = Plan(**{**plan.__dict__, "shards": shard_records, "plan_hash": plan_hash})
     save_plan(plan, out)
     summary = assignment_summary(stages, request.devices)
-    return {
+    out_summary = {
         "method": request.method,
         "devices": request.devices,
         "model": request.model,
@@ -346,6 +387,10 @@ def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request:
         "fill": request.fill,
         "thresholds": {s.name: s.threshold for s in stages if s.threshold is not None},
     }
+    if caps is not None:
+        from robustdice.partitioner.core.capacity import deal_summary
+        out_summary["capacities"] = deal_summary(stages, request.devices, request.capacity_deal)
+    return out_summary
 
 
 def plan_fill(staged: StagedModel, stages: Sequence[StagePlan], request: PartitionRequest, shared=None):

@@ -32,7 +32,11 @@ from robustdice.partitioner.zoo.inputs import InputSpec
 
 PLAN_FORMAT = "robustdice-plan"
 PLAN_VERSION = 3  # 2: the input specification; 3: the fill rule, parity rows on any device
-READABLE_VERSIONS = (2, 3)  # a version-2 plan is a version-3 plan with zero-fill and one parity device
+READABLE_VERSIONS = (2, 3, 4)  # a version-2 plan is a version-3 plan with zero-fill and one parity device
+# A plan dealt for boards of different speed (capacity.py) records their capacities and is written
+# as version 4, so that a board too old to know them refuses it by its version; plans for equal
+# boards stay version 3, byte for byte as before.
+CAPACITY_PLAN_VERSION = 4
 METHODS = ("robust", "lop", "nmr", "cdc")
 # Methods added for issue 13: `random` replicates like robust with importance-blind groups (the
 # control that shows what the scores earn); `robust+cdc` adds parity rows to robust's single
@@ -219,6 +223,9 @@ class Plan:
     architecture: Optional[Mapping[str, Any]] = None
     # method rocoin: its groups, partitions, students and head (RocoinSpec); None otherwise.
     rocoin: Optional[RocoinSpec] = None
+    # The capacities the plan was dealt for (capacity.Capacities.plan_record: per device its speed
+    # and memory_bytes); None for equal devices.
+    capacities: Optional[Tuple[Mapping[str, Any], ...]] = None
 
     def body(self) -> Dict[str, Any]:
         body = {
@@ -236,6 +243,7 @@ class Plan:
             # Only when present, so that the built-in models' plans and hashes stay as they were.
             **({"architecture": self.architecture} if self.architecture is not None else {}),
             **({"rocoin": self.rocoin.to_json()} if self.rocoin is not None else {}),
+            **({"capacities": [dict(c) for c in self.capacities]} if self.capacities is not None else {}),
         }
         if self.fill != FillSpec():  # zero-fill plans carry no fill field
             body["fill"] = {"rule": self.fill.rule, "sets": [list(f) for f in self.fill.sets]}
@@ -378,6 +386,7 @@ def plan_from_json(data: Any) -> Plan:
         scores=tuple(r.get("scores", list)), stages=stages, input=spec, fill=fill, version=version, shards=shards,
         plan_hash=r.get("plan_hash", str), architecture=r.get("architecture", dict, optional=True),
         rocoin=_rocoin_from_json(r.get("rocoin", dict, optional=True), devices),
+        capacities=_capacities_from_json(r.get("capacities", list, optional=True), devices),
     )
     if (method == "rocoin") != (plan.rocoin is not None) or (plan.rocoin is not None and stages):
         raise PlanError("plan field rocoin: a rocoin plan has a rocoin section and no stages, and only a rocoin "
@@ -390,6 +399,23 @@ def plan_from_json(data: Any) -> Plan:
         raise PlanError(f"plan field model: {plan.model!r} is an import path and the plan has no architecture; "
                         f"a board runs only the built-in models or a plan's stored graph")
     return plan
+
+
+def _capacities_from_json(data: Any, devices: int) -> Optional[Tuple[Dict[str, Any], ...]]:
+    if data is None:
+        return None
+    if len(data) != devices:
+        raise PlanError(f"plan field capacities: {len(data)} entries for {devices} devices")
+    out = []
+    for d, entry in enumerate(data):
+        e = _Reader(entry, f"capacities[{d}]")
+        speed = e.get("speed", (int, float))
+        memory = e.get("memory_bytes", int, optional=True)
+        if isinstance(speed, bool) or not speed > 0 or (memory is not None and memory <= 0) or set(entry) - {
+                "speed", "memory_bytes"}:
+            raise PlanError(f"plan field capacities[{d}]: expected a positive speed and memory_bytes, got {entry!r:.80}")
+        out.append(dict(entry))
+    return tuple(out)
 
 
 def _rocoin_from_json(data: Any, devices: int) -> Optional[RocoinSpec]:

@@ -101,6 +101,9 @@ def check_request(request) -> None:
         if value is not None:
             raise PartitionerError(f"{option} sizes robust's clusters; --method rocoin takes --groups, and "
                                    f"--budget-mb or --memory for each device's memory")
+    if request.capacities is not None and len(request.capacities.devices) != request.devices:
+        raise PartitionerError(f"--capacities lists {len(request.capacities.devices)} devices and --devices is "
+                               f"{request.devices}: give one entry per device, in the plan's order")
     groups = (request.rocoin or RocoinOptions()).groups
     if groups is not None and not 1 <= groups <= request.devices:
         raise PartitionerError(f"--groups must lie in 1..{request.devices} (the devices), got {groups}")
@@ -130,6 +133,17 @@ def family_options(input_shape: Sequence[int], out_channels: int, out_hw: Tuple[
     return out
 
 
+def device_profiles(request, memory: float) -> List[DeviceProfile]:
+    """Each device's resource profile: equal ones with `memory`, or --capacities' speed and the
+    lesser of `memory` and its memory_bytes (students are matched to them, rocoin.match_groups)."""
+    caps = request.capacities
+    if caps is None or caps.uniform:
+        return [DeviceProfile(memory_bytes=memory if caps is None or caps.devices[0].memory_bytes is None
+                              else min(memory, caps.devices[0].memory_bytes))] * request.devices
+    return [DeviceProfile(flops_per_s=c.speed, memory_bytes=memory if c.memory_bytes is None
+                          else min(memory, float(c.memory_bytes))) for c in caps.devices]
+
+
 def design(request) -> Design:
     """Algorithm 1 for `request` (a PartitionRequest with method rocoin): no training yet."""
     from robustdice.partitioner.zoo.models import build_model
@@ -152,7 +166,7 @@ def design(request) -> Design:
     c = cut.feature_shape[0]
     options = request.rocoin or RocoinOptions()
     k = options.groups or max(1, request.devices // 2)
-    profiles = [DeviceProfile(memory_bytes=device_memory(request, teacher))] * request.devices
+    profiles = device_profiles(request, device_memory(request, teacher))
     groups = groups_for_count(profiles, k)
     partitions = partition_filters(activation_affinity(activity), k, request.seed)
     nonnegative = bool(feats.min() >= 0)
@@ -190,6 +204,7 @@ def write(d: Design, students: Sequence[nn.Module], out: Optional[Path] = None, 
           training_s: float = 0.0) -> Dict[str, Any]:
     """plan.json and the shards for trained `students` (one per group); the summary `--json`
     prints. `out` and `fill` default to the request's (a benchmark writes one training twice)."""
+    from robustdice.partitioner.core.capacity import plan_fields
     from robustdice.partitioner.core.plan import FillSpec, Plan, RocoinGroup, RocoinSpec, save_plan, sha256_file
     from robustdice.partitioner.core.runtime import save_shard, weights_digest
     from robustdice.partitioner.core.stages import param_bytes
@@ -211,7 +226,7 @@ def write(d: Design, students: Sequence[nn.Module], out: Optional[Path] = None, 
         model=request.model, weights=str(request.weights), seed=request.seed, weights_digest=weights_digest(d.teacher),
         devices=request.devices, method="rocoin", scores=(), stages=(), input=request.input_spec(),
         fill=FillSpec(request.fill), architecture=encode(d.teacher) if is_import_path(request.model) else None,
-        rocoin=rocoin)
+        rocoin=rocoin, **plan_fields(request.capacities))
     plan_hash = plan.compute_hash()
     out_dir = Path(request.out)
     out_dir.mkdir(parents=True, exist_ok=True)

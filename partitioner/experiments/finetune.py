@@ -88,6 +88,7 @@ def finetune(plan_dir, out, epochs: Optional[int] = None, lr: Optional[float] = 
     """Fine-tune the plan's model under its failure masks; write the new plan to `out`."""
     from tqdm import tqdm
 
+    from robustdice.partitioner.core.capacity import plan_capacities
     from robustdice.partitioner.core.fill import lost_masks
     from robustdice.partitioner.core.partition import PartitionRequest, write_plan
     from robustdice.partitioner.core.plan import FILLS, load_plan
@@ -156,7 +157,7 @@ def finetune(plan_dir, out, epochs: Optional[int] = None, lr: Optional[float] = 
     # The plan names its weights relative to its own folder, so that the folder can move.
     request = PartitionRequest(model=plan.model, devices=plan.devices, method=plan.method, out=out,
                                scores=plan.scores, weights=WEIGHTS_FILE, seed=plan.seed,
-                               show_progress=progress, fill=fill)
+                               show_progress=progress, fill=fill, capacities=plan_capacities(plan))
     staged = trace_stages(model.eval())
     summary = write_plan(model, staged, list(plan.stages), request)
     summary.update({"finetuned_from": str(plan_dir), "epochs": epochs, "lr": lr,
