@@ -316,39 +316,8 @@ def cdc_by_speed(n_neurons: int, weights: Sequence[int]) -> CdcLayout:
 
 def parity_by_speed(assignment: Assignment, n_neurons: int, weights: Sequence[int]) -> RotatedParity:
     """robust+cdc's parity rows over the single copies, each row on the device that would finish
-    its work (data rows and parity rows so far, over its weight) soonest, then the one with the
-    fewest single copies left; rotated_parity exactly for equal weights.
-
-    Each row takes the next single-copy neuron of every device but the one that computes it, as
-    rotated_parity does; rotated_parity gives the rows to the devices with the fewest single
-    copies left, which a capacity deal makes the slow device, so here work over speed decides.
-    """
-    if len(set(weights)) == 1:
-        return rotated_parity(assignment, n_neurons)
-    n = len(assignment)
-    copies = [0] * n_neurons
-    for ids in assignment:
-        for i in ids:
-            copies[i] += 1
-    queues = [[i for i in ids if copies[i] == 1] for ids in assignment]
-    heads = [0] * n
-    work = [len(ids) for ids in assignment]
-    members: List[Tuple[int, ...]] = []
-    devices: List[int] = []
-    while any(heads[d] < len(queues[d]) for d in range(n)):
-        left = [d for d in range(n) if heads[d] < len(queues[d])]
-        # A row needs a member: when one device alone has singles left, another computes it.
-        candidates = [d for d in range(n) if d != left[0]] if len(left) == 1 else range(n)
-        parity = min(candidates, key=lambda d: ((work[d] + 1) / weights[d], len(queues[d]) - heads[d], d))
-        row = []
-        for d in left:
-            if d != parity:
-                row.append(queues[d][heads[d]])
-                heads[d] += 1
-        members.append(tuple(row))
-        devices.append(parity)
-        work[parity] += 1
-    return RotatedParity(tuple(members), tuple(devices))
+    its work soonest (cluster.rotated_parity with weights); rotated_parity exactly for equal weights."""
+    return rotated_parity(assignment, n_neurons, weights)
 
 
 # --- the shell --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ two controls blind to importance: `shuffled_groups` (robust's group sizes, rando
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -200,13 +200,18 @@ class RotatedParity:
     devices: Tuple[int, ...]
 
 
-def rotated_parity(assignment: Assignment, n_neurons: int) -> RotatedParity:
+def rotated_parity(assignment: Assignment, n_neurons: int,
+                   weights: Optional[Sequence[float]] = None) -> RotatedParity:
     """Parity rows for the single-copy neurons of `assignment`, spread over the devices.
 
     Each row takes the next single-copy neuron of every device but one, the device that
     computes the row: the device with the fewest single-copy neurons left (then the fewest
     parity rows so far), so that rows span N−1 devices while they can and parity rows spread
     like RAID 5's. Neurons keep their order on each device (robust deals the important first).
+
+    `weights` (devices' relative speeds, unequal): the row goes to the device that would finish
+    its work (its rows, data and parity, over its weight) soonest, then the one with the fewest
+    single copies left; equal weights are the rule above exactly.
     """
     n_devices = len(assignment)
     copies = np.zeros(n_neurons, dtype=np.int64)
@@ -219,9 +224,20 @@ def rotated_parity(assignment: Assignment, n_neurons: int) -> RotatedParity:
     devices: List[int] = []
     if n_devices < 2:
         return RotatedParity((), ())
+    by_speed = weights is not None and len(set(weights)) > 1
+
+    def key(d: int, left: Sequence[int]):
+        if by_speed:
+            return (len(assignment[d]) + rows_per_device[d] + 1) / weights[d], left[d], d
+        return left[d], rows_per_device[d], d
+
     while any(heads[d] < len(queues[d]) for d in range(n_devices)):
         left = [len(queues[d]) - heads[d] for d in range(n_devices)]
-        parity = min(range(n_devices), key=lambda d: (left[d], rows_per_device[d], d))
+        # A row needs a member: when one device alone has singles left, another computes it
+        # (by the fewest-left rule that is so anyway).
+        holding = [d for d in range(n_devices) if left[d]]
+        candidates = [d for d in range(n_devices) if d != holding[0]] if len(holding) == 1 else range(n_devices)
+        parity = min(candidates, key=lambda d: key(d, left))
         row = []
         for d in range(n_devices):
             if d != parity and heads[d] < len(queues[d]):
