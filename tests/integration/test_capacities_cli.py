@@ -4,11 +4,10 @@ memory, and the plan is still the model (verify) and records what it was made fo
 profile` measures a board and merges the boards' files."""
 import dataclasses
 import json
-import subprocess
 
 import pytest
 
-from node_helpers import robustdice_cli
+from cli_runner import run as robustdice
 from robustdice.partitioner.core.capacity import Capacities, CapacityError, DeviceCapacity, write_capacities
 from robustdice.partitioner.experiments.evaluate import verify_plan
 from robustdice.partitioner.core.partition import PartitionRequest, partition
@@ -24,9 +23,6 @@ REQUESTS = {
     "robust mean+bn": {"method": "robust", "fill": "mean+bn", "memory": 0.5},
 }
 
-
-def robustdice(*args, timeout=600):
-    return subprocess.run(robustdice_cli() + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
 
 
 def request(name, out, capacities=None):

@@ -59,7 +59,8 @@ def play(inventory: Path):
          "-e", "robustdice_install_package=false", "-e", f"robustdice_venv={sys.prefix}",
          "-e", f"ansible_python_interpreter={sys.executable}",
          "-e", f"robustdice_user={SERVICE.pw_name}", "-e", f"robustdice_group={SERVICE_GROUP.gr_name}"],
-        capture_output=True, text=True, timeout=240, env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0"))
+        capture_output=True, text=True, timeout=240, env=dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+                                                           ANSIBLE_CONFIG=str(REPO / "deploy" / "ansible.cfg")))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     return {line.split(":")[0].strip(): line for line in proc.stdout.splitlines() if "ok=" in line and "changed=" in line}
 

@@ -6,11 +6,10 @@ against the plain model (slow: vgg16_bn's nmr plan is N copies of 553 MB).
 """
 import json
 import shutil
-import subprocess
-import sys
 from math import comb
 
 import pytest
+from cli_runner import run as robustdice
 
 from robustdice.partitioner.core.partition import PartitionRequest, partition
 from robustdice.partitioner.core.runtime import shard_path
@@ -22,9 +21,6 @@ DIGITS_TEST_SAMPLES = 360
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def robustdice(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "robustdice.node.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def ok_json(*args):

@@ -2,21 +2,17 @@
 pass: seconds), then verify, evaluate, sign and dse on the plan it writes; and what a board
 says of it."""
 import json
-import subprocess
 
 import pytest
 import torch
 
-from node_helpers import robustdice_cli
+from cli_runner import run as robustdice
 from robustdice.partitioner.core.plan import load_plan, save_plan
 from robustdice.partitioner.core.runtime import Cluster, sha256_file, shard_path
 from robustdice.partitioner.errors import PlanError
 
 DEVICES = 4
 
-
-def robustdice(*args, timeout=600):
-    return subprocess.run(robustdice_cli() + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
 
 
 def ok_json(*args):
