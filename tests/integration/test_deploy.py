@@ -53,9 +53,9 @@ pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(PLAYBOOK is None, reason="ansible-core is not installed (test extra, Python >= 3.11)")]
 
 
-def play(inventory: Path):
+def play(inventory: Path, *extra: str):
     proc = subprocess.run(
-        [PLAYBOOK, "-i", str(inventory), str(REPO / "deploy" / "site.yml"),
+        [PLAYBOOK, "-i", str(inventory), str(REPO / "deploy" / "site.yml"), *extra,
          "-e", "robustdice_install_package=false", "-e", f"robustdice_venv={sys.prefix}",
          "-e", f"ansible_python_interpreter={sys.executable}",
          "-e", f"robustdice_user={SERVICE.pw_name}", "-e", f"robustdice_group={SERVICE_GROUP.gr_name}"],
@@ -97,7 +97,9 @@ def deployed(tmp_path_factory):
     inventory_path.write_text(yaml.safe_dump(inventory))
     try:
         first = play(inventory_path)
-        second = play(inventory_path)
+        # Idempotence on n0, the board with every optional task (the extra wheel): a play costs
+        # ~50 s of CPU here, and n1 runs the same tasks with other values.
+        second = play(inventory_path, "--limit", "n0")
         yield controller, tmp / "boards", first, second
     finally:
         controller.close()
@@ -107,10 +109,10 @@ def deployed(tmp_path_factory):
 
 def test_play_lays_out_each_board_and_is_idempotent(deployed):
     _, boards, first, second = deployed
-    assert set(first) == set(second) == {"n0", "n1"}
+    assert set(first) == {"n0", "n1"} and set(second) == {"n0"}
     for node in ("n0", "n1"):
         assert "changed=0" not in first[node], first[node]
-        assert "changed=0" in second[node] and "failed=0" in second[node], second[node]
+    assert "changed=0" in second["n0"] and "failed=0" in second["n0"], second["n0"]
     for device, node in enumerate(("n0", "n1")):
         etc = boards / node / "etc" / "robustdice"
         assert sorted(p.name for p in (etc / "plan" / "shards").iterdir()) == [f"{device}.pt"]
