@@ -58,8 +58,10 @@ def robustdice_cli() -> List[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "robustdice.node.cli"]
 
 
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.05):
-    """Poll `predicate` until it returns something truthy; fail with `what` after the deadline."""
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1):
+    """Poll `predicate` until it returns something truthy; fail with `what` after the deadline.
+    Many predicates ask live nodes for their status (~5 ms of CPU per node per ask): tests that
+    need a finer grain say so with `interval_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
