@@ -28,6 +28,7 @@ from typing import Dict, Optional
 ZYGOTE = r"""
 import json, os, sys, traceback
 import torch
+torch.set_num_threads(int(sys.argv[1]))   # the asking worker's share of the cores (tests/conftest.py)
 import robustdice.node.cli, robustdice.partitioner.core.partition, robustdice.partitioner.experiments.evaluate
 requests, answers = sys.stdin, os.fdopen(os.dup(1), "w")
 null = os.open(os.devnull, os.O_WRONLY)
@@ -74,8 +75,9 @@ def zygote() -> subprocess.Popen:
     """The warm process, started on first use; it ends when this process closes its stdin."""
     global _zygote
     if _zygote is None or _zygote.poll() is not None:
-        _zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   text=True, bufsize=1)
+        import torch
+        _zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(torch.get_num_threads())], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True, bufsize=1)
         line = _zygote.stdout.readline()
         if line.strip() != "ready":
             raise RuntimeError(f"the CLI zygote did not start (it said {line!r}, status {_zygote.poll()})")

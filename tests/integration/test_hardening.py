@@ -311,8 +311,9 @@ def test_tcp_resets_during_large_transfers_never_kill_a_node(three, digits_plan,
     assert all(len(r["prediction"]) == 64 for r in records)
     # A frame admitted while n1's connections were just reset runs without it (sends to it
     # fail); once they are back, n0 counts on n1 again and frames run on all three.
-    nh.wait_for(lambda: all(cluster.status()[0]["members"][cluster.ids[d]]["connected"] for d in (1, 2)),
-                15, "n0 to be connected to n1 and n2 again after the last reset")
+    # Connected is not enough: n0 counts on a peer once their reports say both hear each other.
+    nh.wait_for(lambda: cluster.status()[0]["participants"] == [cluster.ids[d] for d in RUNNING],
+                15, "n0 to count on n1 and n2 again after the last reset")
     check_answers(cluster, digits_plan, digits[13:14])
 
 
