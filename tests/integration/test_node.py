@@ -362,40 +362,40 @@ class Streamer(threading.Thread):
 
 
 @pytest.mark.slow
-def test_sigterm_during_stream_stops_every_node_cleanly(digits_plan):
-    with LocalCluster(digits_plan) as cluster:
-        nh.start_cluster(cluster)
-        procs = {}
-        run_dirs = []
+def test_sigterm_during_stream_stops_every_node_cleanly(digits_cluster):
+    """The module's cluster, stopped for good: this is the last test of the module that uses it."""
+    cluster = digits_cluster
+    procs = {}
+    run_dirs = []
+    for d in range(len(cluster.ids)):
+        children = nh.node_children(cluster, d)
+        assert set(children) == {"engine", "handler"}
+        procs[d] = [psutil.Process(cluster.procs[d].pid)] + list(children.values())
+        run_dirs.append(nh.run_dir_of(children["engine"]))
+    assert all(p.is_dir() for p in run_dirs)
+    streamers = [Streamer(cluster, node) for node in cluster.ids[:2]]
+    for s in streamers:
+        s.start()
+    try:
+        nh.wait_for(lambda: all(s.answered >= 10 for s in streamers), 60, "answers to the stream")
+        t0 = time.monotonic()
         for d in range(len(cluster.ids)):
-            children = nh.node_children(cluster, d)
-            assert set(children) == {"engine", "handler"}
-            procs[d] = [psutil.Process(cluster.procs[d].pid)] + list(children.values())
-            run_dirs.append(nh.run_dir_of(children["engine"]))
-        assert all(p.is_dir() for p in run_dirs)
-        streamers = [Streamer(cluster, node) for node in cluster.ids[:2]]
+            cluster.procs[d].send_signal(signal.SIGTERM)
+        codes = {}
+        for d, proc in cluster.procs.items():
+            try:
+                codes[d] = proc.wait(max(0.1, t0 + nh.STOP_BUDGET_S - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                codes[d] = f"still running {nh.STOP_BUDGET_S} s after SIGTERM"
+        elapsed = time.monotonic() - t0
+    finally:
         for s in streamers:
-            s.start()
-        try:
-            nh.wait_for(lambda: all(s.answered >= 10 for s in streamers), 60, "answers to the stream")
-            t0 = time.monotonic()
-            for d in range(len(cluster.ids)):
-                cluster.procs[d].send_signal(signal.SIGTERM)
-            codes = {}
-            for d, proc in cluster.procs.items():
-                try:
-                    codes[d] = proc.wait(max(0.1, t0 + nh.STOP_BUDGET_S - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    codes[d] = f"still running {nh.STOP_BUDGET_S} s after SIGTERM"
-            elapsed = time.monotonic() - t0
-        finally:
-            for s in streamers:
-                s.stop.set()
-            for s in streamers:
-                s.join(10)
-        assert codes == {d: 0 for d in cluster.procs}, (codes, [cluster.tail(d) for d in cluster.procs])
-        assert elapsed <= nh.STOP_BUDGET_S
-        left = [p for ps in procs.values() for p in ps if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert not left, left
-        assert not nh.processes_mentioning(str(cluster.peers_path))
-        assert not [p for p in run_dirs if p.exists()], run_dirs
+            s.stop.set()
+        for s in streamers:
+            s.join(10)
+    assert codes == {d: 0 for d in cluster.procs}, (codes, [cluster.tail(d) for d in cluster.procs])
+    assert elapsed <= nh.STOP_BUDGET_S
+    left = [p for ps in procs.values() for p in ps if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, left
+    assert not nh.processes_mentioning(str(cluster.peers_path))
+    assert not [p for p in run_dirs if p.exists()], run_dirs
