@@ -103,7 +103,11 @@ def check_heal(records, healed_s, views, cluster, expected, within_s=1.0):
     before = [r for r in records if r["sent_s"] < records[0]["sent_s"] + 1.5]
     p50_before = float(np.median(latencies(before)))
     after = [r for r in records if r["sent_s"] >= healed_s]
-    assert after[0]["meta"]["latency_ms"] <= max(2 * p50_before, p50_before + 20), (after[0]["meta"], p50_before)
+    # A stale wait (a gather that counts on a peer the heal has not brought back yet) costs the
+    # sync timeout, 1000 ms; a quarter of it above the usual is noise, not such a wait (make test's
+    # other worker shares the cores: p50 62 ms and a first frame at 142 ms were seen).
+    bound_ms = max(2 * p50_before, p50_before + cluster.config.sync_timeout_ms / 4)
+    assert after[0]["meta"]["latency_ms"] <= bound_ms, (after[0]["meta"], p50_before)
     whole = [r for r in after if len(r["meta"]["participants"]) == 4]
     assert whole and whole[0]["sent_s"] - healed_s <= within_s, whole[:1]
     later = [r for r in after if r["sent_s"] >= whole[0]["sent_s"]]
