@@ -181,7 +181,8 @@ def test_corrupt_plan_and_mismatched_shard(digits_plans, tmp_path):
 
 # alexnet with every method at N = 3 (no layer divides by 3) and the two that deal groups and
 # parity at N = 2 and 4 (lop and nmr lay rows out the same way at any N: contiguous, or all of
-# them; tests/unit/test_plan_runtime.py runs every method at every N on small models);
+# them; tests/unit/test_plan_runtime.py checks every method at N = 1 to 3 and this module's
+# digits plans every method at N = 4);
 # convnext_tiny (LayerNorm, permutes, stochastic depth) with every method at one N and robust at
 # every N; vgg16_bn (BatchNorm after each conv) with the two layouts that cut each of its layers
 # differently. Slicing and assembly do not depend on the model, so the grid is not repeated on
