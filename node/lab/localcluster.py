@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 
 # How often wait_until asks every node for its status. One round costs ~19 ms of CPU (a CURVE
-# handshake and a status body per node, 4 nodes; 7.5 ms of it the asker's): at the 50 ms it
-# was, a wait took a third of a core from the nodes it waits for, most of all while they start.
+# handshake and a status body per node, 4 nodes; 7.5 ms of it the asker's): at the 50 ms it was,
+# ~16 rounds a second, a wait took ~0.3 of a core between the asker and the nodes.
 STATUS_POLL_S = 0.2
 
 

@@ -186,13 +186,14 @@ def divergent_answers(records: Iterable[Mapping[str, Any]], views: Sequence[Mapp
         for frame, stage, n in v.get("zero_log", []):
             by_node = logged.setdefault((frame, stage), {})
             by_node[v.get("node")] = max(by_node.get(v.get("node"), 0), n)
+    stages = serving_stages(plan)
     out = []
     for r in records:
         meta = r.get("meta")
         if not meta or "zero_filled" not in meta:
             continue
         computed_by = meta.get("participants")
-        for i, stage in enumerate(serving_stages(plan)):
+        for i, stage in enumerate(stages):
             claimed = round(meta["zero_filled"].get(stage.name, 0.0) * stage.neurons)
             worst = max((n for node, n in logged.get((r.get("frame"), i), {}).items()
                          if computed_by is None or node in computed_by), default=0)

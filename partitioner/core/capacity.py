@@ -19,7 +19,7 @@ Pure cores (values in, values out): `deal_weights` turns speeds and memory into 
 (water-filling: a device whose memory cannot hold its speed's share gets what fits, the others
 share the rest by speed), `deal_by_speed` deals a layer's groups (robust, robust+cdc, random,
 uniform), `split_by_speed` and `cdc_by_speed` split contiguously (lop, cdc), and
-`parity_by_speed` places robust+cdc's parity rows. With equal weights each is today's
+`cluster.rotated_parity` with the weights places robust+cdc's parity rows. With equal weights each is today's
 function exactly, so equal capacities give today's plans byte for byte: `deal_weights` returns
 None for them and the plan records no capacities.
 
@@ -42,8 +42,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from robustdice.partitioner.core.cluster import Assignment, CdcLayout, cdc_layout, lop_assignment, replicate_and_deal, rotated_parity
-from robustdice.partitioner.core.cluster import RotatedParity
+from robustdice.partitioner.core.cluster import Assignment, CdcLayout, cdc_layout, lop_assignment
 from robustdice.partitioner.errors import PartitionerError
 
 CAPACITY_FORMAT = "robustdice-capacities"
@@ -68,16 +67,9 @@ class DeviceCapacity:
     stage_ms: Tuple[Tuple[str, float], ...] = ()
 
     def to_json(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {}
-        if self.id is not None:
-            out["id"] = self.id
-        out["speed"] = self.speed
-        if self.memory_bytes is not None:
-            out["memory_bytes"] = self.memory_bytes
-        if self.compute is not None:
-            out["compute"] = self.compute
-        if self.forward_ms is not None:
-            out["forward_ms"] = self.forward_ms
+        out: Dict[str, Any] = {k: v for k, v in (("id", self.id), ("speed", self.speed), ("memory_bytes", self.memory_bytes),
+                                                 ("compute", self.compute), ("forward_ms", self.forward_ms))
+                               if v is not None}
         if self.stage_ms:
             out["stage_ms"] = dict(self.stage_ms)
         return out
@@ -312,12 +304,6 @@ def cdc_by_speed(n_neurons: int, weights: Sequence[int]) -> CdcLayout:
         assignment[d] = list(range(b[i], b[i + 1]))
     members = tuple(tuple(b[i] + j for i in range(len(data)) if b[i] + j < b[i + 1]) for j in range(k))
     return CdcLayout(data=assignment, parity_device=parity, members=members)
-
-
-def parity_by_speed(assignment: Assignment, n_neurons: int, weights: Sequence[int]) -> RotatedParity:
-    """robust+cdc's parity rows over the single copies, each row on the device that would finish
-    its work soonest (cluster.rotated_parity with weights); rotated_parity exactly for equal weights."""
-    return rotated_parity(assignment, n_neurons, weights)
 
 
 # --- the shell --------------------------------------------------------------------------------

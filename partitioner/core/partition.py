@@ -13,6 +13,8 @@ import yaml
 
 from robustdice.partitioner.core.cluster import (cdc_layout, cluster_neurons, lop_assignment, nmr_assignment,
                                                  normalise_scores, replicate_and_deal)
+from robustdice.partitioner.core.capacity import (capacity_stages, cdc_by_speed, check_memory, deal_by_speed,
+                                                  deal_summary, plan_fields, split_by_speed)
 from robustdice.partitioner.core.cluster import rotated_parity, shuffled_groups, uniform_groups
 from robustdice.partitioner.core.plan import (METHODS, ParityPlan, Plan, StagePlan, assignment_summary, save_plan,
                                               sha256_file)
@@ -184,7 +186,7 @@ def plan_stages(staged: StagedModel, request: PartitionRequest,
     """group_counts: --method uniform's rows per device of each layer (budget.uniform_group_counts);
     weights: each device's share of the work (capacity.deal_weights), None for equal devices."""
     n = request.devices
-    deal = replicate_and_deal if weights is None else _speed_deal(weights)
+    deal = replicate_and_deal if weights is None else (lambda groups, n: deal_by_speed(groups, weights))
     thresholds = stage_thresholds(staged, request) if request.method in SCORED_METHODS else {}
     out = []
     for stage in staged.stages:
@@ -199,7 +201,7 @@ def plan_stages(staged: StagedModel, request: PartitionRequest,
             assignment = deal(clusters, n)
             groups = len(clusters)
             if request.method == "robust+cdc":
-                rp = rotated_parity(assignment, c) if weights is None else _speed_parity(assignment, c, weights)
+                rp = rotated_parity(assignment, c, weights)
                 if rp.members:
                     parity = ParityPlan(rp.devices[0], rp.members, rp.devices)
         elif request.method == "uniform":
@@ -207,11 +209,11 @@ def plan_stages(staged: StagedModel, request: PartitionRequest,
             assignment = deal(clusters, n)
             groups = len(clusters)
         elif request.method == "lop":
-            assignment = lop_assignment(c, n) if weights is None else _speed_split(c, weights)
+            assignment = lop_assignment(c, n) if weights is None else split_by_speed(c, weights)
         elif request.method == "nmr":
             assignment = nmr_assignment(c, n)
         else:
-            layout = cdc_layout(c, n) if weights is None else _speed_cdc(c, weights)
+            layout = cdc_layout(c, n) if weights is None else cdc_by_speed(c, weights)
             assignment = layout.data
             parity = ParityPlan(layout.parity_device, layout.members)
         out.append(StagePlan(
@@ -220,26 +222,6 @@ def plan_stages(staged: StagedModel, request: PartitionRequest,
             parity=parity, threshold=threshold, groups=groups,
         ))
     return out
-
-
-def _speed_deal(weights: Sequence[int]):
-    from robustdice.partitioner.core.capacity import deal_by_speed
-    return lambda groups, n: deal_by_speed(groups, weights)
-
-
-def _speed_parity(assignment, n_neurons: int, weights: Sequence[int]):
-    from robustdice.partitioner.core.capacity import parity_by_speed
-    return parity_by_speed(assignment, n_neurons, weights)
-
-
-def _speed_split(n_neurons: int, weights: Sequence[int]):
-    from robustdice.partitioner.core.capacity import split_by_speed
-    return split_by_speed(n_neurons, weights)
-
-
-def _speed_cdc(n_neurons: int, weights: Sequence[int]):
-    from robustdice.partitioner.core.capacity import cdc_by_speed
-    return cdc_by_speed(n_neurons, weights)
 
 
 def partition(request: PartitionRequest, scores: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, object]:
@@ -281,7 +263,7 @@ def sized_stages(staged: StagedModel, request: PartitionRequest,
         request = thresholds_for_budget(staged, request, scores)  # fixes per-layer thresholds
     stages = plan_stages(staged, request, scores, group_counts)
     if request.capacities is not None and not request.capacities.uniform:
-        from robustdice.partitioner.core.capacity import capacity_stages   # equal capacities: today's plan, byte for byte
+        # (equal capacities: today's plan, byte for byte)
         stages, report = capacity_stages(staged, request, stages,
                                          lambda w: plan_stages(staged, request, scores, group_counts, w))
         request = dataclasses.replace(request, capacity_deal=report)
@@ -346,7 +328,6 @@ def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request:
     Also how `finetune` writes a plan: the same stages, the fine-tuned weights. `fill`: the
     (FillSpec, tables) of plan_fill when already computed (the default plan's search).
     """
-    from robustdice.partitioner.core.capacity import plan_fields
     from robustdice.partitioner.zoo.architecture import encode
 
     fill_spec, fill_tables = plan_fill(staged, stages, request) if fill is None else fill
@@ -367,9 +348,7 @@ def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request:
     for d in range(request.devices):
         shard = build_shard(staged, stages, d, fill_tables, fill_spec.sets)
         per_device.append(shard_param_bytes(shard))
-        if caps is not None:
-            from robustdice.partitioner.core.capacity import check_memory
-            check_memory(caps, per_device)   # before a shard too large is written
+        check_memory(caps, per_device)   # before a shard too large is written (no capacities: nothing)
         path = save_shard(shard, plan_hash, d, out)
         shard_records[str(d)] = {"file": str(path.relative_to(out)), "sha256": sha256_file(path)}
     plan = Plan(**{**plan.__dict__, "shards": shard_records, "plan_hash": plan_hash})
@@ -388,7 +367,6 @@ def write_plan(model, staged: StagedModel, stages: Sequence[StagePlan], request:
         "thresholds": {s.name: s.threshold for s in stages if s.threshold is not None},
     }
     if caps is not None:
-        from robustdice.partitioner.core.capacity import deal_summary
         out_summary["capacities"] = deal_summary(stages, request.devices, request.capacity_deal)
     return out_summary
 

@@ -7,7 +7,7 @@ import pytest
 
 from robustdice.partitioner.core.capacity import (Capacities, CapacityError, DeviceCapacity, cdc_by_speed, deal_by_speed,
                                              deal_weights, load_capacities, memory_shares, merge_capacities,
-                                             parity_by_speed, parse_capacities, split_by_speed, write_capacities)
+                                             parse_capacities, split_by_speed, write_capacities)
 from robustdice.partitioner.core.cluster import cdc_layout, lop_assignment, replicate_and_deal, rotated_parity
 from robustdice.partitioner.core.plan import Plan, PlanError, StagePlan, plan_from_json
 from robustdice.partitioner.zoo.inputs import InputSpec
@@ -35,7 +35,7 @@ def test_equal_weights_are_todays_deals_exactly():
         if n >= 2:
             assert cdc_by_speed(c, w) == cdc_layout(c, n)
             a = replicate_and_deal(groups, n)
-            assert parity_by_speed(a, c, w) == rotated_parity(a, c)
+            assert rotated_parity(a, c, w) == rotated_parity(a, c)
 
 
 def test_unequal_deal_is_proportional_without_duplicates():
@@ -75,9 +75,9 @@ def test_split_and_cdc_by_speed():
     assert len(data[3]) < len(data[0]), "the slow device computes least"
 
 
-def test_parity_by_speed_spares_the_slow_device():
+def test_parity_by_speed_spares_the_slow_device():   # cluster.rotated_parity with weights
     a = deal_by_speed([list(range(40))], [3, 3, 3, 1])
-    rp = parity_by_speed(a, 40, [3, 3, 3, 1])
+    rp = rotated_parity(a, 40, [3, 3, 3, 1])
     for members, d in zip(rp.members, rp.devices):
         assert not set(members) & set(a[d])
     assert sorted(m for row in rp.members for m in row) == list(range(40))
