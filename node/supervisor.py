@@ -34,9 +34,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .errors import NodeError
+from .process import set_process_name
 from .sdnotify import Notifier
 
 log = logging.getLogger("robustdice.node")
@@ -82,13 +83,19 @@ def transition(state: State, event: Event) -> Tuple[State, Optional[Action], int
     return state, None, 0
 
 
-class Child:
-    """One child process and the pipe on which it says "ready", then status lines."""
+def exec_child(argv: List[str], ready_fd: int) -> subprocess.Popen:
+    """How a board starts a child: a new Python running `argv`, given the ready pipe."""
+    return subprocess.Popen(argv + ["--ready-fd", str(ready_fd)], pass_fds=(ready_fd,))
 
-    def __init__(self, name: str, argv: List[str]) -> None:
+
+class Child:
+    """One child process and the pipe on which it says "ready", then status lines. `spawn` starts
+    it: `exec_child`, or a fork from a warm local cluster (node/lab/warm.py)."""
+
+    def __init__(self, name: str, argv: List[str], spawn: Callable = exec_child) -> None:
         self.name = name
         read_fd, write_fd = os.pipe()
-        self.proc = subprocess.Popen(argv + ["--ready-fd", str(write_fd)], pass_fds=(write_fd,))
+        self.proc = spawn(argv, write_fd)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         self.fd: Optional[int] = read_fd
@@ -156,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, spawn: Callable = exec_child) -> int:
+    """`spawn`: how the engine and the handler start (node/lab/warm.py forks them)."""
     p = build_parser()
     env_threads = os.environ.get("ROBUSTDICE_THREADS", "").strip()
     if env_threads and not env_threads.isdigit():
@@ -166,6 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.threads = int(env_threads)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s node[%(process)d]: %(message)s")
+    set_process_name("rd-node")
     from robustdice.mesh.errors import MeshError
     from robustdice.partitioner.errors import PartitionerError
 
@@ -184,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"a forward of zeros gives logits {list(logits_shape)}; mesh {me.endpoint}, clients {me.client_endpoint}, "
               f"{'INSECURE (no CURVE)' if config.peers.insecure else 'CURVE key checked'}")
         return 0
-    return run(config, args)
+    return run(config, args, spawn)
 
 
 def check_plan(config) -> tuple:
@@ -203,7 +212,7 @@ def check_plan(config) -> tuple:
                         f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
 
 
-def run(config, args) -> int:
+def run(config, args, spawn: Callable = exec_child) -> int:
     stopping = {"flag": False}
 
     def on_signal(signum, _frame):
@@ -235,7 +244,7 @@ def run(config, args) -> int:
     try:
         # The engine first: the handler's first heartbeat tells the peers to count on this node,
         # so the shard must already be loaded by then.
-        children.append(Child("engine", engine_argv))
+        children.append(Child("engine", engine_argv, spawn))
         while state != State.STOPPING:
             events: List[Event] = []
             for c in children:
@@ -258,7 +267,7 @@ def run(config, args) -> int:
                 state, action, code = transition(state, event)
                 status = status or code
                 if action == Action.START_HANDLER:
-                    children.append(Child("handler", handler_argv))
+                    children.append(Child("handler", handler_argv, spawn))
                 elif action == Action.NOTIFY_READY:
                     log.info("node %s ready (device %d, plan %s)", config.me.id, config.device,
                              config.plan.plan_hash[:12])

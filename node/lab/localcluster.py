@@ -57,7 +57,7 @@ class LocalCluster:
                  heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS, peer_timeout_ms: int = DEFAULT_PEER_TIMEOUT_MS,
                  sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS, log_level: str = "INFO", insecure: bool = False,
                  hosts: Optional[Sequence[str]] = None, prefix=None, dtype: str = "float32",
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, warm: Optional[bool] = None) -> None:
         from robustdice.partitioner.core.plan import load_plan, plan_dir as to_plan_dir
         self.plan_dir = to_plan_dir(Path(plan_dir)).resolve()
         self.plan = load_plan(self.plan_dir)
@@ -69,10 +69,16 @@ class LocalCluster:
         self.workdir = Path(workdir).resolve()
         self.threads, self.log_level = threads, log_level
         self.ids = [f"n{d}" for d in range(self.plan.devices)]
-        self.procs: Dict[int, subprocess.Popen] = {}
+        self.procs: Dict[int, "subprocess.Popen | WarmProcess"] = {}   # Popen's interface either way
         self.logs: Dict[int, Path] = {}
         self.hosts, self.prefix, self.dtype = hosts, prefix, dtype
         self.metrics = metrics   # every node serves Prometheus metrics (metrics_port in peers.yaml)
+        # Nodes forked from one process that imported torch (warm.py), unless each must start
+        # behind a prefix (a network namespace): 4 x 3 s of torch imports saved per cluster start.
+        if warm and prefix is not None:
+            raise NodeError("a warm cluster cannot start its nodes behind a prefix (warm=False)")
+        self.warm = prefix is None if warm is None else warm
+        self._zygote = None
         self.peers_path = self._write_config(heartbeat_interval_ms, peer_timeout_ms, sync_timeout_ms, insecure)
 
     def _write_config(self, heartbeat_ms: int, timeout_ms: int, sync_ms: int, insecure: bool) -> Path:
@@ -115,19 +121,25 @@ class LocalCluster:
             sign_plan(plan_dir, self.operator_key)
 
     # ------------------------------------------------------------ processes
-    def start_node(self, device: int, extra: Sequence[str] = (), env: Optional[Dict[str, str]] = None
-                   ) -> subprocess.Popen:
+    def start_node(self, device: int, extra: Sequence[str] = (), env: Optional[Dict[str, str]] = None):
         """Start device's robustdice-node (`extra`: more arguments, e.g. --plan for another plan;
-        `env`: more environment, e.g. NOTIFY_SOCKET)."""
+        `env`: more environment, e.g. NOTIFY_SOCKET). A subprocess.Popen, or on a warm cluster
+        a warm.WarmProcess with the same interface."""
         log_path = self.workdir / f"{self.ids[device]}.log"
-        argv = [sys.executable, "-m", "robustdice.node.supervisor", "--peers", str(self.peers_path),
-                "--id", self.ids[device], "--threads", str(self.threads), "--log-level", self.log_level,
-                *extra]
-        if self.prefix is not None:
-            argv = list(self.prefix(device)) + argv
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=None if env is None else dict(os.environ, **env))
+        args = ["--peers", str(self.peers_path), "--id", self.ids[device], "--threads", str(self.threads),
+                "--log-level", self.log_level, *extra]
+        if self.warm:
+            if self._zygote is None:
+                from .warm import Zygote
+                self._zygote = Zygote(str(self.workdir))
+            proc = self._zygote.start(args, dict(os.environ, **(env or {})), str(log_path))
+        else:
+            argv = [sys.executable, "-m", "robustdice.node.supervisor", *args]
+            if self.prefix is not None:
+                argv = list(self.prefix(device)) + argv
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env=None if env is None else dict(os.environ, **env))
         self.procs[device] = proc
         self.logs[device] = log_path
         return proc
@@ -167,6 +179,9 @@ class LocalCluster:
 
     def close(self) -> None:
         self.stop()
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
         if self._tmp is not None:
             self._tmp.cleanup()
 

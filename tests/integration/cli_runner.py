@@ -26,10 +26,11 @@ from typing import Dict, Optional
 # The zygote: imports, then for each request line forks a child that runs the CLI's main with
 # stdout and stderr on the request's files, and answers with the child's pid, then its status.
 ZYGOTE = r"""
-import json, os, sys, traceback
+import json, os, sys
 import torch
 torch.set_num_threads(int(sys.argv[1]))   # the asking worker's share of the cores (tests/conftest.py)
 import robustdice.node.cli, robustdice.partitioner.core.partition, robustdice.partitioner.experiments.evaluate
+from robustdice.node.lab.warm import run_in_child
 requests, answers = sys.stdin, os.fdopen(os.dup(1), "w")
 null = os.open(os.devnull, os.O_WRONLY)
 os.dup2(null, 1)   # nothing but answers on the answer pipe, whatever an import prints later
@@ -38,30 +39,11 @@ for line in requests:
     job = json.loads(line)
     pid = os.fork()
     if pid == 0:
-        status = 1
-        try:
-            requests.close(); answers.close()
-            os.chdir(job["cwd"]); os.environ.clear(); os.environ.update(job["env"])
-            for fd, path in ((1, job["out"]), (2, job["err"])):
-                target = os.open(path, os.O_WRONLY | os.O_TRUNC)
-                os.dup2(target, fd); os.close(target)
-            try:
-                code = robustdice.node.cli.main(job["argv"])
-            except SystemExit as exc:   # argparse's errors and --help
-                code = exc.code
-            if code is None or isinstance(code, int):
-                status = code or 0
-            else:
-                print(code, file=sys.stderr)
-        except BaseException:           # uncaught: a traceback and 1, as the interpreter gives
-            traceback.print_exc()
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:
-                    pass
-            os._exit(status)
+        os.chdir(job["cwd"]); os.environ.clear(); os.environ.update(job["env"])
+        for fd, path in ((1, job["out"]), (2, job["err"])):
+            target = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            os.dup2(target, fd); os.close(target)
+        run_in_child(robustdice.node.cli.main, job["argv"])   # closes the zygote's pipes; exits
     answers.write(json.dumps({"pid": pid}) + "\n"); answers.flush()
     _, wait_status = os.waitpid(pid, 0)
     answers.write(json.dumps({"status": os.waitstatus_to_exitcode(wait_status)}) + "\n"); answers.flush()

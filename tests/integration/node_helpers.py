@@ -112,21 +112,23 @@ class NotifySocket:
 
 
 def node_children(cluster: LocalCluster, device: int) -> Dict[str, psutil.Process]:
-    """{'engine': Process, 'handler': Process} of one node's supervisor."""
+    """{'engine': Process, 'handler': Process} of one node's supervisor, by the names the node
+    gives them (rd-engine, rd-handler), on a warm cluster's forks as on exec'd children."""
     out = {}
     for child in psutil.Process(cluster.procs[device].pid).children():
         try:
-            cmdline = " ".join(child.cmdline())
+            name = child.name()
         except psutil.NoSuchProcess:
             continue
-        for name in ("engine", "handler"):
-            if f"robustdice.node.{name}" in cmdline:
-                out[name] = child
+        for role in ("engine", "handler"):
+            if name == f"rd-{role}":
+                out[role] = child
     return out
 
 
 def run_dir_of(engine: psutil.Process) -> Path:
-    """The supervisor's private ipc folder, from the engine's `--ipc ipc://DIR/engine.sock`."""
+    """The supervisor's private ipc folder, from the engine's `--ipc ipc://DIR/engine.sock`
+    (a cold cluster's: a warm one's forks show the zygote's command line)."""
     cmdline = engine.cmdline()
     endpoint = cmdline[cmdline.index("--ipc") + 1]
     m = re.fullmatch(r"ipc://(.+)/engine\.sock", endpoint)

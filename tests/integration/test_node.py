@@ -35,7 +35,9 @@ pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(180)]
 
 @pytest.fixture(scope="module")
 def digits_cluster(digits_plan):
-    with LocalCluster(digits_plan) as cluster:
+    # Cold, as systemd starts a board's node: each process a new Python (the other clusters of
+    # the suite fork theirs from a warm process, node/lab/warm.py).
+    with LocalCluster(digits_plan, warm=False) as cluster:
         nh.start_cluster(cluster)
         yield cluster
 
