@@ -119,6 +119,19 @@ def fork_child(argv: List[str], ready_fd: int) -> ForkedProcess:
 
 
 # ------------------------------------------------------------------ the zygote (its own process)
+def apply_pythonpath(zygote_path: str, node_path: str) -> None:
+    """A node started with its own PYTHONPATH (e.g. a stand-in jtop) finds those modules first,
+    as a new interpreter would: the entries go where the interpreter puts them, after sys.path[0].
+    Modules the zygote imported already stay as they are (jtop is imported only by the node)."""
+    if zygote_path == node_path:
+        return
+    for entry in filter(None, zygote_path.split(os.pathsep)):
+        if os.path.abspath(entry) in sys.path:
+            sys.path.remove(os.path.abspath(entry))
+    sys.path[1:1] = [os.path.abspath(entry) for entry in node_path.split(os.pathsep) if entry]
+    importlib.invalidate_caches()
+
+
 def _zygote(workdir: str) -> int:
     """Read one JSON request per line on stdin, fork a supervisor for each and answer with its pid;
     report each one's exit status as it ends. On EOF (the cluster closed, or its process died)
@@ -159,6 +172,7 @@ def _zygote(workdir: str) -> int:
                 answers.close()
                 os.setsid()   # a process group per node, as LocalCluster's cold start gives
                 os.chdir(job["cwd"])
+                apply_pythonpath(os.environ.get("PYTHONPATH", ""), job["env"].get("PYTHONPATH", ""))
                 os.environ.clear()
                 os.environ.update(job["env"])
                 null = os.open(os.devnull, os.O_RDONLY)

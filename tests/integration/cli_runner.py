@@ -1,6 +1,6 @@
 """Run the `robustdice` CLI as its own process, without paying for torch's import each time.
 
-Every offline command imports torch (2.5 s of CPU here, most of a small partition), and the CLI
+`run_node` does the same for `robustdice-node`'s refusals and `--check`. Every offline command imports torch (2.5 s of CPU here, most of a small partition), and the CLI
 tests run about seventy of them. `run` forks each command from a warm process (a zygote that
 imported the CLI and torch once and never ran a torch op): the command still runs in a process
 of its own, with its own stdout, stderr, exit status, working directory and environment, as
@@ -29,8 +29,10 @@ ZYGOTE = r"""
 import json, os, sys
 import torch
 torch.set_num_threads(int(sys.argv[1]))   # the asking worker's share of the cores (tests/conftest.py)
-import robustdice.node.cli, robustdice.partitioner.core.partition, robustdice.partitioner.experiments.evaluate
-from robustdice.node.lab.warm import run_in_child
+import robustdice.node.cli, robustdice.node.supervisor
+import robustdice.partitioner.core.partition, robustdice.partitioner.experiments.evaluate
+from robustdice.node.lab.warm import apply_pythonpath, run_in_child
+mains = {"robustdice": robustdice.node.cli.main, "robustdice-node": robustdice.node.supervisor.main}
 requests, answers = sys.stdin, os.fdopen(os.dup(1), "w")
 null = os.open(os.devnull, os.O_WRONLY)
 os.dup2(null, 1)   # nothing but answers on the answer pipe, whatever an import prints later
@@ -39,11 +41,13 @@ for line in requests:
     job = json.loads(line)
     pid = os.fork()
     if pid == 0:
-        os.chdir(job["cwd"]); os.environ.clear(); os.environ.update(job["env"])
+        os.chdir(job["cwd"])
+        apply_pythonpath(os.environ.get("PYTHONPATH", ""), job["env"].get("PYTHONPATH", ""))
+        os.environ.clear(); os.environ.update(job["env"])
         for fd, path in ((1, job["out"]), (2, job["err"])):
             target = os.open(path, os.O_WRONLY | os.O_TRUNC)
             os.dup2(target, fd); os.close(target)
-        run_in_child(robustdice.node.cli.main, job["argv"])   # closes the zygote's pipes; exits
+        run_in_child(mains[job["prog"]], job["argv"])   # closes the zygote's pipes; exits
     answers.write(json.dumps({"pid": pid}) + "\n"); answers.flush()
     _, wait_status = os.waitpid(pid, 0)
     answers.write(json.dumps({"status": os.waitstatus_to_exitcode(wait_status)}) + "\n"); answers.flush()
@@ -76,8 +80,14 @@ def stop() -> None:
         _zygote = None
 
 
-def run(*args: object, timeout: Optional[float] = 300, env: Optional[Dict[str, str]] = None
-        ) -> subprocess.CompletedProcess:
+def run_node(*args: object, timeout: Optional[float] = 300, env: Optional[Dict[str, str]] = None
+             ) -> subprocess.CompletedProcess:
+    """`robustdice-node ARGS...` (its refusals and `--check`), as `run` gives `robustdice`'s."""
+    return run(*args, timeout=timeout, env=env, prog="robustdice-node")
+
+
+def run(*args: object, timeout: Optional[float] = 300, env: Optional[Dict[str, str]] = None,
+        prog: str = "robustdice") -> subprocess.CompletedProcess:
     """`robustdice ARGS...` as `subprocess.run(..., capture_output=True, text=True)` returns it."""
     argv = [str(a) for a in args]
     with _lock, tempfile.TemporaryDirectory(prefix="rdcli-") as folder:
@@ -85,7 +95,7 @@ def run(*args: object, timeout: Optional[float] = 300, env: Optional[Dict[str, s
         for path in (out_path, err_path):
             open(path, "w").close()
         z = zygote()
-        z.stdin.write(json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ if env is None else env),
+        z.stdin.write(json.dumps({"prog": prog, "argv": argv, "cwd": os.getcwd(), "env": dict(os.environ if env is None else env),
                                   "out": out_path, "err": err_path}) + "\n")
         z.stdin.flush()
         pid = json.loads(z.stdout.readline())["pid"]
@@ -107,5 +117,5 @@ def run(*args: object, timeout: Optional[float] = 300, env: Optional[Dict[str, s
         with open(out_path) as out, open(err_path) as err:
             stdout, stderr = out.read(), err.read()
     if expired.is_set() and status == -signal.SIGKILL:
-        raise subprocess.TimeoutExpired(["robustdice", *argv], timeout, stdout, stderr)
-    return subprocess.CompletedProcess(["robustdice", *argv], status, stdout, stderr)
+        raise subprocess.TimeoutExpired([prog, *argv], timeout, stdout, stderr)
+    return subprocess.CompletedProcess([prog, *argv], status, stdout, stderr)

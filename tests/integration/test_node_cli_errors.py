@@ -1,6 +1,5 @@
 """Bad arguments to the node's commands: exit 2 with one line on stderr that names the problem."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,15 +7,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mesh_procs as mp  # noqa: E402
+from cli_runner import run as robustdice, run_node  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
-BIN = Path(sys.executable).parent
 
 
 def run(cmd, *args, env=None):
-    return subprocess.run([str(BIN / cmd), *map(str, args)], capture_output=True, text=True, timeout=30,
-                          env=dict(os.environ, **(env or {})))
+    """Each command in a process of its own, forked warm (cli_runner.py); test_cli_help.py runs
+    the installed scripts themselves."""
+    runner = {"robustdice": robustdice, "robustdice-node": run_node}[cmd]
+    return runner(*args, timeout=30, env=dict(os.environ, **(env or {})))
 
 
 def assert_one_line_error(proc, *words):

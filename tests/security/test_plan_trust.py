@@ -26,8 +26,10 @@ from robustdice.partitioner.core.runtime import Cluster, load_shard, shard_path
 from robustdice.partitioner.core.signing import make_operator_key
 from robustdice.partitioner.errors import PlanError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
+from cli_runner import run_node  # noqa: E402
+
 MODULE = __name__
-NODE = str(Path(sys.executable).parent / "robustdice-node")
 
 
 class TinyNet(nn.Module):
@@ -136,9 +138,11 @@ def insecure_peers(folder: Path, plan: Path, devices: int, operator_public_key=N
 
 
 def check(peers: Path, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([NODE, "--peers", str(peers), "--id", "n0", "--check"], capture_output=True, text=True,
-                          timeout=timeout_s, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                              [str(Path(__file__).parent)] + os.environ.get("PYTHONPATH", "").split(os.pathsep))))
+    """`robustdice-node --check` in a process of its own (forked warm: tests/integration/cli_runner.py),
+    with this folder on its PYTHONPATH, where an import-path model would be found."""
+    return run_node("--peers", peers, "--id", "n0", "--check", timeout=timeout_s, env=dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent)]
+                                               + os.environ.get("PYTHONPATH", "").split(os.pathsep))))
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
