@@ -9,6 +9,7 @@ import base64
 import binascii
 import ipaddress
 import logging
+import math
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,18 @@ DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
+class PeerCapacity:
+    """A board's capacity as peers.yaml may give it (`robustdice profile` measures one): its
+    relative speed and the bytes its shard may take. `partition --capacities peers.yaml` deals
+    by it, and a node warns when its plan was dealt for other speeds (node/config.py)."""
+    speed: float                           # relative: only ratios between boards count
+    memory_bytes: Optional[int] = None     # None: unbounded
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"speed": self.speed, **({} if self.memory_bytes is None else {"memory_bytes": self.memory_bytes})}
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     id: str
     host: str
@@ -50,6 +63,7 @@ class PeerConfig:
     public_key: Optional[str]
     client_port: int
     metrics_port: Optional[int] = None   # Prometheus metrics over HTTP; None: not served
+    capacity: Optional[PeerCapacity] = None
 
     @property
     def metrics_address(self) -> Optional[Tuple[str, int]]:
@@ -127,7 +141,8 @@ class PeersConfig:
             out["clients"] = [{"name": c.name, "public_key": c.public_key} for c in self.clients]
         out["peers"] = [{k: v for k, v in (("id", p.id), ("host", p.host), ("port", p.port),
                                            ("public_key", p.public_key), ("client_port", p.client_port),
-                                           ("metrics_port", p.metrics_port))
+                                           ("metrics_port", p.metrics_port),
+                                           ("capacity", p.capacity.to_dict() if p.capacity else None))
                          if v is not None} for p in self.peers]
         return out
 
@@ -138,7 +153,8 @@ class PeersConfig:
 _TOP_KEYS = {"version", "plan", "heartbeat_interval_ms", "peer_timeout_ms", "sync_timeout_ms", "frame_timeout_ms",
              "compute", "dtype", "insecure",
              "secret_key_file", "operator_public_key", "max_message_bytes", "clients", "peers"}
-_PEER_KEYS = {"id", "host", "port", "public_key", "client_port", "metrics_port"}
+_PEER_KEYS = {"id", "host", "port", "public_key", "client_port", "metrics_port", "capacity"}
+_CAPACITY_KEYS = {"speed", "memory_bytes"}
 _CLIENT_KEYS = {"name", "public_key"}
 
 
@@ -262,7 +278,8 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
                 raise ConfigError(f"{where}.public_key: missing (required unless insecure: true)")
         else:
             key = _key(f"{where}.public_key", key)
-        peers.append(PeerConfig(node_id, host, port, key, client_port, metrics_port))
+        capacity = None if p.get("capacity") is None else _capacity(f"{where}.capacity", p["capacity"])
+        peers.append(PeerConfig(node_id, host, port, key, client_port, metrics_port, capacity))
     keys = [p.public_key for p in peers if p.public_key]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
@@ -270,6 +287,21 @@ def parse_peers(data: Any, base_dir: Path = Path(".")) -> PeersConfig:
     config = PeersConfig(tuple(peers), plan, heartbeat_ms, timeout_ms, sync_ms, frame_ms, compute, dtype, insecure,
                          secret, max_bytes, tuple(clients), base_dir, version, operator_key, max_bytes_given)
     return config
+
+
+def _capacity(where: str, value: Any) -> PeerCapacity:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: {value!r} is not a mapping (speed, and optionally memory_bytes)")
+    _unknown(where, value, _CAPACITY_KEYS)
+    speed = value.get("speed")
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not math.isfinite(speed) or speed <= 0:
+        raise ConfigError(f"{where}.speed: {speed!r} is not a positive number")
+    memory = value.get("memory_bytes")
+    if memory is not None:
+        if isinstance(memory, float) and memory.is_integer():
+            memory = int(memory)   # 4.0e9 as YAML writes it
+        memory = _int(f"{where}.memory_bytes", memory, 1, what="a positive number of bytes")
+    return PeerCapacity(float(speed), memory)
 
 
 def _operator_key(value: Any) -> str:

@@ -58,6 +58,35 @@ class NodeConfig:
         return self.peers.sync_timeout_ms / 1000.0
 
 
+# How far apart (relative) a plan's speed ratios and peers.yaml's may be before a node warns:
+# two profiles of one board differ by a few per cent.
+SPEED_TOLERANCE = 0.10
+
+
+def capacity_mismatch(plan: Plan, peers: PeersConfig, peers_path) -> Optional[str]:
+    """Why `plan`'s deal does not fit the boards peers.yaml describes (each peer's `capacity:`),
+    or None: nothing given, or the same speed ratios (a plan dealt for 2:1:1:1 fits boards given
+    as 4:2:2:2). Not an error: the plan still computes exactly; the fast boards wait for the slow."""
+    given = [p.capacity for p in peers.peers]
+    if not any(given):
+        return None
+    if not all(given):
+        missing = [p.id for p in peers.peers if p.capacity is None]
+        return f"peers.yaml gives a capacity for some peers but not {', '.join(missing)}: it describes no deal"
+    speeds = [c.speed for c in given]
+    planned = [1.0] * len(speeds) if plan.capacities is None else [float(c["speed"]) for c in plan.capacities]
+    ratios = [[v / max(values) for v in values] for values in (speeds, planned)]
+    if all(abs(a - b) <= SPEED_TOLERANCE * max(a, b) for a, b in zip(*ratios)):
+        return None
+
+    def shown(values):
+        return ":".join(f"{v / min(values):.3g}" for v in values)
+    made_for = "equal boards" if plan.capacities is None else f"speeds {shown(planned)}"
+    return (f"plan {plan.plan_hash[:12]} was dealt for {made_for}, but peers.yaml gives speeds {shown(speeds)}: "
+            f"the faster boards will wait for the slower; `robustdice partition --capacities {peers_path}` deals "
+            f"by them")
+
+
 # The least a node derives for max_message_bytes: a small plan's messages are far smaller, and
 # headers, status replies and a future field must never be what a bound cuts off.
 MIN_MESSAGE_BYTES = 1024 * 1024

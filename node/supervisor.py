@@ -178,9 +178,10 @@ def main(argv: Optional[List[str]] = None, spawn: Callable = exec_child) -> int:
     from robustdice.mesh.errors import MeshError
     from robustdice.partitioner.errors import PartitionerError
 
-    from .config import load_node_config
+    from .config import capacity_mismatch, load_node_config
     try:
         config = load_node_config(args.peers, args.id, args.plan, compute=args.compute, dtype=args.dtype)
+        mismatch = capacity_mismatch(config.plan, config.peers, config.peers_path)
         if args.check:
             logits_shape = check_plan(config)
     except (NodeError, MeshError, PartitionerError) as exc:
@@ -192,7 +193,11 @@ def main(argv: Optional[List[str]] = None, spawn: Callable = exec_child) -> int:
               f"({plan.model}, {plan.method}, {'signed by the operator' if config.peers.operator_public_key else 'UNSIGNED'}); "
               f"a forward of zeros gives logits {list(logits_shape)}; mesh {me.endpoint}, clients {me.client_endpoint}, "
               f"{'INSECURE (no CURVE)' if config.peers.insecure else 'CURVE key checked'}")
+        if mismatch:
+            print(f"warning: {mismatch}")
         return 0
+    if mismatch:
+        log.warning("%s", mismatch)
     return run(config, args, spawn)
 
 

@@ -2,7 +2,8 @@
 proportion to its speed, within its memory.
 
 A capacity file (YAML or JSON; `robustdice profile` writes one per board, `--merge` joins them)
-lists the plan's devices in order:
+lists the plan's devices in order (or give `--capacities` the cluster's peers.yaml, whose peers
+each carry `capacity: {speed: ..., memory_bytes: ...}`):
 
     format: robustdice-capacities
     version: 1
@@ -162,11 +163,40 @@ def load_capacities(path, devices: Optional[int] = None) -> Capacities:
         data = yaml.safe_load(text)   # JSON is YAML
     except yaml.YAMLError as exc:
         raise CapacityError(f"--capacities: {path} is not valid YAML or JSON: {exc}") from None
-    caps = parse_capacities(data, str(path))
+    if isinstance(data, dict) and "peers" in data:
+        caps = peers_capacities(data, str(path))
+    else:
+        caps = parse_capacities(data, str(path))
     if devices is not None and len(caps.devices) != devices:
         raise CapacityError(f"{path}: devices lists {len(caps.devices)} devices, the plan has {devices} "
                             f"(one entry per device, in the plan's order)")
     return caps
+
+
+def peers_capacities(data: Mapping[str, Any], where: str) -> Capacities:
+    """A peers.yaml's boards in its order (the plan's device order), each from its `capacity:`
+    (speed, optionally memory_bytes; mesh/config.py checks the same fields when a node loads it)."""
+    peers = data.get("peers")
+    if not isinstance(peers, list) or not peers:
+        raise CapacityError(f"{where}: peers: expected a non-empty list of boards")
+    out = []
+    for i, peer in enumerate(peers):
+        at = f"{where}: peers[{i}].capacity"
+        capacity = peer.get("capacity") if isinstance(peer, dict) else None
+        if not isinstance(capacity, dict):
+            raise CapacityError(f"{at}: missing: to deal by peers.yaml every peer needs one (speed, optionally "
+                                f"memory_bytes; `robustdice profile` measures a board)")
+        unknown = sorted(set(capacity) - {"speed", "memory_bytes"})
+        if unknown:
+            raise CapacityError(f"{at}.{unknown[0]}: unknown field (known: memory_bytes, speed)")
+        if "speed" not in capacity:
+            raise CapacityError(f"{at}.speed is missing")
+        memory = capacity.get("memory_bytes")
+        ident = peer.get("id")
+        out.append(DeviceCapacity(_number(f"{at}.speed", capacity["speed"]),
+                                  None if memory is None else _number(f"{at}.memory_bytes", memory, integer=True),
+                                  ident if isinstance(ident, str) else None))
+    return Capacities(tuple(out))
 
 
 def write_capacities(caps: Capacities, path) -> Path:

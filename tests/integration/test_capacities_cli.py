@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from cli_runner import run as robustdice
+from cli_runner import run as robustdice, run_node
 from robustdice.partitioner.core.capacity import Capacities, CapacityError, DeviceCapacity, write_capacities
 from robustdice.partitioner.experiments.evaluate import verify_plan
 from robustdice.partitioner.core.partition import PartitionRequest, partition
@@ -137,3 +137,57 @@ def test_rocoin_groups_alike_devices_and_matches_students_to_their_speed(tmp_pat
     plan = load_plan(tmp_path / "alike")
     assert plan.capacities == tuple({"speed": s} for s in (3.0, 1.0, 3.0, 1.0)) and plan.version == 4
     assert plan.rocoin.device_groups == (0, 1, 0, 1)
+
+
+# --- capacities in peers.yaml -----------------------------------------------------------------
+
+def peers_yaml(path, plan, speeds):
+    from robustdice.mesh.config import PeerCapacity, PeerConfig, PeersConfig, write_peers
+    peers = tuple(PeerConfig(f"n{d}", "127.0.0.1", 47100 + 2 * d, None, 47101 + 2 * d,
+                             capacity=None if s is None else PeerCapacity(s))
+                  for d, s in enumerate(speeds))
+    return write_peers(path, PeersConfig(peers, plan, insecure=True))
+
+
+def test_peers_yaml_capacities_deal_as_a_capacity_file_and_a_node_says_when_its_plan_does_not_fit(tmp_path):
+    from robustdice.mesh.config import ConfigError, load_peers
+    from robustdice.node.config import capacity_mismatch
+    from robustdice.partitioner.core.capacity import load_capacities
+
+    by_file = partition(request("robust", tmp_path / "by-file", SLOW_LAST))
+    peers = peers_yaml(tmp_path / "peers.yaml", tmp_path / "by-peers", [3.0, 3.0, 3.0, 1.0])
+    caps = load_capacities(peers, DEVICES)
+    assert [d.speed for d in caps.devices] == [3.0, 3.0, 3.0, 1.0] and caps.devices[0].id == "n0"
+    proc = robustdice("partition", "--model", "digits_cnn", "--devices", DEVICES, "--method", "robust", "--scores",
+                      "s1", "--capacities", peers, "--out", tmp_path / "by-peers")
+    assert proc.returncode == 0, proc.stderr
+    assert load_plan(tmp_path / "by-peers").plan_hash == by_file["plan_hash"]
+
+    # A node whose plan fits the boards says nothing; ratios count, not units.
+    dealt, equal = load_plan(tmp_path / "by-file"), partition(request("robust", tmp_path / "equal"))
+    config = load_peers(peers_yaml(tmp_path / "twice.yaml", tmp_path / "by-file", [6.0, 6.0, 6.0, 2.0]))
+    assert capacity_mismatch(dealt, config, "twice.yaml") is None
+    # One dealt for equal boards, on boards of 3:3:3:1, warns and says how to mend it.
+    config = load_peers(peers)
+    said = capacity_mismatch(load_plan(tmp_path / "equal"), config, peers)
+    assert said and "equal boards" in said and "3:3:3:1" in said and f"--capacities {peers}" in said
+    assert equal["plan_hash"][:12] in said
+    proc = run_node("--peers", peers_yaml(tmp_path / "on-equal.yaml", tmp_path / "equal", [3.0, 3.0, 3.0, 1.0]),
+                    "--id", "n0", "--check")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("warning: plan ") and "3:3:3:1" in proc.stdout
+    partial = load_peers(peers_yaml(tmp_path / "partial.yaml", tmp_path / "by-file", [3.0, 3.0, None, 1.0]))
+    assert "not n2" in capacity_mismatch(dealt, partial, "partial.yaml")
+
+    # Bad capacities name their field, in the node's loader and in the partitioner's.
+    with pytest.raises(CapacityError, match=r"peers\[2\]\.capacity: missing"):
+        load_capacities(tmp_path / "partial.yaml")
+    text = (tmp_path / "peers.yaml").read_text()
+    for bad, field in (("speed: -1.0", r"peers\[0\]\.capacity\.speed: -1.0 is not a positive number"),
+                       ("speed: 3.0\n    watts: 5", r"peers\[0\]\.capacity: unknown key\(s\) watts")):
+        (tmp_path / "bad.yaml").write_text(text.replace("speed: 3.0", bad, 1))
+        with pytest.raises(ConfigError, match=field):
+            load_peers(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text(text.replace("speed: 3.0", "speed: -1.0", 1))
+    with pytest.raises(CapacityError, match=r"peers\[0\]\.capacity\.speed: -1.0 is not a positive number"):
+        load_capacities(tmp_path / "bad.yaml")
