@@ -34,6 +34,7 @@ import numpy as np
 import psutil
 
 from _results import write_result
+from robustdice.node.process import process_role
 
 MODEL = "alexnet"
 DEVICES = 4
@@ -59,13 +60,10 @@ def role_single(images_path: str) -> None:
 
 def role_of(pid: int) -> str:
     try:
-        cmd = " ".join(psutil.Process(pid).cmdline())
+        name = psutil.Process(pid).name()
     except psutil.Error:
         return "gone"
-    for role in ("engine", "handler", "supervisor"):
-        if f"robustdice.node.{role}" in cmd:
-            return role
-    return "other"
+    return process_role(name) or "other"
 
 
 def pct(values, q):

@@ -1,7 +1,7 @@
 """Boards of different speed (issue 27 item 4): one node of four throttled to a third of a core,
 the equal plan against the capacity-aware one, on a model whose compute dominates.
 
-    python benchmarks/heterogeneity.py --json [--model alexnet] [--quota 0.3333] [--windows 1,4]
+    python benchmarks/heterogeneity.py --json [--model alexnet] [--quota 0.3333] [--fast-quota C] [--windows 1,4]
                                       [--frames 24] [--rounds 3] [--speeds 1,1,1,0.3333]
                                       [--out benchmarks/results/heterogeneity_alexnet.json]
 
@@ -26,8 +26,12 @@ the equal plan against the capacity-aware one, on a model whose compute dominate
 The cgroups are removed in `finally`, whatever happens (the engines are moved back first).
 Root and cgroup v1's cpu controller at /sys/fs/cgroup/cpu are needed.
 
-On a machine with fewer cores than nodes (this one has 2, shared), the fast nodes share cores
-too, so the slow node is less than 3 times slower than they are, and other jobs move every
+On a machine with fewer cores than nodes the fast nodes share cores too: on 2 cores each of four
+engines gets half a core at most, so a third of a core makes device 3 only 1.5 times slower, and
+no deal can gain more than that. `--fast-quota C` makes the four boards explicit: every fast
+engine gets its own cgroup of C cores (the profile of the fast board too), so that `--quota C/3`
+is a board three times slower, as the issue means (on this machine: --fast-quota 0.5 --quota
+0.1667, 1.67 cores for the engines and the rest for handlers and clients). Other jobs move every
 wall-clock figure: the JSON records the machine's load (`measured`) beside the figures.
 """
 from __future__ import annotations
@@ -115,9 +119,10 @@ class Throttle:
 
 def engine_pid(cluster, device: int) -> int:
     import psutil
+    from robustdice.node.process import process_role
     for child in psutil.Process(cluster.procs[device].pid).children(recursive=True):
         try:
-            if "robustdice.node.engine" in " ".join(child.cmdline()):
+            if process_role(child.name()) == "engine":
                 return child.pid
         except psutil.NoSuchProcess:
             continue
@@ -139,10 +144,15 @@ def profile(model: str, out: Path, throttle: Optional[Throttle], device_id: str)
     return json.loads(stdout.strip().splitlines()[-1])["devices"][0]
 
 
-def capacities_file(model: str, tmp: Path, quota: float, speeds: Optional[Sequence[float]]) -> Dict:
+def capacities_file(model: str, tmp: Path, quota: float, speeds: Optional[Sequence[float]],
+                    fast_quota: Optional[float] = None) -> Dict:
     from robustdice.partitioner.core.capacity import Capacities, DeviceCapacity, write_capacities
     path = tmp / "capacities.yaml"
-    fast = profile(model, tmp / "fast.yaml", None, "fast")
+    if fast_quota is None:
+        fast = profile(model, tmp / "fast.yaml", None, "fast")
+    else:
+        with Throttle(f"robustdice-profile-fast-{os.getpid()}", fast_quota) as t:
+            fast = profile(model, tmp / "fast.yaml", t, "fast")
     with Throttle(f"robustdice-profile-{os.getpid()}", quota) as t:
         slow = profile(model, tmp / "slow.yaml", t, "slow")
     measured = [fast["speed"]] * DEVICES
@@ -214,7 +224,7 @@ def pooled(blocks: List[Dict]) -> Dict:
 
 
 def live(plans: Dict[str, Path], model: str, quota: float, windows: Sequence[int], frames: int, rounds: int,
-         log=print) -> Dict:
+         log=print, fast_quota: Optional[float] = None) -> Dict:
     from contextlib import ExitStack
 
     from robustdice.node.lab.localcluster import LocalCluster
@@ -235,11 +245,16 @@ def live(plans: Dict[str, Path], model: str, quota: float, windows: Sequence[int
             throttle = stack.enter_context(Throttle(f"robustdice-hetero-{os.getpid()}-{name}", quota))
             throttle.add(engine_pid(cluster, SLOW))
             throttles[name] = throttle
+            if fast_quota is not None:   # each fast engine a board of its own
+                for d in range(DEVICES):
+                    if d != SLOW:
+                        board = stack.enter_context(Throttle(f"robustdice-hetero-{os.getpid()}-{name}-{d}", fast_quota))
+                        board.add(engine_pid(cluster, d))
             run_clients(cluster, cluster.ids, images, 2, 1)   # warm-up, throttled
         per_client = max(2, frames // DEVICES)
         for w in windows:
-            # the unthrottled reference: the equal plan with its slow engine's limit lifted
-            throttles["equal"].set(None)
+            # the unthrottled reference: the equal plan with its slow engine as fast as the others
+            throttles["equal"].set(fast_quota)
             records, seconds = run_clients(clusters["equal"], clusters["equal"].ids, images, per_client, w)
             blocks["equal_unthrottled"][str(w)].append(summarise(records, seconds))
             throttles["equal"].set(quota)
@@ -267,6 +282,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the JSON object as the last line")
     parser.add_argument("--model", default="alexnet")
     parser.add_argument("--quota", type=float, default=1 / 3, help="CPUs the slow engine gets (default 1/3)")
+    parser.add_argument("--fast-quota", type=float,
+                        help="CPUs each fast engine gets, in a cgroup of its own (default: no limit; see above)")
     parser.add_argument("--speeds", help="relative speeds of the 4 devices instead of profiling, e.g. 1,1,1,0.333")
     parser.add_argument("--windows", default="1,4", help="frames in flight per client (default 1,4)")
     parser.add_argument("--frames", type=int, default=24, help="frames per block, over the 4 clients (default 24)")
@@ -286,12 +303,13 @@ def main(argv=None) -> int:
     windows = [int(w) for w in args.windows.split(",")]
     log = (lambda *a: print(*a, file=sys.stderr))
     result: Dict = {"model": args.model, "devices": DEVICES, "slow_device": SLOW, "slow_cores": args.quota,
+                    "fast_cores": args.fast_quota,
                     "cores": os.cpu_count(), "threads_per_node": 1, "method": "robust", "scores": ["s1"],
                     **({"note": args.note} if args.note else {}),
                     "weights": args.weights, "windows": windows, "rounds": args.rounds, "frames_per_block": args.frames}
     with tempfile.TemporaryDirectory(prefix="rd-hetero-") as tmp:
         tmp = Path(tmp)
-        result["capacities"] = capacities_file(args.model, tmp, args.quota, speeds)
+        result["capacities"] = capacities_file(args.model, tmp, args.quota, speeds, args.fast_quota)
         log(f"capacities: {result['capacities']}")
         plans = {"equal": tmp / "equal", "capacity": tmp / "capacity"}
         result["plans"] = {}
@@ -303,7 +321,7 @@ def main(argv=None) -> int:
                                      "per_device_param_bytes": summary["per_device_param_bytes"],
                                      **plan_rows(path)}
             log(f"{name} plan: rows share {result['plans'][name]['rows_share']}")
-        result["live"] = live(plans, args.model, args.quota, windows, args.frames, args.rounds, log)
+        result["live"] = live(plans, args.model, args.quota, windows, args.frames, args.rounds, log, args.fast_quota)
         result["accuracy"] = {name: accuracy(path, args.eval_images) for name, path in plans.items()}
     # The headline: the largest window, where closed-loop clients keep every node busy.
     eq, cap = (result["live"][name][str(max(windows))] for name in ("equal", "capacity"))

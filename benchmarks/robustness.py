@@ -196,7 +196,8 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
                     in_table=ratio in (None, budget_ratio), gathers_per_frame=gathers_per_frame(out))
         if method == "rocoin":
             row.update(training_s=summary["rocoin"]["training_s"], design_s=summary["rocoin"]["design_s"],
-                       rocoin_epochs=summary["rocoin"]["epochs"], students=summary["rocoin"]["students"])
+                       rocoin_epochs=summary["rocoin"]["epochs"], students=summary["rocoin"]["students"],
+                       **rocoin_sets(load_plan(out).rocoin, result["by_set"]))
         base_acc = row["by_failed"]["0"]["mean"]
         row["retention"] = {k: (b["mean"] / base_acc if base_acc else None) for k, b in row["by_failed"].items()}
         if tuned:
@@ -228,6 +229,17 @@ def rocoin_plan(model: str, out: Path, fill: str, cache: dict, epochs: Optional[
         log(f"  rocoin: students {', '.join(m.student for m in cache['design'].matches)} distilled for "
             f"{cache['design'].epochs} epochs in {cache['training_s']:.0f} s")
     return write(cache["design"], cache["students"], out=out, fill=fill, training_s=cache["training_s"])
+
+
+def rocoin_sets(spec, by_set: dict) -> dict:
+    """A rocoin row's groups (its plan's RocoinSpec) and every failed set's accuracy (evaluate's
+    by_set: "-", "0", "0,2", ...), and the mean over the sets that leave every group a member:
+    a partition is lost only with its whole group."""
+    covered = {key: value for key, value in by_set.items()
+               if not spec.lost_groups(set() if key == "-" else {int(d) for d in key.split(",")})}
+    return {"groups": [list(g.devices) for g in spec.groups], "by_set": dict(by_set),
+            "every_group_served": {"sets": len(covered), "mean": sum(covered.values()) / len(covered),
+                                   "min": min(covered.values())}}
 
 
 def gathers_per_frame(plan_dir: Path) -> int:

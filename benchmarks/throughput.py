@@ -91,6 +91,7 @@ def cpu_seconds(cluster) -> dict:
     role: what a frame costs the machine, which time-sharing with other jobs barely changes
     (wall-clock figures on this shared machine do)."""
     import psutil
+    from robustdice.node.process import process_role
     out = {"handler": 0.0, "engine": 0.0}
     for proc in cluster.procs.values():
         try:
@@ -99,11 +100,10 @@ def cpu_seconds(cluster) -> dict:
             continue
         for child in children:
             try:
-                cmdline, times = " ".join(child.cmdline()), child.cpu_times()
+                role, times = process_role(child.name()), child.cpu_times()
             except psutil.NoSuchProcess:
                 continue
-            role = "handler" if "robustdice.node.handler" in cmdline else "engine" if "robustdice.node.engine" in cmdline else None
-            if role:
+            if role in out:
                 out[role] += times.user + times.system
     return out
 

@@ -14,6 +14,16 @@ PR_SET_NAME = 15
 PR_SET_PDEATHSIG = 1
 
 
+# The names the node's processes give themselves (set_process_name), by role.
+PROCESS_NAMES = {"supervisor": "rd-node", "engine": "rd-engine", "handler": "rd-handler"}
+
+
+def process_role(name: str) -> Optional[str]:
+    """supervisor, engine or handler for a process name (psutil's name()), else None: how tools
+    tell a node's processes apart, whether exec'd or forked from a warm cluster."""
+    return next((role for role, n in PROCESS_NAMES.items() if n == name), None)
+
+
 def set_process_name(name: str) -> None:
     """The name `top`, `ps -o comm` and psutil show (15 bytes at most): the node's three processes
     are all `python3` otherwise. The command line is left alone."""
@@ -82,7 +92,7 @@ def child_main(prog: str, argv, add_arguments) -> argparse.Namespace:
     # force: a child forked by a warm supervisor (node/lab/warm.py) inherits its logging set-up.
     logging.basicConfig(level=args.log_level, stream=sys.stderr, force=True,
                         format=f"%(asctime)s %(levelname)s {prog}[%(process)d]: %(message)s")
-    set_process_name(f"rd-{prog}")
+    set_process_name(PROCESS_NAMES[prog])
     exit_with_parent()
     _profile_if_asked(prog)
     return args

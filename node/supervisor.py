@@ -37,7 +37,7 @@ import time
 from typing import Callable, List, Optional, Tuple
 
 from .errors import NodeError
-from .process import set_process_name
+from .process import PROCESS_NAMES, set_process_name
 from .sdnotify import Notifier
 
 log = logging.getLogger("robustdice.node")
@@ -174,7 +174,7 @@ def main(argv: Optional[List[str]] = None, spawn: Callable = exec_child) -> int:
         args.threads = int(env_threads)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s node[%(process)d]: %(message)s")
-    set_process_name("rd-node")
+    set_process_name(PROCESS_NAMES["supervisor"])
     from robustdice.mesh.errors import MeshError
     from robustdice.partitioner.errors import PartitionerError
 

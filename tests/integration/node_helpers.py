@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import psutil
 
 from robustdice.node.lab.localcluster import LocalCluster
+from robustdice.node.process import process_role
 
 # The machine is shared and has 2 cores: generous deadlines, never sleeps used as synchronisation.
 START_TIMEOUT_S = 120.0
@@ -117,12 +118,11 @@ def node_children(cluster: LocalCluster, device: int) -> Dict[str, psutil.Proces
     out = {}
     for child in psutil.Process(cluster.procs[device].pid).children():
         try:
-            name = child.name()
+            role = process_role(child.name())
         except psutil.NoSuchProcess:
             continue
-        for role in ("engine", "handler"):
-            if name == f"rd-{role}":
-                out[role] = child
+        if role in ("engine", "handler"):
+            out[role] = child
     return out
 
 

@@ -51,3 +51,17 @@ def test_a_row_says_how_many_gathers_a_frame_costs(robustness):
     text = robustness.format_row(row("rocoin/mean", "rocoin", "mean", [0.9] * 4, memory_ratio=0.3,
                                      per_device_mb=0.37, replication=2.0, gathers_per_frame=1))
     assert "rep 2.00, 1 gather |" in text
+
+
+def test_a_rocoin_row_reports_every_failed_set_and_the_sets_that_leave_each_group_a_member(robustness):
+    from robustdice.partitioner.core.plan import RocoinGroup, RocoinSpec
+    spec = RocoinSpec("features.9", (8, 1, 1), (RocoinGroup((0, 2), (0, 1, 2, 3), "a", "x"),
+                                                 RocoinGroup((1, 3), (4, 5, 6, 7), "b", "y")), {}, {})
+    by_set = {"-": 0.93, "0": 0.93, "1": 0.93, "2": 0.93, "3": 0.93, "0,1": 0.93, "0,2": 0.70, "0,3": 0.92,
+              "1,2": 0.93, "1,3": 0.60, "2,3": 0.93, "0,1,2": 0.65, "0,1,3": 0.55, "0,2,3": 0.66, "1,2,3": 0.58}
+    got = robustness.rocoin_sets(spec, by_set)
+    assert got["groups"] == [[0, 2], [1, 3]] and got["by_set"] == by_set
+    # no failure, each single failure and the four pairs with one device of each group
+    assert got["every_group_served"]["sets"] == 9
+    assert got["every_group_served"]["mean"] == pytest.approx((0.93 * 8 + 0.92) / 9)
+    assert got["every_group_served"]["min"] == 0.92
