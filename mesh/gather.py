@@ -264,12 +264,17 @@ class _Window:
 
     def __init__(self, max_slices: int, max_bytes: int, ttl_s: float, senders: int):
         self.ttl_s = ttl_s
-        self.sender_slices = max(1, -(-max_slices // senders))
-        self.sender_bytes = -(-max_bytes // senders)
+        self.senders = senders
+        self.resize(max_slices, max_bytes)
         self.entries: "OrderedDict[EarlyKey, EarlyEntry]" = OrderedDict()
         self.nbytes = 0
         self._of: Dict[str, "OrderedDict[EarlyKey, int]"] = {}   # sender -> its keys (and sizes), oldest first
         self._bytes_of: Dict[str, int] = {}
+
+    def resize(self, max_slices: int, max_bytes: int) -> None:
+        """Each sender's share of new bounds (slices beyond them go at the next `add`)."""
+        self.sender_slices = max(1, -(-max_slices // self.senders))
+        self.sender_bytes = -(-max_bytes // self.senders)
 
     def add(self, early_key: EarlyKey, entry: EarlyEntry) -> int:
         """Keep a slice; returns how many (it included) were evicted to stay within bounds."""
@@ -495,6 +500,19 @@ class GatherBook:
                 window.pop(next(iter(window.entries)))
                 n += 1
         return n
+
+    def set_early_bounds(self, max_slices: int, max_bytes: int) -> None:
+        """Raise the bounds on early slices of admitted frames, never below those the book was
+        made with (which still bound frames not admitted: a flood of slices nobody asked for).
+
+        A node behind its peers holds, for every frame in flight, the slices of the stage it has
+        not computed yet: on a deep network with large early activations (efficientnet_lite0's
+        slices reach a megabyte) the default 32 MiB held a few dozen, and under overload the
+        evicted ones were slices of live peers, zero-filled with nothing failed. The mesh's owner
+        derives the bounds from its plan and frame window (node/handler.py)."""
+        self.max_early_slices = max(self.max_early_slices, int(max_slices))
+        self.max_early_bytes = max(self.max_early_bytes, int(max_bytes))
+        self._early.resize(self.max_early_slices, self.max_early_bytes)
 
     def expire_early(self, now_s: float) -> int:
         """Drop early slices of admitted frames older than the TTL (their gather never began here);

@@ -206,6 +206,10 @@ class Mesh:
             if sock is not None:
                 sock.setsockopt(zmq.MAXMSGSIZE, int(nbytes))
 
+    def set_early_bounds(self, max_slices: int, max_bytes: int) -> None:
+        """Hold up to these many early slices (and bytes) of admitted frames (GatherBook.set_early_bounds)."""
+        self.book.set_early_bounds(max_slices, max_bytes)
+
     @property
     def ready(self) -> bool:
         """What our heartbeats say: whether our engine computes, so that peers may count on us."""
@@ -436,12 +440,13 @@ class Mesh:
                           self.self_id, n, reason, detail[:200])
 
     # ------------------------------------------------------------ sending
-    def _send_frames(self, peer_id: str, frames) -> bool:
+    def _send_frames(self, peer_id: str, frames, kind: str = "message") -> bool:
         try:
             send_parts(self._push[peer_id], frames, _NOBLOCK)
             ok = True
         except zmq.Again:  # not connected (IMMEDIATE) or queue full: never block on a peer
             self.counters["send_dropped"] += 1
+            self.counters[f"send_dropped_{kind}"] += 1
             ok = False
         self.membership.on_send(peer_id, ok)
         return ok
@@ -451,14 +456,14 @@ class Mesh:
         frames = wire.encode(wire.Heartbeat(self.self_id, self.incarnation, self.plan_hash, self.wire_dtype,
                                             self.ready, self.membership.heard_view(now_s), progress, inputs))
         for peer_id in self._push:
-            self._send_frames(peer_id, frames)
+            self._send_frames(peer_id, frames, "heartbeat")
 
     def send(self, peer_id: str, msg: wire.Message) -> bool:
         """Send `msg` (stamped with our id) to one peer; False if it was dropped."""
         if peer_id not in self._push:
             raise MeshError(f"unknown peer {peer_id!r}")
         frames = wire.encode(wire.with_sender(msg, self.self_id, self.incarnation))
-        return self._fits(msg, frames, 1) and self._send_frames(peer_id, frames)
+        return self._fits(msg, frames, 1) and self._send_frames(peer_id, frames, type(msg).__name__.lower())
 
     def broadcast(self, msg: wire.Message, to: Optional[Iterable[str]] = None) -> int:
         """Send `msg` to the peers in `to` (default: every alive peer); returns how many sends were queued."""
@@ -466,7 +471,7 @@ class Mesh:
         targets = [p for p in (self.membership.alive() if to is None else to) if p in self._push]
         if not self._fits(msg, frames, len(targets)):
             return 0
-        return sum(self._send_frames(p, frames) for p in targets)
+        return sum(self._send_frames(p, frames, type(msg).__name__.lower()) for p in targets)
 
     def _fits(self, msg: wire.Message, frames, recipients: int) -> bool:
         """Whether the peers will take this message. One over `max_message_bytes` is counted and
@@ -537,7 +542,7 @@ class Mesh:
                     frames = wire.encode(msg)
                     encoded[key] = (msg, frames, sum(memoryview(f).nbytes for f in frames))
                 msg, frames, nbytes = encoded[key]
-                if self._fits(msg, frames, 1) and self._send_frames(peer, frames):
+                if self._fits(msg, frames, 1) and self._send_frames(peer, frames, "slices"):
                     sent += 1
                     self.counters["slice_bytes_sent"] += nbytes
         return sent

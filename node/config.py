@@ -112,6 +112,27 @@ def plan_message_bytes(plan: Plan, row_elements: Sequence[int], max_batch: int, 
     return sizes[why], why
 
 
+# What the early slices of admitted frames may take at most, whatever the plan: a board also
+# holds its shard, its engine's activations and the inputs in flight.
+MAX_EARLY_BYTES = 256 * 1024 * 1024
+
+
+def plan_early_bounds(plan: Plan, row_elements: Sequence[int], frames_in_flight: int, wire_dtype: str
+                      ) -> Tuple[int, int]:
+    """(slices, bytes) of early slices a node must be able to hold for its admitted frames: a
+    peer ahead of it is at most one stage ahead on each frame (the next needs this node's slice,
+    but for the neurons another copy gives), so each peer may send one slice per frame in
+    flight before this node begins that gather: at most the plan's largest slice (one image).
+    Capped at MAX_EARLY_BYTES (mesh/gather.py's defaults are the floor)."""
+    import numpy as np
+
+    itemsize = np.dtype(wire_dtype).itemsize
+    largest = max((max(len(stage.holders(d)) for d in range(plan.devices)) * (4 + int(elements) * itemsize)
+                   for stage, elements in zip(serving_stages(plan), row_elements)), default=0)
+    senders = max(1, plan.devices - 1)
+    return frames_in_flight * senders, min(MAX_EARLY_BYTES, frames_in_flight * senders * largest)
+
+
 def plan_trust_key(peers: PeersConfig) -> Optional[str]:
     """The operator key a node checks plans against; None (unsigned plans run) only with
     `insecure: true`. A plan decides what every board computes, so CURVE without a signed plan

@@ -52,7 +52,7 @@ from robustdice.mesh.transport import send_parts
 from robustdice.partitioner.core.serving_stages import serving_stages
 
 from . import ipc
-from .config import NodeConfig, load_node_config, plan_message_bytes
+from .config import NodeConfig, load_node_config, plan_early_bounds, plan_message_bytes
 from .errors import NodeError
 from .frames import Frame, FrameBook
 from .metrics import METRICS_REFRESH_S, MetricsRecorder
@@ -491,16 +491,22 @@ class Handler:
                                        not_finite=header.get("reason") == ipc.NOT_FINITE)
 
     def _bound_messages(self, row_elements) -> None:
-        """The engine says how large its slices are: unless peers.yaml sets max_message_bytes, the
-        mesh takes and sends no message larger than the plan's largest (node/config.py)."""
+        """The engine says how large its slices are: the mesh holds as many early slices as the
+        plan's frames in flight need (node/config.py), and unless peers.yaml sets
+        max_message_bytes, takes and sends no message larger than the plan's largest."""
         peers = self.config.peers
-        if peers.max_message_bytes_given:
-            log.info("max_message_bytes %d, as peers.yaml sets it", peers.max_message_bytes)
-            return
         if (not isinstance(row_elements, list) or len(row_elements) != len(self.stage_names)
                 or not all(isinstance(n, int) and n >= 1 for n in row_elements)):
             log.error("the engine's row sizes %r do not fit the plan's %d stages: max_message_bytes stays %d",
                       row_elements, len(self.stage_names), peers.max_message_bytes)
+            return
+        in_flight = self.book.max_per_origin * len(self.node_ids)
+        slices, nbytes = plan_early_bounds(self.plan, row_elements, in_flight, self.config.dtype)
+        self.mesh.set_early_bounds(slices, nbytes)
+        log.info("early slices: up to %d, %.1f MiB (%d frames in flight, one stage ahead per peer)",
+                 self.mesh.book.max_early_slices, self.mesh.book.max_early_bytes / 2 ** 20, in_flight)
+        if peers.max_message_bytes_given:
+            log.info("max_message_bytes %d, as peers.yaml sets it", peers.max_message_bytes)
             return
         nbytes, why = plan_message_bytes(self.plan, row_elements, MAX_BATCH, self.config.dtype)
         self.mesh.set_max_message_bytes(nbytes)

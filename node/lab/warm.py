@@ -23,6 +23,7 @@ processes inherit the zygote's command line: `ps` shows them as `... warm --clus
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
 import os
@@ -95,6 +96,9 @@ def run_in_child(main, argv: List[str], keep_fds=()) -> None:
     except BaseException:           # uncaught: a traceback and 1, as the interpreter gives
         traceback.print_exc()
     finally:
+        # What the interpreter does on its way out: atexit functions (ROBUSTDICE_PROFILE writes
+        # its profile from one), then the streams; os._exit then skips the zygote's own clean-up.
+        atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -19,7 +19,9 @@ import node_helpers as nh  # noqa: E402
 from robustdice.mesh import wire  # noqa: E402
 from robustdice.mesh.config import parse_peers  # noqa: E402
 from robustdice.node import ipc  # noqa: E402
-from robustdice.node.config import MIN_MESSAGE_BYTES, load_node_config, plan_message_bytes  # noqa: E402
+from robustdice.mesh.gather import DEFAULT_MAX_EARLY_BYTES, DEFAULT_MAX_EARLY_SLICES  # noqa: E402
+from robustdice.node.config import (MAX_EARLY_BYTES, MIN_MESSAGE_BYTES, load_node_config, plan_early_bounds,  # noqa: E402
+                                   plan_message_bytes)
 from robustdice.node.engine import Engine  # noqa: E402
 from robustdice.node.handler import MAX_BATCH, Handler  # noqa: E402
 from robustdice.node.lab.localcluster import LocalCluster  # noqa: E402
@@ -103,6 +105,13 @@ def test_the_handler_bounds_its_mesh_when_the_engine_reports_and_logs_it(digits_
             logged = [r.getMessage() for r in caplog.records if "max_message_bytes" in r.getMessage()]
             assert len(logged) == 1 and str(expected) in logged[0], logged
             assert ("peers.yaml" in logged[0]) == explicit
+            # Either way the mesh holds what its frames in flight need of early slices (issue 26):
+            # every peer one stage ahead on each of 4 origins x 32 frames, the largest slice each.
+            rows = max(len(plan.stages[0].holders(d)) for d in range(plan.devices))
+            slices, nbytes = plan_early_bounds(plan, row_elements, handler.book.max_per_origin * 4, "float32")
+            assert (slices, nbytes) == (128 * 3, min(MAX_EARLY_BYTES, 128 * 3 * rows * (4 + 10_000 * 4)))
+            assert handler.mesh.book.max_early_slices == max(DEFAULT_MAX_EARLY_SLICES, slices)
+            assert handler.mesh.book.max_early_bytes == max(DEFAULT_MAX_EARLY_BYTES, nbytes) > DEFAULT_MAX_EARLY_BYTES
         finally:
             engine.close(0)
             context.term()

@@ -486,6 +486,27 @@ def test_early_window_is_bounded_by_bytes():
     assert (book.early_count, book.early_bytes) == (2, 2 * one)
 
 
+def test_raised_bounds_keep_admitted_frames_slices_and_never_those_nobody_asked_for():
+    # issue 26: under overload a node behind its peers evicted live peers' slices of its own
+    # frames (Lite0, 4 origins x 16 in flight) and zero-filled them with nothing failed.
+    one = rows([0]).nbytes + 4
+    book = GatherBook("me", T * 1000, max_early_bytes=2 * one, max_early_slices=2)
+    book.set_early_bounds(8, 8 * one)
+    book.set_early_bounds(1, one)   # bounds only rise
+    for frame in range(6):
+        book.admit(frame, {"me", "a"}, 0.0)
+        assert book.add_slice("a", frame, 0, np.array([0], np.int32), rows([0]), 0.0) is None
+    assert (book.early_count, book.early_bytes) == (6, 6 * one)
+    # frames not admitted keep the bounds the book was made with
+    assert book.add_slice("a", 10, 0, np.array([0], np.int32), rows([0]), 0.0) is None
+    assert book.add_slice("a", 11, 0, np.array([0], np.int32), rows([0]), 0.0) is None
+    assert book.add_slice("a", 12, 0, np.array([0], np.int32), rows([0]), 0.0) == g.EARLY_EVICTED
+    assert book.early_count == 8
+    for frame in range(6):   # every admitted frame's slice is still there when its gather begins
+        book.begin(frame, 0, ORIGIN, np.array([1]), {"a": [0]}, 2, 0.1)
+    assert len(book.poll(0.1, Peers())) == 6
+
+
 def test_early_slice_bigger_than_the_window_is_not_kept():
     book = GatherBook("me", T * 1000, max_early_bytes=100)
     big = rows(range(20))
