@@ -80,6 +80,11 @@ SECTIONS = (
             "The plans sized to this run's budget ratio, with uniform, and robust fine-tuned "
             "under its own failure masks (`robustdice finetune`).",
             (Rows("digits_cnn", "budget-0.35", rows="budget"), Rows("fashion_vgg", "budget-0.35", rows="budget"))),
+    Section("RoCoIn on fashion_vgg",
+            "rocoin's students beside the layer-split plans, with the mean+bn fill for the latter: "
+            "memory per device, gathers per frame, and what each keeps under every set of failed "
+            "devices, with rocoin's figure over the sets that leave each group a device.",
+            (Rows("fashion_vgg", "rocoin"),)),
 )
 MEMBERSHIP_FILES = ("membership_digits_cnn.json",)
 MEMBERSHIP_PLANS = (("robust", "robust"), ("best", "best by s3"), ("worst", "worst by s3"), ("random", "random"))
@@ -147,8 +152,11 @@ def selected_rows(entry: dict, spec: Rows, budget_ratio: float) -> List[dict]:
 
 def rows_table(rows: List[dict]) -> List[str]:
     ks = sorted(rows[0]["by_failed"], key=int)
-    header = ["plan", "fill", "memory (x NMR)", "copies per neuron"] + [f"{k} failed" for k in ks]
+    gathers = any("gathers_per_frame" in r for r in rows)   # runs before it was recorded lack it
+    header = (["plan", "fill", "memory (x NMR)", "copies per neuron"] + (["gathers per frame"] if gathers else [])
+              + [f"{k} failed" for k in ks])
     body = [[plan_name(r), r["fill"], f"{r['memory_ratio']:.2f}", f"{r['replication']:.2f}"]
+            + ([str(r.get("gathers_per_frame", "-"))] if gathers else [])
             + [pct(r["by_failed"][k]["mean"]) for k in ks] for r in rows]
     return table(header, body)
 
@@ -182,6 +190,13 @@ def rows_block(spec: Rows, data: dict, exists: Callable[[str], bool]) -> List[st
     rows = selected_rows(entry, spec, ratio)
     if rows:
         lines += [""] + rows_table(rows)
+    served = [r for r in rows if "every_group_served" in r]
+    if served:
+        lines += ["", "rocoin over the failed sets that leave every group a device (its copies keep "
+                      "each partition): " + "; ".join(
+                          f"{plan_name(r)} ({r['fill']}), {r['every_group_served']['sets']} sets: mean "
+                          f"{pct(r['every_group_served']['mean'])}, worst {pct(r['every_group_served']['min'])}"
+                          for r in served) + "."]
     comparisons = comparisons_of(entry, spec.fills)
     if comparisons:
         draws = entry.get("random_seeds")
