@@ -121,14 +121,19 @@ class LocalCluster:
             sign_plan(plan_dir, self.operator_key)
 
     # ------------------------------------------------------------ processes
-    def start_node(self, device: int, extra: Sequence[str] = (), env: Optional[Dict[str, str]] = None):
+    def start_node(self, device: int, extra: Sequence[str] = (), env: Optional[Dict[str, str]] = None,
+                   warm: Optional[bool] = None):
         """Start device's robustdice-node (`extra`: more arguments, e.g. --plan for another plan;
-        `env`: more environment, e.g. NOTIFY_SOCKET). A subprocess.Popen, or on a warm cluster
-        a warm.WarmProcess with the same interface."""
+        `env`: more environment, e.g. NOTIFY_SOCKET; `warm`: this node forked from the cluster's
+        warm process, or a new Python as a board starts it; default: the cluster's). A
+        subprocess.Popen, or a warm.WarmProcess with the same interface."""
         log_path = self.workdir / f"{self.ids[device]}.log"
         args = ["--peers", str(self.peers_path), "--id", self.ids[device], "--threads", str(self.threads),
                 "--log-level", self.log_level, *extra]
-        if self.warm:
+        warm = self.warm if warm is None else warm
+        if warm and self.prefix is not None:
+            raise NodeError("a node behind a prefix cannot start warm (warm=False)")
+        if warm:
             if self._zygote is None:
                 from .warm import Zygote
                 self._zygote = Zygote(str(self.workdir))

@@ -51,7 +51,12 @@ def stream(cluster: LocalCluster, images: np.ndarray, labels: np.ndarray, n_fram
             while schedule and schedule[0].frame <= i:
                 f = schedule.pop(0)
                 wall = time.time()
-                getattr(cluster, {"kill": "kill", "restart": "start_node", "pause": "pause", "resume": "resume"}[f.kind])(f.device)
+                if f.kind == "restart":
+                    # As a crashed board comes back: a new Python (torch imported again), so that
+                    # the time until the node counts again is a board's, not a warm fork's.
+                    cluster.start_node(f.device, warm=False)
+                else:
+                    getattr(cluster, {"kill": "kill", "pause": "pause", "resume": "resume"}[f.kind])(f.device)
                 applied.append({"kind": f.kind, "device": f.device, "frame": i, "wall_s": wall})
                 log.info("frame %d: %s device %d", i, f.kind, f.device)
             sample = i % len(labels)

@@ -48,7 +48,13 @@ def test_a_warm_node_that_cannot_start_reports_its_status_and_says_why(digits_pl
 
 def test_warm_nodes_are_named_process_groups_and_the_zygote_takes_them_down(digits_plan, tmp_path):
     with LocalCluster(digits_plan, tmp_path / "c") as cluster:
-        nh.start_cluster(cluster, [0, 1])
+        for d in (0, 1):
+            cluster.start_node(d)
+        cluster.start_node(2, warm=False)   # as a crashed board comes back (streaming's restarts)
+        cluster.wait_until(cluster.all_alive([0, 1, 2]), nh.START_TIMEOUT_S, "warm and cold nodes to count on each other")
+        assert isinstance(cluster.procs[2], subprocess.Popen)
+        assert "robustdice.node.supervisor" in " ".join(psutil.Process(cluster.procs[2].pid).cmdline())
+        assert sorted(nh.node_children(cluster, 2)) == ["engine", "handler"]
         for d in (0, 1):
             node = psutil.Process(cluster.procs[d].pid)
             assert node.name() == "rd-node" and os.getpgid(node.pid) == node.pid
