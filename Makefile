@@ -42,6 +42,8 @@ demo: venv
 	$(VENV)/bin/robustdice partition --model digits_cnn --devices 4 --method lop --out $(DEMO_OUT)/lop
 	$(VENV)/bin/robustdice evaluate --plan $(DEMO_OUT)/default --plan $(DEMO_OUT)/paper --plan $(DEMO_OUT)/lop \
 		--plot $(DEMO_OUT)/accuracy.png
+	@# A fresh cluster folder each run: its keys are made anew (the key maker never overwrites one).
+	rm -rf $(DEMO_OUT)/cluster
 	$(VENV)/bin/robustdice cluster --plan $(DEMO_OUT)/default --frames 400 --rate 20 --kill 2@60 --restart 2@160 \
 		--workdir $(DEMO_OUT)/cluster --plot $(DEMO_OUT)/timeline.png
 
