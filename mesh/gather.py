@@ -74,6 +74,9 @@ EARLY_EVICTED = "early_evicted"
 EARLY_EXPIRED = "early_expired"
 BAD_STAGE = "bad_stage"
 NOT_PARTICIPANT = "not_participant"
+# An early slice of a participant this node stopped waiting for in the frame (released at an
+# earlier stage) before the slice's own stage began here: routine, the release was the news.
+NOT_WAITED = "not_waited"
 UNADMITTED_EXPIRED = "unadmitted_expired"
 
 # Why a holder was not waited for any longer (GatherResult.released values).
@@ -415,10 +418,15 @@ class GatherBook:
         if key[0] not in self._admitted:   # a mesh used without `admit`: beginning admits
             self._remember_admitted(key[0], None)
         rejected = []
+        members = self._admitted.get(key[0])
         for window in (self._early, self._unadmitted):
             for early_key in [k for k in window.of_frame(key[0]) if k[0] == key]:
                 e_ids, e_array, e_degraded, kept_s = window.pop(early_key)
-                reason = gather.add(early_key[1], e_ids, e_array, e_degraded)
+                sender = early_key[1]
+                if sender not in holder_bytes and members is not None and sender in members:
+                    rejected.append((sender, NOT_WAITED))
+                    continue
+                reason = gather.add(sender, e_ids, e_array, e_degraded)
                 if reason is not None:
                     rejected.append((early_key[1], reason))
                 else:

@@ -53,7 +53,7 @@ from zmq.utils.monitor import recv_monitor_message
 from . import wire
 from .config import PeersConfig, bind_endpoint
 from .errors import MeshError, WireError
-from .gather import FINISHED, LATE, LATE_REPLICA, GatherBook, GatherResult, SliceData
+from .gather import FINISHED, LATE, LATE_REPLICA, NOT_WAITED, GatherBook, GatherResult, SliceData
 from .keys import load_own_keys
 from .membership import EventKind, Membership, MembershipEvent, PeerState, Report
 from .ratelog import RateLimitedLog
@@ -72,7 +72,7 @@ MAX_APP_MESSAGES = 10000
 # neurons a gather completes on the first copy of each, so every later copy is a late replica,
 # and an origin finishes a frame on the first copies while a node behind still has it (which
 # then drops it, and whatever else still comes for it is `finished`).
-ROUTINE_DROPS = frozenset({LATE_REPLICA, FINISHED})
+ROUTINE_DROPS = frozenset({LATE_REPLICA, FINISHED, NOT_WAITED})
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)   # plain ints: pyzmq's enum arithmetic costs
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)

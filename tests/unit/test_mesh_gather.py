@@ -8,6 +8,7 @@ import pytest
 from robustdice.mesh import gather as g
 from robustdice.mesh.errors import MeshError
 from robustdice.mesh.gather import GatherBook
+from robustdice.mesh.mesh import ROUTINE_DROPS
 from robustdice.mesh.membership import PeerState, Report
 
 FRAME, STAGE, ORIGIN = 5, 2, "o"
@@ -458,6 +459,18 @@ def test_bad_early_slice_is_reported_when_the_gather_begins():
     rejected = book.begin(9, 0, ORIGIN, np.array([0]), {"a": [1, 3]}, 4, 0.1)
     assert sorted(rejected) == [("a", "bad_slice"), ("zz", "bad_slice")]
     assert book.early_count == 0
+
+
+def test_an_early_slice_of_a_participant_released_from_the_frame_is_not_waited_not_bad():
+    # Under overload a node keeps a participant's early slices (issue 26); if it has released that
+    # participant from the frame by the time the stage begins, the slice is routine, not hostile.
+    book = GatherBook("me", T * 1000)
+    book.admit(9, {"me", "a", "b"}, 0.0)
+    book.add_slice("b", 9, 1, np.array([2, 3], np.int32), rows([2, 3]), 0.0)
+    book.add_slice("a", 9, 1, np.array([3], np.int32), rows([3]), 0.0)
+    assert sorted(book.begin(9, 1, ORIGIN, np.array([0]), {"a": [1, 3]}, 4, 0.1)) == [
+        ("a", "bad_slice"), ("b", g.NOT_WAITED)]
+    assert g.NOT_WAITED in ROUTINE_DROPS and g.BAD_SLICE not in ROUTINE_DROPS
 
 
 def test_early_duplicate_is_a_duplicate():

@@ -23,8 +23,8 @@ from robustdice.mesh.gather import GatherBook
 from robustdice.mesh.membership import PeerState, Report
 
 DECODE_REASONS = {"garbage", "truncated", "bad_version", "bad_type", "bad_dtype", "bad_shape", "oversized"}
-DROP_REASONS = {g.STALE, g.LATE, g.LATE_REPLICA, g.FINISHED, g.BAD_SLICE, g.NOT_FINITE, g.DUPLICATE, g.EARLY_EVICTED,
-                g.EARLY_EXPIRED, g.BAD_STAGE, g.NOT_PARTICIPANT}
+DROP_REASONS = {g.STALE, g.LATE, g.LATE_REPLICA, g.FINISHED, g.BAD_SLICE, g.NOT_WAITED, g.NOT_FINITE, g.DUPLICATE,
+                g.EARLY_EVICTED, g.EARLY_EXPIRED, g.BAD_STAGE, g.NOT_PARTICIPANT}
 RELEASE_REASONS = {g.RELEASED_DEAD, g.RELEASED_STALLED, g.RELEASED_LOST, g.RELEASED_ABSENT, g.RELEASED_TIMEOUT,
                    g.RELEASED_UNREACHABLE, g.RELEASED_SUSPECTED}
 
