@@ -82,6 +82,20 @@ def test_local_frames_beyond_the_per_origin_cap_are_refused_as_busy():
     assert problem.startswith("node busy") and "3 frames" in problem
 
 
+def test_a_client_frame_is_refused_as_busy_once_the_oldest_unanswered_has_waited_half_the_timeout():
+    b = book(max_per_origin=10)
+    first = local(b, 0, now_s=0.0)
+    local(b, 1, now_s=1.0)
+    assert b.admit_local(fid("n0", 2), 2, "x", 1, b"c", {}, TIMEOUT_S / 2 - 0.01) is None
+    problem = b.admit_local(fid("n0", 3), 3, "x", 1, b"c", {}, TIMEOUT_S / 2)
+    assert problem.startswith("node busy") and "2500 ms of the 5000 ms frame timeout" in problem
+    # answered: the next oldest (admitted at 1.0 s) is the one that counts
+    run_to_done(b, first, now_s=TIMEOUT_S / 2)
+    assert [f.frame for f in b.take_answers()] == [first]
+    assert b.admit_local(fid("n0", 3), 3, "x", 1, b"c", {}, TIMEOUT_S / 2) is None
+    assert b.admit_local(fid("n0", 4), 4, "x", 1, b"c", {}, 1.0 + TIMEOUT_S / 2).startswith("node busy")
+
+
 def test_local_frame_beyond_the_queued_byte_cap_is_refused_as_busy():
     b = book(max_per_origin=10)
     local(b, 0, nbytes=600)
