@@ -1,8 +1,8 @@
 """Boards of different speed (issue 27 item 4): one node of four throttled to a third of a core,
 the equal plan against the capacity-aware one, on a model whose compute dominates.
 
-    python benchmarks/heterogeneity.py --json [--model alexnet] [--quota 0.3333] [--fast-quota C] [--windows 1,4]
-                                      [--frames 24] [--rounds 3] [--speeds 1,1,1,0.3333]
+    python benchmarks/heterogeneity.py --json [--model alexnet] [--quota 0.3333] [--fast-quota C]
+                                      [--windows 1,4] [--frames 24] [--rounds 3] [--speeds 1,1,1,0.3333]
                                       [--out benchmarks/results/heterogeneity_alexnet.json]
 
 1. Capacities: `robustdice profile` of the model with 1 torch thread, once as is and once inside
@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -118,15 +119,10 @@ class Throttle:
 
 
 def engine_pid(cluster, device: int) -> int:
-    import psutil
-    from robustdice.node.process import process_role
-    for child in psutil.Process(cluster.procs[device].pid).children(recursive=True):
-        try:
-            if process_role(child.name()) == "engine":
-                return child.pid
-        except psutil.NoSuchProcess:
-            continue
-    raise RuntimeError(f"node {cluster.ids[device]} has no engine process")
+    engine = cluster.node_processes(device).get("engine")
+    if engine is None:
+        raise RuntimeError(f"node {cluster.ids[device]} has no engine process")
+    return engine.pid
 
 
 # --- capacities ---------------------------------------------------------------------------------
@@ -148,11 +144,8 @@ def capacities_file(model: str, tmp: Path, quota: float, speeds: Optional[Sequen
                     fast_quota: Optional[float] = None) -> Dict:
     from robustdice.partitioner.core.capacity import Capacities, DeviceCapacity, write_capacities
     path = tmp / "capacities.yaml"
-    if fast_quota is None:
-        fast = profile(model, tmp / "fast.yaml", None, "fast")
-    else:
-        with Throttle(f"robustdice-profile-fast-{os.getpid()}", fast_quota) as t:
-            fast = profile(model, tmp / "fast.yaml", t, "fast")
+    with (nullcontext() if fast_quota is None else Throttle(f"robustdice-profile-fast-{os.getpid()}", fast_quota)) as t:
+        fast = profile(model, tmp / "fast.yaml", t, "fast")
     with Throttle(f"robustdice-profile-{os.getpid()}", quota) as t:
         slow = profile(model, tmp / "slow.yaml", t, "slow")
     measured = [fast["speed"]] * DEVICES

@@ -91,20 +91,18 @@ def cpu_seconds(cluster) -> dict:
     role: what a frame costs the machine, which time-sharing with other jobs barely changes
     (wall-clock figures on this shared machine do)."""
     import psutil
-    from robustdice.node.process import process_role
     out = {"handler": 0.0, "engine": 0.0}
-    for proc in cluster.procs.values():
+    for device in cluster.procs:
         try:
-            children = psutil.Process(proc.pid).children()
+            processes = cluster.node_processes(device)
         except psutil.NoSuchProcess:
             continue
-        for child in children:
+        for role, proc in processes.items():
             try:
-                role, times = process_role(child.name()), child.cpu_times()
+                times = proc.cpu_times()
             except psutil.NoSuchProcess:
                 continue
-            if role in out:
-                out[role] += times.user + times.system
+            out[role] += times.user + times.system
     return out
 
 

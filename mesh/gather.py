@@ -428,9 +428,9 @@ class GatherBook:
                     continue
                 reason = gather.add(sender, e_ids, e_array, e_degraded)
                 if reason is not None:
-                    rejected.append((early_key[1], reason))
+                    rejected.append((sender, reason))
                 else:
-                    self._delivery(early_key[1], kept_s)
+                    self._delivery(sender, kept_s)
         return rejected
 
     def admit(self, frame: int, participants: Iterable[str], now_s: float) -> List[Tuple[str, str]]:

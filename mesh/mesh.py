@@ -471,7 +471,8 @@ class Mesh:
         targets = [p for p in (self.membership.alive() if to is None else to) if p in self._push]
         if not self._fits(msg, frames, len(targets)):
             return 0
-        return sum(self._send_frames(p, frames, type(msg).__name__.lower()) for p in targets)
+        kind = type(msg).__name__.lower()
+        return sum(self._send_frames(p, frames, kind) for p in targets)
 
     def _fits(self, msg: wire.Message, frames, recipients: int) -> bool:
         """Whether the peers will take this message. One over `max_message_bytes` is counted and

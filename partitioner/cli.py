@@ -86,9 +86,9 @@ def register(sub) -> None:
     p.add_argument("--calib-size", type=positive_int, help="calibration images (default 16; digits_cnn 256)")
     p.add_argument("--capacities", type=Path, metavar="FILE",
                    help="boards of different speed: a capacity file (robustdice profile) with one entry per device, "
-                        "in the plan's order, or the cluster's peers.yaml with a capacity: per peer; each device gets work in proportion to its speed, within its "
-                        "memory_bytes (rocoin: groups and students by capacity). Equal entries give the plan made "
-                        "without it (default: equal devices)")
+                        "in the plan's order, or the cluster's peers.yaml with a capacity: per peer; each device "
+                        "gets work in proportion to its speed, within its memory_bytes (rocoin: groups and students "
+                        "by capacity). Equal entries give the plan made without it (default: equal devices)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--sign-key", type=Path, metavar="FILE",
                    help="sign the plan with this operator key (operator.key_secret, made by "

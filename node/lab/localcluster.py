@@ -149,6 +149,21 @@ class LocalCluster:
         self.logs[device] = log_path
         return proc
 
+    def node_processes(self, device: int) -> Dict[str, "psutil.Process"]:
+        """{'engine': Process, 'handler': Process} of device's node, by the names the node gives
+        its processes (node/process.py): on a warm cluster's forks as on exec'd children."""
+        import psutil
+        from ..process import process_role
+        out = {}
+        for child in psutil.Process(self.procs[device].pid).children():
+            try:
+                role = process_role(child.name())
+            except psutil.NoSuchProcess:
+                continue
+            if role in ("engine", "handler"):
+                out[role] = child
+        return out
+
     def _signal(self, device: int, sig: int) -> None:
         proc = self.procs[device]
         try:

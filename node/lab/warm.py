@@ -36,6 +36,7 @@ import traceback
 from typing import Dict, List, Optional
 
 ZYGOTE_READY_TIMEOUT_S = 120.0   # importing torch on a loaded 2-core machine
+FORK_TIMEOUT_S = 30.0            # the zygote answers a request with a pid at once
 
 
 # ------------------------------------------------------------------ forked processes (either side)
@@ -136,6 +137,21 @@ def apply_pythonpath(zygote_path: str, node_path: str) -> None:
     importlib.invalidate_caches()
 
 
+def enter_job(cwd: str, env: Dict[str, str], stdio) -> None:
+    """In a zygote's fresh child: the job's folder, environment (its PYTHONPATH as a new
+    interpreter would take it) and standard streams (`stdio`: the fds that become 0, 1 and 2,
+    closed once copied)."""
+    os.chdir(cwd)
+    apply_pythonpath(os.environ.get("PYTHONPATH", ""), env.get("PYTHONPATH", ""))
+    os.environ.clear()
+    os.environ.update(env)
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target)
+    for fd in set(stdio):
+        if fd > 2:
+            os.close(fd)
+
+
 def _zygote(workdir: str) -> int:
     """Read one JSON request per line on stdin, fork a supervisor for each and answer with its pid;
     report each one's exit status as it ends. On EOF (the cluster closed, or its process died)
@@ -175,15 +191,8 @@ def _zygote(workdir: str) -> int:
             if pid == 0:
                 answers.close()
                 os.setsid()   # a process group per node, as LocalCluster's cold start gives
-                os.chdir(job["cwd"])
-                apply_pythonpath(os.environ.get("PYTHONPATH", ""), job["env"].get("PYTHONPATH", ""))
-                os.environ.clear()
-                os.environ.update(job["env"])
-                null = os.open(os.devnull, os.O_RDONLY)
                 log = os.open(job["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                os.dup2(null, 0)
-                os.dup2(log, 1)
-                os.dup2(log, 2)
+                enter_job(job["cwd"], job["env"], (os.open(os.devnull, os.O_RDONLY), log, log))
                 run_in_child(lambda argv: supervisor.main(argv, spawn=fork_child), job["argv"])
             children[os.pidfd_open(pid)] = pid
             answer({"pid": pid})
@@ -272,7 +281,7 @@ class Zygote:
             self.proc.stdin.write((json.dumps({"argv": argv, "env": env, "log": log_path, "cwd": os.getcwd()})
                                    + "\n").encode())
             self.proc.stdin.flush()
-            if not self.changed.wait_for(lambda: len(self._pids) > before or self._closed, 30.0) \
+            if not self.changed.wait_for(lambda: len(self._pids) > before or self._closed, FORK_TIMEOUT_S) \
                     or len(self._pids) <= before:
                 raise RuntimeError("the cluster's warm process did not fork the node")
             return WarmProcess(self, self._pids[before], ["robustdice-node", *argv])

@@ -20,9 +20,9 @@ Pure cores (values in, values out): `deal_weights` turns speeds and memory into 
 (water-filling: a device whose memory cannot hold its speed's share gets what fits, the others
 share the rest by speed), `deal_by_speed` deals a layer's groups (robust, robust+cdc, random,
 uniform), `split_by_speed` and `cdc_by_speed` split contiguously (lop, cdc), and
-`cluster.rotated_parity` with the weights places robust+cdc's parity rows. With equal weights each is today's
-function exactly, so equal capacities give today's plans byte for byte: `deal_weights` returns
-None for them and the plan records no capacities.
+`cluster.rotated_parity` with the weights places robust+cdc's parity rows. With equal weights
+each is today's function exactly, so equal capacities give today's plans byte for byte:
+`deal_weights` returns None for them and the plan records no capacities.
 
 The shell: `load_capacities`, `write_capacities`, `merge_capacities`, and `capacity_stages`,
 which sizes the deal from the plan's rows and re-plans (partition.sized_stages calls it).
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -106,6 +106,34 @@ def _number(where: str, value: Any, integer: bool = False) -> float:
     return float(value)
 
 
+DEVICE_FIELDS = frozenset({"id", "speed", "memory_bytes", "compute", "forward_ms", "stage_ms"})
+
+
+def _device(at: str, entry: Mapping[str, Any], known) -> DeviceCapacity:
+    """One device's entry (a mapping of `known` fields) as a DeviceCapacity; names the bad field."""
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise CapacityError(f"{at}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    if "speed" not in entry:
+        raise CapacityError(f"{at}.speed is missing")
+    speed = _number(f"{at}.speed", entry["speed"])
+    memory = entry.get("memory_bytes")
+    memory = None if memory is None else _number(f"{at}.memory_bytes", memory, integer=True)
+    ident = entry.get("id")
+    if ident is not None and not isinstance(ident, str):
+        raise CapacityError(f"{at}.id: {ident!r} is not a string")
+    compute = entry.get("compute")
+    if compute is not None and not isinstance(compute, str):
+        raise CapacityError(f"{at}.compute: {compute!r} is not a string")
+    forward = entry.get("forward_ms")
+    forward = None if forward is None else _number(f"{at}.forward_ms", forward)
+    stage_ms = entry.get("stage_ms") or {}
+    if not isinstance(stage_ms, dict):
+        raise CapacityError(f"{at}.stage_ms: expected a mapping of layer names to milliseconds")
+    stages = tuple((str(k), _number(f"{at}.stage_ms.{k}", v)) for k, v in stage_ms.items())
+    return DeviceCapacity(speed, memory, ident, compute, forward, stages)
+
+
 def parse_capacities(data: Any, where: str = "capacities") -> Capacities:
     """A capacity file's content (parsed YAML/JSON) as Capacities; CapacityError names the field."""
     if not isinstance(data, dict):
@@ -120,33 +148,12 @@ def parse_capacities(data: Any, where: str = "capacities") -> Capacities:
     devices = data.get("devices")
     if not isinstance(devices, list) or not devices:
         raise CapacityError(f"{where}.devices: expected a non-empty list, one entry per device")
-    known = {"id", "speed", "memory_bytes", "compute", "forward_ms", "stage_ms"}
     out = []
     for i, entry in enumerate(devices):
         at = f"{where}.devices[{i}]"
         if not isinstance(entry, dict):
             raise CapacityError(f"{at}: expected a mapping with speed (and memory_bytes)")
-        unknown = sorted(set(entry) - known)
-        if unknown:
-            raise CapacityError(f"{at}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
-        if "speed" not in entry:
-            raise CapacityError(f"{at}.speed is missing")
-        speed = _number(f"{at}.speed", entry["speed"])
-        memory = entry.get("memory_bytes")
-        memory = None if memory is None else _number(f"{at}.memory_bytes", memory, integer=True)
-        ident = entry.get("id")
-        if ident is not None and not isinstance(ident, str):
-            raise CapacityError(f"{at}.id: {ident!r} is not a string")
-        compute = entry.get("compute")
-        if compute is not None and not isinstance(compute, str):
-            raise CapacityError(f"{at}.compute: {compute!r} is not a string")
-        forward = entry.get("forward_ms")
-        forward = None if forward is None else _number(f"{at}.forward_ms", forward)
-        stage_ms = entry.get("stage_ms") or {}
-        if not isinstance(stage_ms, dict):
-            raise CapacityError(f"{at}.stage_ms: expected a mapping of layer names to milliseconds")
-        stages = tuple((str(k), _number(f"{at}.stage_ms.{k}", v)) for k, v in stage_ms.items())
-        out.append(DeviceCapacity(speed, memory, ident, compute, forward, stages))
+        out.append(_device(at, entry, DEVICE_FIELDS))
     return Capacities(tuple(out))
 
 
@@ -173,6 +180,9 @@ def load_capacities(path, devices: Optional[int] = None) -> Capacities:
     return caps
 
 
+PEER_CAPACITY_FIELDS = frozenset({"speed", "memory_bytes"})   # peers.yaml's `capacity:` (mesh/config.py)
+
+
 def peers_capacities(data: Mapping[str, Any], where: str) -> Capacities:
     """A peers.yaml's boards in its order (the plan's device order), each from its `capacity:`
     (speed, optionally memory_bytes; mesh/config.py checks the same fields when a node loads it)."""
@@ -186,16 +196,9 @@ def peers_capacities(data: Mapping[str, Any], where: str) -> Capacities:
         if not isinstance(capacity, dict):
             raise CapacityError(f"{at}: missing: to deal by peers.yaml every peer needs one (speed, optionally "
                                 f"memory_bytes; `robustdice profile` measures a board)")
-        unknown = sorted(set(capacity) - {"speed", "memory_bytes"})
-        if unknown:
-            raise CapacityError(f"{at}.{unknown[0]}: unknown field (known: memory_bytes, speed)")
-        if "speed" not in capacity:
-            raise CapacityError(f"{at}.speed is missing")
-        memory = capacity.get("memory_bytes")
         ident = peer.get("id")
-        out.append(DeviceCapacity(_number(f"{at}.speed", capacity["speed"]),
-                                  None if memory is None else _number(f"{at}.memory_bytes", memory, integer=True),
-                                  ident if isinstance(ident, str) else None))
+        out.append(replace(_device(at, capacity, PEER_CAPACITY_FIELDS),
+                                       id=ident if isinstance(ident, str) else None))
     return Capacities(tuple(out))
 
 

@@ -1,8 +1,9 @@
 """Run the `robustdice` CLI as its own process, without paying for torch's import each time.
 
-`run_node` does the same for `robustdice-node`'s refusals and `--check`. Every offline command imports torch (2.5 s of CPU here, most of a small partition), and the CLI
-tests run about seventy of them. `run` forks each command from a warm process (a zygote that
-imported the CLI and torch once and never ran a torch op): the command still runs in a process
+Every offline command imports torch (2.5 s of CPU here, most of a small partition), and the CLI
+tests run about seventy of them (`run_node` does the same for `robustdice-node`'s refusals and
+`--check`). `run` forks each command from a warm process (a zygote that imported the CLI and
+torch once and never ran a torch op): the command still runs in a process
 of its own, with its own stdout, stderr, exit status, working directory and environment, as
 `subprocess.run` gives them; only the interpreter's start-up is shared. The zygote is
 single-threaded, so forking it is safe where forking pytest (live torch thread pools, ZeroMQ
@@ -31,7 +32,7 @@ import torch
 torch.set_num_threads(int(sys.argv[1]))   # the asking worker's share of the cores (tests/conftest.py)
 import robustdice.node.cli, robustdice.node.supervisor
 import robustdice.partitioner.core.partition, robustdice.partitioner.experiments.evaluate
-from robustdice.node.lab.warm import apply_pythonpath, run_in_child
+from robustdice.node.lab.warm import enter_job, run_in_child
 mains = {"robustdice": robustdice.node.cli.main, "robustdice-node": robustdice.node.supervisor.main}
 requests, answers = sys.stdin, os.fdopen(os.dup(1), "w")
 null = os.open(os.devnull, os.O_WRONLY)
@@ -41,12 +42,9 @@ for line in requests:
     job = json.loads(line)
     pid = os.fork()
     if pid == 0:
-        os.chdir(job["cwd"])
-        apply_pythonpath(os.environ.get("PYTHONPATH", ""), job["env"].get("PYTHONPATH", ""))
-        os.environ.clear(); os.environ.update(job["env"])
-        for fd, path in ((1, job["out"]), (2, job["err"])):
-            target = os.open(path, os.O_WRONLY | os.O_TRUNC)
-            os.dup2(target, fd); os.close(target)
+        enter_job(job["cwd"], job["env"], (os.open(os.devnull, os.O_RDONLY),
+                                           os.open(job["out"], os.O_WRONLY | os.O_TRUNC),
+                                           os.open(job["err"], os.O_WRONLY | os.O_TRUNC)))
         run_in_child(mains[job["prog"]], job["argv"])   # closes the zygote's pipes; exits
     answers.write(json.dumps({"pid": pid}) + "\n"); answers.flush()
     _, wait_status = os.waitpid(pid, 0)

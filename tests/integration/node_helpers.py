@@ -11,7 +11,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 import psutil
 
 from robustdice.node.lab.localcluster import LocalCluster
-from robustdice.node.process import process_role
 
 # The machine is shared and has 2 cores: generous deadlines, never sleeps used as synchronisation.
 START_TIMEOUT_S = 120.0
@@ -113,17 +112,8 @@ class NotifySocket:
 
 
 def node_children(cluster: LocalCluster, device: int) -> Dict[str, psutil.Process]:
-    """{'engine': Process, 'handler': Process} of one node's supervisor, by the names the node
-    gives them (rd-engine, rd-handler), on a warm cluster's forks as on exec'd children."""
-    out = {}
-    for child in psutil.Process(cluster.procs[device].pid).children():
-        try:
-            role = process_role(child.name())
-        except psutil.NoSuchProcess:
-            continue
-        if role in ("engine", "handler"):
-            out[role] = child
-    return out
+    """{'engine': Process, 'handler': Process} of one node's supervisor."""
+    return cluster.node_processes(device)
 
 
 def run_dir_of(engine: psutil.Process) -> Path:
