@@ -86,6 +86,8 @@ class _Peer:
     vouched_s: float = float("-inf")       # the latest time another peer heard it
     incarnation: Optional[int] = None
     plan_hash: Optional[str] = None
+    plans: FrozenSet[str] = frozenset()    # the plans it computes frames of (two during a roll-out)
+    rollout: Tuple[str, int, str] = ("", 0, "")   # its heartbeat's (next plan, switch ms, plan folder)
     ever_alive: bool = False
     report: Optional[Report] = None
     send_failing: bool = False
@@ -107,6 +109,7 @@ class Membership:
         self.self_id = self_id
         self.incarnation = int(incarnation)
         self.plan_hash = plan_hash
+        self.plans: FrozenSet[str] = frozenset({plan_hash})   # ours: a peer must share one of them
         self.wire_dtype = wire_dtype
         self.peer_timeout_s = peer_timeout_ms / 1000.0
         # Others' word keeps a peer we stopped hearing alive only if they heard it clearly after
@@ -122,8 +125,10 @@ class Membership:
                      wire_dtype: str = "float32", ready: bool = True,
                      hears: Optional[Mapping[str, Tuple[int, int]]] = None,
                      progress: Optional[Mapping[int, int]] = None,
-                     inputs: Optional[Mapping[str, int]] = None) -> Tuple[Optional[str], List[MembershipEvent]]:
-        """Apply a heartbeat; returns (reason it was not accepted or None, events)."""
+                     inputs: Optional[Mapping[str, int]] = None, next_plan: str = "", switch_ms: int = 0,
+                     rollout_dir: str = "") -> Tuple[Optional[str], List[MembershipEvent]]:
+        """Apply a heartbeat; returns (reason it was not accepted or None, events). A peer is
+        refused unless it computes frames of one of our plans (`plans`: two during a roll-out)."""
         peer = self._peers.get(peer_id)
         if peer is None:
             return NOT_VERIFIED, []
@@ -132,7 +137,9 @@ class Membership:
         events: List[MembershipEvent] = []
         restarted = peer.incarnation is not None and incarnation != peer.incarnation
         peer.plan_hash = plan_hash
-        mismatch = self._mismatch(plan_hash, wire_dtype)
+        peer.plans = frozenset((plan_hash, next_plan)) if next_plan else frozenset((plan_hash,))
+        peer.rollout = (next_plan, int(switch_ms), rollout_dir)
+        mismatch = self._mismatch(peer.plans, wire_dtype)
         if mismatch:
             if peer.state != PeerState.REFUSED or restarted:
                 events.append(MembershipEvent(EventKind.REFUSED, peer_id, now_s, incarnation, restarted, mismatch))
@@ -152,9 +159,17 @@ class Membership:
         peer.state, peer.incarnation, peer.ever_alive = PeerState.ALIVE, incarnation, True
         return None, events
 
-    def _mismatch(self, plan_hash: str, wire_dtype: str) -> str:
-        if plan_hash != self.plan_hash:
-            return f"plan mismatch: it runs plan {plan_hash[:64]}, this node runs plan {self.plan_hash}"
+    def set_plans(self, current: str, others: Iterable[str] = ()) -> None:
+        """The plans this node computes frames of: `current`, and a roll-out's next one. Peers are
+        judged against them from their next heartbeat on."""
+        self.plan_hash = current
+        self.plans = frozenset((current, *others))
+
+    def _mismatch(self, plans: FrozenSet[str], wire_dtype: str) -> str:
+        if not plans & self.plans:
+            theirs = " and ".join(sorted(p[:64] for p in plans))
+            ours = " and ".join(sorted(self.plans))
+            return f"plan mismatch: it runs plan {theirs}, this node runs plan {ours}"
         if wire_dtype != self.wire_dtype:
             return f"wire dtype mismatch: it sends {wire_dtype[:16]} slices, this node sends {self.wire_dtype}"
         return ""
@@ -267,11 +282,22 @@ class Membership:
                          if s.state == PeerState.ALIVE and s.report is not None and s.report.ready
                          and not s.send_failing and self.hears_us(p, now_s))
 
-    def participants(self, now_s: float) -> FrozenSet[str]:
+    def plans_of(self, peer_id: str) -> FrozenSet[str]:
+        peer = self._peers.get(peer_id)
+        return peer.plans if peer is not None else frozenset()
+
+    def rollout_of(self, peer_id: str) -> Tuple[str, str, int, str]:
+        """What the peer's latest heartbeat said of plans, accepted or refused: (plan, next plan,
+        switch ms, roll-out plan folder)."""
+        peer = self._peers[peer_id]
+        return (peer.plan_hash or "", *peer.rollout)
+
+    def participants(self, now_s: float, plan: Optional[str] = None) -> FrozenSet[str]:
         """Who a frame submitted now runs on: us and the largest set of connected peers in which
-        every two hear each other (ties go to the lower device indices, by peers.yaml order)."""
+        every two hear each other (ties go to the lower device indices, by peers.yaml order);
+        with `plan`, only peers that compute frames of that plan (a subset of a clique is one)."""
         connected = self.connected(now_s)   # once: a node asks this every housekeeping pass
-        candidates = [p for p in self.order if p in connected]
+        candidates = [p for p in self.order if p in connected and (plan is None or plan in self._peers[p].plans)]
         heard = {p: self._hears(self._peers[p], now_s) for p in candidates}
 
         def mutual(a: str, b: str) -> bool:

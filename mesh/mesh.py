@@ -107,6 +107,7 @@ class Mesh:
                                   max_stages=max_stage or wire.MAX_PROGRESS)
         self.counters: "collections.Counter[str]" = collections.Counter()
         self.progress_source: Optional[ProgressSource] = None
+        self.rollout: Tuple[str, int, str] = ("", 0, "")   # what heartbeats say of a roll-out (set_plans)
         self._ready = True
         self._given_context = context
         self.context: Optional[zmq.Context] = None
@@ -205,6 +206,17 @@ class Mesh:
         for sock in [self._pull] + self._client_sockets:
             if sock is not None:
                 sock.setsockopt(zmq.MAXMSGSIZE, int(nbytes))
+
+    def set_plans(self, current: str, next_plan: str = "", switch_ms: int = 0, rollout_dir: str = "",
+                  max_stage: Optional[int] = None) -> None:
+        """A roll-out (node/plans.py): the plans this node computes frames of, and what its
+        heartbeats tell the peers; `max_stage` bounds the stages of both plans' slices."""
+        self.plan_hash = current
+        self.membership.set_plans(current, (next_plan,) if next_plan else ())
+        self.rollout = (next_plan, int(switch_ms), rollout_dir)
+        if max_stage is not None:
+            self.book.max_stage = max_stage
+            self.limits = dataclasses.replace(self.limits, max_stages=max_stage)
 
     def set_early_bounds(self, max_slices: int, max_bytes: int) -> None:
         """Hold up to these many early slices (and bytes) of admitted frames (GatherBook.set_early_bounds)."""
@@ -396,7 +408,8 @@ class Mesh:
         if isinstance(msg, wire.Heartbeat):
             reason, events = self.membership.on_heartbeat(
                 sender, now_s, msg.incarnation, msg.plan_hash, wire_dtype=msg.wire_dtype, ready=msg.ready,
-                hears=msg.hears, progress=msg.progress, inputs=msg.inputs)
+                hears=msg.hears, progress=msg.progress, inputs=msg.inputs, next_plan=msg.next_plan,
+                switch_ms=msg.switch_ms, rollout_dir=msg.rollout_dir)
             self.book.peer_changed(sender)
         else:
             reason, events = self.membership.on_message(sender, now_s, msg.incarnation)
@@ -454,7 +467,8 @@ class Mesh:
     def _send_heartbeats(self, now_s: float) -> None:
         progress, inputs = self.progress_source() if self.progress_source is not None else ({}, {})
         frames = wire.encode(wire.Heartbeat(self.self_id, self.incarnation, self.plan_hash, self.wire_dtype,
-                                            self.ready, self.membership.heard_view(now_s), progress, inputs))
+                                            self.ready, self.membership.heard_view(now_s), progress, inputs,
+                                            *self.rollout))
         for peer_id in self._push:
             self._send_frames(peer_id, frames, "heartbeat")
 

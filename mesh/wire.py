@@ -33,6 +33,12 @@ Heartbeat ("hb"), 1 frame: every heartbeat interval, to every peer
                      frame's stages it has computed and sent its slice of (0: input held)
          "inputs":   {origin id: newest frame id} of the inputs the sender has received from
                      each origin (its own frames included); frames arrive in id order per origin
+         "next":     str, optional: the hash of a second plan the sender has loaded beside
+                     "plan" during a roll-out (node/plans.py); it computes frames of either
+         "switch":   int, optional: the admission time (wall-clock ms) from which the sender's
+                     frames run on the roll-out's plan, once agreed (0 or absent: none)
+         "rdir":     str, optional: the folder of the roll-out's plan on the sender's disk (at
+                     most 1024 characters), where a node that missed the roll-out finds it
        }
 
 Slices ("slices"), 1 + 2k frames: k >= 1 slices, each one node's part of the output of one
@@ -52,6 +58,8 @@ Input ("input"), 2 frames: a client's input, broadcast by the node that took the
     0  header + {"frame": int, "origin": str node id that took the request, "t_ms": int origin's
                  wall-clock milliseconds at admission (every node orders work by (t_ms, frame)),
                  "participants": [node id, ...] the nodes that compute this frame,
+                 "plan": str, optional: the hash of the plan the frame runs on (during a
+                 roll-out a node holds two; absent: the receiver's current plan),
                  "meta": map, "dtype": str, "shape": [batch, C, H, W]}
        A client sending to a node leaves "participants" empty and "t_ms" 0.
     1  payload
@@ -94,12 +102,15 @@ MAX_DIM = 2 ** 31 - 1
 MAX_RESULT_ARRAYS = 64
 MAX_ID_CHARS = 64
 MAX_HASH_CHARS = 128
+MAX_PATH_CHARS = 1024
 MAX_PEERS = 256
 MAX_PROGRESS = 4096
 MAX_BATCH_SLICES = 256
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # Bytes of a heartbeat header besides its maps: the keys, sender, incarnation, dtype, plan hash (hex).
-_HEARTBEAT_FIXED_BYTES = 128 + 2 * (4 * MAX_ID_CHARS) + (MAX_HASH_CHARS + 3)
+# A roll-out adds a second hash, a switch time and a plan folder.
+_HEARTBEAT_FIXED_BYTES = (128 + 2 * (4 * MAX_ID_CHARS) + (MAX_HASH_CHARS + 3)
+                          + 32 + (MAX_HASH_CHARS + 3) + 9 + (4 * MAX_PATH_CHARS + 3))
 # Most bytes one entry takes in msgpack: a "hears" entry (an id of up to 4 bytes a character,
 # two uint64), an "inputs" entry (an id, one uint64), a "progress" pair (two uint64).
 _HEARS_ENTRY_BYTES = 4 * MAX_ID_CHARS + 3 + 1 + 2 * 9
@@ -146,6 +157,9 @@ class Heartbeat:
     hears: Mapping[str, Tuple[int, int]] = field(default_factory=dict)
     progress: Mapping[int, int] = field(default_factory=dict)
     inputs: Mapping[str, int] = field(default_factory=dict)
+    next_plan: str = ""         # a roll-out's plan, loaded beside plan_hash ("" none)
+    switch_ms: int = 0          # the agreed admission time of the roll-out's first frame (0 none)
+    rollout_dir: str = ""       # where the roll-out's plan lies ("" none)
     TYPE = "hb"
 
     @property
@@ -192,6 +206,7 @@ class Input:
     incarnation: int = 0
     participants: Tuple[str, ...] = ()
     t_ms: int = 0
+    plan: str = ""              # the hash of the plan the frame runs on ("" the receiver's current)
     TYPE = "input"
 
 
@@ -270,7 +285,10 @@ def encode(msg: Message) -> List[Buffer]:
                         ready=bool(msg.ready),
                         hears={p: [int(i), int(a)] for p, (i, a) in msg.hears.items()},
                         progress=[[int(f), int(s)] for f, s in msg.progress.items()],
-                        inputs={o: int(f) for o, f in msg.inputs.items()})]
+                        inputs={o: int(f) for o, f in msg.inputs.items()},
+                        **({"next": msg.next_plan} if msg.next_plan else {}),
+                        **({"switch": int(msg.switch_ms)} if msg.switch_ms else {}),
+                        **({"rdir": msg.rollout_dir} if msg.rollout_dir else {}))]
     if isinstance(msg, Slices):
         if not 1 <= len(msg.slices) <= MAX_BATCH_SLICES:
             raise MeshError(f"slices: {len(msg.slices)} slices in one message (1..{MAX_BATCH_SLICES})")
@@ -290,7 +308,8 @@ def encode(msg: Message) -> List[Buffer]:
     if isinstance(msg, Input):
         desc, payload = _wire_array(msg.array, "input")
         head = _header(msg, msg.sender, msg.incarnation, frame=int(msg.frame), origin=msg.origin,
-                       t_ms=int(msg.t_ms), participants=list(msg.participants), meta=dict(msg.meta), **desc)
+                       t_ms=int(msg.t_ms), participants=list(msg.participants), meta=dict(msg.meta),
+                       **({"plan": msg.plan} if msg.plan else {}), **desc)
         return [head, payload]
     if isinstance(msg, Result):
         pairs = [_wire_array(a, f"result.arrays[{i}]") for i, a in enumerate(msg.arrays)]
@@ -339,6 +358,11 @@ def _name(header: dict, key: str, limit: int = MAX_ID_CHARS) -> str:
     if not value or len(value) > limit:
         raise WireError("garbage", f"header field {key!r} is {_short(value)}, expected 1 to {limit} characters")
     return value
+
+
+def _optional_name(header: dict, key: str, limit: int) -> str:
+    """A string field that may be absent ("")."""
+    return _name(header, key, limit) if key in header else ""
 
 
 def _uint(header: dict, key: str, upper: int = MAX_FRAME_ID) -> int:
@@ -520,7 +544,10 @@ def _decode(frames: Sequence[Buffer], max_message_bytes: int, limits: Limits) ->
         progress = _int_pairs(header.get("progress"), "progress", limits.max_progress)
         return Heartbeat(sender, incarnation, _name(header, "plan", MAX_HASH_CHARS), _name(header, "dtype", 16),
                          ready, _name_map(header.get("hears"), "hears", 2, limits.max_peers), dict(progress),
-                         _name_map(header.get("inputs"), "inputs", 1, limits.max_peers))
+                         _name_map(header.get("inputs"), "inputs", 1, limits.max_peers),
+                         _optional_name(header, "next", MAX_HASH_CHARS),
+                         _uint(header, "switch") if "switch" in header else 0,
+                         _optional_name(header, "rdir", MAX_PATH_CHARS))
     if tag == Slices.TYPE:
         items = _need(header, "slices", list)
         if not 1 <= len(items) <= MAX_BATCH_SLICES:
@@ -549,7 +576,8 @@ def _decode(frames: Sequence[Buffer], max_message_bytes: int, limits: Limits) ->
         meta = _need(header, "meta", dict)
         array = _tensor(header, views[1], max_message_bytes)
         return Input(_uint(header, "frame"), _name(header, "origin"), array, meta, sender, incarnation,
-                     _names(header.get("participants"), "participants", limits.max_peers), _uint(header, "t_ms"))
+                     _names(header.get("participants"), "participants", limits.max_peers), _uint(header, "t_ms"),
+                     _optional_name(header, "plan", MAX_HASH_CHARS))
     if tag == Result.TYPE:
         descs = _need(header, "arrays", list)
         if len(descs) > MAX_RESULT_ARRAYS:

@@ -187,14 +187,22 @@ def status_all(config: PeersConfig, key_path: Optional[Path], timeout_s: float =
     All nodes are asked at once and their replies read as they come, so one dead node costs
     the deadline once, not the nodes listed after it.
     """
+    return ask_all(config, key_path, "status", request or {}, timeout_s)
+
+
+def ask_all(config: PeersConfig, key_path: Optional[Path], kind: str, body: Dict, timeout_s: float = 2.0,
+            nodes: Optional[List[str]] = None) -> List[Dict]:
+    """Send the control request `kind` to every node (or `nodes`) at once; each one's reply body,
+    or {"node": id, "unreachable": True} for a node silent within `timeout_s`."""
     replies: Dict[str, Dict] = {}
+    asked = [p for p in config.peers if nodes is None or p.id in nodes]
     with zmq.Context() as ctx:
-        clients = [NodeClient(config, p.id, key_path, ctx) for p in config.peers]
+        clients = [NodeClient(config, p.id, key_path, ctx) for p in asked]
         try:
             poller = zmq.Poller()
             by_socket = {}
             for c in clients:
-                c.sock.send_multipart(wire.encode(wire.Control("status", request or {}, sender=c.name)))
+                c.sock.send_multipart(wire.encode(wire.Control(kind, body, sender=c.name)))
                 poller.register(c.sock, zmq.POLLIN)
                 by_socket[c.sock] = c
             deadline = time.monotonic() + timeout_s
@@ -205,9 +213,9 @@ def status_all(config: PeersConfig, key_path: Optional[Path], timeout_s: float =
                 for sock, _ in poller.poll(left_s * 1000.0):
                     c = by_socket[sock]
                     msg = c.receive(0)
-                    if isinstance(msg, wire.Control) and msg.kind == "status":
+                    if isinstance(msg, wire.Control) and msg.kind == kind:
                         replies[c.node.id] = dict(msg.body)
         finally:
             for c in clients:
                 c.sock.close(0)
-    return [replies.get(p.id, {"node": p.id, "unreachable": True}) for p in config.peers]
+    return [replies.get(p.id, {"node": p.id, "unreachable": True}) for p in asked]

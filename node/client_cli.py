@@ -1,9 +1,11 @@
-"""Client subcommands: `submit`, `status` (and `cluster`, in lab/cluster.py)."""
+"""Client subcommands: `submit`, `status`, `rollout` (and `cluster`, in lab/cluster.py)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import List, Optional, Tuple
+
+from robustdice.partitioner.argtypes import positive_int
 
 from .errors import NodeError
 
@@ -25,6 +27,18 @@ def register(sub) -> None:
     t.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each node (default %(default)s)")
     t.add_argument("--json", action="store_true", help="print one JSON list of every node's view")
     t.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("rollout", help="bring a new plan to every node while frames keep flowing")
+    r.add_argument("--peers", required=True, type=Path, help="the cluster's peers.yaml")
+    r.add_argument("--plan", required=True, help="the new plan's folder, as the nodes see it (signed by the operator)")
+    r.add_argument("--key", help="client secret key file (default: client.key_secret beside the nodes' keys)")
+    r.add_argument("--switch-in-ms", type=positive_int, default=None,
+                   help="how far ahead of the nodes' clocks the switch is set (default 2000)")
+    r.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every step (default %(default)s)")
+    r.add_argument("--no-wait", action="store_true", help="return once the switch is agreed, before the old plan "
+                                                          "is retired (a frame timeout later)")
+    r.add_argument("--json", action="store_true", help="print what happened as one JSON object")
+    r.set_defaults(func=cmd_rollout)
 
     from .lab import cluster
     cluster.register(sub)
@@ -137,6 +151,20 @@ def energy_per_frame(views) -> Tuple[Optional[float], str]:
     if not answered:
         return None, "no frame answered yet"
     return sum(float(v["energy_j"]) for v in live) / answered, f"over {answered} answered frames"
+
+
+def cmd_rollout(args) -> int:
+    from robustdice.mesh.config import load_peers
+
+    from .client import default_key_path
+    from .rollout import SWITCH_IN_MS, rollout
+    config = load_peers(args.peers)
+    out = rollout(config, default_key_path(config, args.key), args.plan,
+                  switch_in_ms=args.switch_in_ms or SWITCH_IN_MS, timeout_s=args.timeout,
+                  wait_retired=not args.no_wait, say=(lambda _: None) if args.json else print)
+    if args.json:
+        print(json.dumps({k: v for k, v in out.items() if k != "views"}))
+    return 0
 
 
 def cmd_status(args) -> int:

@@ -31,6 +31,11 @@ class NodeConfig:
     plan: Plan
     compute: str = "auto"    # where the engine computes: auto (cuda if torch sees one), cpu, cuda
     dtype: str = "float32"    # what it computes in, and what its slices travel as
+    # The plan peers.yaml (or --plan) names; `plan_dir` differs from it when a roll-out brought
+    # another plan and the node restarted since (ROLLOUT_RECORD).
+    configured_dir: Optional[Path] = None
+    configured_hash: str = ""
+    rollout_switch_ms: int = 0   # the roll-out's agreed switch time, when `plan` came from one
 
     @property
     def node_ids(self) -> Tuple[str, ...]:
@@ -146,6 +151,58 @@ def plan_trust_key(peers: PeersConfig) -> Optional[str]:
                     "(`robustdice sign --new-key DIR` makes the key) unless insecure: true")
 
 
+# A node that took part in a roll-out remembers its plan here, in systemd's StateDirectory
+# ($STATE_DIRECTORY), so that a restart runs the plan the cluster runs, not the one peers.yaml
+# names: a whole cluster rebooted after a roll-out would otherwise go back to the old plan.
+ROLLOUT_RECORD = "rollout-{id}.json"
+
+
+def _state_directory() -> Optional[Path]:
+    value = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(value) if value else None
+
+
+def record_rollout(config: NodeConfig, plan_dir, plan_hash: str, switch_ms: int) -> Optional[Path]:
+    """Remember that this node switches to `plan_dir` (written when the switch is agreed); None
+    where there is no state directory (a restart then runs the configured plan, and rejoins the
+    roll-out from its peers' heartbeats: node/plans.py)."""
+    import json
+    directory = _state_directory()
+    if directory is None:
+        log.warning("no $STATE_DIRECTORY: a restart of %s will start from plan %s and learn the roll-out from "
+                    "its peers", config.me.id, config.configured_hash[:12])
+        return None
+    path = directory / ROLLOUT_RECORD.format(id=config.me.id)
+    record = {"configured_plan": config.configured_hash, "plan_dir": str(Path(plan_dir).resolve()),
+              "plan_hash": plan_hash, "switch_ms": int(switch_ms)}
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)   # a crash mid-write leaves the old record, never half of one
+    return path
+
+
+def _rolled_out(me: PeerConfig, configured_hash: str, trust_key: Optional[str]):
+    """(folder, plan, switch ms) of the plan a roll-out left this node, or None: no record, or one
+    made while peers.yaml named another plan (the operator changed it since: that one wins)."""
+    import json
+    directory = _state_directory()
+    path = directory / ROLLOUT_RECORD.format(id=me.id) if directory is not None else None
+    if path is None or not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("configured_plan") != configured_hash:
+            return None
+        plan = load_plan(record["plan_dir"], trust_key)
+        if plan.plan_hash != record.get("plan_hash"):
+            raise NodeError(f"it names plan {str(record.get('plan_hash'))[:12]}, the folder holds {plan.plan_hash[:12]}")
+        return Path(record["plan_dir"]), plan, int(record.get("switch_ms", 0))
+    except Exception as exc:   # a bad record costs the roll-out, never the start
+        log.error("%s: ignored (%s); running the configured plan", path, exc)
+        return None
+
+
 def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *, check_key: bool = True,
                      compute: Optional[str] = None, dtype: Optional[str] = None) -> NodeConfig:
     """`compute`/`dtype` (the command line) win over $ROBUSTDICE_COMPUTE/$ROBUSTDICE_DTYPE (the
@@ -161,7 +218,15 @@ def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *
     directory = Path(plan_dir) if plan_dir else peers.plan
     if directory is None:
         raise NodeError("no plan: give --plan DIR or set 'plan:' in peers.yaml")
-    plan = load_plan(directory, plan_trust_key(peers))
+    trust_key = plan_trust_key(peers)
+    plan = load_plan(directory, trust_key)
+    configured = (Path(directory), plan.plan_hash)
+    switch_ms = 0
+    rolled_out = _rolled_out(me, plan.plan_hash, trust_key)
+    if rolled_out is not None:
+        directory, plan, switch_ms = rolled_out
+        log.info("running plan %s from %s, which a roll-out brought (peers.yaml names plan %s)",
+                 plan.plan_hash[:12], directory, configured[1][:12])
     if plan.devices != len(peers.peers):
         raise NodeError(f"plan {directory} is for {plan.devices} devices but {peers_path} lists "
                         f"{len(peers.peers)} peers")
@@ -173,7 +238,8 @@ def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *
             source = "--" + name if given else f"ROBUSTDICE_{name.upper()}"
             raise NodeError(f"{source}: {value!r} is not one of {', '.join(choices)}")
         chosen[name] = value
-    config = NodeConfig(peers_path, peers, me, list(peers.ids).index(me.id), Path(directory), plan, **chosen)
+    config = NodeConfig(peers_path, peers, me, list(peers.ids).index(me.id), Path(directory), plan, **chosen,
+                        configured_dir=configured[0], configured_hash=configured[1], rollout_switch_ms=switch_ms)
     if not config.shard_path.exists():
         raise NodeError(f"shard for device {config.device} ({me.id}) is missing: {config.shard_path}")
     return config

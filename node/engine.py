@@ -19,11 +19,13 @@ frame is never answered as a prediction (node/frames.py checks the logits too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Dict, List, Optional
@@ -70,39 +72,111 @@ def resolve_device(name: str) -> str:
     return name
 
 
+class LoadedPlan:
+    """One plan's shard on this device: the runtime, the assembler, the stages it serves."""
+
+    def __init__(self, torch, plan_dir: str, device: int, compute, dtype, operator_public_key: Optional[str],
+                 graph_lock=contextlib.nullcontext()) -> None:
+        from robustdice.partitioner.core.plan import load_plan
+        from robustdice.partitioner.core.runtime import (Assembler, DeviceRuntime, build_skeleton, load_shard, place,
+                                                         place_model)
+
+        # Checked again here, not only by the supervisor: this process reads plan.json itself.
+        self.plan = load_plan(plan_dir, operator_public_key)
+        self.others = frozenset(range(self.plan.devices)) - {device}   # all missing, for `alone` frames
+        self.assembler = Assembler(self.plan, compute)
+        self.stages = self.assembler.stages   # what this node serves: a rocoin plan's one stage too
+        shard = load_shard(self.plan, plan_dir, device)  # float32 on the CPU, as the plan keeps it
+        # torch.fx traces the model by patching nn.Module.__call__ for every thread: a roll-out's
+        # plan loaded beside a computing engine builds its graph while the engine waits.
+        with graph_lock:
+            if self.plan.rocoin is not None:   # a student and the head: one gather per frame
+                from robustdice.partitioner.core.rocoin_device import RocoinDeviceRuntime
+                self.runtime = RocoinDeviceRuntime(self.plan, shard, device, compute, dtype)
+            else:
+                # The skeleton is built on the meta device; its shared parameters and this device's
+                # rows go straight to the compute device, cast to the compute dtype.
+                staged = place_model(build_skeleton(self.plan, shard["shared"]), compute, dtype)
+                entries = {name: place(e, compute, dtype) for name, e in shard["stages"].items()}
+                self.runtime = DeviceRuntime(self.plan, staged, {"stages": entries}, device)
+
+
 class Engine:
     def __init__(self, plan_dir: str, device: int, compute_device: str = "cpu", dtype: str = "float32",
                  operator_public_key: Optional[str] = None) -> None:
         import torch
 
-        from robustdice.partitioner.core.plan import load_plan
-        from robustdice.partitioner.core.runtime import (Assembler, DeviceRuntime, build_skeleton, load_shard, place,
-                                                         place_model)
-
         self.torch = torch
-        # Checked again here, not only by the supervisor: this process reads plan.json itself.
-        self.plan = load_plan(plan_dir, operator_public_key)
         self.device = device
-        self.others = frozenset(range(self.plan.devices)) - {device}   # all missing, for `alone` frames
         self.compute = torch.device(compute_device)
         self.cuda = self.compute.type == "cuda"
         self.dtype = getattr(torch, dtype)
-        self.assembler = Assembler(self.plan, self.compute)
-        self.stages = self.assembler.stages   # what this node serves: a rocoin plan's one stage too
-        shard = load_shard(self.plan, plan_dir, device)  # float32 on the CPU, as the plan keeps it
-        if self.plan.rocoin is not None:   # a student and the head: one gather per frame
-            from robustdice.partitioner.core.rocoin_device import RocoinDeviceRuntime
-            self.runtime = RocoinDeviceRuntime(self.plan, shard, device, self.compute, self.dtype)
-        else:
-            # The skeleton is built on the meta device; its shared parameters and this device's
-            # rows go straight to the compute device, cast to the compute dtype.
-            staged = place_model(build_skeleton(self.plan, shard["shared"]), self.compute, self.dtype)
-            entries = {name: place(e, self.compute, self.dtype) for name, e in shard["stages"].items()}
-            self.runtime = DeviceRuntime(self.plan, staged, {"stages": entries}, device)
+        self.operator_public_key = operator_public_key
+        first = LoadedPlan(torch, plan_dir, device, self.compute, self.dtype, operator_public_key)
+        # The current plan, and during a roll-out the next one beside it (node/plans.py).
+        self.loaded: Dict[str, LoadedPlan] = {first.plan.plan_hash: first}
+        self.current = first
         self.runs: Dict[int, object] = {}          # frame -> FrameRun suspended between stages
+        self.plan_of: Dict[int, LoadedPlan] = {}   # frame -> the plan it runs on
         self.own: Dict[int, object] = {}           # frame -> its current slice, contiguous
         self.compute_ms: Dict[int, float] = {}
         self._telemetry_s = 0.0
+        self._prepared: List[tuple] = []           # (plan hash, (LoadedPlan or None, row sizes or error))
+        self._prepared_lock = threading.Lock()
+        self.graph_lock = threading.Lock()         # held while computing, and while a new plan is traced
+
+    # The current plan's parts, as one-plan callers (checks, tests) know them.
+    plan = property(lambda self: self.current.plan)
+    runtime = property(lambda self: self.current.runtime)
+    assembler = property(lambda self: self.current.assembler)
+    stages = property(lambda self: self.current.stages)
+
+    def prepare(self, plan_dir: str, plan_hash: str) -> None:
+        """Load a roll-out's plan beside the current one, in a thread of its own: the frames in
+        flight keep this thread (a shard can take seconds to load, longer than the handler waits
+        for an engine that holds work before it calls it stalled). `take_prepared` reports it."""
+        def load() -> None:
+            try:
+                loaded = self.loaded.get(plan_hash) or LoadedPlan(
+                    self.torch, plan_dir, self.device, self.compute, self.dtype, self.operator_public_key,
+                    self.graph_lock)
+                if loaded.plan.plan_hash != plan_hash:
+                    raise ValueError(f"{plan_dir} holds plan {loaded.plan.plan_hash[:12]}, not {plan_hash[:12]}")
+                with self.torch.inference_mode():   # a per-thread mode, as serve() sets it for the engine's
+                    outcome = (loaded, self.row_elements(loaded))
+            except Exception as exc:   # a plan that cannot run here ends the roll-out, never the engine
+                log.warning("cannot load plan %s from %s: %s", plan_hash[:12], plan_dir, exc)
+                outcome = (None, f"{type(exc).__name__}: {exc}"[:500])
+            with self._prepared_lock:
+                self._prepared.append((plan_hash, outcome))
+
+        threading.Thread(target=load, name="rd-engine-load", daemon=True).start()
+
+    def take_prepared(self) -> List[ipc.Item]:
+        """The `prepared` results of loads finished since the last call; the plans are installed."""
+        with self._prepared_lock:
+            done, self._prepared = self._prepared, []
+        out: List[ipc.Item] = []
+        for plan_hash, (loaded, rows_or_error) in done:
+            if loaded is None:
+                out.append(({"kind": ipc.PREPARED, "plan_hash": plan_hash, "error": rows_or_error}, []))
+                continue
+            self.loaded[plan_hash] = loaded
+            log.info("plan %s (%s, %s) loaded beside plan %s", plan_hash[:12], loaded.plan.model,
+                     loaded.plan.method, self.current.plan.plan_hash[:12])
+            out.append(({"kind": ipc.PREPARED, "plan_hash": plan_hash, "row_elements": rows_or_error}, []))
+        return out
+
+    def retire(self, plan_hash: str) -> None:
+        """Drop a plan no frame runs on; the other one becomes the current."""
+        gone = self.loaded.pop(plan_hash, None)
+        if gone is None or not self.loaded:
+            if gone is not None:
+                self.loaded[plan_hash] = gone   # never drop the last plan
+            return
+        if gone is self.current:
+            self.current = next(iter(self.loaded.values()))
+        log.info("plan %s retired; plan %s is the current", plan_hash[:12], self.current.plan.plan_hash[:12])
 
     def check_forward(self) -> tuple:
         """One input of zeros through every stage, the peers' rows absent (as a node alone would
@@ -110,22 +184,23 @@ class Engine:
         engine cannot run fails the check, not the running node."""
         # Two images, so that a graph that mixes the batch with the features fails here too.
         x = self.torch.zeros((2, *self.plan.input_shape), dtype=self.dtype, device=self.compute)
-        _, (logits,) = self._alone(-1, x, time.perf_counter())
+        _, (logits,) = self._alone(-1, self.current, x, time.perf_counter())
         if logits.ndim < 1 or logits.shape[0] != 2:
             raise RuntimeError(f"2 images give logits of shape {list(logits.shape)}: the batch is lost")
         return tuple(logits.shape)
 
-    def row_elements(self) -> List[int]:
+    def row_elements(self, loaded: Optional[LoadedPlan] = None) -> List[int]:
         """Per stage, the values one neuron's row holds per image (1 for a linear stage, H x W for
         a convolution): what the handler bounds its messages by (node/config.py,
         plan_message_bytes). One input of zeros through every stage, as a node alone runs it."""
-        x = self.torch.zeros((1, *self.plan.input_shape), dtype=self.dtype, device=self.compute)
-        run = self.runtime.start(x)
+        loaded = loaded or self.current
+        x = self.torch.zeros((1, *loaded.plan.input_shape), dtype=self.dtype, device=self.compute)
+        run = loaded.runtime.start(x)
         out = []
         while True:
             out.append(int(math.prod(run.slice.shape[2:])))   # a slice is [rows, batch, ...]
-            full, missing = self.assembler.assemble(run.stage, {self.device: run.slice})
-            if run.advance(full, missing, self.others):
+            full, missing = loaded.assembler.assemble(run.stage, {self.device: run.slice})
+            if run.advance(full, missing, loaded.others):
                 return out
 
     def to_host(self, t):
@@ -172,56 +247,66 @@ class Engine:
         if kind == ipc.DROP:
             self._forget(frame)
             return None
+        if kind == ipc.PREPARE:
+            self.prepare(str(header.get("plan_dir")), str(header.get("plan_hash")))
+            return None
+        if kind == ipc.RETIRE:
+            self.retire(str(header.get("plan_hash")))
+            return None
         start = time.perf_counter()
         if kind == ipc.INPUT:
+            loaded = self.loaded.get(header["plan"]) if header.get("plan") else self.current
+            if loaded is None:
+                raise ValueError(f"frame {frame}: plan {str(header['plan'])[:12]} is not loaded here")
             x = self.torch.from_numpy(ipc.array(bufs[0], header["dtype"], header["shape"]))
             x = x.to(device=self.compute, dtype=self.dtype, non_blocking=True)
             if header.get("alone"):
-                return self._alone(frame, x, start)
-            run = self.runtime.start(x)
+                return self._alone(frame, loaded, x, start)
+            run = loaded.runtime.start(x)
             self.runs[frame] = run
+            self.plan_of[frame] = loaded
             self.compute_ms[frame] = 0.0
-            return self._slice_result(frame, run, None, start)
+            return self._slice_result(frame, loaded, run, None, start)
         if kind == ipc.GATHERED:
             return self._continue(frame, header, bufs, start)
         raise ValueError(f"unexpected work item {kind!r}")
 
-    def _rows(self, header: dict, bufs) -> Dict[int, object]:
+    def _rows(self, loaded: LoadedPlan, header: dict, bufs) -> Dict[int, object]:
         """device -> its rows of the gathered stage, as views of the received frames."""
-        from_numpy, counts, dtype = self.torch.from_numpy, self.assembler.counts[header["stage"]], header["dtype"]
+        from_numpy, counts, dtype = self.torch.from_numpy, loaded.assembler.counts[header["stage"]], header["dtype"]
         trailing = list(header["trailing"])
         return {d: from_numpy(ipc.array(buf, dtype, [counts[d]] + trailing)) for d, buf in zip(header["from"], bufs)}
 
     def _continue(self, frame: int, header: dict, bufs, start: float) -> ipc.Item:
-        run = self.runs.get(frame)
-        if run is None or run.stage != header["stage"]:
+        run, loaded = self.runs.get(frame), self.plan_of.get(frame)
+        if run is None or loaded is None or run.stage != header["stage"]:
             raise ValueError(f"frame {frame}: gathered stage {header['stage']} for a frame not at that stage")
-        rows = self.to_device(self._rows(header, bufs))
+        rows = self.to_device(self._rows(loaded, header, bufs))
         rows[self.device] = self.own.pop(frame)
-        full, missing = self.assembler.assemble(run.stage, rows)
+        full, missing = loaded.assembler.assemble(run.stage, rows)
         stage = run.stage
         # The devices whose slices did not come: a mean+bn plan picks its BatchNorm statistics
         # by them, here and for the next stage's slice, as Cluster.simulate does.
         if run.advance(full, missing, header.get("failed", ())):
             return self._done_result(frame, run, {stage: int(run.zero_masks[-1].sum())}, start)
-        return self._slice_result(frame, run, int(run.zero_masks[-1].sum()), start)
+        return self._slice_result(frame, loaded, run, int(run.zero_masks[-1].sum()), start)
 
-    def _alone(self, frame: int, x, start: float) -> ipc.Item:
+    def _alone(self, frame: int, loaded: LoadedPlan, x, start: float) -> ipc.Item:
         """Every stage here: the peers' rows are absent, which the assembly zero-fills."""
-        run = self.runtime.start(x)
+        run = loaded.runtime.start(x)
         while True:
-            full, missing = self.assembler.assemble(run.stage, {self.device: run.slice})
-            if run.advance(full, missing, self.others):
+            full, missing = loaded.assembler.assemble(run.stage, {self.device: run.slice})
+            if run.advance(full, missing, loaded.others):
                 break
         self.compute_ms[frame] = 0.0
         zero = {i: int(m.sum()) for i, m in enumerate(run.zero_masks)}
         return self._done_result(frame, run, zero, start)
 
-    def _slice_result(self, frame: int, run, zero_before: Optional[int], start: float) -> ipc.Item:
+    def _slice_result(self, frame: int, loaded: LoadedPlan, run, zero_before: Optional[int], start: float) -> ipc.Item:
         own = run.slice.contiguous()
         array = self.to_host(own).numpy()  # on the CPU this is `own` itself: ZeroMQ sends from it
         if not finite(array):
-            raise NotFinite(f"frame {frame}: stage {self.stages[run.stage].name} gave NaN or infinite values")
+            raise NotFinite(f"frame {frame}: stage {loaded.stages[run.stage].name} gave NaN or infinite values")
         self.own[frame] = own  # kept to assemble with the peers' rows (on the device)
         self.compute_ms[frame] += (time.perf_counter() - start) * 1000.0
         return {"kind": ipc.SLICE, "frame": frame, "stage": run.stage, "zero_before": zero_before,
@@ -230,6 +315,7 @@ class Engine:
     def _done_result(self, frame: int, run, zero: Dict[int, int], start: float) -> ipc.Item:
         compute_ms = self.compute_ms.pop(frame, 0.0) + (time.perf_counter() - start) * 1000.0
         self.runs.pop(frame, None)
+        self.plan_of.pop(frame, None)
         self.own.pop(frame, None)
         logits = run.logits.to(device="cpu", dtype=self.torch.float32).contiguous().numpy()
         return {"kind": ipc.DONE, "frame": frame, "zero": {str(k): v for k, v in zero.items()},
@@ -240,6 +326,7 @@ class Engine:
         run = self.runs.pop(frame, None)
         if run is not None:
             run.close()
+        self.plan_of.pop(frame, None)
         self.own.pop(frame, None)
         self.compute_ms.pop(frame, None)
 
@@ -258,6 +345,9 @@ def serve(engine: Engine, sock: zmq.Socket, stop) -> None:
 def _serve(engine: Engine, sock: zmq.Socket, stop) -> None:
     sock.rcvtimeo = POLL_MS
     while not stop():
+        prepared = engine.take_prepared()   # a roll-out's plan loaded meanwhile (within POLL_MS)
+        if prepared:
+            send_parts(sock, ipc.pack(ipc.RESULTS, prepared))
         try:
             parts = sock.recv_multipart(copy=False)
         except zmq.Again:  # nothing within POLL_MS: look at the stop flag again
@@ -266,25 +356,31 @@ def _serve(engine: Engine, sock: zmq.Socket, stop) -> None:
         if kind == ipc.STOP:
             return
         results = []
-        for header, bufs in items:
-            frame = header.get("frame")
-            try:
-                result = engine.handle(header, bufs)
-            except NotFinite as exc:   # a peer's values, not a bug here: no traceback, few lines
-                ratelog.log("not_finite", logging.WARNING, time.monotonic(), "%s; the frame is an error", exc)
-                engine._forget(frame)
-                result = ({"kind": ipc.ERROR, "frame": frame, "message": str(exc)[:500], "reason": ipc.NOT_FINITE}, [])
-            except Exception as exc:  # one bad frame must not end the engine: report it and go on
-                log.exception("frame %s failed", frame)
-                engine._forget(frame)
-                result = ({"kind": ipc.ERROR, "frame": frame, "message": f"{type(exc).__name__}: {exc}"[:500]}, [])
-            if result is not None:
-                results.append(result)
+        with engine.graph_lock:
+            for header, bufs in items:
+                result = _handle_one(engine, header, bufs)
+                if result is not None:
+                    results.append(result)
         if results:
             telemetry = engine.telemetry()
             if telemetry is not None:
                 results.append((telemetry, []))
             send_parts(sock, ipc.pack(ipc.RESULTS, results))
+
+
+def _handle_one(engine: Engine, header: dict, bufs) -> Optional[ipc.Item]:
+    """One work item; a failure is the frame's error answer, never the engine's end."""
+    frame = header.get("frame")
+    try:
+        return engine.handle(header, bufs)
+    except NotFinite as exc:   # a peer's values, not a bug here: no traceback, few lines
+        ratelog.log("not_finite", logging.WARNING, time.monotonic(), "%s; the frame is an error", exc)
+        engine._forget(frame)
+        return {"kind": ipc.ERROR, "frame": frame, "message": str(exc)[:500], "reason": ipc.NOT_FINITE}, []
+    except Exception as exc:  # one bad frame must not end the engine: report it and go on
+        log.exception("frame %s failed", frame)
+        engine._forget(frame)
+        return {"kind": ipc.ERROR, "frame": frame, "message": f"{type(exc).__name__}: {exc}"[:500]}, []
 
 
 def main(argv: Optional[List[str]] = None) -> int:

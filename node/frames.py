@@ -105,6 +105,7 @@ class Frame:
     answer: Optional[Dict[str, Any]] = None
     logits: Any = None
     compute_ms: float = 0.0
+    plan: Any = None                   # the plan it runs on (a roll-out's: node/plans.py); None: the book's
 
     @property
     def key(self) -> Tuple[int, int]:
@@ -180,13 +181,13 @@ class FrameBook:
             heapq.heappush(self._ready, f.key)
 
     def admit_local(self, frame: int, t_ms: int, array: Any, nbytes: int, client: bytes,
-                    request: Mapping[str, Any], now_s: float) -> Optional[str]:
+                    request: Mapping[str, Any], now_s: float, plan: Any = None) -> Optional[str]:
         """A client's frame, held until `start`; returns why it cannot be taken, or None."""
         full = self._room(self.self_id, nbytes, self.max_per_origin) or self._backlog(now_s)
         if full:
             return f"node busy: {full}"
         self._add(Frame(frame, self.self_id, t_ms, array, nbytes, now_s, client=client, request=dict(request),
-                        phase=Phase.HELD))
+                        phase=Phase.HELD, plan=plan))
         self._answer_order.append(frame)
         return None
 
@@ -216,8 +217,8 @@ class FrameBook:
         return f
 
     def admit_peer(self, frame: int, origin: str, t_ms: int, participants: Iterable[str], array: Any,
-                   nbytes: int, now_s: float, origin_report: Optional[Tuple[Mapping[int, int], Mapping[str, int]]]
-                   ) -> Optional[str]:
+                   nbytes: int, now_s: float, origin_report: Optional[Tuple[Mapping[int, int], Mapping[str, int]]],
+                   plan: Any = None) -> Optional[str]:
         """A peer's input (already validated); returns the drop reason (a counter name) or None.
 
         `origin_report` is the origin's latest (progress, inputs): if it has moved past this frame
@@ -232,7 +233,7 @@ class FrameBook:
                 return DROP_FINISHED
         if self._room(origin, nbytes, PEER_WINDOW_FACTOR * self.max_per_origin):
             return DROP_OVERFLOW
-        self._add(Frame(frame, origin, t_ms, array, nbytes, now_s, participants=frozenset(participants)))
+        self._add(Frame(frame, origin, t_ms, array, nbytes, now_s, participants=frozenset(participants), plan=plan))
         return None
 
     def origin_restarted(self, origin: str) -> None:
@@ -298,24 +299,25 @@ class FrameBook:
         mask = 0
         for node in missing:
             mask |= 1 << self.device_of[node]
-        merge_degraded(f.degraded, self._plausible(upstream) + [(stage, mask, 0)])
+        merge_degraded(f.degraded, self._plausible(f, upstream) + [(stage, mask, 0)])
         f.gathered = result
         f.phase = Phase.GATHERED
         heapq.heappush(self._ready, f.key)
         return f
 
-    def _plausible(self, upstream: Iterable[Tuple[int, int, int]]) -> List[Tuple[int, int, int]]:
-        """Peers' records, kept to what can be true: stages of the plan, devices of the plan, no
-        more zero-filled neurons than the stage has (a record is only what a peer says)."""
+    def _plausible(self, f: Frame, upstream: Iterable[Tuple[int, int, int]]) -> List[Tuple[int, int, int]]:
+        """Peers' records, kept to what can be true: stages of the frame's plan, devices of the
+        plan, no more zero-filled neurons than the stage has (a record is only what a peer says)."""
         all_devices = (1 << len(self.node_ids)) - 1
-        return [(stage, mask & all_devices, min(zero, self.stage_neurons[stage]))
-                for stage, mask, zero in upstream if 0 <= stage < len(self.stage_neurons)]
+        neurons = self._stages(f)[1]
+        return [(stage, mask & all_devices, min(zero, neurons[stage]))
+                for stage, mask, zero in upstream if 0 <= stage < len(neurons)]
 
     def note_upstream(self, frame: int, upstream: Iterable[Tuple[int, int, int]]) -> None:
         """A peer's record for a frame still here, from a slice not used (it came late)."""
         f = self.frames.get(frame)
         if f is not None and f.phase != Phase.DONE:
-            merge_degraded(f.degraded, self._plausible(upstream))
+            merge_degraded(f.degraded, self._plausible(f, upstream))
 
     def missing_devices(self, f: Frame, released: Iterable[str]) -> List[str]:
         """The devices whose rows a gather of `f` lacks: not counted on, or given up on."""
@@ -333,7 +335,7 @@ class FrameBook:
         if f.participants == frozenset({self.self_id}):
             # It ran alone: every other device was missing at every stage.
             mask = sum(1 << self.device_of[n] for n in self.missing_devices(f, ()))
-            for i in range(len(self.stage_names)):
+            for i in range(len(self._stages(f)[0])):
                 f.degraded[i] = (mask, f.degraded.get(i, (0, 0))[1])
         if f.local:
             self._queued_bytes -= f.input_bytes
@@ -483,20 +485,30 @@ class FrameBook:
                 "latency_ms_p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
                 "zero_filled_fraction": float(np.mean([r[1] for r in self.recent])) if self.recent else 0.0}
 
+    def _stages(self, f: Frame) -> Tuple[Sequence[str], Sequence[int]]:
+        """The stage names and neuron counts of the plan `f` runs on."""
+        if f.plan is None:
+            return self.stage_names, self.stage_neurons
+        return f.plan.stage_names, f.plan.neurons
+
+    def frames_on(self, plan: Any) -> int:
+        """How many frames held here run on `plan` (a roll-out retires a plan once none does)."""
+        return sum(1 for f in self.frames.values() if f.plan is plan)
+
     def degradation(self, f: Frame) -> Dict[str, Any]:
         """The answer's account of what computed it: per stage, the devices missing anywhere and the
         most neurons zero-filled anywhere; who took part in every stage."""
         failed_by_stage: Dict[str, List[str]] = {}
         zero_filled: Dict[str, float] = {}
         union = 0
-        for i, name in enumerate(self.stage_names):
+        names, neurons = self._stages(f)
+        for i, name in enumerate(names):
             mask, zero = f.degraded.get(i, (0, 0))
             union |= mask
             if mask:
                 failed_by_stage[name] = [n for d, n in enumerate(self.node_ids) if mask >> d & 1]
-            zero_filled[name] = zero / self.stage_neurons[i] if self.stage_neurons[i] else 0.0
-        total = sum(self.stage_neurons)
-        overall = sum(f.degraded.get(i, (0, 0))[1] for i in range(len(self.stage_names))) / max(1, total)
+            zero_filled[name] = zero / neurons[i] if neurons[i] else 0.0
+        overall = sum(f.degraded.get(i, (0, 0))[1] for i in range(len(names))) / max(1, sum(neurons))
         computed_by = [n for d, n in enumerate(self.node_ids) if n in f.participants and not union >> d & 1]
         return {"participants": computed_by, "counted_on": sorted(f.participants, key=self.device_of.get),
                 "failed_by_stage": failed_by_stage, "zero_filled": zero_filled,

@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
@@ -49,13 +50,16 @@ from robustdice.mesh.mesh import Mesh
 from robustdice.mesh.poller import ReadyPoller
 from robustdice.mesh.ratelog import RateLimitedLog
 from robustdice.mesh.transport import send_parts
+from robustdice.partitioner.core.plan import load_plan
 from robustdice.partitioner.core.serving_stages import serving_stages
 
 from . import ipc
-from .config import NodeConfig, load_node_config, plan_early_bounds, plan_message_bytes
+from .config import (NodeConfig, load_node_config, plan_early_bounds, plan_message_bytes, plan_trust_key,
+                     record_rollout)
 from .errors import NodeError
 from .frames import Frame, FrameBook
 from .metrics import METRICS_REFRESH_S, MetricsRecorder
+from .plans import ROLLOUT_PREPARE, ROLLOUT_SWITCH, PlanLayout, Rollout
 from .serving import EngineWindow, ServingState
 from .process import child_main, report_ready, report_status
 from .telemetry import EnergyMeter, Gpu, Power, rss_bytes
@@ -81,38 +85,26 @@ class Handler:
         self.config = config
         peers = config.peers
         self.me = config.me
-        self.plan = config.plan
         self.node_ids = list(config.node_ids)
         self.device_of = {n: d for d, n in enumerate(self.node_ids)}
         self.device = config.device
-        stages = serving_stages(self.plan)   # a rocoin plan is served as one stage
-        self.stage_names = [s.name for s in stages]
-        self.total_ids = [s.total_ids for s in stages]
-        self.input_shape = tuple(self.plan.input_shape)
-        # Per stage, per node: the neuron ids it computes; whom we wait for (their ids are not all
-        # ours) and whom we send to (ours are not all theirs). A node holding all of a stage
-        # waits for nobody; replicas that add nothing are never sent.
-        self.ids = [{n: np.asarray(s.holders(d), dtype=np.int32) for d, n in enumerate(self.node_ids)}
-                    for s in stages]
-        mine = [set(t[self.me.id].tolist()) for t in self.ids]
-        self.wait_for = [{n for n, a in t.items() if n != self.me.id and not set(a.tolist()) <= mine[i]}
-                         for i, t in enumerate(self.ids)]
-        self.send_to = [{n for n, a in t.items() if n != self.me.id and not mine[i] <= set(a.tolist())}
-                        for i, t in enumerate(self.ids)]
+        stages = serving_stages(config.plan)   # a rocoin plan is served as one stage
         self.ipc_endpoint = ipc_endpoint
-        self.book = FrameBook(self.me.id, self.node_ids, self.stage_names, [s.neurons for s in stages],
+        self.book = FrameBook(self.me.id, self.node_ids, [s.name for s in stages], [s.neurons for s in stages],
                               frame_timeout_s=config.frame_timeout_s)
         # Twice what a peer can hold: a board one release behind, with other windows, is not dropped.
-        self.mesh = Mesh(peers, self.me.id, self.plan.plan_hash, on_event=self._on_event,
+        self.mesh = Mesh(peers, self.me.id, config.plan.plan_hash, on_event=self._on_event,
                          max_stage=len(stages), on_stall=self._on_stall, wire_dtype=config.dtype,
                          max_progress=2 * self.book.max_frames_held)
         self.mesh.progress_source = lambda: (self.book.progress(), self.book.inputs())
         # The plan's tables, checked once by the mesh: a gather takes them unchecked from here on.
-        self.ids = [{n: self.mesh.known_ids(a, self.total_ids[i], f"stage {self.stage_names[i]}, node {n}")
-                     for n, a in t.items()} for i, t in enumerate(self.ids)]
-        # (stage, participants taking part) -> (holders to wait for, peers to send to): the same
-        # few sets at every stage of every frame.
-        self._routes: Dict[Tuple[int, FrozenSet[str]], Tuple[Dict[str, np.ndarray], List[str]]] = {}
+        # A roll-out (node/plans.py) brings a second plan beside this one.
+        self.rollout = Rollout(self._layout(config.plan, config.plan_dir))
+        self.input_shape = tuple(config.plan.input_shape)
+        if config.rollout_switch_ms:   # restarted on a plan a roll-out brought: say so to peers that missed it
+            self.rollout.switch_ms, self.rollout.rollout_dir = config.rollout_switch_ms, str(config.plan_dir)
+            self.mesh.set_plans(config.plan.plan_hash, "", config.rollout_switch_ms, str(config.plan_dir))
+        self.row_elements: Dict[str, List[int]] = {}   # plan hash -> the engine's row sizes per stage
         self.events: collections.deque = collections.deque(maxlen=EVENT_HISTORY)
         # (frame, stage, neurons zero-filled) of this node's own stages, for checks that no answer
         # claims less zero-fill than some node had (status with {"zero_log": true}).
@@ -145,6 +137,14 @@ class Handler:
         self._next_metrics_s = float("-inf")
         self.passes = 0                      # loop passes (wakeups): each costs a fixed share of the CPU
         self.stop = False
+
+    @property
+    def plan(self):
+        """The current plan (a roll-out's next one runs beside it: `rollout`)."""
+        return self.rollout.current.plan
+
+    def _layout(self, plan, plan_dir) -> PlanLayout:
+        return PlanLayout(plan, plan_dir, self.node_ids, self.me.id, self.mesh.known_ids)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -246,9 +246,10 @@ class Handler:
         log.warning("back from a stall of %.0f ms: %d own frames run again, %d peers' frames dropped; serving "
                     "again once the peers hear this node", (now - stalled_from) * 1000, len(to_rerun), len(expired))
 
-    def participants_now(self, now: float) -> List[str]:
-        """Who a frame submitted now would run on (membership.py: pairwise connected)."""
-        chosen = self.mesh.membership.participants(now)
+    def participants_now(self, now: float, plan: Optional[str] = None) -> List[str]:
+        """Who a frame submitted now would run on (membership.py: pairwise connected), of the
+        peers that compute `plan` (default: any of this node's plans)."""
+        chosen = self.mesh.membership.participants(now, plan)
         return [n for n in self.node_ids if n in chosen]
 
     @property
@@ -301,6 +302,7 @@ class Handler:
             self._after_stall(stalled_from, now)
         self._expired(self.book.expire(now))
         self._prune_finished()
+        self._tend_rollout(now)
         if self.serving:
             for f in self.book.held():
                 if self.refusal:
@@ -329,13 +331,13 @@ class Handler:
             self._expired(self.book.prune_origin(origin, report.progress, report.inputs), finished=True)
 
     def _start_local(self, f: Frame, now: float) -> None:
-        participants = self.participants_now(now)
+        participants = self.participants_now(now, f.plan.hash)
         self.book.start(f.frame, participants)
         self.mesh.admit(f.frame, participants, now)
         others = [p for p in participants if p != self.me.id]
         if others:
             self.mesh.broadcast(wire.Input(f.frame, self.me.id, f.input, {}, participants=tuple(participants),
-                                           t_ms=f.t_ms), to=others)
+                                           t_ms=f.t_ms, plan=f.plan.hash), to=others)
 
     def _dispatch(self, now: float) -> None:
         """Send the engine the oldest ready work, as many items as its window allows, in one message."""
@@ -348,7 +350,8 @@ class Handler:
             f, x, gathered = work
             if gathered is None:
                 alone = f.participants == frozenset({self.me.id})
-                items.append(({"kind": ipc.INPUT, "frame": f.frame, "alone": alone, **ipc.describe(x)}, [x]))
+                items.append(({"kind": ipc.INPUT, "frame": f.frame, "alone": alone, "plan": f.plan.hash,
+                               **ipc.describe(x)}, [x]))
             else:
                 items.append(self._gathered_item(f, gathered))
         if not items:
@@ -421,9 +424,13 @@ class Handler:
         if self.me.id not in msg.participants:
             self.counters["input_not_participant"] += 1  # the origin did not count on us for it
             return
+        layout = self.rollout.layout(msg.plan)
+        if layout is None:   # the origin counted on us for a plan we do not serve (any more)
+            self._count_drop("input_unknown_plan", now, f"frame {msg.frame} of plan {msg.plan[:12]} from {origin}")
+            return
         report = self.mesh.membership.report(origin)
         reason = self.book.admit_peer(msg.frame, origin, msg.t_ms, msg.participants, msg.array, msg.array.nbytes,
-                                      now, (report.progress, report.inputs) if report else None)
+                                      now, (report.progress, report.inputs) if report else None, layout)
         if reason:
             self._count_drop(reason, now, f"frame {msg.frame} from {origin}")
         else:
@@ -451,7 +458,7 @@ class Handler:
         upstream = [entry for p in result.pieces for entry in p.degraded]
         if result.released:
             self.ratelog.log("released", logging.INFO, time.monotonic(), "frame %d stage %s: went on without %s",
-                             result.frame, self.stage_names[result.stage],
+                             result.frame, f.plan.stage_names[result.stage],
                              ", ".join(f"{n} ({why})" for n, why in sorted(result.released.items())))
         gone = [n for n, why in result.released.items() if why in FOR_THE_FRAME]
         self.book.on_gathered(result.frame, result.stage, missing, upstream, result, gone)
@@ -472,17 +479,19 @@ class Handler:
             if kind == ipc.READY:
                 self.engine_window.ready = True
                 continue
-            work = [h for h, _ in items if h.get("kind") != ipc.TELEMETRY]
+            work = [h for h, _ in items if h.get("kind") not in (ipc.TELEMETRY, ipc.PREPARED)]
             self.engine_window.answered([h.get("ms", 0.0) / 1000.0 for h in work], now)
             for header, bufs in items:
                 if header.get("kind") == ipc.TELEMETRY:   # rides along; not a work item
                     if "row_elements" in header:      # the first, right after READY
-                        self._bound_messages(header["row_elements"])
+                        self._bound_messages(self.plan.plan_hash, header["row_elements"])
                     self.engine_telemetry = {k: v for k, v in header.items()
                                              if k not in ("kind", "n", "row_elements")}
                     continue
                 kind = header.get("kind")
-                if kind == ipc.SLICE:
+                if kind == ipc.PREPARED:
+                    self._on_prepared(header)
+                elif kind == ipc.SLICE:
                     self._on_slice(header, bufs, now)
                 elif kind == ipc.DONE:
                     self._on_done(header, bufs, now)
@@ -490,25 +499,32 @@ class Handler:
                     self.book.on_error(header.get("frame"), f"engine: {header.get('message', 'error')}",
                                        not_finite=header.get("reason") == ipc.NOT_FINITE)
 
-    def _bound_messages(self, row_elements) -> None:
-        """The engine says how large its slices are: the mesh holds as many early slices as the
-        plan's frames in flight need (node/config.py), and unless peers.yaml sets
-        max_message_bytes, takes and sends no message larger than the plan's largest."""
+    def _bound_messages(self, plan_hash: str, row_elements) -> None:
+        """The engine says how large a plan's slices are: the mesh holds as many early slices as
+        the frames in flight need (node/config.py), and unless peers.yaml sets max_message_bytes,
+        takes and sends no message larger than the largest of the plans it serves."""
         peers = self.config.peers
-        if (not isinstance(row_elements, list) or len(row_elements) != len(self.stage_names)
+        layouts = dict(self.rollout.layouts())
+        if self.rollout.next is not None:   # being prepared: its sizes come before it is served
+            layouts[self.rollout.next.hash] = self.rollout.next
+        layout = layouts.get(plan_hash)
+        if (layout is None or not isinstance(row_elements, list) or len(row_elements) != layout.stages
                 or not all(isinstance(n, int) and n >= 1 for n in row_elements)):
-            log.error("the engine's row sizes %r do not fit the plan's %d stages: max_message_bytes stays %d",
-                      row_elements, len(self.stage_names), peers.max_message_bytes)
+            log.error("the engine's row sizes %r do not fit plan %s: max_message_bytes stays %d",
+                      row_elements, plan_hash[:12], peers.max_message_bytes)
             return
+        self.row_elements = {h: rows for h, rows in self.row_elements.items() if h in layouts}
+        self.row_elements[plan_hash] = row_elements
+        served = [(layouts[h].plan, rows) for h, rows in self.row_elements.items()]
         in_flight = self.book.max_per_origin * len(self.node_ids)
-        slices, nbytes = plan_early_bounds(self.plan, row_elements, in_flight, self.config.dtype)
-        self.mesh.set_early_bounds(slices, nbytes)
+        bounds = [plan_early_bounds(plan, rows, in_flight, self.config.dtype) for plan, rows in served]
+        self.mesh.set_early_bounds(max(b[0] for b in bounds), max(b[1] for b in bounds))
         log.info("early slices: up to %d, %.1f MiB (%d frames in flight, one stage ahead per peer)",
                  self.mesh.book.max_early_slices, self.mesh.book.max_early_bytes / 2 ** 20, in_flight)
         if peers.max_message_bytes_given:
             log.info("max_message_bytes %d, as peers.yaml sets it", peers.max_message_bytes)
             return
-        nbytes, why = plan_message_bytes(self.plan, row_elements, MAX_BATCH, self.config.dtype)
+        nbytes, why = max(plan_message_bytes(plan, rows, MAX_BATCH, self.config.dtype) for plan, rows in served)
         self.mesh.set_max_message_bytes(nbytes)
         log.info("max_message_bytes %d (%.1f MiB), from the plan: the largest message is %s, for %d images",
                  nbytes, nbytes / 2 ** 20, why, MAX_BATCH)
@@ -520,18 +536,12 @@ class Handler:
         f = self.book.on_slice(header["frame"], stage, header.get("zero_before"))
         if f is None:
             return  # expired meanwhile; the engine was told to drop it
-        local = SliceData(self.ids[stage][self.me.id], ipc.array(bufs[0], header["dtype"], header["shape"]))
+        layout = f.plan
+        local = SliceData(layout.ids[stage][self.me.id], ipc.array(bufs[0], header["dtype"], header["shape"]))
         taking_part = f.participants - f.excluded if f.excluded else f.participants
-        route = self._routes.get((stage, taking_part))
-        if route is None:
-            if len(self._routes) >= 64 * len(self.stage_names):   # bounded: membership churn makes new sets
-                self._routes.clear()
-            route = self._routes[(stage, taking_part)] = (
-                {p: self.ids[stage][p] for p in taking_part if p in self.wait_for[stage]},
-                [p for p in taking_part if p in self.send_to[stage]])
-        holders, send_to = route
+        holders, send_to = layout.route(stage, taking_part)
         degraded = tuple((s, m, z) for s, (m, z) in sorted(f.degraded.items())) if f.degraded else ()
-        self.mesh.begin_gather(f.frame, stage, local, holders, self.total_ids[stage], send_to=send_to,
+        self.mesh.begin_gather(f.frame, stage, local, holders, layout.total_ids[stage], send_to=send_to,
                                degraded=degraded, now_s=now)
 
     def _on_done(self, header: dict, bufs, now: float) -> None:
@@ -547,8 +557,112 @@ class Handler:
     def _answer(self, f: Frame) -> None:
         self.metrics.on_answer(f.answer)
         meta = dict(f.answer, request=f.request, node=self.me.id)
+        if f.plan is not None and "error" not in f.answer:
+            meta["plan_hash"] = f.plan.hash   # the plan it was admitted under (a roll-out may run two)
         arrays = (f.logits,) if f.logits is not None and "error" not in f.answer else ()
         self._reply(f.client, wire.Result(f.frame, self.me.id, meta, arrays))
+
+    # ------------------------------------------------------------ roll-out (node/plans.py)
+    def _on_rollout_request(self, kind: str, body) -> dict:
+        """`robustdice rollout`'s two steps: prepare a plan folder, then switch at an agreed time."""
+        if kind == ROLLOUT_PREPARE:
+            plan_dir = body.get("plan_dir")
+            if not isinstance(plan_dir, str) or not 0 < len(plan_dir) <= wire.MAX_PATH_CHARS:
+                problem = "plan_dir: expected a folder path of 1 to %d characters" % wire.MAX_PATH_CHARS
+            else:
+                problem = self._prepare(plan_dir)
+        else:
+            plan_hash, switch_ms = body.get("plan_hash"), body.get("switch_ms")
+            if not isinstance(plan_hash, str) or type(switch_ms) is not int:
+                problem = "switch: expected plan_hash (str) and switch_ms (int)"
+            else:
+                problem = self.rollout.commit(plan_hash, switch_ms)
+                if not problem:
+                    self._committed()
+        if problem:
+            log.warning("roll-out %s refused: %s", kind, problem)
+        return dict(self.rollout.status(), ok=not problem, error=problem or None, node=self.me.id,
+                    wall_ms=int(time.time() * 1000))
+
+    def _prepare(self, plan_dir: str, switch_ms: int = 0) -> Optional[str]:
+        """Check a plan folder as a starting node would (signature, devices, this device's shard,
+        the clients' input shape) and have the engine load it beside the current plan."""
+        try:
+            plan = load_plan(plan_dir, plan_trust_key(self.config.peers))
+        except Exception as exc:   # PlanError, NodeError, OSError: the plan is refused, never the node
+            return f"{plan_dir}: {exc}"
+        if tuple(plan.input_shape) != self.input_shape:
+            return (f"plan {plan.plan_hash[:12]} takes inputs of shape {list(plan.input_shape)}; clients of this "
+                    f"cluster send {list(self.input_shape)}")
+        shard = Path(plan_dir) / "shards" / f"{self.device}.pt"
+        if plan.devices == len(self.node_ids) and not shard.exists():
+            return f"shard for device {self.device} ({self.me.id}) is missing: {shard}"
+        was_loading = self.rollout.next
+        problem = self.rollout.begin(self._layout(plan, plan_dir))
+        if problem:
+            return problem
+        if switch_ms:
+            self.rollout.pending_switch_ms = int(switch_ms)
+        if self.rollout.next is not None and self.rollout.next is not was_loading:
+            log.info("roll-out: loading plan %s (%s, %s) from %s beside plan %s", plan.plan_hash[:12], plan.model,
+                     plan.method, plan_dir, self.plan.plan_hash[:12])
+            self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.PREPARE, "plan_dir": str(plan_dir),
+                                                             "plan_hash": plan.plan_hash}, [])]))
+        return None
+
+    def _on_prepared(self, header: dict) -> None:
+        plan_hash = str(header.get("plan_hash"))
+        if header.get("error"):
+            log.error("roll-out: the engine cannot load plan %s: %s", plan_hash[:12], header["error"])
+            self.rollout.failed(plan_hash, str(header["error"]))
+            return
+        self._bound_messages(plan_hash, header.get("row_elements"))
+        committed = self.rollout.prepared(plan_hash)
+        log.info("roll-out: plan %s loaded; peers may count on this node for its frames", plan_hash[:12])
+        if committed:
+            self._committed()
+        self._publish_plans()
+
+    def _committed(self) -> None:
+        if self.rollout.next is None:   # a repeated switch after the old plan was retired
+            return
+        log.info("roll-out: frames admitted from %s (wall clock) run on plan %s",
+                 time.strftime("%H:%M:%S", time.localtime(self.rollout.switch_ms / 1000))
+                 + f".{self.rollout.switch_ms % 1000:03d}", self.rollout.next.hash[:12])
+        record_rollout(self.config, self.rollout.next.dir, self.rollout.next.hash, self.rollout.switch_ms)
+        self._publish_plans()
+
+    def _publish_plans(self) -> None:
+        """Tell the mesh which plans this node computes (peers judge us by them) and what its
+        heartbeats say of the roll-out."""
+        layouts = self.rollout.layouts()
+        next_plan, switch_ms, rollout_dir = self.rollout.heartbeat()
+        self.mesh.set_plans(self.rollout.current.hash, next_plan, switch_ms, rollout_dir,
+                            max_stage=max(lay.stages for lay in layouts.values()))
+
+    def _tend_rollout(self, now: float) -> None:
+        """Housekeeping: adopt what the peers agreed (a switch time, or a plan rolled out while this
+        node was away), and retire the old plan once no frame needs it."""
+        membership = self.mesh.membership
+        for peer in self.mesh.peer_ids:
+            had_switch = self.rollout.switch_ms
+            adopt = self.rollout.heard(*membership.rollout_of(peer))
+            if adopt is not None:
+                problem = self._prepare(adopt.plan_dir, adopt.switch_ms)
+                if problem:
+                    self.ratelog.log("adopt", logging.ERROR, now, "cannot join the roll-out to plan %s that %s "
+                                     "runs: %s", adopt.plan_hash[:12], peer, problem)
+                break
+            if self.rollout.switch_ms and not had_switch:
+                self._committed()
+        if self.rollout.retire_due(int(time.time() * 1000), self.config.peers.frame_timeout_ms,
+                                   self.book.frames_on(self.rollout.current)):
+            old = self.rollout.retire()
+            self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.RETIRE, "plan_hash": old.hash}, [])]))
+            self.row_elements.pop(old.hash, None)
+            log.info("roll-out done: plan %s retired, plan %s (%s, %s) is the current", old.hash[:12],
+                     self.plan.plan_hash[:12], self.plan.model, self.plan.method)
+            self._publish_plans()
 
     # ------------------------------------------------------------ clients
     def _drain_clients(self, now: float) -> None:
@@ -580,6 +694,8 @@ class Handler:
             if msg.body.get("zero_log") is True:
                 body["zero_log"] = [list(entry) for entry in self.zero_log]
             self._reply(identity, wire.Control("status", body))
+        elif isinstance(msg, wire.Control) and msg.kind in (ROLLOUT_PREPARE, ROLLOUT_SWITCH):
+            self._reply(identity, wire.Control(msg.kind, self._on_rollout_request(msg.kind, msg.body)))
         else:
             self.counters["client_unexpected"] += 1
 
@@ -588,8 +704,9 @@ class Handler:
         problem = self._bad_input(msg.array) or self.refusal
         if not problem:
             frame = wire.frame_id(self.device, next(self.sequence))
-            problem = self.book.admit_local(frame, int(time.time() * 1000), msg.array, msg.array.nbytes, identity,
-                                            request, now)
+            t_ms = int(time.time() * 1000)
+            problem = self.book.admit_local(frame, t_ms, msg.array, msg.array.nbytes, identity, request, now,
+                                            self.rollout.plan_for(t_ms))
         if not problem:
             if self.serving:  # else housekeeping starts it once the node has heard its peers
                 self._start_local(self.book.frames[frame], now)
@@ -663,7 +780,7 @@ class Handler:
         counters.update({k: v for k, v in self.book.counters.items() if k.startswith("input_")})
         return {
             "node": self.me.id, "device": self.device, "incarnation": self.mesh.incarnation,
-            "plan_hash": self.plan.plan_hash, "model": self.plan.model, "method": self.plan.method,
+            "model": self.plan.model, "method": self.plan.method, **self.rollout.status(),
             "serving": self.serving, "refused": self.refusal or None, "engine_ready": self.mesh.ready,
             "engine_busy_ms": self.engine_window.busy_s * 1000.0, "engine": dict(self.engine_telemetry), "gpu": gpu,
             "members": mesh["peers"], "counters": counters,

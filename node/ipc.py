@@ -16,9 +16,10 @@ several are ready; the engine computes them in order and answers each message wi
         right after ready, and telemetry rides along on later results; row_elements is the
         values per neuron and image of each stage's slices (the handler's message bound)
     handler → engine  work     items, each one of:
-        {kind: "input", frame, alone, dtype, shape}                 1 frame: the input tensor
+        {kind: "input", frame, alone, plan?, dtype, shape}          1 frame: the input tensor
             start the frame: compute this device's slice of its first stage; with alone=true
-            (no other participant) run every stage here and answer `done`
+            (no other participant) run every stage here and answer `done`; `plan` is the hash
+            of the plan it runs on (a roll-out's next one; absent: the current)
         {kind: "gathered", frame, stage, failed: [device], from: [device, ...], dtype,
          trailing: [...]}                                           1 frame per device in `from`:
             its rows of the stage, in the plan's order for that device (the handler checked
@@ -26,6 +27,10 @@ several are ready; the engine computes them in order and answers each message wi
             devices whose rows did not come
         {kind: "drop", frame}                                       0 frames; no result
             forget the frame (expired)
+        {kind: "prepare", plan_dir, plan_hash}                      0 frames
+            load that plan's shard beside the current one (a roll-out: node/plans.py)
+        {kind: "retire", plan_hash}                                 0 frames; no result
+            drop that plan (no frame runs on it any more); the other one is the current
     engine → handler  results  items, each one of (every work result also carries `ms`, the
     engine's time on that item, which sizes the handler's window: node/serving.py):
         {kind: "slice", frame, stage, zero_before, dtype, shape}    1 frame: this device's slice
@@ -35,6 +40,8 @@ several are ready; the engine computes them in order and answers each message wi
                                                                     1 frame: the logits
         {kind: "error", frame, message, reason?}                    0 frames: the frame failed here;
             reason "not_finite": this device's slice of a stage held NaN or Inf
+        {kind: "prepared", plan_hash, row_elements, error?}         0 frames: the plan of a
+            `prepare` is loaded (row_elements as in telemetry), or `error` says why not
     handler → engine  stop     []
 """
 from __future__ import annotations
@@ -48,6 +55,7 @@ from robustdice.mesh.wire import dtype_name
 
 READY, WORK, RESULTS, STOP = b"ready", b"work", b"results", b"stop"
 INPUT, GATHERED, DROP = "input", "gathered", "drop"
+PREPARE, RETIRE, PREPARED = "prepare", "retire", "prepared"
 SLICE, DONE, ERROR = "slice", "done", "error"
 TELEMETRY = "telemetry"     # rides along with results; not a work item
 NOT_FINITE = "not_finite"   # the reason of an error for a slice with NaN or Inf

@@ -239,7 +239,7 @@ def run(config, args, spawn: Callable = exec_child) -> int:
     if config.peers.operator_public_key is not None:
         engine_argv += ["--operator-public-key", config.peers.operator_public_key]
     handler_argv = [sys.executable, "-m", "robustdice.node.handler", "--peers", str(config.peers_path),
-                    "--id", config.me.id, "--plan", str(config.plan_dir), "--ipc", endpoint,
+                    "--id", config.me.id, "--plan", str(config.configured_dir), "--ipc", endpoint,
                     "--compute", config.compute, "--dtype", config.dtype] + common
     children: List[Child] = []
     state, status = State.STARTING_ENGINE, 0

@@ -128,6 +128,8 @@ class LocalCluster:
         warm process, or a new Python as a board starts it; default: the cluster's). A
         subprocess.Popen, or a warm.WarmProcess with the same interface."""
         log_path = self.workdir / f"{self.ids[device]}.log"
+        # A board's StateDirectory: where a node remembers a roll-out's plan across restarts.
+        env = dict(env or {}, STATE_DIRECTORY=str(self.workdir / "state"))
         args = ["--peers", str(self.peers_path), "--id", self.ids[device], "--threads", str(self.threads),
                 "--log-level", self.log_level, *extra]
         warm = self.warm if warm is None else warm
@@ -144,7 +146,7 @@ class LocalCluster:
                 argv = list(self.prefix(device)) + argv
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env=None if env is None else dict(os.environ, **env))
+                                        env=dict(os.environ, **env))
         self.procs[device] = proc
         self.logs[device] = log_path
         return proc

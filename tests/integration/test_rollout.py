@@ -1,0 +1,138 @@
+"""A new plan rolled out to live nodes while frames flow (node/plans.py, node/rollout.py).
+
+Every frame is answered, on the plan it was admitted under (its answer equals that plan's
+simulation), none zero-filled with nothing failed; a node that fails in the middle of the
+roll-out rejoins on the plan the cluster runs, and a node restarted after it starts on that plan.
+"""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robustdice.node.client import CameraStream, NodeClient, ask_all
+from robustdice.node.lab.localcluster import LocalCluster
+from robustdice.node.plans import ROLLOUT_PREPARE, ROLLOUT_SWITCH
+from robustdice.node.rollout import rollout
+from robustdice.partitioner.core.plan import load_plan
+from robustdice.partitioner.core.runtime import Cluster
+from robustdice.partitioner.zoo.data import evaluation_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import node_helpers as nh  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(300)]
+
+RATE_FPS = 8          # per camera, two cameras: a steady stream on 2 cores
+SWITCH_SLACK_MS = 150  # a camera's send time and the node's admission time differ by the queueing
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    # The new plan also brings other weights (an operator rolls out a retrained model): both
+    # plans are exact with nothing failed, so only different weights tell their answers apart.
+    old = nh.make_plan(tmp_path_factory, "digits_cnn", 4, "robust")
+    new = nh.make_plan(tmp_path_factory, "digits_cnn", 4, "robust+cdc", weights="none", seed=7)
+    return old, new
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, _, _ = evaluation_split("digits_cnn")
+    return images[:16].numpy().astype(np.float32)
+
+
+def simulated(plan_dir, x):
+    """Per sample, the logits of the plan's simulation with nothing failed."""
+    return Cluster(plan_dir).simulate(torch.from_numpy(x)).numpy()
+
+
+def test_a_plan_rolled_out_under_a_steady_stream_answers_every_frame_on_its_own_plan(plans, digits):
+    old, new = plans
+    old_hash, new_hash = load_plan(old).plan_hash, load_plan(new).plan_hash
+    assert old_hash != new_hash
+    expected = {old_hash: simulated(old, digits), new_hash: simulated(new, digits)}
+    # The two plans must answer differently somewhere, or the check below could not tell them apart.
+    assert np.abs(expected[old_hash] - expected[new_hash]).max() > 0.1
+    with LocalCluster(old) as cluster:
+        cluster.sign(new)
+        nh.start_cluster(cluster)
+        cameras = [CameraStream(cluster.config, node, cluster.key_path, digits, RATE_FPS) for node in ("n0", "n2")]
+        for camera in cameras:
+            camera.start()
+        try:
+            nh.wait_for(lambda: all(sum(r["meta"] is not None for r in c.records) >= 8 for c in cameras), 60,
+                        "8 answers per camera on the old plan")
+            done = rollout(cluster.config, cluster.key_path, new, switch_in_ms=1000, timeout_s=120, say=lambda _: None)
+            nh.wait_for(lambda: all(sum((r["meta"] or {}).get("plan_hash") == new_hash for r in c.records) >= 8
+                                    for c in cameras), 60, "8 answers per camera on the new plan")
+        finally:
+            for camera in cameras:
+                camera.stop.set()
+            for camera in cameras:
+                camera.join(30)
+        views = cluster.status()
+    switch_ms = done["switch_ms"]
+    on = {old_hash: 0, new_hash: 0}
+    for camera in cameras:
+        assert camera.records
+        for r in camera.records:
+            meta = r["meta"]
+            assert meta is not None, f"a frame sent at {r['sent_s']:.3f} to {camera.node_id} was never answered"
+            assert "error" not in meta, meta
+            plan = meta["plan_hash"]
+            on[plan] += 1
+            sent_ms = r["sent_s"] * 1000
+            if sent_ms < switch_ms - SWITCH_SLACK_MS:
+                assert plan == old_hash, (sent_ms - switch_ms, meta)
+            elif sent_ms > switch_ms + SWITCH_SLACK_MS:
+                assert plan == new_hash, (sent_ms - switch_ms, meta)
+            assert meta["zero_filled_fraction"] == 0 and not meta["degraded"], meta
+            np.testing.assert_allclose(r["logits"], expected[plan][r["sample"]: r["sample"] + 1], rtol=1e-4,
+                                       atol=1e-4 * float(np.abs(expected[plan]).max()))
+    assert on[old_hash] >= 16 and on[new_hash] >= 16, on
+    for v in views:   # the old plan is gone everywhere, and no node was asked for a plan it lacked
+        assert v["plan_hash"] == new_hash and v["next_plan"] is None, v
+        assert v["retired_plans"] == [old_hash] and v["switch_ms"] == switch_ms
+        assert v["counters"].get("input_unknown_plan", 0) == 0, v["counters"]
+
+
+def test_a_node_that_fails_mid_rollout_rejoins_on_the_plan_the_cluster_runs(plans, digits):
+    old, new = plans
+    new_hash = load_plan(new).plan_hash
+    expected = simulated(new, digits[:2])
+    with LocalCluster(old) as cluster:
+        cluster.sign(new)
+        nh.start_cluster(cluster)
+        # The roll-out's steps by hand, so that n3 dies between the prepare and the switch.
+        replies = ask_all(cluster.config, cluster.key_path, ROLLOUT_PREPARE, {"plan_dir": str(new)}, 5.0)
+        assert all(v.get("ok") for v in replies), replies
+        cluster.wait_until(lambda views: all((v.get("next_plan") or {}).get("ready") for v in views), 60,
+                           "every node to load the new plan")
+        cluster.kill(3)
+        switch_ms = int(time.time() * 1000) + 500
+        replies = ask_all(cluster.config, cluster.key_path, ROLLOUT_SWITCH, {"plan_hash": new_hash,
+                                                                             "switch_ms": switch_ms}, 5.0, nodes=["n0"])
+        assert replies[0].get("ok"), replies   # the others learn the switch from n0's heartbeats
+        cluster.wait_until(lambda views: all(v.get("switch_ms") == switch_ms for v in views[:3]), 30,
+                           "n1 and n2 to adopt n0's switch time")
+        # n3 comes back as a board does (a new Python, the configured old plan, no record of the
+        # switch it never heard): it learns the plan from its peers and joins the frames.
+        cluster.start_node(3, warm=False)
+        cluster.wait_until(lambda views: all(v.get("plan_hash") == new_hash and v.get("next_plan") is None
+                                             for v in views), 90, "every node to run only the new plan")
+        cluster.wait_until(cluster.all_alive(), 60, "every node to count on every other")
+        with NodeClient(cluster.config, "n0", cluster.key_path) as client:
+            reply = client.submit(digits[:2], timeout_s=30.0)
+        assert "error" not in reply.meta, reply.meta
+        assert reply.meta["plan_hash"] == new_hash and reply.meta["participants"] == cluster.ids, reply.meta
+        np.testing.assert_allclose(reply.arrays[0], expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+        assert "roll-out: loading plan" in cluster.tail(3, 400)   # it adopted the plan, as it was not told
+        # n1 restarted after the switch starts on the new plan at once, from its state record.
+        cluster.kill(1)
+        cluster.start_node(1, warm=False)
+        cluster.wait_until(cluster.all_alive(), 60, "n1 back")
+        assert "which a roll-out brought" in cluster.tail(1, 400)
+        assert cluster.status()[1]["plan_hash"] == new_hash
