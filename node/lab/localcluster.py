@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from robustdice.mesh.config import (DEFAULT_HEARTBEAT_INTERVAL_MS, DEFAULT_PEER_TIMEOUT_MS,
-                                    DEFAULT_SYNC_TIMEOUT_MS)
+from robustdice.mesh.config import (DEFAULT_FRAME_TIMEOUT_MS, DEFAULT_HEARTBEAT_INTERVAL_MS,
+                                    DEFAULT_PEER_TIMEOUT_MS, DEFAULT_SYNC_TIMEOUT_MS)
 
 from ..errors import NodeError
 
@@ -55,7 +55,8 @@ class LocalCluster:
 
     def __init__(self, plan_dir, workdir=None, *, threads: int = 1,
                  heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS, peer_timeout_ms: int = DEFAULT_PEER_TIMEOUT_MS,
-                 sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS, log_level: str = "INFO", insecure: bool = False,
+                 sync_timeout_ms: int = DEFAULT_SYNC_TIMEOUT_MS, frame_timeout_ms: int = DEFAULT_FRAME_TIMEOUT_MS,
+                 log_level: str = "INFO", insecure: bool = False,
                  hosts: Optional[Sequence[str]] = None, prefix=None, dtype: str = "float32",
                  metrics: bool = False, warm: Optional[bool] = None) -> None:
         from robustdice.partitioner.core.plan import load_plan, plan_dir as to_plan_dir
@@ -79,6 +80,7 @@ class LocalCluster:
             raise NodeError("a warm cluster cannot start its nodes behind a prefix (warm=False)")
         self.warm = prefix is None if warm is None else warm
         self._zygote = None
+        self.frame_timeout_ms = frame_timeout_ms
         self.peers_path = self._write_config(heartbeat_interval_ms, peer_timeout_ms, sync_timeout_ms, insecure)
 
     def _write_config(self, heartbeat_ms: int, timeout_ms: int, sync_ms: int, insecure: bool) -> Path:
@@ -105,7 +107,7 @@ class LocalCluster:
                           for d, nid in enumerate(self.ids))
         config = PeersConfig(
             peers=peers, plan=self.plan_dir, heartbeat_interval_ms=heartbeat_ms, peer_timeout_ms=timeout_ms,
-            sync_timeout_ms=sync_ms, dtype=self.dtype, insecure=insecure,
+            sync_timeout_ms=sync_ms, frame_timeout_ms=self.frame_timeout_ms, dtype=self.dtype, insecure=insecure,
             secret_key_file=None if insecure else str(keys_dir / "{id}.key_secret"),
             clients=() if insecure else (ClientKey("client", publics["client"]),), base_dir=self.workdir,
             operator_public_key=operator_public_key)

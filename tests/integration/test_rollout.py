@@ -27,6 +27,9 @@ pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(300)]
 
 RATE_FPS = 8          # per camera, two cameras: a steady stream on 2 cores
 SWITCH_SLACK_MS = 150  # a camera's send time and the node's admission time differ by the queueing
+# The old plan retires a frame timeout after the switch: shorter than the default 10 s, so that
+# the test does not wait for nothing (frames here take tens of ms).
+FRAME_TIMEOUT_MS = 3000
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def test_a_plan_rolled_out_under_a_steady_stream_answers_every_frame_on_its_own_
     expected = {old_hash: simulated(old, digits), new_hash: simulated(new, digits)}
     # The two plans must answer differently somewhere, or the check below could not tell them apart.
     assert np.abs(expected[old_hash] - expected[new_hash]).max() > 0.1
-    with LocalCluster(old) as cluster:
+    with LocalCluster(old, frame_timeout_ms=FRAME_TIMEOUT_MS) as cluster:
         cluster.sign(new)
         nh.start_cluster(cluster)
         cameras = [CameraStream(cluster.config, node, cluster.key_path, digits, RATE_FPS) for node in ("n0", "n2")]
@@ -103,7 +106,7 @@ def test_a_node_that_fails_mid_rollout_rejoins_on_the_plan_the_cluster_runs(plan
     old, new = plans
     new_hash = load_plan(new).plan_hash
     expected = simulated(new, digits[:2])
-    with LocalCluster(old) as cluster:
+    with LocalCluster(old, frame_timeout_ms=FRAME_TIMEOUT_MS) as cluster:
         cluster.sign(new)
         nh.start_cluster(cluster)
         # The roll-out's steps by hand, so that n3 dies between the prepare and the switch.
@@ -118,9 +121,9 @@ def test_a_node_that_fails_mid_rollout_rejoins_on_the_plan_the_cluster_runs(plan
         assert replies[0].get("ok"), replies   # the others learn the switch from n0's heartbeats
         cluster.wait_until(lambda views: all(v.get("switch_ms") == switch_ms for v in views[:3]), 30,
                            "n1 and n2 to adopt n0's switch time")
-        # n3 comes back as a board does (a new Python, the configured old plan, no record of the
-        # switch it never heard): it learns the plan from its peers and joins the frames.
-        cluster.start_node(3, warm=False)
+        # n3 comes back with the configured old plan and no record of the switch it never heard:
+        # it learns the plan from its peers and joins the frames.
+        cluster.start_node(3)
         cluster.wait_until(lambda views: all(v.get("plan_hash") == new_hash and v.get("next_plan") is None
                                              for v in views), 90, "every node to run only the new plan")
         cluster.wait_until(cluster.all_alive(), 60, "every node to count on every other")
@@ -132,7 +135,7 @@ def test_a_node_that_fails_mid_rollout_rejoins_on_the_plan_the_cluster_runs(plan
         assert "roll-out: loading plan" in cluster.tail(3, 400)   # it adopted the plan, as it was not told
         # n1 restarted after the switch starts on the new plan at once, from its state record.
         cluster.kill(1)
-        cluster.start_node(1, warm=False)
+        cluster.start_node(1)
         cluster.wait_until(cluster.all_alive(), 60, "n1 back")
         assert "which a roll-out brought" in cluster.tail(1, 400)
         assert cluster.status()[1]["plan_hash"] == new_hash
