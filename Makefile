@@ -64,7 +64,7 @@ test: venv lab-tools
 	@# The Fashion-MNIST tests skip (naming `make fashion-data`) where the data cannot be installed.
 	@$(MAKE) --no-print-directory fashion-data || echo "Fashion-MNIST unavailable: its tests will be skipped" >&2
 	@# pytest exits 5 when it collects nothing; that is not a failure of the code.
-	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 digits-weights: venv
 	$(PY) -m robustdice.partitioner.zoo.digits train --out partitioner/zoo/weights/digits_cnn.pt

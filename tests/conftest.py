@@ -94,3 +94,27 @@ def pytest_collection_modifyitems(config, items):
         path = item.path
         if path.parent.name == "security" or path.name in SECURITY_FILES:
             item.add_marker(pytest.mark.security)
+
+
+# Seconds each of the slowest test files took in `make test` (2 workers, 2 cores, 2026-12-07).
+# pytest-xdist hands whole files to its workers in collection order (`--dist loadfile
+# --no-loadscope-reorder`, as the Makefile runs it): the longest first, so that the last files
+# are short and no worker waits long for the other at the end (by default xdist orders files
+# by their number of tests, and the 90 s deploy test, alone in its file, came late). Only the
+# order depends on this table; a stale entry costs balance, never a test.
+SLOW_FILES_S = {
+    "integration/test_partition_cli.py": 160, "integration/test_node.py": 100, "integration/test_deploy.py": 93,
+    "integration/test_hardening.py": 80, "integration/test_node_cluster.py": 60, "integration/test_dataflow.py": 59,
+    "integration/test_netlab.py": 50, "integration/test_rocoin_cli.py": 44, "integration/test_default_plan_cli.py": 37,
+    "unit/test_robustness_versus.py": 29, "unit/test_fashion.py": 28, "integration/test_fill_node.py": 26,
+    "unit/test_fill.py": 26, "integration/test_dtype_device.py": 25, "unit/test_wire_fuzz.py": 23,
+    "integration/test_rollout.py": 22, "integration/test_warm.py": 22, "integration/test_own_model.py": 18,
+    "integration/test_energy_jtop.py": 17, "integration/test_rocoin_node.py": 17,
+}
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    def seconds(item) -> float:
+        path = item.nodeid.split("::")[0]
+        return SLOW_FILES_S.get(path.split("tests/", 1)[-1], 0.0)
+    items.sort(key=lambda item: -seconds(item))   # stable: files stay whole, tests keep their order

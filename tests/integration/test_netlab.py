@@ -180,6 +180,9 @@ def test_a_one_way_link_costs_at_most_one_sync_timeout_and_kills_nobody(lab_clus
     assert released_s - fault_s <= (cluster.config.peer_timeout_ms + 1.5 * sync_ms) / 1000, released_s - fault_s
     settled = [r for r in records if released_s + 1.0 < r["sent_s"] < heal_s]
     assert settled and all("n3" not in r["meta"]["participants"] for r in settled)
-    assert max(latencies(settled)) < sync_ms / 2, latencies(settled)
+    # None waits out a sync timeout for n3 (a frame still counting on it would take >= sync_ms);
+    # half of it was too tight beside another cluster's test on the other worker (450-550 ms of
+    # queueing on 2 cores with 8 nodes running).
+    assert max(latencies(settled)) < sync_ms, latencies(settled)
     assert not [e for v in views for e in v["events"] if e["kind"] == "died" and e["wall_s"] >= records[0]["sent_s"]]
     check_heal(records, healed_s, views, cluster, expected)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from robustdice.node.client import CameraStream, NodeClient, ask_all
+from robustdice.node.errors import NodeError
 from robustdice.node.lab.localcluster import LocalCluster
 from robustdice.node.plans import ROLLOUT_PREPARE, ROLLOUT_SWITCH
 from robustdice.node.rollout import rollout
@@ -102,13 +103,17 @@ def test_a_plan_rolled_out_under_a_steady_stream_answers_every_frame_on_its_own_
         assert v["counters"].get("input_unknown_plan", 0) == 0, v["counters"]
 
 
-def test_a_node_that_fails_mid_rollout_rejoins_on_the_plan_the_cluster_runs(plans, digits):
+def test_a_node_that_fails_mid_rollout_rejoins_on_the_plan_the_cluster_runs(plans, digits, tmp_path):
     old, new = plans
     new_hash = load_plan(new).plan_hash
     expected = simulated(new, digits[:2])
     with LocalCluster(old, frame_timeout_ms=FRAME_TIMEOUT_MS) as cluster:
-        cluster.sign(new)
         nh.start_cluster(cluster)
+        # Not signed by this cluster's operator: every node refuses it, and nothing changes.
+        with pytest.raises(NodeError, match="n0 refused the plan: .*sig"):
+            rollout(cluster.config, cluster.key_path, new, timeout_s=30, say=lambda _: None)
+        assert all(v["next_plan"] is None and v["rollout_error"] is None for v in cluster.status())
+        cluster.sign(new)
         # The roll-out's steps by hand, so that n3 dies between the prepare and the switch.
         replies = ask_all(cluster.config, cluster.key_path, ROLLOUT_PREPARE, {"plan_dir": str(new)}, 5.0)
         assert all(v.get("ok") for v in replies), replies
