@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -201,6 +202,15 @@ def cmd_status(args) -> int:
         print(line)
         if v.get("refused"):
             print(f"    REFUSED: {v['refused']}")
+        following = v.get("next_plan")
+        if following:
+            switch = v.get("switch_ms")
+            when = (time.strftime("%H:%M:%S", time.localtime(switch / 1000)) + f".{switch % 1000:03d}"
+                    if switch else "not agreed yet")
+            print(f"    roll-out: plan {following['plan_hash'][:12]} {'loaded' if following['ready'] else 'loading'} "
+                  f"beside it; frames admitted from {when} run on it")
+        if v.get("rollout_error"):
+            print(f"    roll-out failed here: {v['rollout_error']}")
         if "participants" in v:
             print(f"    new frames run on: {', '.join(v['participants'])}")
         for peer, m in sorted(v["members"].items()):

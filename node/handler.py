@@ -603,6 +603,13 @@ class Handler:
             return problem
         if switch_ms:
             self.rollout.pending_switch_ms = int(switch_ms)
+        if was_loading is not None and self.rollout.next is not was_loading:
+            # An earlier roll-out's plan, prepared and never switched to: replaced by this one.
+            log.info("roll-out: plan %s, never switched to, makes way for plan %s", was_loading.hash[:12],
+                     plan.plan_hash[:12])
+            self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.RETIRE, "plan_hash": was_loading.hash}, [])]))
+            self.row_elements.pop(was_loading.hash, None)
+            self._publish_plans()
         if self.rollout.next is not None and self.rollout.next is not was_loading:
             log.info("roll-out: loading plan %s (%s, %s) from %s beside plan %s", plan.plan_hash[:12], plan.model,
                      plan.method, plan_dir, self.plan.plan_hash[:12])

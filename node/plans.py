@@ -140,7 +140,9 @@ class Rollout:
         if self.next is not None:
             if self.next.hash == layout.hash:
                 return None
-            return f"a roll-out to plan {self.next.hash[:12]} is in progress"
+            if self.switch_ms or self.pending_switch_ms:
+                return f"a roll-out to plan {self.next.hash[:12]} is in progress (its switch is agreed)"
+            # Prepared, never switched (the command stopped before it): the newer request wins.
         if layout.plan.devices != self.current.plan.devices:
             return (f"plan {layout.hash[:12]} is for {layout.plan.devices} devices; this cluster has "
                     f"{self.current.plan.devices}")

@@ -4,6 +4,7 @@ Every frame is answered, on the plan it was admitted under (its answer equals th
 simulation), none zero-filled with nothing failed; a node that fails in the middle of the
 roll-out rejoins on the plan the cluster runs, and a node restarted after it starts on that plan.
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from robustdice.node.client import CameraStream, NodeClient, ask_all
+from robustdice.node.client_cli import cmd_status
 from robustdice.node.errors import NodeError
 from robustdice.node.lab.localcluster import LocalCluster
 from robustdice.node.plans import ROLLOUT_PREPARE, ROLLOUT_SWITCH
@@ -103,7 +105,7 @@ def test_a_plan_rolled_out_under_a_steady_stream_answers_every_frame_on_its_own_
         assert v["counters"].get("input_unknown_plan", 0) == 0, v["counters"]
 
 
-def test_a_node_that_fails_mid_rollout_rejoins_on_the_plan_the_cluster_runs(plans, digits, tmp_path):
+def test_a_node_that_fails_mid_rollout_rejoins_on_the_plan_the_cluster_runs(plans, digits, capsys):
     old, new = plans
     new_hash = load_plan(new).plan_hash
     expected = simulated(new, digits[:2])
@@ -119,6 +121,10 @@ def test_a_node_that_fails_mid_rollout_rejoins_on_the_plan_the_cluster_runs(plan
         assert all(v.get("ok") for v in replies), replies
         cluster.wait_until(lambda views: all((v.get("next_plan") or {}).get("ready") for v in views), 60,
                            "every node to load the new plan")
+        capsys.readouterr()
+        cmd_status(argparse.Namespace(peers=cluster.peers_path, key=str(cluster.key_path), timeout=5.0, json=False))
+        shown = capsys.readouterr().out
+        assert shown.count(f"roll-out: plan {new_hash[:12]} loaded beside it; frames admitted from not agreed yet") == 4
         cluster.kill(3)
         switch_ms = int(time.time() * 1000) + 500
         replies = ask_all(cluster.config, cluster.key_path, ROLLOUT_SWITCH, {"plan_hash": new_hash,

@@ -79,9 +79,13 @@ def test_refused_steps_say_why(rollout, monkeypatch):
     assert r.commit("B", 5000) == "plan B is not prepared on this node"
     assert "is for 3 devices" in r.begin(layout(monkeypatch, "C", devices=3))
     assert r.begin(b) is None and r.begin(b) is None                  # the same plan twice: fine
-    assert "in progress" in r.begin(layout(monkeypatch, "C"))
     r.prepared("B")
     assert r.commit("B", 0) == "switch time 0 is not a wall-clock time in ms"
+    c = layout(monkeypatch, "C")
+    assert r.begin(c) is None and r.next is c and not r.next_ready  # B never switched to: C replaces it
+    assert r.begin(b) is None and r.next is b                          # and back
+    r.prepared("B"), r.commit("B", 5000)
+    assert "in progress (its switch is agreed)" in r.begin(c)
     r.failed("B", "shard missing")
     assert r.next is None and r.last_error == "plan B: shard missing" and r.plan_for(10**12).hash == "A"
 
