@@ -80,6 +80,14 @@ SECTIONS = (
             "The plans sized to this run's budget ratio, with uniform, and robust fine-tuned "
             "under its own failure masks (`robustdice finetune`).",
             (Rows("digits_cnn", "budget-0.35", rows="budget"), Rows("fashion_vgg", "budget-0.35", rows="budget"))),
+    Section("efficientnet_lite0 on its 34-stage plans",
+            "The ImageNet model with its real weights, on plans whose depthwise convolutions run in the "
+            "stage before them (one gather per expand and depthwise pair). Agreement with the model's "
+            "own top-1 on unlabelled photos (the evaluation set of the 224-pixel models), a first look "
+            "on a few of them; the file holds each failed set's figure, the worst included. The "
+            "baseline of issue 29, whose goal is 100 / 80 / 60 at 1 / 2 / 3 failed within half of "
+            "NMR's memory.",
+            (Rows("efficientnet_lite0", "baseline-34"),)),
     Section("RoCoIn on fashion_vgg",
             "rocoin's students beside the layer-split plans, with the mean+bn fill for the latter: "
             "memory per device, gathers per frame, and what each keeps under every set of failed "
