@@ -182,7 +182,7 @@ def record_rollout(config: NodeConfig, plan_dir, plan_hash: str, switch_ms: int)
     return path
 
 
-def _rolled_out(me: PeerConfig, configured_hash: str, trust_key: Optional[str]):
+def _rolled_out(me: PeerConfig, device: int, devices: int, configured_hash: str, trust_key: Optional[str]):
     """(folder, plan, switch ms) of the plan a roll-out left this node, or None: no record, or one
     made while peers.yaml named another plan (the operator changed it since: that one wins)."""
     import json
@@ -197,6 +197,11 @@ def _rolled_out(me: PeerConfig, configured_hash: str, trust_key: Optional[str]):
         plan = load_plan(record["plan_dir"], trust_key)
         if plan.plan_hash != record.get("plan_hash"):
             raise NodeError(f"it names plan {str(record.get('plan_hash'))[:12]}, the folder holds {plan.plan_hash[:12]}")
+        if plan.devices != devices:
+            raise NodeError(f"plan {plan.plan_hash[:12]} is for {plan.devices} devices, peers.yaml lists {devices}")
+        shard = Path(record["plan_dir"]) / "shards" / f"{device}.pt"
+        if not shard.exists():
+            raise NodeError(f"its shard for device {device} is missing: {shard}")
         return Path(record["plan_dir"]), plan, int(record.get("switch_ms", 0))
     except Exception as exc:   # a bad record costs the roll-out, never the start
         log.error("%s: ignored (%s); running the configured plan", path, exc)
@@ -222,7 +227,7 @@ def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *
     plan = load_plan(directory, trust_key)
     configured = (Path(directory), plan.plan_hash)
     switch_ms = 0
-    rolled_out = _rolled_out(me, plan.plan_hash, trust_key)
+    rolled_out = _rolled_out(me, list(peers.ids).index(me.id), len(peers.peers), plan.plan_hash, trust_key)
     if rolled_out is not None:
         directory, plan, switch_ms = rolled_out
         log.info("running plan %s from %s, which a roll-out brought (peers.yaml names plan %s)",

@@ -88,17 +88,19 @@ class LoadedPlan:
         self.stages = self.assembler.stages   # what this node serves: a rocoin plan's one stage too
         shard = load_shard(self.plan, plan_dir, device)  # float32 on the CPU, as the plan keeps it
         # torch.fx traces the model by patching nn.Module.__call__ for every thread: a roll-out's
-        # plan loaded beside a computing engine builds its graph while the engine waits.
-        with graph_lock:
-            if self.plan.rocoin is not None:   # a student and the head: one gather per frame
-                from robustdice.partitioner.core.rocoin_device import RocoinDeviceRuntime
+        # plan loaded beside a computing engine traces its graph while the engine waits.
+        if self.plan.rocoin is not None:   # a student and the head: one gather per frame
+            from robustdice.partitioner.core.rocoin_device import RocoinDeviceRuntime
+            with graph_lock:
                 self.runtime = RocoinDeviceRuntime(self.plan, shard, device, compute, dtype)
-            else:
-                # The skeleton is built on the meta device; its shared parameters and this device's
-                # rows go straight to the compute device, cast to the compute dtype.
-                staged = place_model(build_skeleton(self.plan, shard["shared"]), compute, dtype)
-                entries = {name: place(e, compute, dtype) for name, e in shard["stages"].items()}
-                self.runtime = DeviceRuntime(self.plan, staged, {"stages": entries}, device)
+        else:
+            # The skeleton is built on the meta device; its shared parameters and this device's
+            # rows go straight to the compute device, cast to the compute dtype.
+            with graph_lock:
+                skeleton = build_skeleton(self.plan, shard["shared"])
+            staged = place_model(skeleton, compute, dtype)
+            entries = {name: place(e, compute, dtype) for name, e in shard["stages"].items()}
+            self.runtime = DeviceRuntime(self.plan, staged, {"stages": entries}, device)
 
 
 class Engine:
@@ -142,7 +144,9 @@ class Engine:
                     self.graph_lock)
                 if loaded.plan.plan_hash != plan_hash:
                     raise ValueError(f"{plan_dir} holds plan {loaded.plan.plan_hash[:12]}, not {plan_hash[:12]}")
-                with self.torch.inference_mode():   # a per-thread mode, as serve() sets it for the engine's
+                # inference_mode is per thread, as serve() sets it for the engine's; a forward, like a
+                # trace, must not overlap another thread's trace.
+                with self.torch.inference_mode(), self.graph_lock:
                     outcome = (loaded, self.row_elements(loaded))
             except Exception as exc:   # a plan that cannot run here ends the roll-out, never the engine
                 log.warning("cannot load plan %s from %s: %s", plan_hash[:12], plan_dir, exc)

@@ -99,11 +99,10 @@ class Handler:
         self.mesh.progress_source = lambda: (self.book.progress(), self.book.inputs())
         # The plan's tables, checked once by the mesh: a gather takes them unchecked from here on.
         # A roll-out (node/plans.py) brings a second plan beside this one.
-        self.rollout = Rollout(self._layout(config.plan, config.plan_dir))
+        # A node restarted on a plan a roll-out brought says so to peers that missed the roll-out.
+        self.rollout = Rollout(self._layout(config.plan, config.plan_dir), config.rollout_switch_ms)
         self.input_shape = tuple(config.plan.input_shape)
-        if config.rollout_switch_ms:   # restarted on a plan a roll-out brought: say so to peers that missed it
-            self.rollout.switch_ms, self.rollout.rollout_dir = config.rollout_switch_ms, str(config.plan_dir)
-            self.mesh.set_plans(config.plan.plan_hash, "", config.rollout_switch_ms, str(config.plan_dir))
+        self.mesh.set_plans(config.plan.plan_hash, *self.rollout.heartbeat())
         self.row_elements: Dict[str, List[int]] = {}   # plan hash -> the engine's row sizes per stage
         self.events: collections.deque = collections.deque(maxlen=EVENT_HISTORY)
         # (frame, stage, neurons zero-filled) of this node's own stages, for checks that no answer
@@ -302,7 +301,7 @@ class Handler:
             self._after_stall(stalled_from, now)
         self._expired(self.book.expire(now))
         self._prune_finished()
-        self._tend_rollout(now)
+        self._guard("rollout", self._tend_rollout, now)
         if self.serving:
             for f in self.book.held():
                 if self.refusal:
@@ -576,7 +575,7 @@ class Handler:
             if not isinstance(plan_hash, str) or type(switch_ms) is not int:
                 problem = "switch: expected plan_hash (str) and switch_ms (int)"
             else:
-                problem = self.rollout.commit(plan_hash, switch_ms)
+                problem = self.rollout.commit(plan_hash, switch_ms, int(time.time() * 1000))
                 if not problem:
                     self._committed()
         if problem:
@@ -584,41 +583,58 @@ class Handler:
         return dict(self.rollout.status(), ok=not problem, error=problem or None, node=self.me.id,
                     wall_ms=int(time.time() * 1000))
 
-    def _prepare(self, plan_dir: str, switch_ms: int = 0) -> Optional[str]:
+    def _prepare(self, plan_dir: str, switch_ms: int = 0, expect: str = "") -> Optional[str]:
         """Check a plan folder as a starting node would (signature, devices, this device's shard,
-        the clients' input shape) and have the engine load it beside the current plan."""
+        the clients' input shape; `expect`: the hash a peer said it holds) and have the engine load
+        it beside the current plan. Returns why not, or None."""
         try:
             plan = load_plan(plan_dir, plan_trust_key(self.config.peers))
         except Exception as exc:   # PlanError, NodeError, OSError: the plan is refused, never the node
             return f"{plan_dir}: {exc}"
+        if expect and plan.plan_hash != expect:
+            return f"{plan_dir} holds plan {plan.plan_hash[:12]} here, not plan {expect[:12]}"
+        if plan.devices != len(self.node_ids):
+            return f"plan {plan.plan_hash[:12]} is for {plan.devices} devices; this cluster has {len(self.node_ids)}"
         if tuple(plan.input_shape) != self.input_shape:
             return (f"plan {plan.plan_hash[:12]} takes inputs of shape {list(plan.input_shape)}; clients of this "
                     f"cluster send {list(self.input_shape)}")
         shard = Path(plan_dir) / "shards" / f"{self.device}.pt"
-        if plan.devices == len(self.node_ids) and not shard.exists():
+        if not shard.exists():
             return f"shard for device {self.device} ({self.me.id}) is missing: {shard}"
-        was_loading = self.rollout.next
-        problem = self.rollout.begin(self._layout(plan, plan_dir))
+        was = self.rollout.next
+        if was is not None and was.hash != plan.plan_hash and self.book.frames_on(was):
+            return f"frames of plan {was.hash[:12]} are still in flight here"
+        try:
+            layout = self._layout(plan, plan_dir)
+        except Exception as exc:   # a table the mesh refuses (ids out of range): refused, never fatal
+            return f"plan {plan.plan_hash[:12]}: {exc}"
+        problem = self.rollout.begin(layout)
         if problem:
             return problem
         if switch_ms:
             self.rollout.pending_switch_ms = int(switch_ms)
-        if was_loading is not None and self.rollout.next is not was_loading:
-            # An earlier roll-out's plan, prepared and never switched to: replaced by this one.
-            log.info("roll-out: plan %s, never switched to, makes way for plan %s", was_loading.hash[:12],
-                     plan.plan_hash[:12])
-            self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.RETIRE, "plan_hash": was_loading.hash}, [])]))
-            self.row_elements.pop(was_loading.hash, None)
+        if was is not None and self.rollout.next is not was:
+            # An earlier roll-out's plan, prepared and never switched to: replaced (or cancelled).
+            log.info("roll-out: plan %s, never switched to, is dropped", was.hash[:12])
+            self._engine_retire(was.hash)
             self._publish_plans()
-        if self.rollout.next is not None and self.rollout.next is not was_loading:
+        if self.rollout.next is not None and self.rollout.next is not was:
             log.info("roll-out: loading plan %s (%s, %s) from %s beside plan %s", plan.plan_hash[:12], plan.model,
                      plan.method, plan_dir, self.plan.plan_hash[:12])
             self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.PREPARE, "plan_dir": str(plan_dir),
                                                              "plan_hash": plan.plan_hash}, [])]))
         return None
 
+    def _engine_retire(self, plan_hash: str) -> None:
+        self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.RETIRE, "plan_hash": plan_hash}, [])]))
+        self.row_elements.pop(plan_hash, None)
+
     def _on_prepared(self, header: dict) -> None:
         plan_hash = str(header.get("plan_hash"))
+        if self.rollout.next is None or self.rollout.next.hash != plan_hash:
+            if not header.get("error"):   # loaded after it was cancelled: the engine drops it again
+                self._engine_retire(plan_hash)
+            return
         if header.get("error"):
             log.error("roll-out: the engine cannot load plan %s: %s", plan_hash[:12], header["error"])
             self.rollout.failed(plan_hash, str(header["error"]))
@@ -636,7 +652,10 @@ class Handler:
         log.info("roll-out: frames admitted from %s (wall clock) run on plan %s",
                  time.strftime("%H:%M:%S", time.localtime(self.rollout.switch_ms / 1000))
                  + f".{self.rollout.switch_ms % 1000:03d}", self.rollout.next.hash[:12])
-        record_rollout(self.config, self.rollout.next.dir, self.rollout.next.hash, self.rollout.switch_ms)
+        try:
+            record_rollout(self.config, self.rollout.next.dir, self.rollout.next.hash, self.rollout.switch_ms)
+        except OSError as exc:   # the roll-out goes on; a restart then learns it from the peers
+            log.error("roll-out: cannot record plan %s for restarts (%s)", self.rollout.next.hash[:12], exc)
         self._publish_plans()
 
     def _publish_plans(self) -> None:
@@ -651,12 +670,14 @@ class Handler:
         """Housekeeping: adopt what the peers agreed (a switch time, or a plan rolled out while this
         node was away), and retire the old plan once no frame needs it."""
         membership = self.mesh.membership
+        wall_ms = int(time.time() * 1000)
         for peer in self.mesh.peer_ids:
             had_switch = self.rollout.switch_ms
-            adopt = self.rollout.heard(*membership.rollout_of(peer))
+            adopt = self.rollout.heard(*membership.rollout_of(peer), wall_ms)
             if adopt is not None:
-                problem = self._prepare(adopt.plan_dir, adopt.switch_ms)
-                if problem:
+                problem = self._prepare(adopt.plan_dir, adopt.switch_ms, expect=adopt.plan_hash)
+                if problem:   # not again until a later switch: a failure must not repeat every pass
+                    self.rollout.refuse(adopt.plan_hash, adopt.switch_ms)
                     self.ratelog.log("adopt", logging.ERROR, now, "cannot join the roll-out to plan %s that %s "
                                      "runs: %s", adopt.plan_hash[:12], peer, problem)
                 break
@@ -665,8 +686,7 @@ class Handler:
         if self.rollout.retire_due(int(time.time() * 1000), self.config.peers.frame_timeout_ms,
                                    self.book.frames_on(self.rollout.current)):
             old = self.rollout.retire()
-            self.engine.send_multipart(ipc.pack(ipc.WORK, [({"kind": ipc.RETIRE, "plan_hash": old.hash}, [])]))
-            self.row_elements.pop(old.hash, None)
+            self._engine_retire(old.hash)
             log.info("roll-out done: plan %s retired, plan %s (%s, %s) is the current", old.hash[:12],
                      self.plan.plan_hash[:12], self.plan.model, self.plan.method)
             self._publish_plans()

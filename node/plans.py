@@ -42,6 +42,11 @@ from robustdice.partitioner.core.serving_stages import serving_stages
 ROLLOUT_PREPARE = "rollout_prepare"   # {"plan_dir": str}
 ROLLOUT_SWITCH = "rollout_switch"     # {"plan_hash": str, "switch_ms": int}
 
+# A switch time further ahead of a node's clock than this is refused (a value in the wrong unit
+# would otherwise hold a roll-out, and every later one, for good).
+MAX_SWITCH_AHEAD_MS = 3600 * 1000
+MAX_REFUSED = 16
+
 # Routes kept per stage before the cache is cleared (membership churn makes new participant sets).
 ROUTES_PER_STAGE = 64
 
@@ -101,15 +106,21 @@ class Adopt:
 class Rollout:
     """The current plan and a roll-out's next one (see the module's docstring)."""
 
-    def __init__(self, current: PlanLayout) -> None:
+    def __init__(self, current: PlanLayout, switch_ms: int = 0) -> None:
         self.current = current
+        # The agreed switch time of the roll-out that brought the current plan, and its folder
+        # (0 and "": the configured plan): what heartbeats tell nodes that missed it.
+        self.current_switch_ms = int(switch_ms)
+        self.rollout_dir = current.dir if switch_ms else ""
         self.next: Optional[PlanLayout] = None
         self.next_ready = False            # the engine has loaded the next plan's shard
         self.switch_ms = 0                 # the agreed admission time of the next plan's first frame (0: none)
         self.pending_switch_ms = 0         # a switch adopted from a peer before the plan was ready here
-        self.rollout_dir = ""              # the folder of the newest plan a roll-out brought
         self.last_error = ""
         self.retired: List[str] = []       # hashes of plans dropped, oldest first
+        # Plans a peer's heartbeat asked for that could not be prepared here: hash -> its switch
+        # time. Not asked again until a later switch (a failure must not repeat every pass).
+        self.refused: Dict[str, int] = {}
 
     # ------------------------------------------------------------ what frames run on
     def layouts(self) -> Dict[str, PlanLayout]:
@@ -133,20 +144,29 @@ class Rollout:
         return self.current
 
     # ------------------------------------------------------------ the roll-out's steps
+    @property
+    def agreed(self) -> bool:
+        """The next plan's switch time is agreed (or adopted, waiting for the plan to load)."""
+        return bool(self.switch_ms or self.pending_switch_ms)
+
     def begin(self, layout: PlanLayout) -> Optional[str]:
-        """Prepare `layout` as the next plan; returns why not, or None (the engine loads it next)."""
-        if layout.hash == self.current.hash:
-            return None if self.next is None else f"a roll-out to plan {self.next.hash[:12]} is in progress"
-        if self.next is not None:
-            if self.next.hash == layout.hash:
-                return None
-            if self.switch_ms or self.pending_switch_ms:
+        """Prepare `layout` as the next plan; returns why not, or None (the engine loads it next).
+        A next plan never switched to makes way for a newer request (the current plan's: a cancel)."""
+        if self.next is not None and self.next.hash != layout.hash:
+            if self.agreed:
                 return f"a roll-out to plan {self.next.hash[:12]} is in progress (its switch is agreed)"
-            # Prepared, never switched (the command stopped before it): the newer request wins.
+            if not self.next_ready:
+                return f"plan {self.next.hash[:12]} is still loading here; ask again once it is loaded"
+        if layout.hash == self.current.hash:
+            self.next, self.next_ready, self.pending_switch_ms = None, False, 0
+            return None
+        if self.next is not None and self.next.hash == layout.hash:
+            return None
         if layout.plan.devices != self.current.plan.devices:
             return (f"plan {layout.hash[:12]} is for {layout.plan.devices} devices; this cluster has "
                     f"{self.current.plan.devices}")
-        self.next, self.next_ready, self.switch_ms, self.last_error = layout, False, 0, ""
+        self.next, self.next_ready, self.switch_ms, self.pending_switch_ms = layout, False, 0, 0
+        self.last_error = ""
         return None
 
     @property
@@ -159,7 +179,6 @@ class Rollout:
         if self.next is None or plan_hash != self.next.hash:
             return False
         self.next_ready = True
-        self.rollout_dir = self.next.dir
         if self.pending_switch_ms:
             self.switch_ms, self.pending_switch_ms = self.pending_switch_ms, 0
             return True
@@ -168,19 +187,26 @@ class Rollout:
     def failed(self, plan_hash: str, why: str) -> None:
         """The next plan could not be loaded: the roll-out ends here, the current plan stays."""
         if self.next is not None and plan_hash == self.next.hash:
-            self.next, self.next_ready, self.pending_switch_ms = None, False, 0
+            self.refuse(plan_hash, self.pending_switch_ms or self.switch_ms)
+            self.next, self.next_ready, self.switch_ms, self.pending_switch_ms = None, False, 0, 0
             self.last_error = f"plan {plan_hash[:12]}: {why}"
 
-    def commit(self, plan_hash: str, switch_ms: int) -> Optional[str]:
+    def refuse(self, plan_hash: str, switch_ms: int) -> None:
+        self.refused[plan_hash] = max(self.refused.get(plan_hash, 0), int(switch_ms))
+        while len(self.refused) > MAX_REFUSED:
+            self.refused.pop(next(iter(self.refused)))
+
+    def commit(self, plan_hash: str, switch_ms: int, wall_ms: int) -> Optional[str]:
         """Agree on the switch time; returns why not, or None. The first time agreed stays."""
-        if plan_hash == self.current.hash and self.next is None and self.switch_ms:
+        if plan_hash == self.current.hash and self.next is None and self.current_switch_ms:
             return None   # already switched and retired: a late or repeated commit
         if self.next is None or plan_hash != self.next.hash:
             return f"plan {plan_hash[:12]} is not prepared on this node"
         if not self.next_ready:
             return f"plan {plan_hash[:12]} is still loading on this node"
-        if switch_ms <= 0:
-            return f"switch time {switch_ms} is not a wall-clock time in ms"
+        if not 0 < switch_ms <= wall_ms + MAX_SWITCH_AHEAD_MS:
+            return (f"switch time {switch_ms} is not a wall-clock time in ms within "
+                    f"{MAX_SWITCH_AHEAD_MS // 60000} minutes of this node's clock ({wall_ms})")
         if not self.switch_ms:
             self.switch_ms = int(switch_ms)
         return None
@@ -194,35 +220,45 @@ class Rollout:
     def retire(self) -> PlanLayout:
         """Drop the old plan; the next is the current from now on. Returns the old one."""
         old, self.current, self.next, self.next_ready = self.current, self.next, None, False
+        self.current_switch_ms, self.rollout_dir, self.switch_ms = self.switch_ms, self.current.dir, 0
         self.retired.append(old.hash)
         return old
 
     # ------------------------------------------------------------ gossip
-    def heard(self, plan: str, next_plan: str, switch_ms: int, plan_dir: str) -> Optional[Adopt]:
+    def heard(self, plan: str, next_plan: str, switch_ms: int, plan_dir: str, wall_ms: int) -> Optional[Adopt]:
         """A peer's heartbeat: adopt its agreed switch time for our next plan, or ask to prepare a
-        plan it switched to at a later time than ours (it was rolled out while this node was away)."""
-        if not switch_ms or not plan_dir:
+        plan it switched to at a later time than ours (it was rolled out while this node was away,
+        or a roll-out went back to an older plan)."""
+        if not switch_ms or not plan_dir or switch_ms > wall_ms + MAX_SWITCH_AHEAD_MS:
             return None
         target = next_plan or plan   # its roll-out's plan: still the next one, or already its current
         if self.next is not None:
-            if target == self.next.hash and not self.switch_ms:
-                if self.next_ready:
-                    self.switch_ms = int(switch_ms)
-                else:
-                    self.pending_switch_ms = int(switch_ms)
+            if target == self.next.hash:
+                if not self.agreed:
+                    if self.next_ready:
+                        self.switch_ms = int(switch_ms)
+                    else:
+                        self.pending_switch_ms = int(switch_ms)
+                return None
+            if self.agreed:
+                return None
+            # Ours is a plan prepared and never switched to: the cluster agreed on another.
+        if target == self.current.hash or switch_ms <= self.current_switch_ms:
             return None
-        if target == self.current.hash or switch_ms <= self.switch_ms or target in self.retired:
+        if self.refused.get(target, -1) >= switch_ms:
             return None
         return Adopt(target, plan_dir, int(switch_ms))
 
     def heartbeat(self) -> Tuple[str, int, str]:
-        """What heartbeats say: (next plan if served, switch ms, roll-out plan folder)."""
-        next_plan = self.next.hash if self.next is not None and self.next_ready else ""
-        return next_plan, self.switch_ms, self.rollout_dir
+        """What heartbeats say: (next plan if served, its switch ms and folder once agreed); with
+        no next plan, the roll-out that brought the current one (0 and "": none)."""
+        if self.next is None or not self.next_ready:
+            return "", self.current_switch_ms, self.rollout_dir
+        return (self.next.hash, self.switch_ms, self.next.dir) if self.switch_ms else (self.next.hash, 0, "")
 
     def status(self) -> Dict[str, object]:
         return {"plan_hash": self.current.hash,
                 "next_plan": None if self.next is None else {"plan_hash": self.next.hash, "ready": self.next_ready,
                                                              "plan_dir": self.next.dir},
-                "switch_ms": self.switch_ms or None, "rollout_error": self.last_error or None,
-                "retired_plans": list(self.retired)}
+                "switch_ms": (self.switch_ms if self.next is not None else self.current_switch_ms) or None,
+                "rollout_error": self.last_error or None, "retired_plans": list(self.retired)}

@@ -10,6 +10,7 @@ from robustdice.mesh.membership import Membership, PeerState
 from robustdice.node.plans import Adopt, PlanLayout, Rollout
 
 IDS = ["n0", "n1", "n2", "n3"]
+NOW = 6000   # this node's wall clock, ms (switch times must not lie more than an hour ahead of it)
 TIMEOUT_MS = 10_000
 
 
@@ -53,38 +54,43 @@ def test_frames_run_on_the_current_plan_until_the_agreed_switch(rollout):
     assert r.begin(b) is None and r.loading
     assert r.plan_for(10**12).hash == "A"                      # loading: not served yet
     assert r.layout("B") is None and r.heartbeat() == ("", 0, "")
-    assert r.commit("B", 5000) == "plan B is still loading on this node"
-    assert r.prepared("B") is False and r.heartbeat() == ("B", 0, "/plans/B")
+    assert r.commit("B", 5000, NOW) == "plan B is still loading on this node"
+    assert r.prepared("B") is False and r.heartbeat() == ("B", 0, "")          # served, no switch agreed yet
     assert r.layout("B") is b and r.layout("") is r.current and r.layout("C") is None
     assert r.plan_for(10**12).hash == "A"                      # served, but no switch agreed
-    assert r.commit("B", 5000) is None and r.commit("B", 9000) is None
-    assert r.switch_ms == 5000                                 # the first time agreed stays
+    assert r.commit("B", 5000, NOW) is None and r.commit("B", 9000, NOW) is None
+    assert r.switch_ms == 5000 and r.heartbeat() == ("B", 5000, "/plans/B")   # the first time agreed stays
     assert [r.plan_for(t).hash for t in (4999, 5000, 6000)] == ["A", "B", "B"]
 
 
 def test_the_old_plan_retires_a_frame_timeout_after_the_switch_once_no_frame_needs_it(rollout):
     r, b = rollout
-    r.begin(b), r.prepared("B"), r.commit("B", 5000)
+    r.begin(b), r.prepared("B"), r.commit("B", 5000, NOW)
     assert not r.retire_due(5000 + TIMEOUT_MS - 1, TIMEOUT_MS, 0)   # an input admitted before may still come
     assert not r.retire_due(5000 + TIMEOUT_MS, TIMEOUT_MS, 1)       # a frame still runs on it
     assert r.retire_due(5000 + TIMEOUT_MS, TIMEOUT_MS, 0)
     old = r.retire()
     assert old.hash == "A" and r.current is b and r.next is None and r.retired == ["A"]
     assert r.plan_for(0).hash == "B" and r.heartbeat() == ("", 5000, "/plans/B")
-    assert r.commit("B", 5000) is None                                # a repeated switch is harmless
+    assert r.status()["switch_ms"] == 5000 and r.switch_ms == 0
+    assert r.commit("B", 5000, NOW) is None                                # a repeated switch is harmless
 
 
 def test_refused_steps_say_why(rollout, monkeypatch):
     r, b = rollout
-    assert r.commit("B", 5000) == "plan B is not prepared on this node"
+    assert r.commit("B", 5000, NOW) == "plan B is not prepared on this node"
     assert "is for 3 devices" in r.begin(layout(monkeypatch, "C", devices=3))
     assert r.begin(b) is None and r.begin(b) is None                  # the same plan twice: fine
     r.prepared("B")
-    assert r.commit("B", 0) == "switch time 0 is not a wall-clock time in ms"
+    assert r.commit("B", 0, NOW).startswith("switch time 0 is not a wall-clock time in ms")
+    assert "within 60 minutes" in r.commit("B", NOW + 3_600_001, NOW)        # microseconds by mistake
     c = layout(monkeypatch, "C")
     assert r.begin(c) is None and r.next is c and not r.next_ready  # B never switched to: C replaces it
-    assert r.begin(b) is None and r.next is b                          # and back
-    r.prepared("B"), r.commit("B", 5000)
+    assert "still loading" in r.begin(b)                               # not while C loads (the engine's)
+    r.prepared("C")
+    assert r.begin(r.current) is None and r.next is None             # the current plan's own: a cancel
+    assert r.begin(b) is None and r.next is b
+    r.prepared("B"), r.commit("B", 5000, NOW)
     assert "in progress (its switch is agreed)" in r.begin(c)
     r.failed("B", "shard missing")
     assert r.next is None and r.last_error == "plan B: shard missing" and r.plan_for(10**12).hash == "A"
@@ -92,22 +98,38 @@ def test_refused_steps_say_why(rollout, monkeypatch):
 
 def test_a_node_that_missed_the_rollout_adopts_it_from_a_peer(rollout):
     r, b = rollout
-    assert r.heard("A", "B", 0, "/plans/B") is None                   # prepared there, not agreed: not ours to follow
-    assert r.heard("B", "", 5000, "/plans/B") == Adopt("B", "/plans/B", 5000)
-    assert r.heard("A", "B", 5000, "/plans/B") == Adopt("B", "/plans/B", 5000)
+    assert r.heard("A", "B", 0, "/plans/B", NOW) is None                   # prepared there, not agreed: not ours to follow
+    assert r.heard("B", "", 5000, "/plans/B", NOW) == Adopt("B", "/plans/B", 5000)
+    assert r.heard("A", "B", 5000, "/plans/B", NOW) == Adopt("B", "/plans/B", 5000)
     r.begin(b)
     r.pending_switch_ms = 5000                                        # what the handler keeps from the Adopt
     assert r.prepared("B") is True and r.switch_ms == 5000            # committed the moment it loads
 
 
+def test_an_adoption_that_failed_is_not_asked_again_until_a_later_switch(rollout, monkeypatch):
+    r, b = rollout
+    assert r.heard("B", "", 5000, "/plans/B", NOW) is not None
+    r.refuse("B", 5000)                                                # the folder held something else
+    assert r.heard("B", "", 5000, "/plans/B", NOW) is None
+    assert r.heard("B", "", 5500, "/plans/B", NOW) is not None
+    r.begin(b), r.prepared("B")                                        # prepared, never switched to ...
+    c = layout(monkeypatch, "C")
+    assert r.heard("A", "C", 5500, "/plans/C", NOW) == Adopt("C", "/plans/C", 5500)   # ... the cluster chose C
+    r.commit("B", 5000, NOW)
+    assert r.heard("A", "C", 5500, "/plans/C", NOW) is None           # ours is agreed: it stays
+    assert c.hash == "C"
+
+
 def test_a_peers_switch_time_is_adopted_for_our_prepared_plan(rollout):
     r, b = rollout
     r.begin(b)
-    assert r.heard("A", "B", 7000, "/plans/B") is None and r.pending_switch_ms == 7000 and not r.switch_ms
+    assert r.heard("A", "B", 7000, "/plans/B", NOW) is None and r.pending_switch_ms == 7000 and not r.switch_ms
     r.prepared("B")
     assert r.switch_ms == 7000
     r.retire()
-    assert r.heard("A", "", 3000, "/plans/A") is None                 # an older roll-out is never adopted back
+    assert r.heard("A", "", 3000, "/plans/A", NOW) is None               # an older roll-out is never adopted back
+    assert r.heard("A", "", 8000, "/plans/A", NOW) == Adopt("A", "/plans/A", 8000)   # a later one back to A is
+    assert r.heard("A", "", NOW + 3_600_001, "/plans/A", NOW) is None    # not from an hour ahead
 
 
 def test_membership_accepts_a_peer_that_shares_a_plan_and_counts_on_it_only_for_that_plan():
