@@ -70,6 +70,10 @@ def rollout(config: PeersConfig, key_path: Optional[Path], plan_dir, *, switch_i
         raise NodeError(f"the nodes name different plans for {folder}: {', '.join(sorted(t[:12] for t in targets))}")
     plan_hash = targets.pop()
     ids = [v["node"] for v in answered]
+    if all(_retired_to(v, plan_hash) for v in answered):   # the plan they run (a cancel, or a repeat)
+        say(f"{', '.join(ids)} run plan {plan_hash[:12]}; nothing to roll out")
+        return {"plan_hash": plan_hash, "plan_dir": str(folder), "switch_ms": None, "nodes": ids,
+                "prepared_s": 0.0, "views": answered}
     say(f"plan {plan_hash[:12]}: loading on {', '.join(ids)}")
 
     def wait(predicate, what: str) -> List[Dict]:

@@ -116,11 +116,16 @@ def test_a_node_that_fails_mid_rollout_rejoins_on_the_plan_the_cluster_runs(plan
             rollout(cluster.config, cluster.key_path, new, timeout_s=30, say=lambda _: None)
         assert all(v["next_plan"] is None and v["rollout_error"] is None for v in cluster.status())
         cluster.sign(new)
-        # The roll-out's steps by hand, so that n3 dies between the prepare and the switch.
-        replies = ask_all(cluster.config, cluster.key_path, ROLLOUT_PREPARE, {"plan_dir": str(new)}, 5.0)
-        assert all(v.get("ok") for v in replies), replies
-        cluster.wait_until(lambda views: all((v.get("next_plan") or {}).get("ready") for v in views), 60,
-                           "every node to load the new plan")
+        # The roll-out's steps by hand, so that n3 dies between the prepare and the switch. First a
+        # prepare that is cancelled: the command with the current plan's folder drops it everywhere.
+        for attempt in ("cancelled", "kept"):
+            replies = ask_all(cluster.config, cluster.key_path, ROLLOUT_PREPARE, {"plan_dir": str(new)}, 5.0)
+            assert all(v.get("ok") for v in replies), replies
+            cluster.wait_until(lambda views: all((v.get("next_plan") or {}).get("ready") for v in views), 60,
+                               "every node to load the new plan")
+            if attempt == "cancelled":
+                assert rollout(cluster.config, cluster.key_path, old, timeout_s=30, say=lambda _: None)["switch_ms"] is None
+                assert all(v["next_plan"] is None for v in cluster.status())
         capsys.readouterr()
         cmd_status(argparse.Namespace(peers=cluster.peers_path, key=str(cluster.key_path), timeout=5.0, json=False))
         shown = capsys.readouterr().out
