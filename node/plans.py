@@ -45,7 +45,7 @@ ROLLOUT_SWITCH = "rollout_switch"     # {"plan_hash": str, "switch_ms": int}
 # A switch time further ahead of a node's clock than this is refused (a value in the wrong unit
 # would otherwise hold a roll-out, and every later one, for good).
 MAX_SWITCH_AHEAD_MS = 3600 * 1000
-MAX_REFUSED = 16
+MAX_REFUSED = 16   # plans remembered as refused, and as retired
 
 # Routes kept per stage before the cache is cleared (membership churn makes new participant sets).
 ROUTES_PER_STAGE = 64
@@ -221,7 +221,7 @@ class Rollout:
         """Drop the old plan; the next is the current from now on. Returns the old one."""
         old, self.current, self.next, self.next_ready = self.current, self.next, None, False
         self.current_switch_ms, self.rollout_dir, self.switch_ms = self.switch_ms, self.current.dir, 0
-        self.retired.append(old.hash)
+        self.retired = self.retired[-(MAX_REFUSED - 1):] + [old.hash]   # status shows the latest few
         return old
 
     # ------------------------------------------------------------ gossip
