@@ -5,6 +5,7 @@ simulation), none zero-filled with nothing failed; a node that fails in the midd
 roll-out rejoins on the plan the cluster runs, and a node restarted after it starts on that plan.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from robustdice.node.cli import main as cli_main
 from robustdice.node.client import CameraStream, NodeClient, ask_all
 from robustdice.node.client_cli import cmd_status
 from robustdice.node.errors import NodeError
@@ -55,7 +57,7 @@ def simulated(plan_dir, x):
     return Cluster(plan_dir).simulate(torch.from_numpy(x)).numpy()
 
 
-def test_a_plan_rolled_out_under_a_steady_stream_answers_every_frame_on_its_own_plan(plans, digits):
+def test_a_plan_rolled_out_under_a_steady_stream_answers_every_frame_on_its_own_plan(plans, digits, capsys):
     old, new = plans
     old_hash, new_hash = load_plan(old).plan_hash, load_plan(new).plan_hash
     assert old_hash != new_hash
@@ -71,7 +73,11 @@ def test_a_plan_rolled_out_under_a_steady_stream_answers_every_frame_on_its_own_
         try:
             nh.wait_for(lambda: all(sum(r["meta"] is not None for r in c.records) >= 8 for c in cameras), 60,
                         "8 answers per camera on the old plan")
-            done = rollout(cluster.config, cluster.key_path, new, switch_in_ms=1000, timeout_s=120, say=lambda _: None)
+            capsys.readouterr()   # the command as a user runs it (in this process: argparse, the JSON line)
+            assert cli_main(["rollout", "--peers", str(cluster.peers_path), "--plan", str(new), "--key",
+                             str(cluster.key_path), "--switch-in-ms", "1000", "--json"]) == 0
+            done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+            assert done["plan_hash"] == new_hash and done["nodes"] == cluster.ids
             nh.wait_for(lambda: all(sum((r["meta"] or {}).get("plan_hash") == new_hash for r in c.records) >= 8
                                     for c in cameras), 60, "8 answers per camera on the new plan")
         finally:
