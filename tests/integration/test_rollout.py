@@ -31,7 +31,10 @@ import node_helpers as nh  # noqa: E402
 pytestmark = [pytest.mark.usefixtures("leak_check"), pytest.mark.timeout(300)]
 
 RATE_FPS = 8          # per camera, two cameras: a steady stream on 2 cores
-SWITCH_SLACK_MS = 150  # a camera's send time and the node's admission time differ by the queueing
+# A camera's send time and the node's admission time differ by the queueing, up to a loop that a
+# loaded 2-core machine left unscheduled for a few hundred ms: frames this close to the switch may
+# run on either plan (each is still checked against its own plan's simulation).
+SWITCH_SLACK_MS = 1000
 # The old plan retires a frame timeout after the switch: shorter than the default 10 s, so that
 # the test does not wait for nothing (frames here take tens of ms).
 FRAME_TIMEOUT_MS = 3000
