@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -172,6 +171,7 @@ def cmd_status(args) -> int:
     from robustdice.mesh.config import load_peers
 
     from .client import default_key_path, status_all
+    from .plans import clock_text
     config = load_peers(args.peers)
     views = status_all(config, default_key_path(config, args.key), args.timeout)
     if args.json:
@@ -205,8 +205,7 @@ def cmd_status(args) -> int:
         following = v.get("next_plan")
         if following:
             switch = v.get("switch_ms")
-            when = (time.strftime("%H:%M:%S", time.localtime(switch / 1000)) + f".{switch % 1000:03d}"
-                    if switch else "not agreed yet")
+            when = clock_text(switch) if switch else "not agreed yet"
             print(f"    roll-out: plan {following['plan_hash'][:12]} {'loaded' if following['ready'] else 'loading'} "
                   f"beside it; frames admitted from {when} run on it")
         if v.get("rollout_error"):

@@ -43,7 +43,7 @@ class NodeConfig:
 
     @property
     def shard_path(self) -> Path:
-        return self.plan_dir / "shards" / f"{self.device}.pt"
+        return shard_path(self.plan_dir, self.device)
 
     # Timing derived from peers.yaml, in one place.
     @property
@@ -157,6 +157,21 @@ def plan_trust_key(peers: PeersConfig) -> Optional[str]:
 ROLLOUT_RECORD = "rollout-{id}.json"
 
 
+def shard_path(plan_dir, device: int) -> Path:
+    return Path(plan_dir) / "shards" / f"{device}.pt"
+
+
+def plan_misfit(plan: Plan, plan_dir, peers: PeersConfig, device: int) -> Optional[str]:
+    """Why `plan` (in `plan_dir`) cannot run as `device` of the cluster peers.yaml lists, or None:
+    the one check of a starting node, a roll-out's plan and a state record's."""
+    if plan.devices != len(peers.peers):
+        return f"plan {plan_dir} is for {plan.devices} devices but peers.yaml lists {len(peers.peers)} peers"
+    shard = shard_path(plan_dir, device)
+    if not shard.exists():
+        return f"shard for device {device} ({peers.ids[device]}) is missing: {shard}"
+    return None
+
+
 def _state_directory() -> Optional[Path]:
     value = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     return Path(value) if value else None
@@ -182,7 +197,7 @@ def record_rollout(config: NodeConfig, plan_dir, plan_hash: str, switch_ms: int)
     return path
 
 
-def _rolled_out(me: PeerConfig, device: int, devices: int, configured_hash: str, trust_key: Optional[str]):
+def _rolled_out(peers: PeersConfig, me: PeerConfig, configured_hash: str, trust_key: Optional[str]):
     """(folder, plan, switch ms) of the plan a roll-out left this node, or None: no record, or one
     made while peers.yaml named another plan (the operator changed it since: that one wins)."""
     import json
@@ -197,11 +212,9 @@ def _rolled_out(me: PeerConfig, device: int, devices: int, configured_hash: str,
         plan = load_plan(record["plan_dir"], trust_key)
         if plan.plan_hash != record.get("plan_hash"):
             raise NodeError(f"it names plan {str(record.get('plan_hash'))[:12]}, the folder holds {plan.plan_hash[:12]}")
-        if plan.devices != devices:
-            raise NodeError(f"plan {plan.plan_hash[:12]} is for {plan.devices} devices, peers.yaml lists {devices}")
-        shard = Path(record["plan_dir"]) / "shards" / f"{device}.pt"
-        if not shard.exists():
-            raise NodeError(f"its shard for device {device} is missing: {shard}")
+        misfit = plan_misfit(plan, record["plan_dir"], peers, list(peers.ids).index(me.id))
+        if misfit:
+            raise NodeError(misfit)
         return Path(record["plan_dir"]), plan, int(record.get("switch_ms", 0))
     except Exception as exc:   # a bad record costs the roll-out, never the start
         log.error("%s: ignored (%s); running the configured plan", path, exc)
@@ -227,14 +240,14 @@ def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *
     plan = load_plan(directory, trust_key)
     configured = (Path(directory), plan.plan_hash)
     switch_ms = 0
-    rolled_out = _rolled_out(me, list(peers.ids).index(me.id), len(peers.peers), plan.plan_hash, trust_key)
+    rolled_out = _rolled_out(peers, me, plan.plan_hash, trust_key)
     if rolled_out is not None:
         directory, plan, switch_ms = rolled_out
         log.info("running plan %s from %s, which a roll-out brought (peers.yaml names plan %s)",
                  plan.plan_hash[:12], directory, configured[1][:12])
-    if plan.devices != len(peers.peers):
-        raise NodeError(f"plan {directory} is for {plan.devices} devices but {peers_path} lists "
-                        f"{len(peers.peers)} peers")
+    misfit = plan_misfit(plan, directory, peers, list(peers.ids).index(me.id))
+    if misfit:
+        raise NodeError(misfit.replace("peers.yaml", str(peers_path)))
     chosen = {}
     for name, given, choices in (("compute", compute, COMPUTE_KINDS), ("dtype", dtype, DTYPES)):
         env = os.environ.get(f"ROBUSTDICE_{name.upper()}", "").strip()
@@ -245,6 +258,4 @@ def load_node_config(peers_path, node_id: Optional[str] = None, plan_dir=None, *
         chosen[name] = value
     config = NodeConfig(peers_path, peers, me, list(peers.ids).index(me.id), Path(directory), plan, **chosen,
                         configured_dir=configured[0], configured_hash=configured[1], rollout_switch_ms=switch_ms)
-    if not config.shard_path.exists():
-        raise NodeError(f"shard for device {config.device} ({me.id}) is missing: {config.shard_path}")
     return config

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import zmq
 
@@ -118,8 +118,8 @@ class Engine:
         # The current plan, and during a roll-out the next one beside it (node/plans.py).
         self.loaded: Dict[str, LoadedPlan] = {first.plan.plan_hash: first}
         self.current = first
-        self.runs: Dict[int, object] = {}          # frame -> FrameRun suspended between stages
-        self.plan_of: Dict[int, LoadedPlan] = {}   # frame -> the plan it runs on
+        # frame -> (its FrameRun, suspended between stages; the plan it runs on)
+        self.runs: Dict[int, Tuple[object, LoadedPlan]] = {}
         self.own: Dict[int, object] = {}           # frame -> its current slice, contiguous
         self.compute_ms: Dict[int, float] = {}
         self._telemetry_s = 0.0
@@ -173,11 +173,9 @@ class Engine:
 
     def retire(self, plan_hash: str) -> None:
         """Drop a plan no frame runs on; the other one becomes the current."""
-        gone = self.loaded.pop(plan_hash, None)
-        if gone is None or not self.loaded:
-            if gone is not None:
-                self.loaded[plan_hash] = gone   # never drop the last plan
+        if plan_hash not in self.loaded or len(self.loaded) == 1:   # never the last plan
             return
+        gone = self.loaded.pop(plan_hash)
         if gone is self.current:
             self.current = next(iter(self.loaded.values()))
         log.info("plan %s retired; plan %s is the current", plan_hash[:12], self.current.plan.plan_hash[:12])
@@ -267,8 +265,7 @@ class Engine:
             if header.get("alone"):
                 return self._alone(frame, loaded, x, start)
             run = loaded.runtime.start(x)
-            self.runs[frame] = run
-            self.plan_of[frame] = loaded
+            self.runs[frame] = run, loaded
             self.compute_ms[frame] = 0.0
             return self._slice_result(frame, loaded, run, None, start)
         if kind == ipc.GATHERED:
@@ -282,8 +279,8 @@ class Engine:
         return {d: from_numpy(ipc.array(buf, dtype, [counts[d]] + trailing)) for d, buf in zip(header["from"], bufs)}
 
     def _continue(self, frame: int, header: dict, bufs, start: float) -> ipc.Item:
-        run, loaded = self.runs.get(frame), self.plan_of.get(frame)
-        if run is None or loaded is None or run.stage != header["stage"]:
+        run, loaded = self.runs.get(frame, (None, None))
+        if run is None or run.stage != header["stage"]:
             raise ValueError(f"frame {frame}: gathered stage {header['stage']} for a frame not at that stage")
         rows = self.to_device(self._rows(loaded, header, bufs))
         rows[self.device] = self.own.pop(frame)
@@ -319,7 +316,6 @@ class Engine:
     def _done_result(self, frame: int, run, zero: Dict[int, int], start: float) -> ipc.Item:
         compute_ms = self.compute_ms.pop(frame, 0.0) + (time.perf_counter() - start) * 1000.0
         self.runs.pop(frame, None)
-        self.plan_of.pop(frame, None)
         self.own.pop(frame, None)
         logits = run.logits.to(device="cpu", dtype=self.torch.float32).contiguous().numpy()
         return {"kind": ipc.DONE, "frame": frame, "zero": {str(k): v for k, v in zero.items()},
@@ -327,10 +323,9 @@ class Engine:
                 **ipc.describe(logits)}, [logits]
 
     def _forget(self, frame) -> None:
-        run = self.runs.pop(frame, None)
+        run, _ = self.runs.pop(frame, (None, None))
         if run is not None:
             run.close()
-        self.plan_of.pop(frame, None)
         self.own.pop(frame, None)
         self.compute_ms.pop(frame, None)
 

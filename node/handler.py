@@ -35,8 +35,7 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import psutil
@@ -54,12 +53,12 @@ from robustdice.partitioner.core.plan import load_plan
 from robustdice.partitioner.core.serving_stages import serving_stages
 
 from . import ipc
-from .config import (NodeConfig, load_node_config, plan_early_bounds, plan_message_bytes, plan_trust_key,
-                     record_rollout)
+from .config import (NodeConfig, load_node_config, plan_early_bounds, plan_message_bytes, plan_misfit,
+                     plan_trust_key, record_rollout)
 from .errors import NodeError
 from .frames import Frame, FrameBook
 from .metrics import METRICS_REFRESH_S, MetricsRecorder
-from .plans import ROLLOUT_PREPARE, ROLLOUT_SWITCH, PlanLayout, Rollout
+from .plans import ROLLOUT_PREPARE, ROLLOUT_SWITCH, PlanLayout, Rollout, clock_text
 from .serving import EngineWindow, ServingState
 from .process import child_main, report_ready, report_status
 from .telemetry import EnergyMeter, Gpu, Power, rss_bytes
@@ -98,8 +97,8 @@ class Handler:
                          max_progress=2 * self.book.max_frames_held)
         self.mesh.progress_source = lambda: (self.book.progress(), self.book.inputs())
         # The plan's tables, checked once by the mesh: a gather takes them unchecked from here on.
-        # A roll-out (node/plans.py) brings a second plan beside this one.
-        # A node restarted on a plan a roll-out brought says so to peers that missed the roll-out.
+        # A roll-out (node/plans.py) brings a second plan beside this one; a node restarted on a
+        # plan a roll-out brought says so in its heartbeats, for peers that missed the roll-out.
         self.rollout = Rollout(self._layout(config.plan, config.plan_dir), config.rollout_switch_ms)
         self.input_shape = tuple(config.plan.input_shape)
         self.mesh.set_plans(config.plan.plan_hash, *self.rollout.heartbeat())
@@ -593,14 +592,12 @@ class Handler:
             return f"{plan_dir}: {exc}"
         if expect and plan.plan_hash != expect:
             return f"{plan_dir} holds plan {plan.plan_hash[:12]} here, not plan {expect[:12]}"
-        if plan.devices != len(self.node_ids):
-            return f"plan {plan.plan_hash[:12]} is for {plan.devices} devices; this cluster has {len(self.node_ids)}"
+        misfit = plan_misfit(plan, plan_dir, self.config.peers, self.device)
+        if misfit:
+            return misfit
         if tuple(plan.input_shape) != self.input_shape:
             return (f"plan {plan.plan_hash[:12]} takes inputs of shape {list(plan.input_shape)}; clients of this "
                     f"cluster send {list(self.input_shape)}")
-        shard = Path(plan_dir) / "shards" / f"{self.device}.pt"
-        if not shard.exists():
-            return f"shard for device {self.device} ({self.me.id}) is missing: {shard}"
         was = self.rollout.next
         if was is not None and was.hash != plan.plan_hash and self.book.frames_on(was):
             return f"frames of plan {was.hash[:12]} are still in flight here"
@@ -649,9 +646,8 @@ class Handler:
     def _committed(self) -> None:
         if self.rollout.next is None:   # a repeated switch after the old plan was retired
             return
-        log.info("roll-out: frames admitted from %s (wall clock) run on plan %s",
-                 time.strftime("%H:%M:%S", time.localtime(self.rollout.switch_ms / 1000))
-                 + f".{self.rollout.switch_ms % 1000:03d}", self.rollout.next.hash[:12])
+        log.info("roll-out: frames admitted from %s (wall clock) run on plan %s", clock_text(self.rollout.switch_ms),
+                 self.rollout.next.hash[:12])
         try:
             record_rollout(self.config, self.rollout.next.dir, self.rollout.next.hash, self.rollout.switch_ms)
         except OSError as exc:   # the roll-out goes on; a restart then learns it from the peers
@@ -683,8 +679,8 @@ class Handler:
                 break
             if self.rollout.switch_ms and not had_switch:
                 self._committed()
-        if self.rollout.retire_due(int(time.time() * 1000), self.config.peers.frame_timeout_ms,
-                                   self.book.frames_on(self.rollout.current)):
+        if self.rollout.retire_due(wall_ms, self.config.peers.frame_timeout_ms,
+                                   lambda: self.book.frames_on(self.rollout.current)):
             old = self.rollout.retire()
             self._engine_retire(old.hash)
             log.info("roll-out done: plan %s retired, plan %s (%s, %s) is the current", old.hash[:12],

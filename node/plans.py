@@ -31,6 +31,7 @@ refuse each other, as membership.py says.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
@@ -92,6 +93,11 @@ class PlanLayout:
                 {p: self.ids[stage][p] for p in taking_part if p in self.wait_for[stage]},
                 [p for p in taking_part if p in self.send_to[stage]])
         return route
+
+
+def clock_text(wall_ms: int) -> str:
+    """A wall-clock time in ms as the logs and the command show a switch time: HH:MM:SS.mmm."""
+    return time.strftime("%H:%M:%S", time.localtime(wall_ms / 1000)) + f".{wall_ms % 1000:03d}"
 
 
 @dataclass(frozen=True)
@@ -211,11 +217,12 @@ class Rollout:
             self.switch_ms = int(switch_ms)
         return None
 
-    def retire_due(self, wall_ms: int, frame_timeout_ms: int, frames_on_current: int) -> bool:
+    def retire_due(self, wall_ms: int, frame_timeout_ms: int, frames_on_current: Callable[[], int]) -> bool:
         """The old plan can go: the switch is agreed, the next plan is served, nothing admitted
-        before the switch can still arrive (a frame timeout past it), and no frame needs it."""
+        before the switch can still arrive (a frame timeout past it), and no frame needs it
+        (`frames_on_current` counts them, asked last: it walks every frame held)."""
         return (self.switch_ms > 0 and self.next is not None and self.next_ready
-                and wall_ms >= self.switch_ms + frame_timeout_ms and frames_on_current == 0)
+                and wall_ms >= self.switch_ms + frame_timeout_ms and frames_on_current() == 0)
 
     def retire(self) -> PlanLayout:
         """Drop the old plan; the next is the current from now on. Returns the old one."""

@@ -22,7 +22,7 @@ from robustdice.mesh.config import PeersConfig
 
 from .client import ask_all
 from .errors import NodeError
-from .plans import ROLLOUT_PREPARE, ROLLOUT_SWITCH
+from .plans import ROLLOUT_PREPARE, ROLLOUT_SWITCH, clock_text
 
 # How far ahead of the nodes' latest clock the switch is set: the switch request must reach every
 # node before its clock passes the time, or frames it admits meanwhile still run on the old plan.
@@ -100,7 +100,7 @@ def rollout(config: PeersConfig, key_path: Optional[Path], plan_dir, *, switch_i
     if len(agreed) > 1:
         say(f"nodes hold different switch times {sorted(agreed)}: each frame still runs on the plan its origin chose")
     say(f"plan {plan_hash[:12]} loaded on every node after {prepared_s:.1f} s; frames admitted from "
-        f"{time.strftime('%H:%M:%S', time.localtime(switch_ms / 1000))}.{switch_ms % 1000:03d} run on it")
+        f"{clock_text(switch_ms)} run on it")
     out = {"plan_hash": plan_hash, "plan_dir": str(folder), "switch_ms": switch_ms, "nodes": ids,
            "prepared_s": prepared_s}
     if wait_retired:

@@ -66,9 +66,9 @@ def test_frames_run_on_the_current_plan_until_the_agreed_switch(rollout):
 def test_the_old_plan_retires_a_frame_timeout_after_the_switch_once_no_frame_needs_it(rollout):
     r, b = rollout
     r.begin(b), r.prepared("B"), r.commit("B", 5000, NOW)
-    assert not r.retire_due(5000 + TIMEOUT_MS - 1, TIMEOUT_MS, 0)   # an input admitted before may still come
-    assert not r.retire_due(5000 + TIMEOUT_MS, TIMEOUT_MS, 1)       # a frame still runs on it
-    assert r.retire_due(5000 + TIMEOUT_MS, TIMEOUT_MS, 0)
+    assert not r.retire_due(5000 + TIMEOUT_MS - 1, TIMEOUT_MS, lambda: 0)   # an input admitted before may still come
+    assert not r.retire_due(5000 + TIMEOUT_MS, TIMEOUT_MS, lambda: 1)       # a frame still runs on it
+    assert r.retire_due(5000 + TIMEOUT_MS, TIMEOUT_MS, lambda: 0)
     old = r.retire()
     assert old.hash == "A" and r.current is b and r.next is None and r.retired == ["A"]
     assert r.plan_for(0).hash == "B" and r.heartbeat() == ("", 5000, "/plans/B")
