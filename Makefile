@@ -8,7 +8,7 @@ VENV_FLAGS := $(if $(filter x86_64,$(ARCH)),,--system-site-packages)
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= out/demo
 
-.PHONY: venv demo test clean digits-weights fashion-data fashion-weights lab-tools
+.PHONY: venv demo test clean digits-weights fashion-data photo-data fashion-weights lab-tools
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 FASHION_FILES := $(addprefix $(FASHION_DIR)/,train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
 	t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz)
@@ -63,6 +63,7 @@ TEST_WORKERS ?= 2
 test: venv lab-tools
 	@# The Fashion-MNIST tests skip (naming `make fashion-data`) where the data cannot be installed.
 	@$(MAKE) --no-print-directory fashion-data || echo "Fashion-MNIST unavailable: its tests will be skipped" >&2
+	@$(MAKE) --no-print-directory photo-data || echo "training photos unavailable: the tests that calibrate 224x224 models will be skipped" >&2
 	@# pytest exits 5 when it collects nothing; that is not a failure of the code.
 	@$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
@@ -80,6 +81,22 @@ fashion-data:
 		echo "  apt-get install -y dataset-fashion-mnist   (Debian/Ubuntu; package dataset-fashion-mnist)" >&2; \
 		echo "or put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz" >&2; \
 		echo "and t10k-labels-idx1-ubyte.gz from https://github.com/zalandoresearch/fashion-mnist there." >&2; \
+		exit 1; \
+	fi
+
+# Unlabelled photos for the 224x224 models' calibration and distillation (partitioner/zoo/photos.py):
+# the photo wallpapers of two Debian packages, a source disjoint from their evaluation photos.
+PHOTO_PACKAGES := mate-backgrounds plasma-workspace-wallpapers
+photo-data: venv
+	@if $(PY) -c 'import sys; from robustdice.partitioner.zoo.photos import photos_missing; sys.exit(bool(photos_missing()))' \
+		2>/dev/null; then \
+		echo "training photos present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q $(PHOTO_PACKAGES) >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(PHOTO_PACKAGES); }; \
+	else \
+		echo "The training photos are missing. Install them as root:" >&2; \
+		echo "  apt-get install -y $(PHOTO_PACKAGES)" >&2; \
 		exit 1; \
 	fi
 

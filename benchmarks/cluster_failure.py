@@ -5,7 +5,7 @@
 
 alexnet (--weights none) partitioned with method robust over 4 devices (scores s1 unless
 --full-scores: s1,s2,s3); 4 loopback nodes, 1 torch thread each (LocalCluster(plan, threads=1)),
-a stream of real photos (scikit-image's, via calibration_batch("alexnet", n=16), cycled) at
+a stream of real photos (the Debian packages' crops, via calibration_batch("alexnet", n=16), cycled) at
 --rate FPS to node 0, and SIGKILL of device 2's whole node at frame F/3 (no restart unless
 --restart-at). Figures:
   latency_ms_p50            per phase (before / detecting / failed [/ rejoining / rejoined]), the

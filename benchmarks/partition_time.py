@@ -4,8 +4,8 @@
         [--out benchmarks/results/partition_time_<model>.json]
 
 Setting: AlexNet with random weights (`--weights none`), or efficientnet_lite0 with its real
-ImageNet weights, 16 calibration images at 224² from the default source (scikit-image's
-photos), scores s1+s2+s3 (s3 --s3 auto: exact ablations where they are cheap, the
+ImageNet weights, 16 calibration images at 224² from the default source (crops of the Debian packages'
+photos, partitioner/zoo/photos.py), scores s1+s2+s3 (s3 --s3 auto: exact ablations where they are cheap, the
 second-order estimate elsewhere; for AlexNet that is exact everywhere), method robust, zero
 fill, N = 4, two torch threads (the budget of the 2-core boards this targets). Figures
 (median over --repeat runs):

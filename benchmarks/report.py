@@ -83,11 +83,14 @@ SECTIONS = (
     Section("efficientnet_lite0 on its 34-stage plans",
             "The ImageNet model with its real weights, on plans whose depthwise convolutions run in the "
             "stage before them (one gather per expand and depthwise pair). Agreement with the model's "
-            "own top-1 on unlabelled photos (the evaluation set of the 224-pixel models), a first look "
-            "on a few of them; the file holds each failed set's figure, the worst included. The "
-            "baseline of issue 29, whose goal is 100 / 80 / 60 at 1 / 2 / 3 failed within half of "
-            "NMR's memory.",
-            (Rows("efficientnet_lite0", "baseline-34"),)),
+            "own top-1 on scikit-image's photos and crops, the evaluation set of the 224-pixel models; "
+            "scores and fill statistics are calibrated on other photos (the Debian packages', "
+            "partitioner/zoo/photos.py), and the fine-tuned rows are distilled on those, never on "
+            "these (`robustdice finetune`, the row's `distillation` record: steps, CPU seconds, and how "
+            "often the distilled network's no-failure top-1 still agrees with the original's). The "
+            "file holds each failed set's figure, the worst included. Issue 29's goal is 100 / 80 / 60 "
+            "at 1 / 2 / 3 failed within half of NMR's memory.",
+            (Rows("efficientnet_lite0", "calib-photos"),)),
     Section("RoCoIn on fashion_vgg",
             "rocoin's students beside the layer-split plans, with the mean+bn fill for the latter: "
             "memory per device, gathers per frame, and what each keeps under every set of failed "

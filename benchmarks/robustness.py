@@ -1,7 +1,7 @@
 """Robustness benchmark: accuracy kept under failures, per method, fill rule and fine-tuning.
 
     python benchmarks/robustness.py [--models digits_cnn,fashion_vgg,efficientnet_lite0]
-        [--limit K] [--finetune-epochs E] [--no-finetune] [--budget-ratio R] [--json]
+        [--limit K] [--finetune-epochs E] [--distill-steps S] [--no-finetune] [--budget-ratio R] [--json]
         [--run main] [--results benchmarks/results]
 
 Results: one file per model, benchmarks/results/robustness_<model>.json, holding named runs
@@ -22,8 +22,10 @@ ablates to zero for the zero fill, to the mean output for mean and mean+bn):
                                 uniform: the same rows per neuron in every layer), each fill;
                                 random's and uniform's rows are the mean over --random-seeds
                                 draws (seed_means lists each draw's), min and max over all
-  fine-tuned (models whose training data is here): robust and robust+cdc at the budget,
-                                mean+bn fill, `finetune` under the plan's own failure masks
+  fine-tuned: robust and robust+cdc at the budget, mean+bn fill, `finetune` under the plan's
+                                own failure masks: on labels where the model's training data is
+                                here, else distilled from its own no-failure output on the Debian
+                                packages' photos (--distill-steps; never the evaluation photos)
   rocoin (models whose training data is here): RoCoIn's students, N // 2 groups of two, zero
                                 and mean fill (one training, two plans); no budget: each
                                 device holds its student and the head (`partition --method
@@ -64,6 +66,7 @@ from robustdice.partitioner.experiments.dse import plot_pareto, point
 from robustdice.partitioner.experiments.evaluate import evaluate_plan
 from robustdice.partitioner.experiments.finetune import finetune
 from robustdice.partitioner.zoo.data import calibration_batch, training_data
+from robustdice.partitioner.zoo.photos import photos_missing
 from robustdice.partitioner.zoo.models import build_model
 
 from _results import measured, write_result
@@ -122,7 +125,8 @@ def per_model(text, cast):
 
 def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bool, log, fills=FILLS,
               sweep=True, methods=DEFAULT_METHODS, random_seeds: int = RANDOM_SEEDS,
-              budget_ratio: float = BUDGET_RATIO, rocoin_epochs: Optional[int] = None) -> dict:
+              budget_ratio: float = BUDGET_RATIO, rocoin_epochs: Optional[int] = None,
+              distill_steps: Optional[int] = None) -> dict:
     started = time.perf_counter()
     staged = trace_stages(build_model(model, "DEFAULT"))
     calib = calibration_batch(model, n=default_calib_size(model), seed=0)
@@ -142,7 +146,8 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
         trainable = True
     except PartitionerError:
         trainable = False
-    finetune_here = trainable and allow_finetune
+    # Without labels a model is fine-tuned by distillation on the Debian packages' photos.
+    finetune_here = allow_finetune and (trainable or not photos_missing())
     rows = []
     nmr_bytes = None
     plans = {}
@@ -161,9 +166,14 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
             if base is None:   # its plan was not made: skipped above, or not among --methods
                 log(f"  {name}: skipped (no {method}@{ratio:g}/{fill} plan to fine-tune)")
                 continue
-            summary = finetune(base, out, epochs=finetune_epochs, progress=False)
-            log(f"  fine-tuned {name}: no-failure test accuracy {100 * summary['test_accuracy_before']:.2f}% -> "
-                f"{100 * summary['test_accuracy_after']:.2f}%")
+            if trainable:
+                summary = finetune(base, out, epochs=finetune_epochs, progress=False)
+                log(f"  fine-tuned {name}: no-failure test accuracy {100 * summary['test_accuracy_before']:.2f}% -> "
+                    f"{100 * summary['test_accuracy_after']:.2f}%")
+            else:
+                summary = finetune(base, out, steps=distill_steps, progress=False)
+                log(f"  distilled {name}: {summary['steps']} steps in {summary['training_s']:.0f} s, no-failure "
+                    f"top-1 as the original's on {100 * summary['no_failure_agreement_with_teacher']:.1f}%")
         else:
             budget = {} if ratio is None else {"budget_mb": ratio * nmr_bytes / 1e6}
             seeds = range(random_seeds) if method in DRAWN_METHODS else (0,)
@@ -200,9 +210,13 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
                        **rocoin_sets(load_plan(out).rocoin, result["by_set"]))
         base_acc = row["by_failed"]["0"]["mean"]
         row["retention"] = {k: (b["mean"] / base_acc if base_acc else None) for k, b in row["by_failed"].items()}
-        if tuned:
+        if tuned and summary["training"] == "labels":
             row["test_accuracy_before_finetune"] = summary["test_accuracy_before"]
             row["test_accuracy_after_finetune"] = summary["test_accuracy_after"]
+        elif tuned:   # distilled: what it cost and how close the no-failure network stayed
+            row["distillation"] = {k: summary[k] for k in ("steps", "batch", "lr", "temperature", "training_images",
+                                                           "training_s", "no_failure_agreement_with_teacher",
+                                                           "agreement_images")}
         rows.append(row)
         log(f"  {format_row(row)}")
     out = {"model": model, "devices": DEVICES, "samples": result["samples"], "metric": result["metric"],
@@ -443,6 +457,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", help="evaluate on at most this many images: K, or per model "
                         "fashion_vgg=2000,efficientnet_lite0=40")
     parser.add_argument("--finetune-epochs", help="epochs of finetune: E or per model (default: finetune's own)")
+    parser.add_argument("--distill-steps", type=positive_int,
+                        help="finetune's distillation steps for the models without labels (default: finetune's own)")
     parser.add_argument("--fills", default=",".join(FILLS), help="fill rules of the table")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help="methods at the budget, and rocoin (its own memory, no budget)")
@@ -497,7 +513,8 @@ def main(argv=None) -> int:
                           not args.no_finetune, log, fills=tuple(f for f in args.fills.split(",") if f),
                           sweep=not args.no_sweep, methods=tuple(m for m in args.methods.split(",") if m),
                           random_seeds=args.random_seeds, budget_ratio=args.budget_ratio,
-                          rocoin_epochs=rocoin_epochs.get(model, rocoin_epochs.get("*")))
+                          rocoin_epochs=rocoin_epochs.get(model, rocoin_epochs.get("*")),
+                          distill_steps=args.distill_steps)
             r["pareto_png"] = plot(r, args.results, args.run).name
             print(f"\n{model} over {DEVICES} devices: {r['metric']} on {r['data']}, mean (min-max) per k failed")
             for row in r["rows"]:

@@ -49,7 +49,7 @@ CANDIDATES = (
 
 def default_choice_size(model: str) -> int:
     # Agreement is a share of images: small images are cheap to simulate by the hundred under
-    # every failed set; 224² photos are few here (scikit-image's, cropped) and slow.
+    # every failed set; 224² images are slow (crops of the Debian packages' photos).
     return 256 if model in ("digits_cnn", "fashion_vgg") else 32
 
 

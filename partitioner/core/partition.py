@@ -48,7 +48,7 @@ BUDGETED_METHODS = SCORED_METHODS + ("uniform",)
 
 def default_fill_calib_size(model: str) -> int:
     # Mean outputs and BatchNorm statistics are averages over images and pixels: small images
-    # are cheap to take by the thousand; 224² photos are few here (scikit-image's ten, cropped).
+    # are cheap to take by the thousand; 224² images are slow to take (crops of the Debian packages' photos, zoo/photos.py).
     return {"digits_cnn": 1024, "fashion_vgg": 2048}.get(model, 32)
 
 
@@ -80,6 +80,8 @@ class PartitionRequest:
     capacities: Optional[object] = None     # --capacities: capacity.Capacities, one entry per device
     # How sized_stages dealt by the capacities (capacity.capacity_stages' report), for the summary.
     capacity_deal: Optional[Mapping[str, object]] = None
+    # A plan written again (finetune): its recorded input specification, whatever made it.
+    input: Optional[object] = None
 
     def check(self) -> None:
         if self.devices < 1:
@@ -106,6 +108,8 @@ class PartitionRequest:
 
     def input_spec(self):
         from robustdice.partitioner.zoo.models import input_spec
+        if self.input is not None:
+            return self.input
         if is_import_path(self.model):
             return usermodel.input_spec(self.model, self.input_shape, self.preprocess)
         return input_spec(self.model)

@@ -12,7 +12,14 @@ failed sets during training), so the plain network stays what it was, and the pl
 again with the same stages: same neurons on the same devices, the fine-tuned weights, and its
 fill tables recomputed.
 
-Only models whose training data is here can be fine-tuned: digits_cnn and fashion_vgg.
+digits_cnn and fashion_vgg train on their labelled training splits. A model without labelled
+data here (the 224x224 ones) is fine-tuned by distillation instead: the no-failure network,
+frozen, is the teacher; the same network under a drawn failed set is the student, trained to
+give the teacher's output distribution (soft targets, no labels) on random crops of unlabelled
+photos that are not the evaluation set (zoo/photos.py). BatchNorm keeps its running statistics
+(the batches are small and the photos are not ImageNet's), so the network with no failure
+stays the teacher apart from what the new weights change; the summary says how often its top-1
+still agrees with the teacher's on the evaluation images.
 """
 from __future__ import annotations
 
@@ -31,6 +38,14 @@ NO_FAILURE_SHARE = 0.25
 DEFAULT_EPOCHS = {"digits_cnn": 40, "fashion_vgg": 4}
 DEFAULT_LR = {"digits_cnn": 1e-3, "fashion_vgg": 5e-4}
 BATCH_SIZE = 128
+# Distillation (models without labelled data): steps of DISTILL_BATCH random photo crops.
+DISTILL_STEPS = 300
+DISTILL_BATCH = 16
+DISTILL_LR = 1e-4
+# Softened distributions carry more of the teacher's ranking than its top-1 alone.
+DISTILL_TEMPERATURE = 2.0
+# Seeds of the crops: step i draws with DISTILL_SEED_BASE + i (the evaluation set is other photos).
+DISTILL_SEED_BASE = 50_000
 # Images for the final no-failure BatchNorm statistics: enough for stable averages.
 RESTAT_IMAGES = 20_000
 WEIGHTS_FILE = "weights.pt"
@@ -84,10 +99,11 @@ def _restat_batchnorm(model: nn.Module, images: torch.Tensor, batch: int = 500) 
 
 
 def finetune(plan_dir, out, epochs: Optional[int] = None, lr: Optional[float] = None, seed: int = 0,
-             fill: Optional[str] = None, progress: bool = True) -> Dict[str, object]:
-    """Fine-tune the plan's model under its failure masks; write the new plan to `out`."""
-    from tqdm import tqdm
+             fill: Optional[str] = None, progress: bool = True, steps: Optional[int] = None) -> Dict[str, object]:
+    """Fine-tune the plan's model under its failure masks; write the new plan to `out`.
 
+    On labels (`epochs`) where the model's training data is here, else by distillation on
+    unlabelled photos (`steps`)."""
     from robustdice.partitioner.core.capacity import plan_capacities
     from robustdice.partitioner.core.fill import lost_masks
     from robustdice.partitioner.core.partition import PartitionRequest, write_plan
@@ -96,29 +112,60 @@ def finetune(plan_dir, out, epochs: Optional[int] = None, lr: Optional[float] = 
     from robustdice.partitioner.core.stages import trace_stages
     from robustdice.partitioner.experiments.evaluate import plan_weights
     from robustdice.partitioner.zoo.data import training_data
-    from robustdice.partitioner.zoo.digits import accuracy
     from robustdice.partitioner.zoo.models import build_model
 
     plan = load_plan(plan_dir)
     fill = fill or plan.fill.rule
     if fill not in FILLS:
         raise PartitionerError(f"--fill {fill!r} is not one of {', '.join(FILLS)}")
-    train_x, train_y, test_x, test_y = training_data(plan.model)
-    epochs = DEFAULT_EPOCHS.get(plan.model, 4) if epochs is None else epochs
-    lr = DEFAULT_LR.get(plan.model, 5e-4) if lr is None else lr
-    if epochs < 1:
-        raise PartitionerError(f"--epochs must be >= 1, got {epochs}")
-    if not lr > 0:
+    try:
+        labelled = training_data(plan.model)
+    except PartitionerError:
+        labelled = None
+    if labelled is not None and steps is not None:
+        raise PartitionerError(f"--steps is for distillation; {plan.model} trains on its labels (--epochs)")
+    if labelled is None and epochs is not None:
+        raise PartitionerError(f"{plan.model} has no labelled training data here: it is distilled "
+                               "(--steps, not --epochs)")
+    if lr is not None and not lr > 0:
         raise PartitionerError(f"--lr must be > 0, got {lr}")
     model = build_model(plan.model, weights=plan_weights(plan, plan_dir), seed=plan.seed)
     if weights_digest(model) != plan.weights_digest:
         raise PartitionerError(f"the weights {plan.weights!r} differ from those plan {plan_dir} was made from")
-    before = accuracy(model, test_x, test_y)
     staged = trace_stages(model)   # shares its modules with `model`: training one trains the other
     sets = [()] + [f for k in range(1, plan.devices) for f in itertools.combinations(range(plan.devices), k)]
     losses = {f: lost_masks(plan.stages, f) for f in sets}
-
     torch.manual_seed(seed)
+    if labelled is not None:
+        trained = _train_on_labels(plan, model, staged, losses, fill, labelled, epochs, lr, seed, progress)
+    else:
+        trained = _distill(plan, model, staged, losses, fill, steps, lr, seed, progress)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights_file = out / WEIGHTS_FILE
+    torch.save(model.state_dict(), weights_file)
+    # The plan names its weights relative to its own folder, so that the folder can move.
+    request = PartitionRequest(model=plan.model, devices=plan.devices, method=plan.method, out=out,
+                               scores=plan.scores, weights=WEIGHTS_FILE, seed=plan.seed,
+                               show_progress=progress, fill=fill, capacities=plan_capacities(plan), input=plan.input)
+    staged = trace_stages(model.eval())
+    summary = write_plan(model, staged, list(plan.stages), request)
+    summary.update({"finetuned_from": str(plan_dir), **trained})
+    return summary
+
+
+def _train_on_labels(plan, model, staged, losses, fill, data, epochs, lr, seed, progress) -> Dict[str, object]:
+    from tqdm import tqdm
+
+    from robustdice.partitioner.zoo.digits import accuracy
+
+    train_x, train_y, test_x, test_y = data
+    epochs = DEFAULT_EPOCHS.get(plan.model, 4) if epochs is None else epochs
+    lr = DEFAULT_LR.get(plan.model, 5e-4) if lr is None else lr
+    if epochs < 1:
+        raise PartitionerError(f"--epochs must be >= 1, got {epochs}")
+    before = accuracy(model, test_x, test_y)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = -(-len(train_y) // BATCH_SIZE)
@@ -148,18 +195,56 @@ def finetune(plan_dir, out, epochs: Optional[int] = None, lr: Optional[float] = 
                 bar.update()
     pick = torch.randperm(len(train_y), generator=generator)[:RESTAT_IMAGES]
     _restat_batchnorm(model, train_x[pick])
-    after = accuracy(model, test_x, test_y)
+    return {"training": "labels", "epochs": epochs, "lr": lr,
+            "test_accuracy_before": before, "test_accuracy_after": accuracy(model, test_x, test_y)}
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    weights_file = out / WEIGHTS_FILE
-    torch.save(model.state_dict(), weights_file)
-    # The plan names its weights relative to its own folder, so that the folder can move.
-    request = PartitionRequest(model=plan.model, devices=plan.devices, method=plan.method, out=out,
-                               scores=plan.scores, weights=WEIGHTS_FILE, seed=plan.seed,
-                               show_progress=progress, fill=fill, capacities=plan_capacities(plan))
-    staged = trace_stages(model.eval())
-    summary = write_plan(model, staged, list(plan.stages), request)
-    summary.update({"finetuned_from": str(plan_dir), "epochs": epochs, "lr": lr,
-                    "test_accuracy_before": before, "test_accuracy_after": after})
-    return summary
+
+def _distill(plan, model, staged, losses, fill, steps, lr, seed, progress) -> Dict[str, object]:
+    """Soft targets from the frozen no-failure network on random photo crops (module docstring)."""
+    import copy
+    import time
+
+    from tqdm import tqdm
+
+    from robustdice.partitioner.zoo.data import evaluation_set, photo_crops
+    from robustdice.partitioner.zoo.models import input_spec
+    from robustdice.partitioner.zoo.photos import describe
+
+    steps = DISTILL_STEPS if steps is None else steps
+    lr = DISTILL_LR if lr is None else lr
+    if steps < 1:
+        raise PartitionerError(f"--steps must be >= 1, got {steps}")
+    spec = plan.input or input_spec(plan.model)
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    model.eval()   # BatchNorm keeps its running statistics; dropout off
+    staged.skeleton.eval()
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    t = DISTILL_TEMPERATURE
+    started = time.perf_counter()
+    with tqdm(total=steps, desc=f"distil {plan.model} under {plan.method} failures", unit="step",
+              disable=not progress) as bar:
+        for step in range(steps):
+            x = photo_crops(spec, DISTILL_BATCH, DISTILL_SEED_BASE + seed * steps + step)
+            with torch.no_grad():
+                target = F.log_softmax(teacher(x) / t, dim=1)
+            failed = draw_failed(plan.devices, rng)
+            optimizer.zero_grad()
+            logits = _masked_train_forward(staged, losses[failed], fill, x)
+            loss = F.kl_div(F.log_softmax(logits / t, dim=1), target, log_target=True,
+                            reduction="batchmean") * t * t
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update()
+    training_s = time.perf_counter() - started
+    images, _, _, described = evaluation_set(plan.model, spec=spec)
+    with torch.no_grad():
+        agree = float((model.eval()(images).argmax(1) == teacher(images).argmax(1)).float().mean())
+    return {"training": "distillation", "steps": steps, "batch": DISTILL_BATCH, "lr": lr,
+            "temperature": t, "training_images": describe(), "training_s": round(training_s, 1),
+            "no_failure_agreement_with_teacher": agree, "agreement_images": described}

@@ -5,9 +5,10 @@ recorded in every plan): its (C, H, W), its resize rule and its per-channel mean
 224x224 ImageNet models take RGB photos resized to 256 on the short side and centre-cropped;
 torchvision's use ImageNet's mean and std, efficientnet_lite0's TensorFlow weights 0.5 and 0.5;
 digits_cnn takes 8x8 grayscale in [0, 1]; fashion_vgg 28x28 grayscale normalised by
-Fashion-MNIST's mean and std. Without a folder, calibration uses data that ships
-with a package: digits' train split, or scikit-image's bundled photographs (real photos, no
-download).
+Fashion-MNIST's mean and std. Without a folder, calibration uses the models' own training
+data: digits' train split, Fashion-MNIST's train split, or for the 224x224 models the photo
+wallpapers of two Debian packages (zoo/photos.py). scikit-image's bundled photographs are the
+224x224 models' evaluation set, and only that: nothing is calibrated or trained on them.
 """
 
 import functools
@@ -153,8 +154,9 @@ def calibration_batch(model_name, calib_dir=None, n=16, seed=0, spec=None):
     """A (n, C, H, W) batch for scoring neurons; the same for the same arguments.
 
     From calib_dir (an ImageFolder or a flat folder of images) if given; otherwise digits'
-    train split for digits_cnn, Fashion-MNIST's train split for fashion_vgg, and
-    scikit-image's bundled photos for the 224x224 models.
+    train split for digits_cnn, Fashion-MNIST's train split for fashion_vgg, and the Debian
+    packages' photos for the 224x224 models (zoo/photos.py; a DataError naming
+    `make photo-data` where they are not installed).
     `spec` defaults to the named model's own input specification.
     """
     spec = spec or model_input_spec(model_name)
@@ -180,7 +182,19 @@ def calibration_batch(model_name, calib_dir=None, n=16, seed=0, spec=None):
         if len(pick) < n:
             raise DataError(f"digits train split has only {len(train_images)} images, asked {n}")
         return train_images[pick].clone()
-    return _batch_from_images(_skimage_photos(), spec, n, seed)
+    from robustdice.partitioner.zoo.photos import training_photos
+    return _batch_from_images(training_photos(), spec, n, seed)
+
+
+def photo_crops(spec: InputSpec, n, seed):
+    """n random crops and flips of the unlabelled training photos (zoo/photos.py), seeded:
+    what distillation trains the 224x224 models on."""
+    from robustdice.partitioner.zoo.photos import training_photos
+    photos = training_photos()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        picks = torch.randint(len(photos), (n,)).tolist()
+        return torch.stack([_augment(photos[i], spec) for i in picks])
 
 
 def evaluation_split(model_name, data_dir=None, limit=None, spec=None):
@@ -226,8 +240,8 @@ def training_data(model: str):
 
 
 # The default unlabelled evaluation set of the 224x224 models: each scikit-image photo as it is,
-# then seeded random crops and flips of them (140 images in all), as calibration draws them but
-# with another seed, so that calibration and evaluation images differ.
+# then seeded random crops and flips of them (140 images in all). Their calibration and
+# distillation images come from other photos (zoo/photos.py), so nothing is tuned on these.
 PHOTO_EVAL_IMAGES = 140
 PHOTO_EVAL_SEED = 1000
 

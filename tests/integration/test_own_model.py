@@ -17,6 +17,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from robustdice.partitioner.zoo.photos import photos_missing
+
 HERE = Path(__file__).resolve().parent
 MODULE = Path(__file__).stem  # the name it imports by with HERE on PYTHONPATH
 INPUT_SHAPE = (3, 16, 16)
@@ -79,6 +81,7 @@ def trained(seed=11):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.usefixtures("leak_check")
+@pytest.mark.skipif(bool(photos_missing()), reason=str(photos_missing()))
 def test_own_model_from_partition_to_a_live_cluster(tmp_path, monkeypatch):
     sys.path.insert(0, str(HERE))
     import node_helpers as nh
@@ -115,6 +118,22 @@ def test_own_model_from_partition_to_a_live_cluster(tmp_path, monkeypatch):
     scale = float(np.abs(plain).max())
     np.testing.assert_allclose(simulated, plain, rtol=1e-5, atol=1e-5 * scale)
 
+    # No labels for this model: `finetune` distils it under the plan's failures (a few steps
+    # here; what distillation buys is the next test's), and the nodes serve the tuned plan.
+    tuned_dir = tmp_path / "tuned"
+    proc = subprocess.run(nh.robustdice_cli() + ["finetune", "--plan", str(plan_dir), "--out", str(tuned_dir),
+                                                 "--steps", "3", "--json"],
+                          capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuned = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert tuned["training"] == "distillation" and tuned["steps"] == 3 and "photos" in tuned["training_images"]
+    tuned_plan = load_plan(tuned_dir)
+    assert tuned_plan.weights_digest != plan.weights_digest
+    assert [st.assignment for st in tuned_plan.stages] == [st.assignment for st in plan.stages]
+    plan_dir, plan = tuned_dir, tuned_plan
+    with torch.inference_mode():
+        simulated = Cluster(plan_dir).simulate(x).numpy()
+
     # The boards: neither this folder nor PYTHONPATH; the model comes from the plan.
     monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -131,3 +150,49 @@ def test_own_model_from_partition_to_a_live_cluster(tmp_path, monkeypatch):
             assert reply.meta["zero_filled_fraction"] == 0.0, reply.meta
             np.testing.assert_allclose(reply.arrays[0], simulated, rtol=1e-5, atol=1e-5 * scale,
                                        err_msg=f"node {node}: the live answer differs from the simulation")
+
+
+@pytest.mark.skipif(bool(photos_missing()), reason=str(photos_missing()))
+def test_distillation_teaches_the_failed_network_its_own_no_failure_output(tmp_path, monkeypatch):
+    """A model with no labels here, fine-tuned by distillation under a lop plan's failures (one
+    failed device of two loses half of every layer): on photo crops it never trained on, the
+    network with a device failed comes closer to the no-failure output, and without failure it
+    stays close to it."""
+    from robustdice.partitioner.core.fill import lost_masks
+    from robustdice.partitioner.core.partition import PartitionRequest, partition
+    from robustdice.partitioner.core.plan import load_plan
+    from robustdice.partitioner.core.stages import trace_stages
+    from robustdice.partitioner.experiments.finetune import _masked_train_forward, finetune
+    from robustdice.partitioner.zoo.data import photo_crops
+    from robustdice.partitioner.zoo.inputs import InputSpec
+
+    monkeypatch.syspath_prepend(str(HERE))
+    weights = tmp_path / "own_cnn.pt"
+    torch.save({"state_dict": trained().state_dict()}, weights)
+    spec = InputSpec(INPUT_SHAPE, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "crop")
+    plan_dir = tmp_path / "plan"
+    partition(PartitionRequest(model=f"{MODULE}:build_own_cnn", devices=2, method="lop", out=plan_dir,
+                               weights=str(weights), input_shape=INPUT_SHAPE, preprocess="imagenet",
+                               show_progress=False))
+    summary = finetune(plan_dir, tmp_path / "tuned", steps=150, lr=3e-3, progress=False)
+    assert summary["training"] == "distillation"
+    held_out = photo_crops(spec, 256, seed=999_999)   # training draws seeds 50_000..50_149
+
+    def distance(directory):
+        from robustdice.partitioner.experiments.evaluate import plan_weights
+        from robustdice.partitioner.zoo.models import build_model
+        plan = load_plan(directory)
+        model = build_model(plan.model, weights=plan_weights(plan, directory)).eval()
+        staged = trace_stages(model)
+        with torch.no_grad():
+            reference = F.log_softmax(trained()(held_out), 1)
+            failed = _masked_train_forward(staged, lost_masks(plan.stages, (1,)), "mean", held_out)
+            whole = model(held_out)
+        kl = lambda y: float(F.kl_div(F.log_softmax(y, 1), reference, log_target=True, reduction="batchmean"))
+        return kl(failed), kl(whole)
+
+    failed_before, whole_before = distance(plan_dir)
+    failed_after, whole_after = distance(tmp_path / "tuned")
+    assert whole_before < 1e-6
+    assert failed_after < 0.75 * failed_before, (failed_before, failed_after)
+    assert whole_after < 0.5 * failed_before, (whole_after, failed_before)

@@ -193,27 +193,23 @@ VERIFY_CASES = ([("alexnet", method, 3) for method in METHODS]
 @pytest.mark.slow
 @pytest.mark.parametrize("model,method,n", VERIFY_CASES, ids=[f"{a}-{b}-{c}" for a, b, c in VERIFY_CASES])
 def test_verify_imagenet_models(tmp_path, model, method, n):
+    """One case (alexnet robust) verifies through the `verify` command, the rest in-process:
+    a partition and a verify of an ImageNet-sized model costs 5-18 s here."""
     out = tmp_path / "plan"
     try:
         summary = partition(PartitionRequest(model=model, devices=n, method=method, out=out, weights="none",
                                              scores=("s1",), show_progress=False))
         assert len(summary["per_device_param_bytes"]) == n
-        result = verify_plan(out)
-        assert result["allclose"], result
-        assert result["reference_max_abs"] > 0
+        if (model, method) == ("alexnet", "robust"):
+            proc = robustdice("verify", "--plan", out)
+            assert proc.returncode == 0, proc.stderr
+            assert f"alexnet robust N={n}" in proc.stdout and proc.stdout.rstrip().endswith("ok")
+        else:
+            result = verify_plan(out)
+            assert result["allclose"], result
+            assert result["reference_max_abs"] > 0
     finally:
         shutil.rmtree(out, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_verify_cli_on_alexnet(tmp_path):
-    out = tmp_path / "plan"
-    partition(PartitionRequest(model="alexnet", devices=3, method="robust", out=out, weights="none",
-                               scores=("s1",), show_progress=False))
-    proc = robustdice("verify", "--plan", out)
-    assert proc.returncode == 0, proc.stderr
-    assert "alexnet robust N=3" in proc.stdout and proc.stdout.rstrip().endswith("ok")
-    shutil.rmtree(out)
 
 
 # --- issue 13: no-failure predictions, fill rules, robust+cdc, budgets, finetune, dse ------------
@@ -261,6 +257,9 @@ def test_finetune_keeps_no_failure_accuracy_and_writes_a_verified_plan(hybrid_pl
     proc = robustdice("verify", "--plan", tuned)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     _assert_one_line_error(robustdice("finetune", "--plan", out, "--out", tmp_path / "x", "--lr", "0"), "--lr")
+    # digits_cnn has labels: distillation's --steps is refused, naming what to use
+    _assert_one_line_error(robustdice("finetune", "--plan", out, "--out", tmp_path / "x", "--steps", "5"),
+                           "--steps", "--epochs")
 
 
 def test_budget_errors_name_the_option(tmp_path):

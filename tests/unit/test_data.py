@@ -6,7 +6,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from robustdice.partitioner.zoo.data import calibration_batch, evaluation_split, load_image_folder, preprocess
+from robustdice.partitioner.zoo.data import (calibration_batch, evaluation_set, evaluation_split, load_image_folder,
+                                              photo_crops, preprocess)
+from robustdice.partitioner.zoo.photos import MIN_PHOTOS, photo_files, photos_missing, training_photos
 from robustdice.partitioner.zoo.digits import digits_split
 from robustdice.partitioner.zoo.inputs import InputSpec, imagenet
 from robustdice.partitioner.zoo.models import input_spec
@@ -120,6 +122,10 @@ def test_calibration_batch_digits_deterministic():
     assert all((train == row).all(dim=1).any() for row in a.flatten(1))
 
 
+needs_photos = pytest.mark.skipif(bool(photos_missing()), reason=str(photos_missing()))
+
+
+@needs_photos
 def test_calibration_batch_photos_deterministic_and_varied():
     a = calibration_batch("efficientnet_lite0", n=12, seed=0)
     assert a.shape == (12, 3, 224, 224)
@@ -134,6 +140,44 @@ def test_calibration_batch_photos_deterministic_and_varied():
     torch.manual_seed(123)
     calibration_batch("alexnet", n=2, seed=5)
     assert torch.equal(torch.rand(3), expected)
+
+
+@needs_photos
+def test_224_models_calibrate_and_distil_on_photos_that_are_not_their_evaluation_set():
+    """scikit-image's photos are the evaluation set: no calibration or training image is one
+    of them, nor a crop of one (a crop's pixels would correlate with its photo's)."""
+    spec = input_spec("efficientnet_lite0")
+    calib = calibration_batch("efficientnet_lite0", n=32, seed=0)
+    crops = photo_crops(spec, 32, seed=7)
+    assert crops.shape == (32, 3, 224, 224) and torch.equal(crops, photo_crops(spec, 32, seed=7))
+    assert not torch.equal(crops, photo_crops(spec, 32, seed=8))
+    evaluation, labels, _, described = evaluation_set("efficientnet_lite0")
+    assert labels is None and "scikit-image" in described
+    files = photo_files()
+    assert len(files) >= MIN_PHOTOS and all(f.startswith(("/usr/share/backgrounds/", "/usr/share/wallpapers/"))
+                                             for f in files)
+
+    def thumbs(batch):   # 8x8 colour thumbnails, normalised: near-copies and crops of one photo match
+        t = torch.nn.functional.adaptive_avg_pool2d(batch, 8).flatten(1)
+        return torch.nn.functional.normalize(t - t.mean(1, keepdim=True), dim=1)
+    source = thumbs(torch.stack([preprocess(p, spec) for p in training_photos()]))
+    assert (thumbs(evaluation) @ source.T).max() < 0.9
+    same = thumbs(calib[:len(source)]) @ source.T   # the first of a batch are the photos themselves
+    assert same.max(1).values.min() > 0.99
+
+
+def test_without_the_photos_calibrating_a_224_model_names_make_photo_data(monkeypatch, tmp_path):
+    import robustdice.partitioner.zoo.photos as photos
+    monkeypatch.setattr(photos, "MATE_NATURE", str(tmp_path / "none"))
+    monkeypatch.setattr(photos, "PLASMA_WALLPAPERS", str(tmp_path / "none"))
+    photos.training_photos.cache_clear()
+    try:
+        with pytest.raises(DataError, match="make photo-data"):
+            calibration_batch("alexnet", n=2)
+        # Models with their own training data do not need them.
+        assert calibration_batch("digits_cnn", n=2).shape == (2, 1, 8, 8)
+    finally:
+        photos.training_photos.cache_clear()
 
 
 def test_calibration_batch_from_folders(tmp_path, image_folder):

@@ -97,11 +97,14 @@ def test_shipped_weights_are_small():
 
 
 @needs_data
-def test_shipped_weights_reach_92_percent_on_the_10k_test_images():
+def test_shipped_weights_reach_92_percent_on_the_test_images():
+    """The evaluation split is the 10k test images; the shipped weights are checked on its first
+    2,000 (94.5 % there, 93.9 % on all 10k; 24 s of the suite's CPU for the other 8,000). The 10k
+    figure is a benchmark's: benchmarks/results/robustness_fashion_vgg.json, run test-10k."""
     images, labels, indices = evaluation_split("fashion_vgg")
     assert images.shape == (10_000, 1, 28, 28) and indices.tolist() == list(range(10_000))
     model = build_model("fashion_vgg", "DEFAULT")
-    assert fashion.accuracy(model, images, labels) >= 0.92
+    assert fashion.accuracy(model, images[:2000], labels[:2000]) >= 0.92
 
 
 @needs_data
