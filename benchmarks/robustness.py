@@ -65,7 +65,7 @@ from robustdice.partitioner.errors import PartitionerError
 from robustdice.partitioner.experiments.dse import plot_pareto, point
 from robustdice.partitioner.experiments.evaluate import evaluate_plan
 from robustdice.partitioner.experiments.finetune import finetune
-from robustdice.partitioner.zoo.data import calibration_batch, training_data
+from robustdice.partitioner.zoo.data import LABELLED_MODELS, calibration_batch, training_data
 from robustdice.partitioner.zoo.photos import photos_missing
 from robustdice.partitioner.zoo.models import build_model
 
@@ -147,7 +147,7 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
     except PartitionerError:
         trainable = False
     # Without labels a model is fine-tuned by distillation on the Debian packages' photos.
-    finetune_here = allow_finetune and (trainable or not photos_missing())
+    finetune_here = allow_finetune and (trainable or (model not in LABELLED_MODELS and not photos_missing()))
     rows = []
     nmr_bytes = None
     plans = {}
@@ -214,9 +214,9 @@ def run_model(model: str, root: Path, limit, finetune_epochs, allow_finetune: bo
             row["test_accuracy_before_finetune"] = summary["test_accuracy_before"]
             row["test_accuracy_after_finetune"] = summary["test_accuracy_after"]
         elif tuned:   # distilled: what it cost and how close the no-failure network stayed
-            row["distillation"] = {k: summary[k] for k in ("steps", "batch", "lr", "temperature", "training_images",
+            row["distillation"] = {k: summary[k] for k in ("steps", "batch", "lr", "temperature", "training_data",
                                                            "training_s", "no_failure_agreement_with_teacher",
-                                                           "agreement_images")}
+                                                           "agreement_data")}
         rows.append(row)
         log(f"  {format_row(row)}")
     out = {"model": model, "devices": DEVICES, "samples": result["samples"], "metric": result["metric"],

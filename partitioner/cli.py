@@ -82,7 +82,8 @@ def register(sub) -> None:
                    help="DEFAULT: pretrained (digits_cnn: the shipped weights; your own model: what its "
                         "factory returns); FILE: a state_dict; none: random, seeded by --seed (default DEFAULT)")
     p.add_argument("--seed", type=int, default=0, help="seed for --weights none and calibration sampling (default 0)")
-    p.add_argument("--calib", type=Path, help="image folder for s2/s3 (default: the model's own data)")
+    p.add_argument("--calib", type=Path, help="image folder for s2/s3 and the mean fills (default: digits' and "
+                   "Fashion-MNIST's train splits; for other models the Debian packages' photos, `make photo-data`)")
     p.add_argument("--calib-size", type=positive_int, help="calibration images (default 16; digits_cnn 256)")
     p.add_argument("--capacities", type=Path, metavar="FILE",
                    help="boards of different speed: a capacity file (robustdice profile) with one entry per device, "
@@ -403,9 +404,9 @@ def cmd_finetune(args) -> int:
         return 0
     if summary["training"] == "distillation":
         print(f"distilled {summary['model']} under the failures of {args.plan} ({summary['steps']} steps on "
-              f"{summary['training_images']}, {summary['training_s']:.0f} s): no-failure top-1 agrees with the "
+              f"{summary['training_data']}, {summary['training_s']:.0f} s): no-failure top-1 agrees with the "
               f"original's on {100 * summary['no_failure_agreement_with_teacher']:.1f}% of "
-              f"{summary['agreement_images']}; plan {summary['plan_hash'][:12]} in {summary['plan']}")
+              f"{summary['agreement_data']}; plan {summary['plan_hash'][:12]} in {summary['plan']}")
         return 0
     print(f"fine-tuned {summary['model']} under the failures of {args.plan} ({summary['epochs']} epochs): "
           f"test accuracy with no failure {100 * summary['test_accuracy_before']:.2f}% -> "

@@ -19,7 +19,9 @@ give the teacher's output distribution (soft targets, no labels) on random crops
 photos that are not the evaluation set (zoo/photos.py). BatchNorm keeps its running statistics
 (the batches are small and the photos are not ImageNet's), so the network with no failure
 stays the teacher apart from what the new weights change; the summary says how often its top-1
-still agrees with the teacher's on the evaluation images.
+still agrees with the teacher's on the evaluation images. With the mean+bn fill the plan
+recalibrates BatchNorm for each failed set, which distillation does not imitate: it trains
+under the no-failure statistics.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ DISTILL_BATCH = 16
 DISTILL_LR = 1e-4
 # Softened distributions carry more of the teacher's ranking than its top-1 alone.
 DISTILL_TEMPERATURE = 2.0
-# Seeds of the crops: step i draws with DISTILL_SEED_BASE + i (the evaluation set is other photos).
+# Seeds of the crops: step i of a run with --seed S draws with DISTILL_SEED_BASE + S * steps + i
+# (the evaluation set is other photos).
 DISTILL_SEED_BASE = 50_000
 # Images for the final no-failure BatchNorm statistics: enough for stable averages.
 RESTAT_IMAGES = 20_000
@@ -111,17 +114,15 @@ def finetune(plan_dir, out, epochs: Optional[int] = None, lr: Optional[float] = 
     from robustdice.partitioner.core.runtime import weights_digest
     from robustdice.partitioner.core.stages import trace_stages
     from robustdice.partitioner.experiments.evaluate import plan_weights
-    from robustdice.partitioner.zoo.data import training_data
+    from robustdice.partitioner.zoo.data import LABELLED_MODELS, training_data
     from robustdice.partitioner.zoo.models import build_model
 
     plan = load_plan(plan_dir)
     fill = fill or plan.fill.rule
     if fill not in FILLS:
         raise PartitionerError(f"--fill {fill!r} is not one of {', '.join(FILLS)}")
-    try:
-        labelled = training_data(plan.model)
-    except PartitionerError:
-        labelled = None
+    # A labelled model whose data is missing says so (make fashion-data): it is not distilled.
+    labelled = training_data(plan.model) if plan.model in LABELLED_MODELS else None
     if labelled is not None and steps is not None:
         raise PartitionerError(f"--steps is for distillation; {plan.model} trains on its labels (--epochs)")
     if labelled is None and epochs is not None:
@@ -246,5 +247,5 @@ def _distill(plan, model, staged, losses, fill, steps, lr, seed, progress) -> Di
     with torch.no_grad():
         agree = float((model.eval()(images).argmax(1) == teacher(images).argmax(1)).float().mean())
     return {"training": "distillation", "steps": steps, "batch": DISTILL_BATCH, "lr": lr,
-            "temperature": t, "training_images": describe(), "training_s": round(training_s, 1),
-            "no_failure_agreement_with_teacher": agree, "agreement_images": described}
+            "temperature": t, "training_data": describe(), "training_s": round(training_s, 1),
+            "no_failure_agreement_with_teacher": agree, "agreement_data": described}

@@ -5,9 +5,9 @@ recorded in every plan): its (C, H, W), its resize rule and its per-channel mean
 224x224 ImageNet models take RGB photos resized to 256 on the short side and centre-cropped;
 torchvision's use ImageNet's mean and std, efficientnet_lite0's TensorFlow weights 0.5 and 0.5;
 digits_cnn takes 8x8 grayscale in [0, 1]; fashion_vgg 28x28 grayscale normalised by
-Fashion-MNIST's mean and std. Without a folder, calibration uses the models' own training
-data: digits' train split, Fashion-MNIST's train split, or for the 224x224 models the photo
-wallpapers of two Debian packages (zoo/photos.py). scikit-image's bundled photographs are the
+Fashion-MNIST's mean and std. Without a folder, calibration uses digits' train split,
+Fashion-MNIST's train split, or for the 224x224 models and users' own the photo wallpapers of
+two Debian packages (zoo/photos.py). scikit-image's bundled photographs are the
 224x224 models' evaluation set, and only that: nothing is calibrated or trained on them.
 """
 
@@ -225,6 +225,11 @@ def evaluation_split(model_name, data_dir=None, limit=None, spec=None):
     return images, labels, indices
 
 
+# The models whose labelled training data can be here (digits ships with scikit-learn,
+# Fashion-MNIST with `make fashion-data`): `finetune` trains them on labels, others by distillation.
+LABELLED_MODELS = ("digits_cnn", "fashion_vgg")
+
+
 def training_data(model: str):
     """(train images, train labels, test images, test labels) of a model that has them here
     (what `robustdice finetune` and `--method rocoin` train on)."""
@@ -235,8 +240,8 @@ def training_data(model: str):
         from robustdice.partitioner.zoo.fashion import fashion_split
         s = fashion_split()
         return s.train_images, s.train_labels, s.test_images, s.test_labels
-    raise PartitionerError(f"finetune needs {model}'s training data, which is not here; "
-                           "digits_cnn and fashion_vgg can be fine-tuned")
+    raise PartitionerError(f"{model} has no labelled training data here (only "
+                           f"{' and '.join(LABELLED_MODELS)} have)")
 
 
 # The default unlabelled evaluation set of the 224x224 models: each scikit-image photo as it is,

@@ -25,14 +25,14 @@ PLASMA_WALLPAPERS = "/usr/share/wallpapers"
 PLASMA_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf",
                  "Grey", "Kite", "Kokkini", "Path", "Shell", "summer_1am")
 PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers")
-# Fewer than this and a calibration batch would be crops of a handful of scenes.
-MIN_PHOTOS = 12
+# Both packages, every photo: calibration must not depend on which of them a machine has.
+MIN_PHOTOS = 24
 # Photos are decoded once per process at this short side (the wallpapers are up to 5120 wide):
 # a 224 crop of at least 0.35 of the area still has more pixels than it needs.
-DECODE_SHORT_SIDE = 448
+DECODE_SHORT_SIDE_PX = 448
 # Plasma ships a wallpaper at one or many sizes: the widest landscape one up to this width is read
 # (else the narrowest landscape one).
-PLASMA_MAX_WIDTH = 2560
+PLASMA_MAX_WIDTH_PX = 2560
 INSTALL_HINT = ("run `make photo-data` (as root: apt-get install -y " + " ".join(PACKAGES) + "), "
                 "or pass a folder of your own images (--calib DIR)")
 
@@ -53,7 +53,7 @@ def _plasma_file(name: str, root: str) -> Optional[str]:
                 sizes.append((w, n))
     if not sizes:
         return None
-    within = [s for s in sizes if s[0] <= PLASMA_MAX_WIDTH]
+    within = [s for s in sizes if s[0] <= PLASMA_MAX_WIDTH_PX]
     return os.path.join(folder, max(within)[1] if within else min(sizes)[1])
 
 
@@ -81,11 +81,11 @@ def _decode(path: str):
 
     try:
         with Image.open(path) as image:
-            image.draft("RGB", (DECODE_SHORT_SIDE * 2, DECODE_SHORT_SIDE * 2))   # JPEG: decode at a fraction
+            image.draft("RGB", (DECODE_SHORT_SIDE_PX * 2, DECODE_SHORT_SIDE_PX * 2))   # JPEG: decode at a fraction
             image = image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"unreadable photo {path}: {exc}") from None
-    scale = DECODE_SHORT_SIDE / min(image.size)
+    scale = DECODE_SHORT_SIDE_PX / min(image.size)
     if scale < 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
     return image

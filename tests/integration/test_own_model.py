@@ -162,6 +162,7 @@ def test_distillation_teaches_the_failed_network_its_own_no_failure_output(tmp_p
     from robustdice.partitioner.core.partition import PartitionRequest, partition
     from robustdice.partitioner.core.plan import load_plan
     from robustdice.partitioner.core.stages import trace_stages
+    from robustdice.partitioner.errors import PartitionerError
     from robustdice.partitioner.experiments.finetune import _masked_train_forward, finetune
     from robustdice.partitioner.zoo.data import photo_crops
     from robustdice.partitioner.zoo.inputs import InputSpec
@@ -174,6 +175,8 @@ def test_distillation_teaches_the_failed_network_its_own_no_failure_output(tmp_p
     partition(PartitionRequest(model=f"{MODULE}:build_own_cnn", devices=2, method="lop", out=plan_dir,
                                weights=str(weights), input_shape=INPUT_SHAPE, preprocess="imagenet",
                                show_progress=False))
+    with pytest.raises(PartitionerError, match="--steps"):   # no labels: epochs mean nothing
+        finetune(plan_dir, tmp_path / "x", epochs=2, progress=False)
     summary = finetune(plan_dir, tmp_path / "tuned", steps=150, lr=3e-3, progress=False)
     assert summary["training"] == "distillation"
     held_out = photo_crops(spec, 256, seed=999_999)   # training draws seeds 50_000..50_149
@@ -186,7 +189,7 @@ def test_distillation_teaches_the_failed_network_its_own_no_failure_output(tmp_p
         staged = trace_stages(model)
         with torch.no_grad():
             reference = F.log_softmax(trained()(held_out), 1)
-            failed = _masked_train_forward(staged, lost_masks(plan.stages, (1,)), "mean", held_out)
+            failed = _masked_train_forward(staged, lost_masks(plan.stages, (1,)), plan.fill.rule, held_out)
             whole = model(held_out)
         kl = lambda y: float(F.kl_div(F.log_softmax(y, 1), reference, log_target=True, reduction="batchmean"))
         return kl(failed), kl(whole)
