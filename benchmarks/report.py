@@ -89,7 +89,9 @@ SECTIONS = (
             "these (`robustdice finetune`, the row's `distillation` record: steps, CPU seconds, and how "
             "often the distilled network's no-failure top-1 still agrees with the original's). The "
             "file holds each failed set's figure, the worst included. Issue 29's goal is 100 / 80 / 60 "
-            "at 1 / 2 / 3 failed within half of NMR's memory.",
+            "at 1 / 2 / 3 failed within half of NMR's memory. The fills' statistics are only as good as "
+            "the calibration images are like the ones served: on boards, partition with `--calib` "
+            "pointing at your cameras' images.",
             (Rows("efficientnet_lite0", "calib-photos"),)),
     Section("RoCoIn on fashion_vgg",
             "rocoin's students beside the layer-split plans, with the mean+bn fill for the latter: "
