@@ -106,9 +106,9 @@ SLOW_FILES_S = {
     "integration/test_partition_cli.py": 160, "integration/test_node.py": 100, "integration/test_deploy.py": 93,
     "integration/test_hardening.py": 80, "integration/test_node_cluster.py": 60, "integration/test_dataflow.py": 59,
     "integration/test_netlab.py": 50, "integration/test_rocoin_cli.py": 44, "integration/test_default_plan_cli.py": 37,
-    "unit/test_robustness_versus.py": 29, "unit/test_fashion.py": 28, "integration/test_fill_node.py": 26,
+    "unit/test_robustness_versus.py": 29, "unit/test_fashion.py": 12, "integration/test_fill_node.py": 26,
     "unit/test_fill.py": 26, "integration/test_dtype_device.py": 25, "unit/test_wire_fuzz.py": 23,
-    "integration/test_rollout.py": 22, "integration/test_warm.py": 22, "integration/test_own_model.py": 18,
+    "integration/test_rollout.py": 22, "integration/test_warm.py": 22, "integration/test_own_model.py": 35,
     "integration/test_energy_jtop.py": 17, "integration/test_rocoin_node.py": 17,
 }
 

@@ -126,7 +126,7 @@ def test_own_model_from_partition_to_a_live_cluster(tmp_path, monkeypatch):
                           capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tuned = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert tuned["training"] == "distillation" and tuned["steps"] == 3 and "photos" in tuned["training_images"]
+    assert tuned["training"] == "distillation" and tuned["steps"] == 3 and "photos" in tuned["training_data"]
     tuned_plan = load_plan(tuned_dir)
     assert tuned_plan.weights_digest != plan.weights_digest
     assert [st.assignment for st in tuned_plan.stages] == [st.assignment for st in plan.stages]
