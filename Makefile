@@ -96,7 +96,8 @@ photo-data: venv
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get install -y -q $(PHOTO_PACKAGES) >/dev/null 2>&1 || \
 		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(PHOTO_PACKAGES) >/dev/null; }; \
-		check && echo "training photos installed"; \
+		if check; then echo "training photos installed"; \
+		else echo "installed $(PHOTO_PACKAGES), but the photos are still missing or unreadable" >&2; exit 1; fi; \
 	else \
 		echo "The training photos are missing. Install them as root:" >&2; \
 		echo "  apt-get install -y $(PHOTO_PACKAGES)" >&2; \
