@@ -48,7 +48,8 @@ BUDGETED_METHODS = SCORED_METHODS + ("uniform",)
 
 def default_fill_calib_size(model: str) -> int:
     # Mean outputs and BatchNorm statistics are averages over images and pixels: small images
-    # are cheap to take by the thousand; 224² images are slow to take (crops of the Debian packages' photos, zoo/photos.py).
+    # are cheap to take by the thousand; 224² images are slow to take (crops of the Debian
+    # packages' photos, zoo/photos.py).
     return {"digits_cnn": 1024, "fashion_vgg": 2048}.get(model, 32)
 
 

@@ -208,14 +208,13 @@ def _distill(plan, model, staged, losses, fill, steps, lr, seed, progress) -> Di
     from tqdm import tqdm
 
     from robustdice.partitioner.zoo.data import evaluation_set, photo_crops
-    from robustdice.partitioner.zoo.models import input_spec
     from robustdice.partitioner.zoo.photos import describe
 
     steps = DISTILL_STEPS if steps is None else steps
     lr = DISTILL_LR if lr is None else lr
     if steps < 1:
         raise PartitionerError(f"--steps must be >= 1, got {steps}")
-    spec = plan.input or input_spec(plan.model)
+    spec = plan.input   # a loaded plan always has one (plan.json's input is required)
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

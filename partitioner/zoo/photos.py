@@ -67,12 +67,12 @@ def photo_files() -> List[str]:
     return files
 
 
-def photos_missing() -> Optional[str]:
-    """Why the training photos cannot be used here, or None."""
-    found = len(photo_files())
+def photos_missing(files: Optional[List[str]] = None) -> Optional[str]:
+    """Why the training photos (`files`, default photo_files()) cannot be used here, or None."""
+    found = len(photo_files() if files is None else files)
     if found >= MIN_PHOTOS:
         return None
-    return (f"the unlabelled training photos are not installed ({found} of the {MIN_PHOTOS} or more "
+    return (f"the unlabelled training photos are not installed ({found} of the {MIN_PHOTOS} "
             f"expected from {', '.join(PACKAGES)}): {INSTALL_HINT}")
 
 
@@ -94,10 +94,11 @@ def _decode(path: str):
 @functools.lru_cache(maxsize=1)
 def training_photos() -> Tuple[object, ...]:
     """The photos as PIL images (decoded once per process and only read afterwards)."""
-    missing = photos_missing()
+    files = photo_files()
+    missing = photos_missing(files)
     if missing is not None:
         raise DataError(missing)
-    return tuple(_decode(f) for f in photo_files())
+    return tuple(_decode(f) for f in files)
 
 
 def describe() -> str:
