@@ -89,13 +89,6 @@ SECURITY_FILES = {"test_systemd_unit.py", "test_mesh_keys_perms.py", "test_deplo
                   "test_mesh_security.py", "test_hardening.py", "test_wire_fuzz.py", "test_mesh_zap.py"}
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        path = item.path
-        if path.parent.name == "security" or path.name in SECURITY_FILES:
-            item.add_marker(pytest.mark.security)
-
-
 # Seconds each of the slowest test files took in `make test` (2 workers, 2 cores, 2026-12-07).
 # pytest-xdist hands whole files to its workers in collection order (`--dist loadfile
 # --no-loadscope-reorder`, as the Makefile runs it): the longest first, so that the last files
@@ -114,6 +107,11 @@ SLOW_FILES_S = {
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
+    # One hook: a second definition of the same name would replace the first in this module.
+    for item in items:
+        if item.path.parent.name == "security" or item.path.name in SECURITY_FILES:
+            item.add_marker(pytest.mark.security)
+
     def seconds(item) -> float:
         path = item.nodeid.split("::")[0]
         return SLOW_FILES_S.get(path.split("tests/", 1)[-1], 0.0)
