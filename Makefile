@@ -55,10 +55,11 @@ lab-tools:
 		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q nftables >/dev/null 2>&1; }; }; } || \
 		echo "note: nftables is not installed: the network-lab tests will be skipped (apt-get install nftables)"
 
-# Two pytest workers, a test file each (its module fixtures are made once): much of the suite
-# waits on live nodes' timeouts, and the other worker's tests use the core meanwhile. On this
-# 2-core machine 2 workers took 16 min where 1 took 24 (the same tree, the same day).
-TEST_WORKERS ?= 2
+# Three pytest workers, a test file each (its module fixtures are made once): much of the suite
+# waits on live nodes' timeouts, and the other workers' tests use the cores meanwhile. On this
+# 2-core machine the same tree took 470 s of pytest with 3 workers and 507 s with 2 (2026-12-08;
+# the CPU was busy 86 % of the time with 2); an older tree took 16 min with 2 where 1 took 24.
+TEST_WORKERS ?= 3
 
 test: venv lab-tools
 	@# The Fashion-MNIST tests skip (naming `make fashion-data`) where the data cannot be installed.

@@ -89,20 +89,21 @@ SECURITY_FILES = {"test_systemd_unit.py", "test_mesh_keys_perms.py", "test_deplo
                   "test_mesh_security.py", "test_hardening.py", "test_wire_fuzz.py", "test_mesh_zap.py"}
 
 
-# Seconds each of the slowest test files took in `make test` (2 workers, 2 cores, 2026-12-07).
+# Seconds each of the slowest test files took in `make test` (3 workers, 2 cores, 2026-12-08).
 # pytest-xdist hands whole files to its workers in collection order (`--dist loadfile
 # --no-loadscope-reorder`, as the Makefile runs it): the longest first, so that the last files
-# are short and no worker waits long for the other at the end (by default xdist orders files
+# are short and no worker waits long for the others at the end (by default xdist orders files
 # by their number of tests, and the 90 s deploy test, alone in its file, came late). Only the
 # order depends on this table; a stale entry costs balance, never a test.
 SLOW_FILES_S = {
-    "integration/test_partition_cli.py": 160, "integration/test_node.py": 100, "integration/test_deploy.py": 93,
-    "integration/test_hardening.py": 80, "integration/test_node_cluster.py": 60, "integration/test_dataflow.py": 59,
-    "integration/test_netlab.py": 50, "integration/test_rocoin_cli.py": 44, "integration/test_default_plan_cli.py": 37,
-    "unit/test_robustness_versus.py": 29, "unit/test_fashion.py": 12, "integration/test_fill_node.py": 26,
-    "unit/test_fill.py": 26, "integration/test_dtype_device.py": 25, "unit/test_wire_fuzz.py": 23,
-    "integration/test_rollout.py": 22, "integration/test_warm.py": 22, "integration/test_own_model.py": 35,
-    "integration/test_energy_jtop.py": 17, "integration/test_rocoin_node.py": 17,
+    "integration/test_partition_cli.py": 186, "integration/test_node.py": 158, "integration/test_deploy.py": 133,
+    "integration/test_hardening.py": 95, "integration/test_own_model.py": 58, "integration/test_node_cluster.py": 58,
+    "unit/test_fill.py": 54, "integration/test_dataflow.py": 53, "integration/test_netlab.py": 48,
+    "integration/test_default_plan_cli.py": 48, "integration/test_rocoin_cli.py": 40,
+    "unit/test_robustness_versus.py": 37, "integration/test_fill_node.py": 32, "integration/test_rollout.py": 31,
+    "integration/test_dtype_device.py": 31, "integration/test_capacities_cli.py": 23,
+    "integration/test_rocoin_node.py": 21, "unit/test_layout.py": 21, "unit/test_wire_fuzz.py": 21,
+    "integration/test_warm.py": 20, "unit/test_models.py": 17, "integration/test_energy_jtop.py": 17,
 }
 
 
