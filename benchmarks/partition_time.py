@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from robustdice.partitioner.allocator import keep_freed_memory
 from robustdice.partitioner.core.partition import PartitionRequest, partition
 from robustdice.partitioner.core.scores import compute_scores
 from robustdice.partitioner.core.stages import trace_stages
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
     torch.set_num_threads(THREADS)
+    keep_freed_memory()   # as the robustdice commands do (partitioner/allocator.py)
     neurons = sum(s.n_neurons for s in trace_stages(build_model(model, weights="none")).stages)
 
     totals, per_score = [], []

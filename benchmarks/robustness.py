@@ -56,6 +56,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from robustdice.partitioner.allocator import keep_freed_memory
 from robustdice.partitioner.argtypes import positive_int
 from robustdice.partitioner.core.partition import (SCORED_METHODS, PartitionRequest, default_calib_size, partition,
                                                    request_scores)
@@ -499,6 +500,7 @@ def main(argv=None) -> int:
             write_result(data, path, False, measured_now=False)   # a redraw measures nothing
         return 0
     torch.set_num_threads(THREADS)
+    keep_freed_memory()   # as the robustdice commands do (partitioner/allocator.py)
 
     def log(text):
         print(text, file=sys.stderr, flush=True)

@@ -5,10 +5,12 @@ when a subcommand runs, so that `robustdice --help` and the mesh's commands star
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
 
+from robustdice.partitioner.allocator import keep_freed_memory
 from robustdice.partitioner.argtypes import fraction as _fraction, nonnegative, positive_int
 
 
@@ -97,7 +99,7 @@ def register(sub) -> None:
                         "operator_public_key signed (default: unsigned)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_partition)
+    p.set_defaults(func=_offline(cmd_partition))
 
     s = sub.add_parser("sign", help="make an operator key, or sign a plan with it",
                        description="Boards run only plans signed by the operator key that peers.yaml names "
@@ -112,7 +114,7 @@ def register(sub) -> None:
     v = sub.add_parser("verify", help="check a plan's no-failure simulation against the plain model")
     v.add_argument("--plan", type=Path, action="append", required=True, help="plan folder (repeatable)")
     v.add_argument("--json", action="store_true", help="print one JSON object per plan")
-    v.set_defaults(func=cmd_verify)
+    v.set_defaults(func=_offline(cmd_verify))
 
     e = sub.add_parser("evaluate", help="accuracy with every set of k = 0..N-1 failed devices")
     e.add_argument("--plan", type=Path, action="append", required=True, help="plan folder (repeatable)")
@@ -127,7 +129,7 @@ def register(sub) -> None:
                    help="compute in this dtype, as nodes started with --dtype do (default float32)")
     e.add_argument("--json", action="store_true", help="print one JSON object (a list for several plans)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=_offline(cmd_evaluate))
 
     f = sub.add_parser("finetune", help="train a plan's model under the plan's own failures",
                        description="Fine-tune a plan's model with its device-failure masks drawn at random: "
@@ -148,7 +150,7 @@ def register(sub) -> None:
                    "(as for partition; default: unsigned)")
     f.add_argument("--json", action="store_true", help="print the summary as JSON")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
-    f.set_defaults(func=cmd_finetune)
+    f.set_defaults(func=_offline(cmd_finetune))
 
     r = sub.add_parser("profile", help="measure this board's speed and free memory for a capacity file",
                        description="Time each stage's forward and the whole model's on this board's compute "
@@ -171,7 +173,7 @@ def register(sub) -> None:
     r.add_argument("--warmup", type=int, default=3, help="untimed forwards first (default 3)")
     r.add_argument("--json", action="store_true", help="print the file's content as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.set_defaults(func=cmd_profile)
+    r.set_defaults(func=_offline(cmd_profile))
 
     x = sub.add_parser("dse", help="per-device memory against accuracy under failures (Pareto plot)",
                        description="Partition a model with every method at a ladder of memory budgets, "
@@ -196,7 +198,16 @@ def register(sub) -> None:
     x.add_argument("--plot", type=Path, help="PNG path (default OUT/pareto.png)")
     x.add_argument("--json", action="store_true", help="print the result as JSON")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
-    x.set_defaults(func=cmd_dse)
+    x.set_defaults(func=_offline(cmd_dse))
+
+
+def _offline(command):
+    """A command that scores, simulates or trains keeps its freed memory (allocator.py)."""
+    @functools.wraps(command)
+    def run(args):
+        keep_freed_memory()
+        return command(args)
+    return run
 
 
 def cmd_partition(args) -> int:

@@ -12,10 +12,11 @@ COMMANDS = {"robustdice.partitioner.cli", "robustdice.mesh.cli", "robustdice.nod
             "robustdice.node.lab.cluster"}
 # partitioner's rooms, lowest first: a module imports from its own room and those below it, never
 # from one above. The algorithm builds models and reads data from the zoo, the zoo knows no
-# algorithm, and experiments measure what the other two make; errors.py (the one exception base)
-# and argtypes.py (every command's argparse types) import none of them; cli.py may import all.
+# algorithm, and experiments measure what the other two make; errors.py (the one exception base),
+# argtypes.py (every command's argparse types) and allocator.py import none of them; cli.py may import all.
 PARTITIONER_ROOMS = (
-    ("base", {"robustdice.partitioner", "robustdice.partitioner.errors", "robustdice.partitioner.argtypes"}),
+    ("base", {"robustdice.partitioner", "robustdice.partitioner.errors", "robustdice.partitioner.argtypes",
+              "robustdice.partitioner.allocator"}),
     ("zoo", {"robustdice.partitioner.zoo"}),
     ("core", {"robustdice.partitioner.core"}),
     ("experiments", {"robustdice.partitioner.experiments"}),
