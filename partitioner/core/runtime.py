@@ -488,12 +488,15 @@ class Cluster:
                             for s in shards]
 
     def simulate(self, x: torch.Tensor, failed: Iterable[int] = (),
-                 zero_masks: Optional[Dict[int, torch.Tensor]] = None) -> torch.Tensor:
+                 zero_masks: Optional[Dict[int, torch.Tensor]] = None,
+                 stage_shapes: Optional[Dict[int, torch.Size]] = None) -> torch.Tensor:
         """Logits the cluster computes for `x` when the devices in `failed` are down (float32 on
         the CPU, whatever the cluster's device and dtype).
 
         Each stage runs as on the nodes: the slices are computed knowing the failed set of the
         previous gather (none before the first), and finished knowing this stage's.
+        `zero_masks` and `stage_shapes`, when given, receive each stage's filled-neuron mask and
+        output shape.
         """
         failed = frozenset(failed)
         if self.rocoin is not None:
@@ -510,6 +513,8 @@ class Cluster:
             out, zero_mask = alive[0].finish(i, full, missing, failed)
             if zero_masks is not None:
                 zero_masks[i] = zero_mask
+            if stage_shapes is not None:
+                stage_shapes[i] = out.shape
             return out
 
         with torch.inference_mode():

@@ -4,6 +4,7 @@ whole-model path agree, one failure is exact, and what is exact stays exact.
 digits_cnn plans over 4 devices with s1 scores (no scoring batch): cheap, real weights.
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -330,3 +331,23 @@ def test_the_default_plans_scoring_is_the_simulation(plans, images, method, fill
     expected = {f: float((_predict(cluster, images, f) == reference).float().mean()) for f in sets}
     assert got == expected
     assert min(expected.values()) < 1.0   # the plans lose answers somewhere: not vacuous
+
+
+def test_evaluation_batches_keep_each_stage_output_under_the_mmap_ceiling(plans, images, monkeypatch):
+    """evaluate.eval_batch: as many images as keep the largest stage output within
+    EVAL_BATCH_BYTES (and at most MAX_EVAL_BATCH); batching never changes a prediction."""
+    from robustdice.partitioner.experiments import evaluate
+
+    cluster = Cluster(plans("robust", "mean+bn"))
+    shapes = {}
+    cluster.simulate(images[:1], (), stage_shapes=shapes)
+    largest = max(math.prod(s) for s in shapes.values()) * 4
+    assert len(shapes) == len(cluster.plan.stages) and largest > 0
+    monkeypatch.setattr(evaluate, "EVAL_BATCH_BYTES", 5 * largest + largest // 2)
+    assert evaluate.eval_batch(cluster, images) == 5
+    monkeypatch.setattr(evaluate, "EVAL_BATCH_BYTES", largest // 2)
+    assert evaluate.eval_batch(cluster, images) == 1
+    monkeypatch.setattr(evaluate, "EVAL_BATCH_BYTES", 10 ** 12)
+    assert evaluate.eval_batch(cluster, images) == evaluate.MAX_EVAL_BATCH
+    whole = evaluate._predict(cluster, images, (1, 2), batch=len(images))
+    assert torch.equal(evaluate._predict(cluster, images, (1, 2), batch=7), whole)
