@@ -41,10 +41,10 @@ from robustdice.partitioner.core.stages import Stage, StagedModel, StageCall, fu
 
 SCORE_NAMES = ("s1", "s2", "s3")
 
-# Elements of the largest tiled tensor per ablation chunk: bounds s3's memory (4 bytes each), and
-# keeps each chunk under glibc's largest mmap threshold (32 MB), so that the offline commands
-# reuse freed chunks instead of faulting fresh pages in for each (allocator.py): Lite0's robust
-# partition took 56 s with chunks of 24 M elements (41 s of it in the kernel) and 33-42 s with 8 M.
+# Elements of the largest tiled tensor per ablation chunk: bounds s3's memory (4 bytes each) to
+# 32 MB a tensor, glibc's largest mmap threshold: where allocator.keep_freed_memory is not in
+# force, larger chunks each get their own mapping and fault all their pages in again (Lite0's
+# robust partition: 56 s, 41 of them in the kernel, with chunks of 24 M elements).
 ABLATION_BUDGET_ELEMENTS = 8_000_000
 
 

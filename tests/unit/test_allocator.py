@@ -1,13 +1,14 @@
 """partitioner/allocator.py: the offline commands keep freed memory for reuse instead of giving
 it back to the kernel and faulting fresh pages in for the next large tensor (Lite0's partition:
-12.7 million page faults, 41 s of 56 in the kernel, when it also made 96 MB chunks)."""
+12.7 million page faults, 41 s of 56 in the kernel, when it also made 96 MB chunks; Lite0's
+distillation 86 s before, 50 s after)."""
 import platform
 import subprocess
 import sys
 
 import pytest
 
-# A 30 MB block, malloc'd and freed: where it came from (its own mapping, or the heap) and what
+# A 100 MB block (above glibc's largest mmap threshold), malloc'd and freed: where it came from (its own mapping, or the heap) and what
 # the heap keeps of it once freed, from glibc's mallinfo2.
 PROGRAM = """
 import ctypes, ctypes.util, sys
@@ -25,8 +26,8 @@ libc.malloc.argtypes = (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
-block = libc.malloc(30 * 1024 * 1024)
-ctypes.memset(block, 1, 30 * 1024 * 1024)
+block = libc.malloc(100 * 1024 * 1024)
+ctypes.memset(block, 1, 100 * 1024 * 1024)
 mapped = libc.mallinfo2().hblkhd
 libc.free(block)
 print(mapped, libc.mallinfo2().fordblks)
@@ -45,6 +46,6 @@ def block_fate(mode: str):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and mallinfo2 are glibc's")
 def test_a_freed_large_block_stays_in_the_heap_for_the_next():
     mapped, kept = block_fate("default")
-    assert mapped >= 30 * MB and kept < 30 * MB, (mapped, kept)   # its own mapping, unmapped when freed
+    assert mapped >= 100 * MB and kept < 100 * MB, (mapped, kept)   # its own mapping, unmapped when freed
     mapped, kept = block_fate("keep")
-    assert mapped < 30 * MB and kept >= 30 * MB, (mapped, kept)   # from the heap, and kept there
+    assert mapped < 100 * MB and kept >= 100 * MB, (mapped, kept)   # from the heap, and kept there
