@@ -173,7 +173,7 @@ def register(sub) -> None:
     r.add_argument("--warmup", type=int, default=3, help="untimed forwards first (default 3)")
     r.add_argument("--json", action="store_true", help="print the file's content as JSON")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.set_defaults(func=_offline(cmd_profile))
+    r.set_defaults(func=cmd_profile)
 
     x = sub.add_parser("dse", help="per-device memory against accuracy under failures (Pareto plot)",
                        description="Partition a model with every method at a ladder of memory budgets, "
@@ -202,7 +202,8 @@ def register(sub) -> None:
 
 
 def _offline(command):
-    """A command that scores, simulates or trains keeps its freed memory (allocator.py)."""
+    """A command that scores, simulates or trains keeps its freed memory (allocator.py). Not
+    `profile`: it runs on the boards, and measures their free memory and speed as a node has them."""
     @functools.wraps(command)
     def run(args):
         keep_freed_memory()

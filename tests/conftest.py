@@ -93,7 +93,7 @@ SECURITY_FILES = {"test_systemd_unit.py", "test_mesh_keys_perms.py", "test_deplo
 # pytest-xdist hands whole files to its workers in collection order (`--dist loadfile
 # --no-loadscope-reorder`, as the Makefile runs it): the longest first, so that the last files
 # are short and no worker waits long for the others at the end (by default xdist orders files
-# by their number of tests, and the 90 s deploy test, alone in its file, came late). Only the
+# by their number of tests, and the deploy test, alone in its file and among the longest, came late). Only the
 # order depends on this table; a stale entry costs balance, never a test.
 SLOW_FILES_S = {
     "integration/test_partition_cli.py": 186, "integration/test_node.py": 158, "integration/test_deploy.py": 133,

@@ -41,10 +41,10 @@ from robustdice.partitioner.core.stages import Stage, StagedModel, StageCall, fu
 
 SCORE_NAMES = ("s1", "s2", "s3")
 
-# Elements of the largest tiled tensor per ablation chunk: bounds s3's memory (4 bytes each) to
-# 32 MB a tensor, glibc's largest mmap threshold: where allocator.keep_freed_memory is not in
-# force, larger chunks each get their own mapping and fault all their pages in again (Lite0's
-# robust partition: 56 s, 41 of them in the kernel, with chunks of 24 M elements).
+# Elements of the largest tiled tensor per ablation chunk (the stage output and the live inputs
+# after it; tensors the later layers make can be several times larger): bounds s3's memory, 4
+# bytes each. Lite0's robust partition spent 41 of its 56 s in the kernel, faulting pages in,
+# with chunks of 24 M elements and glibc's defaults (allocator.py).
 ABLATION_BUDGET_ELEMENTS = 8_000_000
 
 

@@ -13,26 +13,32 @@ from robustdice.partitioner.core.runtime import Cluster, weights_digest
 from robustdice.partitioner.errors import PartitionerError
 from robustdice.partitioner.zoo.models import build_model
 
-# Images per simulated batch: as many as keep the largest stage output under this many bytes,
-# below glibc's 32 MB mmap ceiling (partitioner/allocator.py), so that each batch reuses the
-# memory the last one freed instead of faulting fresh pages in. Evaluating Lite0's default plan
+# Images per simulated batch: as many as keep the largest stage output under this many bytes
+# (tensors inside a stage can be larger: Lite0's block-1 expand is 4x its stage's output), so
+# that with glibc's defaults, where allocator.keep_freed_memory is not in force, most tensors
+# stay under its 32 MiB mmap ceiling and reuse the memory the last batch freed. Evaluating Lite0's default plan
 # on 48 photos took 78.5 s (67 s in the kernel, 18.7 M page faults) in one batch, 42.9 s (6.4 s)
 # in this rule's 13 and 43.3 s (1.2 s) in batches of 6; fashion_vgg on 2000 images 52-57 s
 # (14-17 s) in batches of 500 and 44-48 s (0.8-1.2 s) in this rule's 250 (2026-12-08, the same
 # results each way).
 EVAL_BATCH_BYTES = 24 * 1024 * 1024
 MAX_EVAL_BATCH = 500
-# Clusters without stages (rocoin's students) are not measured: this many images a batch.
-UNMEASURED_EVAL_BATCH = 8
+# Clusters without stages (rocoin's students) are not measured: small images (digits,
+# Fashion-MNIST) go through in MAX_EVAL_BATCH, others in UNMEASURED_EVAL_BATCH.
+SMALL_IMAGE_ELEMENTS = 10_000
+UNMEASURED_EVAL_BATCH = 64
 
 
 def eval_batch(cluster: Cluster, images: torch.Tensor) -> int:
     """Images per batch for `cluster` on images like images[0] (see EVAL_BATCH_BYTES)."""
+    if images.shape[0] == 0:
+        raise PartitionerError("no images to evaluate on")
+    if cluster.rocoin is not None:
+        return MAX_EVAL_BATCH if images[0].numel() <= SMALL_IMAGE_ELEMENTS else UNMEASURED_EVAL_BATCH
     shapes: Dict[int, torch.Size] = {}
     cluster.simulate(images[:1], (), stage_shapes=shapes)
-    if not shapes:
-        return UNMEASURED_EVAL_BATCH
-    largest = max(math.prod(shape) for shape in shapes.values()) * 4   # float32 bytes, one image
+    element_bytes = torch.empty((), dtype=cluster.dtype).element_size()
+    largest = max(math.prod(shape) for shape in shapes.values()) * element_bytes   # one image
     return max(1, min(MAX_EVAL_BATCH, EVAL_BATCH_BYTES // largest))
 
 

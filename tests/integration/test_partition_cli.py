@@ -1,8 +1,8 @@
 """The offline half through its real CLI: partition, evaluate and verify, on real files.
 
 digits_cnn over 4 devices is partitioned once per method (module fixture) and evaluated on
-its 360-image test split; the ImageNet models are partitioned with random weights and verified
-against the plain model (slow: vgg16_bn's nmr plan is N copies of 553 MB).
+its 360-image test split; the ImageNet models (alexnet, convnext_tiny) are partitioned with
+random weights and verified against the plain model.
 """
 import json
 import shutil
@@ -203,7 +203,7 @@ VERIFY_CASES = [(model, method, 3) for model in ("alexnet", "convnext_tiny") for
 @pytest.mark.parametrize("model,method,n", VERIFY_CASES, ids=[f"{a}-{b}-{c}" for a, b, c in VERIFY_CASES])
 def test_verify_imagenet_models(tmp_path, model, method, n):
     """One case (alexnet robust) verifies through the `verify` command, the rest in-process:
-    a partition and a verify of an ImageNet-sized model costs 5-18 s here."""
+    a partition and a verify of an ImageNet-sized model costs 5-12 s here."""
     out = tmp_path / "plan"
     try:
         summary = partition(PartitionRequest(model=model, devices=n, method=method, out=out, weights="none",

@@ -336,6 +336,7 @@ def test_the_default_plans_scoring_is_the_simulation(plans, images, method, fill
 def test_evaluation_batches_keep_each_stage_output_under_the_mmap_ceiling(plans, images, monkeypatch):
     """evaluate.eval_batch: as many images as keep the largest stage output within
     EVAL_BATCH_BYTES (and at most MAX_EVAL_BATCH); batching never changes a prediction."""
+    from robustdice.partitioner.errors import PartitionerError
     from robustdice.partitioner.experiments import evaluate
 
     cluster = Cluster(plans("robust", "mean+bn"))
@@ -351,3 +352,9 @@ def test_evaluation_batches_keep_each_stage_output_under_the_mmap_ceiling(plans,
     assert evaluate.eval_batch(cluster, images) == evaluate.MAX_EVAL_BATCH
     whole = evaluate._predict(cluster, images, (1, 2), batch=len(images))
     assert torch.equal(evaluate._predict(cluster, images, (1, 2), batch=7), whole)
+    # a float16 cluster's outputs take half the bytes: twice the images
+    half = Cluster(plans("robust", "mean+bn"), dtype=torch.float16)
+    monkeypatch.setattr(evaluate, "EVAL_BATCH_BYTES", 5 * largest + largest // 2)
+    assert evaluate.eval_batch(half, images) == 11
+    with pytest.raises(PartitionerError, match="no images"):
+        evaluate.eval_batch(cluster, images[:0])
