@@ -93,8 +93,8 @@ SECURITY_FILES = {"test_systemd_unit.py", "test_mesh_keys_perms.py", "test_deplo
 # pytest-xdist hands whole files to its workers in collection order (`--dist loadfile
 # --no-loadscope-reorder`, as the Makefile runs it): the longest first, so that the last files
 # are short and no worker waits long for the others at the end (by default xdist orders files
-# by their number of tests, and the deploy test, alone in its file and among the longest, came late). Only the
-# order depends on this table; a stale entry costs balance, never a test.
+# by their number of tests, and the deploy test, alone in its file and among the longest, came
+# late). Only the order depends on this table; a stale entry costs balance, never a test.
 SLOW_FILES_S = {
     "integration/test_partition_cli.py": 186, "integration/test_node.py": 158, "integration/test_deploy.py": 133,
     "integration/test_hardening.py": 95, "integration/test_own_model.py": 58, "integration/test_node_cluster.py": 58,
@@ -109,9 +109,14 @@ SLOW_FILES_S = {
 
 def pytest_collection_modifyitems(session, config, items) -> None:
     # One hook: a second definition of the same name would replace the first in this module.
+    from robustdice.partitioner.zoo.photos import photos_missing
+
+    missing = photos_missing() if any(item.get_closest_marker("needs_photos") for item in items) else None
     for item in items:
         if item.path.parent.name == "security" or item.path.name in SECURITY_FILES:
             item.add_marker(pytest.mark.security)
+        if missing and item.get_closest_marker("needs_photos"):
+            item.add_marker(pytest.mark.skip(reason=missing))
 
     def seconds(item) -> float:
         path = item.nodeid.split("::")[0]

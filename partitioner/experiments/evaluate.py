@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import itertools
-import math
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -16,8 +16,8 @@ from robustdice.partitioner.zoo.models import build_model
 # Images per simulated batch: as many as keep the largest stage output under this many bytes
 # (tensors inside a stage can be larger: Lite0's block-1 expand is 4x its stage's output), so
 # that with glibc's defaults, where allocator.keep_freed_memory is not in force, most tensors
-# stay under its 32 MiB mmap ceiling and reuse the memory the last batch freed. Evaluating Lite0's default plan
-# on 48 photos took 78.5 s (67 s in the kernel, 18.7 M page faults) in one batch, 42.9 s (6.4 s)
+# stay under its 32 MiB mmap ceiling and reuse the memory the last batch freed. Evaluating
+# Lite0's default plan on 48 photos took 78.5 s (67 s in the kernel, 18.7 M page faults) in one batch, 42.9 s (6.4 s)
 # in this rule's 13 and 43.3 s (1.2 s) in batches of 6; fashion_vgg on 2000 images 52-57 s
 # (14-17 s) in batches of 500 and 44-48 s (0.8-1.2 s) in this rule's 250 (2026-12-08, the same
 # results each way).
@@ -42,7 +42,8 @@ def eval_batch(cluster: Cluster, images: torch.Tensor) -> int:
     return max(1, min(MAX_EVAL_BATCH, EVAL_BATCH_BYTES // largest))
 
 
-def _predict(cluster: Cluster, images: torch.Tensor, failed: Sequence[int], batch: Optional[int] = None) -> torch.Tensor:
+def _predict(cluster: Cluster, images: torch.Tensor, failed: Sequence[int],
+             batch: Optional[int] = None) -> torch.Tensor:
     batch = batch or eval_batch(cluster, images)
     preds = [cluster.simulate(images[i: i + batch], failed).argmax(1)
              for i in range(0, images.shape[0], batch)]

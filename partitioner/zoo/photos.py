@@ -59,11 +59,10 @@ def _plasma_file(name: str, root: str) -> Optional[str]:
 
 def photo_files() -> List[str]:
     """The photo files installed here, in a fixed order (empty when neither package is)."""
-    mate_dir, plasma_dir = MATE_NATURE, PLASMA_WALLPAPERS
     files = []
-    if os.path.isdir(mate_dir):
-        files += sorted(os.path.join(mate_dir, n) for n in os.listdir(mate_dir) if n.lower().endswith(".jpg"))
-    files += [f for f in (_plasma_file(n, plasma_dir) for n in PLASMA_PHOTOS) if f is not None]
+    if os.path.isdir(MATE_NATURE):
+        files += sorted(os.path.join(MATE_NATURE, n) for n in os.listdir(MATE_NATURE) if n.lower().endswith(".jpg"))
+    files += [f for f in (_plasma_file(n, PLASMA_WALLPAPERS) for n in PLASMA_PHOTOS) if f is not None]
     return files
 
 

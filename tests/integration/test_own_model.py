@@ -17,8 +17,6 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from robustdice.partitioner.zoo.photos import photos_missing
-
 HERE = Path(__file__).resolve().parent
 MODULE = Path(__file__).stem  # the name it imports by with HERE on PYTHONPATH
 INPUT_SHAPE = (3, 16, 16)
@@ -81,7 +79,7 @@ def trained(seed=11):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.usefixtures("leak_check")
-@pytest.mark.skipif(bool(photos_missing()), reason=str(photos_missing()))
+@pytest.mark.needs_photos
 def test_own_model_from_partition_to_a_live_cluster(tmp_path, monkeypatch):
     sys.path.insert(0, str(HERE))
     import node_helpers as nh
@@ -152,7 +150,7 @@ def test_own_model_from_partition_to_a_live_cluster(tmp_path, monkeypatch):
                                        err_msg=f"node {node}: the live answer differs from the simulation")
 
 
-@pytest.mark.skipif(bool(photos_missing()), reason=str(photos_missing()))
+@pytest.mark.needs_photos
 def test_distillation_teaches_the_failed_network_its_own_no_failure_output(tmp_path, monkeypatch):
     """A model with no labels here, fine-tuned by distillation under a lop plan's failures (one
     failed device of two loses half of every layer): on photo crops it never trained on, the

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-# A 100 MB block (above glibc's largest mmap threshold), malloc'd and freed: where it came from (its own mapping, or the heap) and what
-# the heap keeps of it once freed, from glibc's mallinfo2.
+# A 100 MB block (above glibc's largest mmap threshold), malloc'd and freed: where it came from
+# (its own mapping, or the heap) and what the heap keeps of it once freed, from glibc's mallinfo2.
 PROGRAM = """
 import ctypes, ctypes.util, sys
 from robustdice.partitioner.allocator import keep_freed_memory

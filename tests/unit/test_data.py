@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits
 
 from robustdice.partitioner.zoo.data import (calibration_batch, evaluation_set, evaluation_split, load_image_folder,
                                               photo_crops, preprocess)
-from robustdice.partitioner.zoo.photos import MIN_PHOTOS, photo_files, photos_missing, training_photos
+from robustdice.partitioner.zoo.photos import MIN_PHOTOS, photo_files, training_photos
 from robustdice.partitioner.zoo.digits import digits_split
 from robustdice.partitioner.zoo.inputs import InputSpec, imagenet
 from robustdice.partitioner.zoo.models import input_spec
@@ -122,10 +122,7 @@ def test_calibration_batch_digits_deterministic():
     assert all((train == row).all(dim=1).any() for row in a.flatten(1))
 
 
-needs_photos = pytest.mark.skipif(bool(photos_missing()), reason=str(photos_missing()))
-
-
-@needs_photos
+@pytest.mark.needs_photos
 def test_calibration_batch_photos_deterministic_and_varied():
     a = calibration_batch("efficientnet_lite0", n=12, seed=0)
     assert a.shape == (12, 3, 224, 224)
@@ -142,7 +139,7 @@ def test_calibration_batch_photos_deterministic_and_varied():
     assert torch.equal(torch.rand(3), expected)
 
 
-@needs_photos
+@pytest.mark.needs_photos
 def test_224_models_calibrate_and_distil_on_photos_that_are_not_their_evaluation_set():
     """scikit-image's photos are the evaluation set: no calibration or training image is one
     of them, nor a crop of one (a crop's pixels would correlate with its photo's)."""

@@ -143,7 +143,8 @@ def test_pytest_m_security_selects_the_security_cases_outside_tests_security():
     """conftest marks them (SECURITY_FILES); once a second hook of the same name silently
     replaced the one that did, and `pytest -m security` left them out."""
     files = ["tests/integration/test_keys_cli.py", "tests/unit/test_layout.py"]
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-                          "-m", "security", *files], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:xdist",
+                          "-p", "no:cacheprovider", "-m", "security", *files],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
     chosen = [line.split("::")[0] for line in out.stdout.splitlines() if "::" in line]
     assert chosen and set(chosen) == {"tests/integration/test_keys_cli.py"}, out.stdout[-2000:] + out.stderr[-2000:]

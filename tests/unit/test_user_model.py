@@ -23,7 +23,6 @@ from robustdice.partitioner.experiments.evaluate import verify_plan
 from robustdice.partitioner.zoo import architecture, usermodel
 from robustdice.partitioner.zoo.inputs import InputSpec
 from robustdice.partitioner.zoo.models import build_model, input_spec
-from robustdice.partitioner.zoo.photos import photos_missing
 
 MODULE = __name__
 SHAPE = (3, 12, 12)
@@ -256,9 +255,6 @@ def test_options_for_a_user_model_are_refused_for_a_built_in(tmp_path):
         partition(PartitionRequest("digits_cnn", 2, "lop", tmp_path, input_shape=(1, 8, 8), show_progress=False))
 
 
-needs_photos = pytest.mark.skipif(bool(photos_missing()), reason=str(photos_missing()))
-
-
 @pytest.fixture(scope="module")
 def own_plan(tmp_path_factory):
     root = tmp_path_factory.mktemp("own")
@@ -269,7 +265,7 @@ def own_plan(tmp_path_factory):
     return out, model
 
 
-@needs_photos   # own_plan calibrates s2 and s3 on them
+@pytest.mark.needs_photos   # own_plan calibrates s2 and s3 on them
 def test_the_plan_records_the_model_its_weights_and_its_input(own_plan):
     out, model = own_plan
     plan = load_plan(out)
@@ -284,7 +280,7 @@ def test_the_plan_records_the_model_its_weights_and_its_input(own_plan):
     assert verify_plan(out)["allclose"]
 
 
-@needs_photos   # own_plan calibrates s2 and s3 on them
+@pytest.mark.needs_photos   # own_plan calibrates s2 and s3 on them
 def test_a_plan_of_a_user_model_runs_without_the_users_module(own_plan, monkeypatch):
     out, model = own_plan
     monkeypatch.setitem(sys.modules, MODULE, None)  # `import test_user_model` now fails
